@@ -1,0 +1,225 @@
+"""The mteb bridge: score precomputed embeddings with `mteb.evaluate`, never loading a model (DESIGN §4).
+
+Two encoders that mteb drives like any model:
+- `RecordingEncoder` returns cheap deterministic vectors and records every text mteb asks for.
+  mteb's sampling is seeded, so one recording pass per task gives the exact set of texts every
+  checkpoint and layer will need: the GPU step embeds exactly those, once each.
+- `LookupEncoder` answers `encode` from a table of embeddings of one layer. A text it does not
+  have is an error (`LookupMiss`), never a silent zero vector.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import mteb
+import numpy as np
+from mteb.models.abs_encoder import AbsEncoder
+from mteb.models.model_meta import ModelMeta, ScoringFunction
+
+from layertime import suite
+from layertime.io import atomic_write_text
+
+ENCODE_BATCH = 4096  # texts per mteb DataLoader batch; lookups are cheap, so large batches cut overhead
+
+
+class LookupMiss(KeyError):
+    """mteb asked for a text the embedding step did not embed."""
+
+
+def model_meta(model: str, revision: str, dim: int, experiment: Mapping[str, Any]) -> Any:
+    """mteb ModelMeta for one (checkpoint, layer, settings); experiment_kwargs namespace the results.
+
+    Results land in `<cache>/results/<org>__<name>/<revision>/experiments/<experiment>/<Task>.json`.
+    """
+    name = model if "/" in model.strip("/") and not Path(model).is_dir() else f"local/{Path(model).name}"
+    return ModelMeta.create_empty(
+        {
+            "name": name,
+            "revision": revision,
+            "embed_dim": dim,
+            "similarity_fn_name": ScoringFunction.COSINE,  # the enum: a plain string fails
+            "framework": ["PyTorch"],
+            "experiment_kwargs": dict(experiment),
+            "use_instructions": False,
+        }
+    )
+
+
+def batch_texts(inputs: Any) -> list[str]:
+    """The texts of an mteb DataLoader, read from its dataset column when there is one (fast path)."""
+    dataset = getattr(inputs, "dataset", None)
+    names = getattr(dataset, "column_names", None) or []
+    if "text" in names:
+        texts = dataset["text"]
+        return texts if isinstance(texts, list) else list(texts)
+    return [text for batch in inputs for text in batch["text"]]
+
+
+class _BridgeEncoder(AbsEncoder):
+    """Shared mteb plumbing; subclasses define `vectors(texts)`."""
+
+    model = None
+
+    def encode(
+        self,
+        inputs: Any,
+        *,
+        task_metadata: Any,
+        hf_split: str,
+        hf_subset: str,
+        prompt_type: Any = None,
+        **kwargs: Any,
+    ) -> np.ndarray:
+        return self.vectors(batch_texts(inputs))
+
+    def vectors(self, texts: list[str]) -> np.ndarray:
+        raise NotImplementedError
+
+
+class LookupEncoder(_BridgeEncoder):
+    """Answers `encode` by looking each text up in (`texts`, `vectors`: float32 [n, d])."""
+
+    def __init__(self, texts: Sequence[str], vectors: np.ndarray, meta: ModelMeta) -> None:
+        if len(texts) != len(vectors):
+            raise ValueError(f"{len(texts)} texts but {len(vectors)} vectors")
+        self.mteb_model_meta = meta
+        self.row = {t: i for i, t in enumerate(texts)}
+        self.matrix = vectors
+
+    def vectors(self, texts: list[str]) -> np.ndarray:
+        try:
+            idx = [self.row[t] for t in texts]
+        except KeyError as e:
+            raise LookupMiss(
+                f"mteb asked for a text that was not embedded: {str(e.args[0])[:80]!r} "
+                f"({len(self.row)} texts embedded); the recorded text set is stale"
+            ) from None
+        return self.matrix[idx]
+
+
+class RecordingEncoder(_BridgeEncoder):
+    """Records the texts mteb asks for and returns seeded per-text vectors (cheap, deterministic)."""
+
+    def __init__(self, dim: int = 16) -> None:
+        self.dim = dim
+        self.mteb_model_meta = model_meta("layertime/recorder", "record", dim, {})
+        self.seen: dict[str, None] = {}
+        self.requested = 0
+
+    def vectors(self, texts: list[str]) -> np.ndarray:
+        self.requested += len(texts)
+        self.seen.update(dict.fromkeys(texts))
+        if not texts:
+            return np.zeros((0, self.dim), np.float32)
+        return np.stack([_text_vector(t, self.dim) for t in texts])
+
+
+def _text_vector(text: str, dim: int) -> np.ndarray:
+    seed = int.from_bytes(hashlib.blake2b(text.encode(), digest_size=8).digest(), "little")
+    return np.random.default_rng(seed).standard_normal(dim).astype(np.float32)
+
+
+@dataclass(frozen=True)
+class TaskTexts:
+    """The exact texts mteb asks for when scoring one task, and how many requests that was."""
+
+    task: str
+    dataset_revision: str
+    mteb_version: str
+    texts: list[str]
+    requested: int
+
+
+def recorded_texts(task_name: str, cache_dir: Path, aggregation: str = "rule-a") -> TaskTexts:
+    """The texts `task_name` will ask for; one recording pass, cached per (task, revision, mteb version)."""
+    task = suite.build_task(task_name, aggregation)
+    key = f"{task_name}__{task.metadata.revision}__mteb-{mteb.__version__}__{aggregation}"
+    path = Path(cache_dir) / f"{key}.json"
+    if path.is_file():
+        data = json.loads(path.read_text())
+        return TaskTexts(**data)
+    encoder = RecordingEncoder()
+    _evaluate(encoder, task, cache=None)
+    found = TaskTexts(
+        task_name, task.metadata.revision, mteb.__version__, list(encoder.seen), encoder.requested
+    )
+    atomic_write_text(path, json.dumps(found.__dict__))
+    return found
+
+
+def reseed(task: Any) -> Any:
+    """Reset a task's RNGs to its seed, exactly as a fresh instance has them (DESIGN §4)."""
+    from mteb._set_seed import _set_seed
+
+    task.rng_state, task.np_rng = _set_seed(task.seed)
+    return task
+
+
+def _evaluate(encoder: Any, task: Any, cache: Path | None) -> Any:
+    result = mteb.evaluate(
+        encoder,
+        reseed(task),
+        cache=mteb.ResultCache(cache_path=cache) if cache is not None else None,
+        overwrite_strategy="only-missing",
+        show_progress_bar=False,
+        encode_kwargs={"batch_size": ENCODE_BATCH, "show_progress_bar": False},
+    )
+    return result.task_results[0]
+
+
+@dataclass(frozen=True)
+class SubsetScore:
+    """One mteb main score of one split and subset."""
+
+    split: str
+    subset: str
+    main_score: float
+    dataset_revision: str
+    mteb_version: str
+    seconds: float
+
+
+def score_layers(
+    task_name: str,
+    layers: Mapping[int, tuple[Sequence[str], np.ndarray]]
+    | Iterable[tuple[int, tuple[Sequence[str], np.ndarray]]],
+    meta_for_layer: Any,
+    results_dir: Path,
+    aggregation: str = "rule-a",
+) -> dict[int, list[SubsetScore]]:
+    """Score each layer's embeddings on one task: one task load, a reseeded evaluation per layer.
+
+    `layers` maps block -> (texts, vectors); `meta_for_layer(block)` gives its mteb ModelMeta.
+    Results also go to mteb's result cache under `results_dir` (one experiment per layer).
+    """
+    task = suite.build_task(task_name, aggregation)
+    task.load_data()
+    items = layers.items() if isinstance(layers, Mapping) else layers
+    out: dict[int, list[SubsetScore]] = {}
+    for block, (texts, vectors) in items:
+        encoder = LookupEncoder(texts, vectors, meta_for_layer(block))
+        out[block] = subset_scores(_evaluate(encoder, task, results_dir))
+    return out
+
+
+def subset_scores(result: Any) -> list[SubsetScore]:
+    """Flatten an mteb TaskResult into one SubsetScore per (split, subset)."""
+    seconds = float(result.evaluation_time or 0.0)
+    return [
+        SubsetScore(
+            split,
+            s["hf_subset"],
+            float(s["main_score"]),
+            result.dataset_revision,
+            str(result.mteb_version),
+            seconds,
+        )
+        for split, scores in result.scores.items()
+        for s in scores
+    ]

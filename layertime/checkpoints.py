@@ -1,0 +1,103 @@
+"""Checkpoints: (repo id, revision) -> commit, through the HF cache or the hub.
+
+Revisions that resolve to the same commit (Pythia's `main` and `step143000`) are one unit of
+work; everything downstream is keyed by the commit. `HF_HUB_OFFLINE=1` is honoured: offline, a
+revision must already be in the cache (run `layertime prefetch` on a login node).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+_COMMIT = re.compile(r"^[0-9a-f]{40}$")
+
+
+class CheckpointError(LookupError):
+    """A revision that cannot be resolved or loaded; the message says how to fix it."""
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    """One revision of a model and the commit it resolved to (None when not resolved)."""
+
+    model: str
+    revision: str
+    commit: str | None
+
+    @property
+    def key(self) -> str:
+        """What identifies the weights: the commit when known, else the revision name."""
+        return self.commit or self.revision
+
+    @property
+    def step(self) -> int | None:
+        """Training step from a `stepN` revision name (None for `main` and other names)."""
+        m = re.fullmatch(r"step(\d+)", self.revision)
+        return int(m.group(1)) if m else None
+
+
+def hub_cache(cache_dir: str | Path | None = None) -> Path:
+    """The HF hub cache directory in effect (argument, else HF_HUB_CACHE / HF_HOME, else default)."""
+    if cache_dir is not None:
+        return Path(cache_dir)
+    from huggingface_hub import constants
+
+    return Path(os.environ.get("HF_HUB_CACHE") or constants.HF_HUB_CACHE)
+
+
+def is_offline() -> bool:
+    """True when HF_HUB_OFFLINE asks for no network (read at call time, not import time)."""
+    return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in {"1", "true", "yes", "on"}
+
+
+def cached_commit(model: str, revision: str, cache_dir: str | Path | None = None) -> str | None:
+    """The commit `revision` points at in the local cache, or None when the cache has no such ref."""
+    if _COMMIT.match(revision):
+        return revision
+    ref = hub_cache(cache_dir) / f"models--{model.replace('/', '--')}" / "refs" / revision
+    return ref.read_text().strip() if ref.is_file() else None
+
+
+def resolve(
+    model: str, revision: str, cache_dir: str | Path | None = None, offline: bool | None = None
+) -> Checkpoint:
+    """Resolve `revision` of `model` to its commit: local path, cache ref, then (online) the hub."""
+    if Path(model).is_dir():
+        return Checkpoint(model, revision, None)
+    commit = cached_commit(model, revision, cache_dir)
+    if commit is not None:
+        return Checkpoint(model, revision, commit)
+    if is_offline() if offline is None else offline:
+        raise CheckpointError(
+            f"checkpoint {model}@{revision} is not in the HF cache {hub_cache(cache_dir)} and HF_HUB_OFFLINE is set; "
+            f"fetch it on a machine with internet: layertime prefetch SPEC "
+            f"(or: huggingface-cli download {model} --revision {revision})"
+        )
+    from huggingface_hub import HfApi
+    from huggingface_hub.errors import HfHubHTTPError, RepositoryNotFoundError, RevisionNotFoundError
+
+    try:
+        return Checkpoint(model, revision, HfApi().model_info(model, revision=revision).sha)
+    except (RepositoryNotFoundError, RevisionNotFoundError) as e:
+        raise CheckpointError(f"checkpoint {model}@{revision} does not exist on the hub: {e}") from None
+    except HfHubHTTPError as e:
+        raise CheckpointError(f"could not resolve {model}@{revision} on the hub: {e}") from e
+
+
+def load_config(model: str, revision: str | None, cache_dir: str | Path | None = None):
+    """The model's transformers config (from the cache when offline)."""
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(
+            model, revision=revision, cache_dir=_cache_arg(cache_dir), local_files_only=is_offline()
+        )
+    except OSError as e:
+        raise CheckpointError(f"cannot load the config of {model}@{revision}: {e}") from None
+
+
+def _cache_arg(cache_dir: str | Path | None) -> str | None:
+    return str(cache_dir) if cache_dir is not None else None

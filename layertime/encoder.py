@@ -1,0 +1,194 @@
+"""One forward pass per unique text, pooled embeddings for every requested layer (DESIGN §3).
+
+Layer convention: a layer is a 0-based **block index** b; its states are `hidden_states[b + 1]`.
+With `final_norm="all"` (the paper's way: the model truncated to b + 1 blocks) every layer gets
+the model's final norm, per token, before pooling; `hidden_states[L]` already carries it and is
+never normed twice. With `final_norm="last"` the other layers are the raw residual stream.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import nn
+
+from layertime import architecture, checkpoints
+
+
+class NonFiniteEmbedding(FloatingPointError):
+    """A layer produced NaN or inf (fp16 overflow in Pythia's huge-magnitude dimensions, bad weights)."""
+
+
+@dataclass(frozen=True)
+class EncodeStats:
+    """What one `encode` call did: texts asked for vs forwarded, real vs padded tokens."""
+
+    texts: int
+    unique_texts: int
+    real_tokens: int
+    padded_tokens: int
+    batches: int
+
+
+def token_budget_batches(lengths: Sequence[int], tokens_per_batch: int) -> list[list[int]]:
+    """Indices grouped into batches whose padded size (rows × longest row) fits the budget.
+
+    Longest first, so each batch holds texts of similar length and padding stays small; a text
+    longer than the budget gets a batch of its own.
+    """
+    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
+    batches: list[list[int]] = []
+    for i in order:
+        if batches and (len(batches[-1]) + 1) * lengths[batches[-1][0]] <= tokens_per_batch:
+            batches[-1].append(i)
+        else:
+            batches.append([i])
+    return batches
+
+
+def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:
+    """'auto'/None: bfloat16 on a CUDA device that supports it, float32 otherwise."""
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype in (None, "auto"):
+        if device.type == "cuda" and torch.cuda.is_bf16_supported():
+            return torch.bfloat16
+        return torch.float32
+    return getattr(torch, dtype)
+
+
+class MultiLayerEncoder:
+    """Embed texts with every requested layer of one checkpoint in a single forward pass.
+
+    `encode(texts)` returns {block index: float32 array [len(texts), d]} in input order.
+    """
+
+    def __init__(
+        self,
+        model: str,
+        revision: str | None = None,
+        layers: Sequence[int] | str = "all",
+        final_norm: str = "all",
+        pooling: str = "mean",
+        normalize: bool = False,
+        max_length: int = 2048,
+        dtype: str | torch.dtype | None = None,
+        device: str | torch.device | None = None,
+        tokens_per_batch: int = 16384,
+        cache_dir: str | None = None,
+        progress: Callable[[int], None] | None = None,
+    ) -> None:
+        if final_norm not in ("all", "last"):
+            raise ValueError(f"final_norm must be 'all' or 'last', got {final_norm!r}")
+        if pooling not in ("mean", "last"):
+            raise ValueError(f"pooling must be 'mean' or 'last', got {pooling!r}")
+        from transformers import AutoModel, AutoTokenizer
+
+        self.name = f"{model}@{revision or 'main'}"
+        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.dtype = resolve_dtype(dtype, self.device)
+        local = checkpoints.is_offline()
+        try:
+            self.tokenizer = AutoTokenizer.from_pretrained(
+                model, revision=revision, cache_dir=cache_dir, local_files_only=local
+            )
+            self.model = AutoModel.from_pretrained(
+                model, revision=revision, cache_dir=cache_dir, dtype=self.dtype, local_files_only=local
+            )
+        except OSError as e:
+            raise checkpoints.CheckpointError(f"cannot load {self.name}: {e}") from None
+        self.model.to(self.device).eval()
+        self.anatomy = architecture.anatomy(self.model.config)
+        L = self.anatomy.num_blocks
+        self.layers = list(range(L)) if layers == "all" else [int(b) for b in layers]
+        bad = [b for b in self.layers if not 0 <= b < L]
+        if bad:
+            raise ValueError(f"layers: block {bad[0]} is outside {self.name}'s {L} blocks (0..{L - 1})")
+        # The norm runs in float32 on a copy, so bf16 weights never round the pooled values.
+        norm = self.anatomy.final_norm(self.model) if final_norm == "all" else None
+        self._norm: nn.Module | None = copy.deepcopy(norm).float() if norm is not None else None
+        self.final_norm, self.pooling, self.normalize = final_norm, pooling, normalize
+        self.max_length, self.tokens_per_batch = max_length, tokens_per_batch
+        # Pythia has no pad token: pad with EOS (padding positions are masked out of pooling anyway).
+        self.pad_id = self.tokenizer.pad_token_id
+        if self.pad_id is None:
+            self.pad_id = self.tokenizer.eos_token_id if self.tokenizer.eos_token_id is not None else 0
+        self.progress = progress
+        self.last_stats: EncodeStats | None = None
+
+    @property
+    def dim(self) -> int:
+        return int(self.model.config.hidden_size)
+
+    def tokenize(self, texts: Sequence[str]) -> list[list[int]]:
+        """Token ids per text, truncated to max_length; an empty text becomes the EOS token alone."""
+        ids = self.tokenizer(
+            list(texts),
+            add_special_tokens=self.anatomy.add_special_tokens,
+            truncation=True,
+            max_length=self.max_length,
+        )["input_ids"]
+        return [row if row else [self.pad_id] for row in ids]
+
+    def encode(self, texts: Sequence[str]) -> dict[int, np.ndarray]:
+        """{block: float32 [len(texts), d]}: each unique text is forwarded once, all layers at once."""
+        unique = list(dict.fromkeys(texts))
+        row_of = {t: i for i, t in enumerate(unique)}
+        ids = self.tokenize(unique)
+        out = {b: np.empty((len(unique), self.dim), dtype=np.float32) for b in self.layers}
+        batches = token_budget_batches([len(r) for r in ids], self.tokens_per_batch)
+        padded = 0
+        for batch in batches:
+            pooled = self._forward([ids[i] for i in batch])
+            padded += len(batch) * len(ids[batch[0]])
+            for b, vectors in pooled.items():
+                out[b][batch] = vectors
+            if self.progress:
+                self.progress(len(batch))
+        self.last_stats = EncodeStats(len(texts), len(unique), sum(map(len, ids)), padded, len(batches))
+        order = np.fromiter((row_of[t] for t in texts), dtype=np.int64, count=len(texts))
+        return {
+            b: (m if len(unique) == len(texts) and _is_identity(order) else m[order]) for b, m in out.items()
+        }
+
+    @torch.inference_mode()
+    def _forward(self, rows: list[list[int]]) -> dict[int, np.ndarray]:
+        T = max(map(len, rows))
+        input_ids = torch.full((len(rows), T), self.pad_id, dtype=torch.long)
+        mask = torch.zeros((len(rows), T), dtype=torch.long)
+        for i, row in enumerate(rows):  # right padding: real tokens keep positions 0..len-1
+            input_ids[i, : len(row)] = torch.tensor(row)
+            mask[i, : len(row)] = 1
+        input_ids, mask = input_ids.to(self.device), mask.to(self.device)
+        hidden = self.model(input_ids=input_ids, attention_mask=mask, output_hidden_states=True).hidden_states
+        L = self.anatomy.num_blocks
+        pooled = {}
+        for b in self.layers:
+            h = hidden[b + 1].float()  # (B, T, D)
+            if self._norm is not None and not (b == L - 1 and self.anatomy.last_is_normed()):
+                h = self._norm(h)
+            vectors = self._pool(h, mask)  # (B, D)
+            if self.normalize:
+                vectors = torch.nn.functional.normalize(vectors, dim=-1)
+            if not torch.isfinite(vectors).all():
+                raise NonFiniteEmbedding(
+                    f"{self.name}: layer {b} (hidden_states[{b + 1}]) produced NaN/inf in {self.dtype}; "
+                    "try dtype: float32"
+                )
+            pooled[b] = vectors.cpu().numpy()
+        return pooled
+
+    def _pool(self, h: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        if self.pooling == "last":
+            last = mask.sum(1) - 1  # (B,) index of the last real token (right padding)
+            return h[torch.arange(h.shape[0], device=h.device), last]
+        m = mask.unsqueeze(-1).float()  # (B, T, 1)
+        return (h * m).sum(1) / m.sum(1)
+
+
+def _is_identity(order: np.ndarray) -> bool:
+    return bool((order == np.arange(len(order))).all())

@@ -1,0 +1,267 @@
+"""The phases of a run as plain functions: record texts, embed a unit, score it, merge the tables.
+
+Each phase reads and writes files under the run root and can be called from a notebook, a test,
+the sequential `run_spec` below, or a Prefect task (tasks/). A (checkpoint, task) unit is done when
+every layer has its completion record; finished layers are skipped on re-runs, so a run resumes
+where it stopped and never computes a unit twice.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import shutil
+import subprocess
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import yaml
+
+from layertime import suite
+from layertime.checkpoints import Checkpoint
+from layertime.io import atomic_write, atomic_write_text
+from layertime.plan import Plan, make_plan
+from layertime.rundir import RunDir, settings_id
+from layertime.spec import ExperimentSpec
+
+Progress = Callable[[str, int, int], None]  # (phase, done, total)
+
+
+@dataclass(frozen=True)
+class Settings:
+    """What changes numbers, beside the checkpoint, task and layer."""
+
+    final_norm: str
+    pooling: str
+    normalize: bool
+    max_length: int
+    dtype: str  # resolved: 'float32' on CPU for 'auto'
+
+    @classmethod
+    def of(cls, spec: ExperimentSpec, device: str | None = None) -> Settings:
+        import torch
+
+        from layertime.encoder import resolve_dtype
+
+        dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        dtype = str(resolve_dtype(spec.dtype, dev)).removeprefix("torch.")
+        return cls(spec.final_norm, spec.pooling, spec.normalize, spec.max_length, dtype)
+
+    def as_dict(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+    @property
+    def id(self) -> str:
+        return settings_id(self.as_dict())
+
+
+def prepare_world(spec: ExperimentSpec) -> None:
+    """Build the offline demo model into the spec's HF cache when the spec asks for it."""
+    from layertime.checkpoints import hub_cache
+    from layertime.demo.model import DEMO_REPO, ensure_demo_model
+
+    if spec.model == DEMO_REPO:
+        ensure_demo_model(hub_cache(spec.hf_cache))
+
+
+def write_snapshot(plan: Plan, run: RunDir, settings: Settings) -> None:
+    """The spec as run, the environment and the resolved commits, beside the results."""
+    spec = plan.spec
+    atomic_write_text(
+        run.root / "spec.yaml", yaml.safe_dump(json.loads(spec.model_dump_json()), sort_keys=False)
+    )
+    env = {
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "packages": {
+            p: _version(p) for p in ("layertime", "torch", "transformers", "mteb", "datasets", "polars")
+        },
+        "git_commit": _git_commit(),
+        "settings": settings.as_dict(),
+        "settings_id": settings.id,
+        "checkpoints": {c.revision: c.commit for c in plan.checkpoints},
+        "layer_convention": "layer = 0-based block index b, states hidden_states[b + 1]",
+    }
+    atomic_write_text(run.root / "environment.json", json.dumps(env, indent=2))
+
+
+def _version(package: str) -> str | None:
+    try:
+        return metadata.version(package)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def _git_commit() -> str | None:
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5, cwd=Path(__file__).parent
+        )
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return out.stdout.strip() or None
+
+
+def task_texts(task: str, run: RunDir, aggregation: str) -> Any:
+    """The exact texts mteb will ask for on `task` (a cached recording pass): a `TaskTexts`."""
+    from layertime.bridge import recorded_texts
+
+    return recorded_texts(task, run.texts, aggregation)
+
+
+def missing_layers(
+    run: RunDir, settings: Settings, ckpt: Checkpoint, task: str, blocks: list[int]
+) -> list[int]:
+    return [b for b in blocks if not run.score_record(settings.id, ckpt.key, task, b).is_file()]
+
+
+def embed_unit(
+    encoder: Any,
+    run: RunDir,
+    settings: Settings,
+    ckpt: Checkpoint,
+    task: str,
+    texts: list[str],
+    blocks: list[int],
+) -> Path:
+    """Embed one (checkpoint, task) unit with every requested layer; write texts.json + layer_<b>.npy."""
+    target = run.embeddings(settings.id, ckpt.key, task)
+    if (target / "done.json").is_file():
+        return target
+    start = time.perf_counter()
+    vectors = encoder.encode(texts)
+    tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    (tmp / "texts.json").write_text(json.dumps(texts))
+    for b in blocks:
+        np.save(tmp / f"layer_{b}.npy", vectors[b])
+    stats = encoder.last_stats.__dict__ if encoder.last_stats else {}
+    (tmp / "done.json").write_text(json.dumps({"seconds": time.perf_counter() - start, **stats}))
+    shutil.rmtree(target, ignore_errors=True)
+    os.replace(tmp, target)  # the unit appears whole or not at all
+    return target
+
+
+def load_embeddings(path: Path, block: int) -> tuple[list[str], np.ndarray]:
+    return json.loads((path / "texts.json").read_text()), np.load(path / f"layer_{block}.npy")
+
+
+def score_unit(
+    run: RunDir,
+    settings: Settings,
+    ckpt: Checkpoint,
+    task: str,
+    blocks: list[int],
+    embeddings: Path,
+    aggregation: str,
+    num_blocks: int,
+) -> None:
+    """Score the given layers of one unit with mteb; write one completion record per layer."""
+    from layertime.bridge import model_meta, score_layers
+
+    def meta(block: int) -> Any:
+        dim = int(np.load(embeddings / f"layer_{block}.npy", mmap_mode="r").shape[1])
+        return model_meta(ckpt.model, ckpt.key, dim, {"layer": block, **settings.as_dict()})
+
+    layers = ((b, load_embeddings(embeddings, b)) for b in blocks)
+    for block, subsets in score_layers(task, layers, meta, run.mteb_results, aggregation).items():
+        rows = [
+            {
+                "model": ckpt.model,
+                "commit": ckpt.commit,
+                "layer": block,
+                "hidden_state": block + 1,
+                "depth": (block + 1) / num_blocks,
+                "task": task,
+                "task_type": suite.task_type(task),
+                "subset": s.subset,
+                "split": s.split,
+                "main_score": s.main_score,
+                "mteb_version": s.mteb_version,
+                "dataset_revision": s.dataset_revision,
+                "seconds": s.seconds,
+            }  # fmt: skip
+            for s in subsets
+        ]
+        record = run.score_record(settings.id, ckpt.key, task, block)
+        atomic_write_text(record, json.dumps({"settings": settings.as_dict(), "rows": rows}))
+
+
+def merge(plan: Plan, run: RunDir, settings: Settings) -> dict[str, Path]:
+    """Build the tables from the completion records of this plan; one row set per revision named."""
+    from layertime import tables
+
+    rows = []
+    for ckpt in plan.checkpoints:  # main and step143000 share records but both appear as revisions
+        for task in plan.tasks:
+            for block in plan.blocks:
+                record = run.score_record(settings.id, ckpt.key, task, block)
+                if record.is_file():
+                    for row in json.loads(record.read_text())["rows"]:
+                        rows.append({**row, "revision": ckpt.revision, "step": ckpt.step})
+    scores = tables.scores_frame(rows)
+    out: dict[str, Path] = {}
+    out["scores"] = tables.write_table(scores, run.tables, "scores")[0]
+    out["layers"] = tables.write_table(tables.layers_frame(scores, len(plan.tasks)), run.tables, "layers")[0]
+    summary = tables.summary_frame(scores, str(run.root))
+    out["summary"] = atomic_write(run.tables / "summary.csv", lambda tmp: summary.write_csv(tmp))
+    return out
+
+
+@dataclass
+class RunResult:
+    run_root: Path
+    tables: dict[str, Path]
+    scored: int  # (checkpoint, task, layer) units computed now
+    skipped: int  # units already done before this run
+    texts_requested: int  # texts mteb asks for, per evaluation of every task once
+    texts_embedded: int  # texts forwarded through the model, all checkpoints
+
+
+def run_spec(spec: ExperimentSpec, progress: Progress | None = None, device: str | None = None) -> RunResult:
+    """Run a whole spec in this process: plan, record texts, embed and score each unit, merge.
+
+    Resumable: units with completion records are skipped; embeddings are deleted once every layer
+    of their unit is scored, unless `keep_embeddings`.
+    """
+    from layertime.encoder import MultiLayerEncoder
+
+    prepare_world(spec)
+    plan = make_plan(spec)
+    run = RunDir(Path(spec.run_root))
+    settings = Settings.of(spec, device)
+    write_snapshot(plan, run, settings)
+    texts = {t: task_texts(t, run, spec.aggregation) for t in plan.tasks}
+    units = [(c, t) for c in plan.distinct_checkpoints() for t in plan.tasks]
+    scored = skipped = embedded = 0
+    for i, ckpt in enumerate(plan.distinct_checkpoints()):
+        encoder = None
+        for task in plan.tasks:
+            todo = missing_layers(run, settings, ckpt, task, plan.blocks)
+            skipped += len(plan.blocks) - len(todo)
+            if todo:
+                if encoder is None:  # load a checkpoint only when it has work left
+                    encoder = MultiLayerEncoder(
+                        spec.model, ckpt.commit or ckpt.revision, plan.blocks, spec.final_norm, spec.pooling,
+                        spec.normalize, spec.max_length, settings.dtype, device, spec.tokens_per_batch,
+                        str(spec.hf_cache) if spec.hf_cache else None,
+                    )  # fmt: skip
+                path = embed_unit(encoder, run, settings, ckpt, task, texts[task].texts, plan.blocks)
+                embedded += len(texts[task].texts)
+                score_unit(
+                    run, settings, ckpt, task, todo, path, spec.aggregation, encoder.anatomy.num_blocks
+                )
+                scored += len(todo)
+                if not spec.keep_embeddings:
+                    shutil.rmtree(path, ignore_errors=True)
+            if progress:
+                progress("units", i * len(plan.tasks) + plan.tasks.index(task) + 1, len(units))
+    paths = merge(plan, run, settings)
+    return RunResult(run.root, paths, scored, skipped, sum(v.requested for v in texts.values()), embedded)

@@ -1,0 +1,141 @@
+"""The grid of an experiment: checkpoints × layers × tasks, and the distinct units of work.
+
+Evaluations are what the spec asks for; units are what must be computed: revisions that
+resolve to the same commit (Pythia's `main` and `step143000`) share their units, within one spec
+and across specs. Planning never touches a GPU.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from layertime import architecture, checkpoints
+from layertime.checkpoints import Checkpoint
+from layertime.spec import ExperimentSpec, SpecError
+
+
+@dataclass(frozen=True)
+class ScoreUnit:
+    """One (checkpoint, task, layer) evaluation, identified by the checkpoint's commit."""
+
+    checkpoint: Checkpoint
+    task: str
+    layer: int
+
+    @property
+    def key(self) -> tuple[str, str, str, int]:
+        return (self.checkpoint.model, self.checkpoint.key, self.task, self.layer)
+
+
+@dataclass
+class Plan:
+    """A validated spec expanded against the model: resolved checkpoints and block indices."""
+
+    spec: ExperimentSpec
+    checkpoints: list[Checkpoint]
+    blocks: list[int]
+    num_blocks: int | None
+    resolved: bool  # False: commits unknown (offline, not cached); units are keyed by revision name
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def tasks(self) -> list[str]:
+        return list(self.spec.tasks)
+
+    @property
+    def evaluations(self) -> int:
+        return len(self.checkpoints) * len(self.blocks) * len(self.tasks)
+
+    def distinct_checkpoints(self) -> list[Checkpoint]:
+        """One checkpoint per commit (the first revision named for it)."""
+        seen: dict[str, Checkpoint] = {}
+        for ckpt in self.checkpoints:
+            seen.setdefault(ckpt.key, ckpt)
+        return list(seen.values())
+
+    def units(self) -> list[ScoreUnit]:
+        """Distinct (commit, task, layer) units in checkpoint, task, layer order."""
+        return [
+            ScoreUnit(c, t, b) for c in self.distinct_checkpoints() for t in self.tasks for b in self.blocks
+        ]
+
+    def summary(self) -> dict:
+        distinct = self.distinct_checkpoints()
+        return {
+            "name": self.spec.name,
+            "model": self.spec.model,
+            "checkpoints": len(self.checkpoints),
+            "distinct_checkpoints": len(distinct),
+            "layers": len(self.blocks),
+            "blocks": self.blocks,
+            "num_blocks": self.num_blocks,
+            "tasks": len(self.tasks),
+            "evaluations": self.evaluations,
+            "units": {
+                "score": len(distinct) * len(self.blocks) * len(self.tasks),
+                "embed": len(distinct) * len(self.tasks),
+                "measure": len(distinct),
+            },
+            "commits_resolved": self.resolved,
+            "layer_convention": "layer = 0-based block index b; hidden_states[b + 1]",
+            "notes": self.notes,
+        }
+
+
+def make_plan(spec: ExperimentSpec, resolve: bool = True) -> Plan:
+    """Expand `spec` against its model config and resolve revisions to commits where possible.
+
+    The block range is checked against the model config (from the HF cache, or the hub when
+    online). Offline without a cached config or ref, the plan still counts the grid and says what
+    it could not check.
+    """
+    notes: list[str] = []
+    num_blocks = _num_blocks(spec, notes)
+    try:
+        blocks = spec.blocks(num_blocks)
+    except SpecError as e:
+        raise SpecError(f"{spec.name}: {e}") from None
+    ckpts, resolved = [], resolve
+    for rev in spec.checkpoints:
+        ckpt = None
+        if resolve:
+            try:
+                ckpt = checkpoints.resolve(spec.model, rev, spec.hf_cache)
+            except checkpoints.CheckpointError:
+                resolved = False
+        ckpts.append(
+            ckpt or Checkpoint(spec.model, rev, checkpoints.cached_commit(spec.model, rev, spec.hf_cache))
+        )
+    if not resolved:
+        notes.append(
+            "commit resolution skipped (offline or not cached): revisions that share a commit "
+            "(e.g. main = step143000) are counted separately"
+        )
+    return Plan(spec, ckpts, blocks, num_blocks, resolved, notes)
+
+
+def _num_blocks(spec: ExperimentSpec, notes: list[str]) -> int | None:
+    """Blocks in the model (config of the first revision), or None with a note when unavailable."""
+    try:
+        config = checkpoints.load_config(spec.model, spec.checkpoints[0], spec.hf_cache)
+    except checkpoints.CheckpointError:
+        notes.append(f"model config of {spec.model} not available offline: block range not checked")
+        return None
+    return architecture.num_blocks(config)
+
+
+def combined(plans: Sequence[Plan]) -> dict:
+    """Units shared across several plans (e.g. exp1 and exp2 overlap at step143000, blocks 20-23)."""
+    keys: set = set()
+    total = 0
+    for plan in plans:
+        units = {u.key for u in plan.units()}
+        total += len(units)
+        keys |= units
+    return {
+        "evaluations": sum(p.evaluations for p in plans),
+        "score_units": total,
+        "distinct_score_units": len(keys),
+        "shared_score_units": total - len(keys),
+    }

@@ -1,0 +1,252 @@
+"""Experiment specs: what to run, validated before anything touches a GPU (DESIGN §1, §3).
+
+A spec is a YAML file (see `deployments/`). Every mistake is reported as one `SpecError` naming
+the field and the bad value; unknown keys are rejected.
+
+Layers are **block indices**, 0-based: block b's output is `hidden_states[b + 1]` (DESIGN §3).
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from layertime import suite
+
+
+class SpecError(ValueError):
+    """A spec that cannot run; the message names the field and the bad value."""
+
+
+_REVISION = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._\-/]*$")
+_RANGE = re.compile(
+    r"^(?P<prefix>[A-Za-z_\-]*)(?P<start>\d+)\.\.(?P<prefix2>[A-Za-z_\-]*)(?P<stop>\d+)(?:/(?P<stride>\d+))?$"
+)
+_LAYER_RANGE = re.compile(r"^(?P<start>-?\d+)\s*\.\.\s*(?P<stop>-?\d+)$")
+
+
+def expand_checkpoints(items: list[str]) -> list[str]:
+    """Revision names from a list of names and ranges, in order, without repeats.
+
+    `step94000..step143000/1000` means step94000, step95000, ..., step143000 (both ends included).
+    """
+    out: list[str] = []
+    for i, item in enumerate(items):
+        for rev in _expand_one(item, f"checkpoints[{i}]"):
+            if rev not in out:
+                out.append(rev)
+    return out
+
+
+def _expand_one(item: str, where: str) -> list[str]:
+    if not isinstance(item, str) or not item.strip():
+        raise SpecError(f"{where}: {item!r} is not a revision name")
+    if ".." not in item:
+        if not _REVISION.match(item) or item.endswith("/") or "//" in item:
+            raise SpecError(
+                f"{where}: malformed revision {item!r} (expected e.g. 'main', 'step1000' or a commit hash)"
+            )
+        return [item]
+    m = _RANGE.match(item)
+    if not m or m["prefix"] != m["prefix2"]:
+        raise SpecError(
+            f"{where}: malformed revision range {item!r} (expected PREFIX<start>..PREFIX<stop>/<stride>, "
+            "e.g. 'step94000..step143000/1000')"
+        )
+    start, stop, stride = int(m["start"]), int(m["stop"]), int(m["stride"] or 1)
+    if stride <= 0:
+        raise SpecError(f"{where}: range {item!r} has stride {stride}; it must be positive")
+    if stop < start:
+        raise SpecError(f"{where}: range {item!r} is empty (stop {stop} < start {start})")
+    if (stop - start) % stride:
+        raise SpecError(f"{where}: range {item!r}: {stop} is not reached from {start} in steps of {stride}")
+    return [f"{m['prefix']}{s}" for s in range(start, stop + 1, stride)]
+
+
+class LastLayers(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    last: int = Field(gt=0, description="the last N blocks of the model")
+
+
+LayerSpec = Literal["all"] | str | list[int] | LastLayers
+
+
+def resolve_layers(layers: LayerSpec, num_blocks: int | None) -> list[int]:
+    """Block indices named by `layers`, checked against the model's `num_blocks` when known.
+
+    Forms: a list `[15, 16]`, a range `"15..23"` (both ends included), `"all"`, `{last: N}`.
+    """
+    if isinstance(layers, LastLayers) or layers == "all":
+        if num_blocks is None:
+            raise SpecError(
+                f"layers: {_show(layers)} needs the model's config to know how many blocks it has"
+            )
+        n = num_blocks if layers == "all" else layers.last
+        if n > num_blocks:
+            raise SpecError(f"layers: last {n} asks for more blocks than the model has ({num_blocks})")
+        return list(range(num_blocks - n, num_blocks))
+    if isinstance(layers, str):
+        m = _LAYER_RANGE.match(layers.strip())
+        if not m:
+            raise SpecError(f"layers: {layers!r} is not a list, a range 'A..B', 'all' or {{last: N}}")
+        start, stop = int(m["start"]), int(m["stop"])
+        if stop < start:
+            raise SpecError(f"layers: range {layers!r} is empty")
+        blocks = list(range(start, stop + 1))
+    else:
+        blocks = list(dict.fromkeys(layers))
+    if not blocks:
+        raise SpecError("layers: the list is empty; name at least one block")
+    bad = [b for b in blocks if b < 0 or (num_blocks is not None and b >= num_blocks)]
+    if bad:
+        limit = f"the model's {num_blocks} blocks (0..{num_blocks - 1})" if num_blocks else "blocks (>= 0)"
+        raise SpecError(f"layers: block {bad[0]} is outside {limit}; layers are 0-based block indices")
+    return blocks
+
+
+def parse_layers(layers: Any) -> LayerSpec:
+    """Check the form of a `layers` value (not yet the model's range) and return it canonical."""
+    if isinstance(layers, LastLayers) or layers == "all":
+        return layers
+    if isinstance(layers, dict):
+        if set(layers) != {"last"} or isinstance(layers["last"], bool) or not isinstance(layers["last"], int):
+            raise SpecError(f"layers: {layers!r} is not {{last: N}} with a whole number N")
+        if layers["last"] <= 0:
+            raise SpecError(f"layers: last {layers['last']}: N must be at least 1")
+        return LastLayers(last=layers["last"])
+    if isinstance(layers, int) and not isinstance(layers, bool):
+        layers = [layers]
+    if isinstance(layers, list) and any(isinstance(b, bool) or not isinstance(b, int) for b in layers):
+        raise SpecError(f"layers: {layers!r} must hold whole block indices")
+    if isinstance(layers, (str, list)):
+        resolve_layers(layers, None)
+        return layers
+    raise SpecError(f"layers: {layers!r} is not a list, a range 'A..B', 'all' or {{last: N}}")
+
+
+def _show(layers: LayerSpec) -> str:
+    return f"{{last: {layers.last}}}" if isinstance(layers, LastLayers) else repr(layers)
+
+
+class ExperimentSpec(BaseModel):
+    """One experiment: a model's checkpoints × layers × tasks, and how to embed and score them."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: str = Field(description="experiment name; also names the run in the Prefect UI")
+    model: str = Field(description="Hugging Face repo id (e.g. EleutherAI/pythia-410m) or a local path")
+    checkpoints: list[str] = Field(
+        default_factory=lambda: ["main"],
+        description="revisions: names, commit hashes and ranges such as 'step94000..step143000/1000'",
+    )
+    layers: Any = Field(description="block indices (0-based): a list, 'A..B', 'all' or {last: N}")
+    final_norm: Literal["all", "last"] = Field(
+        "all", description="'all': final norm on every layer (the paper); 'last': raw residual stream"
+    )
+    pooling: Literal["mean", "last"] = Field(
+        "mean", description="mean over real tokens, or the last real token"
+    )
+    normalize: bool = Field(False, description="L2-normalise pooled embeddings (the paper did not)")
+    max_length: int = Field(2048, gt=0, description="tokens per text; longer texts are truncated")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto", description="'auto': bfloat16 on GPUs that support it, float32 otherwise"
+    )
+    tokens_per_batch: int = Field(16384, gt=0, description="token budget per forward batch (padded tokens)")
+    tasks: str | list[str] = Field(
+        suite.SUITE_32,
+        validate_default=True,
+        description=f"a suite ({', '.join(suite.SUITES)}) or task names",
+    )
+    aggregation: Literal["rule-a", "mteb-v1"] = Field(
+        "rule-a", description="'rule-a': the paper's subsets (STS17 en-en, AmazonCounterfactual en+en-ext)"
+    )
+    run_root: Path = Field(description="directory of this experiment's run (tables, results, caches)")
+    hf_cache: Path | None = Field(None, description="Hugging Face hub cache; default: HF_HUB_CACHE")
+    keep_embeddings: bool = Field(False, description="keep embeddings after every layer of a unit is scored")
+
+    @field_validator("checkpoints")
+    @classmethod
+    def _checkpoints(cls, items: list[str]) -> list[str]:
+        revisions = expand_checkpoints(items)
+        if not revisions:
+            raise SpecError("checkpoints: the list is empty; name at least one revision")
+        return revisions
+
+    @field_validator("tasks")
+    @classmethod
+    def _tasks(cls, tasks: str | list[str]) -> list[str]:
+        if isinstance(tasks, str):
+            if tasks not in suite.SUITES:
+                raise SpecError(f"tasks: unknown suite {tasks!r} (known: {', '.join(suite.SUITES)})")
+            return list(suite.SUITES[tasks])
+        if not tasks:
+            raise SpecError("tasks: the list is empty; name a suite or at least one task")
+        known = suite.known_tasks()
+        for task in tasks:
+            if task not in known:
+                raise SpecError(
+                    f"tasks: unknown task {task!r} (not in {suite.SUITE_32} or {suite.SUITE_DEMO})"
+                )
+        return list(dict.fromkeys(tasks))
+
+    @field_validator("layers", mode="before")
+    @classmethod
+    def _layers(cls, layers: Any) -> LayerSpec:
+        return parse_layers(layers)
+
+    @model_validator(mode="after")
+    def _paths(self) -> ExperimentSpec:
+        if not self.name.strip():
+            raise SpecError("name: must not be empty")
+        return self
+
+    def blocks(self, num_blocks: int | None) -> list[int]:
+        """The spec's block indices, checked against the model when `num_blocks` is known."""
+        return resolve_layers(self.layers, num_blocks)
+
+
+def load_spec(path: str | Path, **overrides: Any) -> ExperimentSpec:
+    """Read and validate a spec file; relative `run_root`/`hf_cache` resolve against the working dir."""
+    path = Path(path)
+    if not path.is_file():
+        raise SpecError(f"spec file {str(path)!r} does not exist")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        raise SpecError(f"{path}: not valid YAML: {e}") from None
+    if not isinstance(data, dict):
+        raise SpecError(f"{path}: expected a mapping of fields, got {type(data).__name__}")
+    return parse_spec({**data, **overrides}, source=str(path))
+
+
+def parse_spec(data: dict[str, Any], source: str = "spec") -> ExperimentSpec:
+    """Validate a spec mapping; raise `SpecError` naming the first bad field and its value."""
+    try:
+        return ExperimentSpec.model_validate(data)
+    except SpecError as e:
+        raise SpecError(f"{source}: {e}") from None
+    except ValidationError as e:
+        raise SpecError(f"{source}: {_describe(e)}") from None
+
+
+def _describe(error: ValidationError) -> str:
+    err = error.errors()[0]
+    field = ".".join(
+        str(p)
+        for p in err["loc"]
+        if not str(p).startswith(("function-", "literal[", "list[", "str", "LastLayers"))
+    )
+    field = field or ".".join(str(p) for p in err["loc"])
+    if err["type"] == "extra_forbidden":
+        allowed = ", ".join(ExperimentSpec.model_fields)
+        return f"unknown key {field!r} (allowed: {allowed})"
+    if err["type"] == "missing":
+        return f"{field}: missing (required)"
+    cause = err.get("ctx", {}).get("error")
+    if isinstance(cause, SpecError):
+        return str(cause)
+    return f"{field}: {err['input']!r}: {err['msg']}"

@@ -1,0 +1,100 @@
+"""The task suites: which MTEB tasks a spec names, with their types, subsets and splits (DESIGN §4).
+
+The 32 tasks of the paper's Table 1 are kept here as plain names so that planning and spec
+validation never import mteb; mteb task objects are built only when a task is scored.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+SUITE_32 = "layer-by-layer-32"
+SUITE_DEMO = "demo-5"
+
+TASK_TYPES: dict[str, list[str]] = {
+    "Classification": [
+        "AmazonCounterfactualClassification",
+        "AmazonReviewsClassification",
+        "Banking77Classification",
+        "EmotionClassification",
+        "MassiveIntentClassification",
+        "MassiveScenarioClassification",
+        "MTOPDomainClassification",
+        "MTOPIntentClassification",
+        "ToxicConversationsClassification",
+        "TweetSentimentExtractionClassification",
+    ],
+    "Clustering": [
+        "ArxivClusteringS2S",
+        "BiorxivClusteringS2S",
+        "MedrxivClusteringS2S",
+        "RedditClustering",
+        "StackExchangeClustering",
+        "TwentyNewsgroupsClustering",
+    ],
+    "PairClassification": ["SprintDuplicateQuestions", "TwitterSemEval2015", "TwitterURLCorpus"],
+    "Reranking": ["AskUbuntuDupQuestions", "MindSmallReranking", "SciDocsRR", "StackOverflowDupQuestions"],
+    "STS": ["BIOSSES", "SICK-R", "STS12", "STS13", "STS14", "STS15", "STS16", "STS17", "STSBenchmark"],
+}
+LAYER_BY_LAYER_32: tuple[str, ...] = tuple(name for names in TASK_TYPES.values() for name in names)
+
+DEMO_TASK_TYPES: dict[str, str] = {
+    "DemoClassification": "Classification",
+    "DemoClustering": "Clustering",
+    "DemoPairClassification": "PairClassification",
+    "DemoReranking": "Reranking",
+    "DemoSTS": "STS",
+}
+
+SUITES: dict[str, tuple[str, ...]] = {SUITE_32: LAYER_BY_LAYER_32, SUITE_DEMO: tuple(DEMO_TASK_TYPES)}
+
+# Rule (a) of the paper: these tasks are scored on other subsets than MTEB(eng, v1) pins.
+RULE_A_SUBSETS: dict[str, tuple[str, ...]] = {
+    "AmazonCounterfactualClassification": ("en", "en-ext"),
+    "STS17": ("en-en",),
+}
+BENCHMARK = "MTEB(eng, v1)"
+SPLIT = "test"
+
+
+def task_type(name: str) -> str:
+    """The MTEB task type of a suite task ('Classification', 'STS', ...)."""
+    if name in DEMO_TASK_TYPES:
+        return DEMO_TASK_TYPES[name]
+    for kind, names in TASK_TYPES.items():
+        if name in names:
+            return kind
+    raise KeyError(f"task {name!r} is not in any layertime suite")
+
+
+def known_tasks() -> set[str]:
+    """Every task name a spec may list without importing mteb."""
+    return set(LAYER_BY_LAYER_32) | set(DEMO_TASK_TYPES)
+
+
+def is_demo_task(name: str) -> bool:
+    return name in DEMO_TASK_TYPES
+
+
+def build_task(name: str, aggregation: str = "rule-a") -> Any:
+    """A fresh mteb task object for `name`, restricted to the test split and the suite's subsets.
+
+    Fresh on every call: `.v2` clustering tasks advance an RNG per evaluation (DESIGN §4), so
+    one instance must never be evaluated twice.
+    """
+    if is_demo_task(name):
+        from layertime.demo.tasks import demo_task
+
+        return demo_task(name).filter_eval_splits([SPLIT])
+    import mteb
+
+    tasks = {t.metadata.name: t for t in mteb.get_benchmark(BENCHMARK).tasks}
+    if name not in tasks:
+        raise KeyError(f"task {name!r} is not in mteb's {BENCHMARK}")
+    task = type(tasks[name])()  # a fresh instance, then apply the benchmark's filters again
+    task.filter_eval_splits([SPLIT])
+    subsets = list(tasks[name].hf_subsets)
+    if aggregation == "rule-a" and name in RULE_A_SUBSETS:
+        subsets = list(RULE_A_SUBSETS[name])
+    task.filter_languages(None, hf_subsets=subsets)
+    return task

@@ -1,0 +1,89 @@
+"""The run's tables, built with polars from the completion records (DESIGN §7).
+
+- `scores`: one row per (checkpoint revision, layer, task, split, subset), mteb's main score (0-1).
+- `layers`: one row per (checkpoint revision, layer): the rule-a average over tasks (a task's score
+  is the mean of its subsets' main scores: AmazonCounterfactual = mean(en, en-ext), STS17 = en-en),
+  the per-type averages and how many tasks it covers.
+- `summary.csv`: the old scripts' columns, for people migrating.
+Rows carry `layer` (0-based block index), `hidden_state` (= layer + 1) and `depth` ((layer + 1) / L).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from pathlib import Path
+
+import polars as pl
+
+from layertime.io import atomic_write
+
+SCORE_COLUMNS = [
+    "model", "revision", "commit", "step", "layer", "hidden_state", "depth", "task", "task_type",
+    "subset", "split", "main_score", "mteb_version", "dataset_revision", "seconds",
+]  # fmt: skip
+
+
+def scores_frame(rows: Sequence[dict]) -> pl.DataFrame:
+    """The long `scores` table from score rows (dicts with SCORE_COLUMNS)."""
+    schema = {
+        "model": pl.String, "revision": pl.String, "commit": pl.String, "step": pl.Int64, "layer": pl.Int64,
+        "hidden_state": pl.Int64, "depth": pl.Float64, "task": pl.String, "task_type": pl.String,
+        "subset": pl.String, "split": pl.String, "main_score": pl.Float64, "mteb_version": pl.String,
+        "dataset_revision": pl.String, "seconds": pl.Float64,
+    }  # fmt: skip
+    frame = pl.DataFrame([{c: r.get(c) for c in SCORE_COLUMNS} for r in rows], schema=schema)
+    return frame.sort(["step", "revision", "layer", "task", "split", "subset"], nulls_last=True)
+
+
+def task_scores(scores: pl.DataFrame) -> pl.DataFrame:
+    """One score per (revision, layer, task): the mean of that task's subsets (rule a)."""
+    keys = ["model", "revision", "commit", "step", "layer", "hidden_state", "depth", "task", "task_type"]
+    return scores.group_by(keys, maintain_order=True).agg(pl.col("main_score").mean().alias("score"))
+
+
+def layers_frame(scores: pl.DataFrame, n_tasks: int) -> pl.DataFrame:
+    """Per (revision, layer): rule-a `average` (null unless all `n_tasks` tasks are present), per type."""
+    per_task = task_scores(scores)
+    keys = ["model", "revision", "commit", "step", "layer", "hidden_state", "depth"]
+    overall = per_task.group_by(keys, maintain_order=True).agg(
+        pl.col("score").mean().alias("mean_present"), pl.len().alias("n_tasks")
+    )
+    overall = overall.with_columns(
+        pl.when(pl.col("n_tasks") == n_tasks).then(pl.col("mean_present")).otherwise(None).alias("average")
+    ).drop("mean_present")
+    by_type = per_task.group_by([*keys, "task_type"]).agg(pl.col("score").mean())
+    if by_type.height:
+        wide = by_type.pivot(on="task_type", index=keys, values="score")
+        wide = wide.rename({c: f"avg_{c}" for c in wide.columns if c not in keys})
+        overall = overall.join(wide, on=keys, how="left", nulls_equal=True)
+    return overall.sort(["step", "revision", "layer"], nulls_last=True)
+
+
+def summary_frame(scores: pl.DataFrame, output_dir: str) -> pl.DataFrame:
+    """The old scripts' `summary.csv`: model_family, model_size, revision, layer, task, score, output_dir."""
+    family, size = split_model_name(scores["model"][0]) if scores.height else ("", "")
+    return task_scores(scores).select(
+        pl.lit(family).alias("model_family"),
+        pl.lit(size).alias("model_size"),
+        "revision",
+        "layer",
+        "task",
+        "score",
+        pl.lit(output_dir).alias("output_dir"),
+    )
+
+
+def split_model_name(model: str) -> tuple[str, str]:
+    """('pythia', '410m') from 'EleutherAI/pythia-410m'; (name, '') when there is no size suffix."""
+    name = model.rstrip("/").split("/")[-1]
+    m = re.fullmatch(r"(.+?)-(\d+(?:\.\d+)?[kKmMbB])(?:-.*)?", name)
+    return (m.group(1), m.group(2)) if m else (name, "")
+
+
+def write_table(frame: pl.DataFrame, directory: Path, name: str, csv: bool = True) -> list[Path]:
+    """Write `name`.parquet (and `name`.csv) atomically."""
+    paths = [atomic_write(directory / f"{name}.parquet", lambda tmp: frame.write_parquet(tmp))]
+    if csv:
+        paths.append(atomic_write(directory / f"{name}.csv", lambda tmp: frame.write_csv(tmp)))
+    return paths
