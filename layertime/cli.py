@@ -102,6 +102,8 @@ def run(
     os.environ.setdefault("MTEB_CACHE", str(Path(spec.run_root) / "mteb"))
     from tqdm import tqdm
 
+    _quiet_libraries()
+
     from layertime.checkpoints import CheckpointError
     from layertime.pipeline import run_spec
 
@@ -125,6 +127,15 @@ def run(
     typer.echo(f"run root: {result.run_root}")
     for name, path in result.tables.items():
         typer.echo(f"  {name:8s} {path}")
+
+
+def _quiet_libraries() -> None:
+    """Our progress bar, not the per-call bars and load reports of datasets and transformers."""
+    import datasets
+    import transformers
+
+    datasets.disable_progress_bars()
+    transformers.logging.set_verbosity_error()
 
 
 if __name__ == "__main__":

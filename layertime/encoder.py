@@ -113,12 +113,23 @@ class MultiLayerEncoder:
         self._norm: nn.Module | None = copy.deepcopy(norm).float() if norm is not None else None
         self.final_norm, self.pooling, self.normalize = final_norm, pooling, normalize
         self.max_length, self.tokens_per_batch = max_length, tokens_per_batch
-        # Pythia has no pad token: pad with EOS (padding positions are masked out of pooling anyway).
-        self.pad_id = self.tokenizer.pad_token_id
-        if self.pad_id is None:
-            self.pad_id = self.tokenizer.eos_token_id if self.tokenizer.eos_token_id is not None else 0
+        self.pad_id = self._pad_id()
         self.progress = progress
         self.last_stats: EncodeStats | None = None
+
+    def _pad_id(self) -> int:
+        """Decoders pad with EOS (DESIGN §3; Pythia has no pad token of its own), encoders with their pad.
+
+        Right padding under a causal mask cannot change a real token's state, and pads are
+        excluded from pooling, so this choice never changes a number.
+        """
+        tok = self.tokenizer
+        first = (
+            (tok.pad_token_id, tok.eos_token_id)
+            if self.anatomy.add_special_tokens
+            else (tok.eos_token_id, tok.pad_token_id)
+        )
+        return next((i for i in first if i is not None), 0)
 
     @property
     def dim(self) -> int:

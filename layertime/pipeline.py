@@ -234,7 +234,7 @@ def run_spec(spec: ExperimentSpec, progress: Progress | None = None, device: str
     from layertime.encoder import MultiLayerEncoder
 
     prepare_world(spec)
-    plan = make_plan(spec)
+    plan = make_plan(spec, strict=True)  # a missing checkpoint fails here, before any work
     run = RunDir(Path(spec.run_root))
     settings = Settings.of(spec, device)
     write_snapshot(plan, run, settings)

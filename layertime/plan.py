@@ -83,12 +83,12 @@ class Plan:
         }
 
 
-def make_plan(spec: ExperimentSpec, resolve: bool = True) -> Plan:
+def make_plan(spec: ExperimentSpec, resolve: bool = True, strict: bool = False) -> Plan:
     """Expand `spec` against its model config and resolve revisions to commits where possible.
 
     The block range is checked against the model config (from the HF cache, or the hub when
     online). Offline without a cached config or ref, the plan still counts the grid and says what
-    it could not check.
+    it could not check. `strict` (before a run): every revision must resolve, else CheckpointError.
     """
     notes: list[str] = []
     num_blocks = _num_blocks(spec, notes)
@@ -103,6 +103,8 @@ def make_plan(spec: ExperimentSpec, resolve: bool = True) -> Plan:
             try:
                 ckpt = checkpoints.resolve(spec.model, rev, spec.hf_cache)
             except checkpoints.CheckpointError:
+                if strict:
+                    raise
                 resolved = False
         ckpts.append(
             ckpt or Checkpoint(spec.model, rev, checkpoints.cached_commit(spec.model, rev, spec.hf_cache))

@@ -1,0 +1,86 @@
+"""The demo spec end to end in this process: plan, record, embed, score, merge, resume."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import polars as pl
+import pytest
+
+from layertime.checkpoints import CheckpointError
+from layertime.pipeline import run_spec
+from layertime.spec import load_spec
+
+ROOT = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def spec(hub, tmp_path_factory):
+    # The demo's shape on a smaller grid: main and step3000 share a commit.
+    return load_spec(
+        ROOT / "deployments/demo.yaml",
+        run_root=str(tmp_path_factory.mktemp("run")),
+        hf_cache=str(hub),
+        checkpoints=["step1000", "step3000", "main"],
+        layers=[1, 3],
+    )
+
+
+@pytest.fixture(scope="module")
+def first(spec):
+    return run_spec(spec)
+
+
+def test_a_run_writes_every_table(spec, first):
+    scores = pl.read_parquet(first.tables["scores"])
+    assert scores.height == 3 * 2 * 5  # revisions x layers x tasks (one subset each)
+    assert scores["main_score"].is_finite().all()
+    assert set(scores["hidden_state"] - scores["layer"]) == {1}
+    layers = pl.read_parquet(first.tables["layers"])
+    assert layers.height == 3 * 2 and (layers["n_tasks"] == 5).all() and layers["average"].is_not_null().all()
+    summary = pl.read_csv(first.tables["summary"])
+    assert summary.columns == ["model_family", "model_size", "revision", "layer", "task", "score", "output_dir"]
+    env = json.loads((Path(spec.run_root) / "environment.json").read_text())
+    assert env["checkpoints"]["main"] == env["checkpoints"]["step3000"]
+    assert (Path(spec.run_root) / "spec.yaml").is_file()
+
+
+def test_revisions_sharing_a_commit_are_scored_once(spec, first):
+    assert first.scored == 2 * 2 * 5  # distinct commits x layers x tasks
+    scores = pl.read_parquet(first.tables["scores"])
+    main = scores.filter(pl.col("revision") == "main").sort("task", "layer")["main_score"]
+    last = scores.filter(pl.col("revision") == "step3000").sort("task", "layer")["main_score"]
+    assert main.to_list() == last.to_list()
+    assert not list((Path(spec.run_root) / "embeddings").rglob("*.npy"))  # deleted after scoring
+
+
+def test_a_rerun_recomputes_only_what_is_missing(spec, first):
+    again = run_spec(spec)
+    assert (again.scored, again.skipped) == (0, 20)
+    assert pl.read_parquet(again.tables["scores"]).equals(pl.read_parquet(first.tables["scores"]))
+    records = sorted((Path(spec.run_root) / "scores").rglob("layer_3.json"))
+    lost = [r for r in records if r.parent.name == "DemoSTS"][0]
+    lost.unlink()
+    healed = run_spec(spec)
+    assert (healed.scored, healed.skipped) == (1, 19)
+    assert pl.read_parquet(healed.tables["scores"]).equals(pl.read_parquet(first.tables["scores"]))
+
+
+def test_cli_run_prints_where_the_tables_are(spec, first, hub):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(hub)}
+    spec_file = Path(spec.run_root) / "spec.yaml"  # the snapshot is itself a runnable spec
+    out = subprocess.run([sys.executable, "-m", "layertime.cli", "run", str(spec_file)], capture_output=True,
+                         text=True, env=env, cwd=ROOT, timeout=300)  # fmt: skip
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "scored 0 (checkpoint, task, layer) units, 20 already done" in out.stdout
+    assert str(first.tables["layers"]) in out.stdout
+
+
+def test_a_missing_checkpoint_fails_fast_naming_it(hub, tmp_path):
+    spec = load_spec(ROOT / "deployments/demo.yaml", run_root=str(tmp_path), hf_cache=str(hub),
+                     checkpoints=["step1000", "step9000"])  # fmt: skip
+    with pytest.raises(CheckpointError, match=r"layertime/tiny-neox@step9000 is not in the HF cache.*prefetch"):
+        run_spec(spec)
