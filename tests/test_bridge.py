@@ -5,7 +5,14 @@ import numpy as np
 import pytest
 
 from layertime import suite
-from layertime.bridge import LookupEncoder, LookupMiss, RecordingEncoder, model_meta, recorded_texts, score_layers
+from layertime.bridge import (
+    LookupEncoder,
+    LookupMiss,
+    RecordingEncoder,
+    model_meta,
+    recorded_texts,
+    score_layers,
+)
 from layertime.encoder import MultiLayerEncoder
 
 
@@ -24,7 +31,9 @@ class PlainEncoder(RecordingEncoder):
 
 @pytest.fixture(scope="module")
 def encoder(hub, demo_repo) -> MultiLayerEncoder:
-    return MultiLayerEncoder(demo_repo, revision="step3000", cache_dir=str(hub), device="cpu", dtype="float32")
+    return MultiLayerEncoder(
+        demo_repo, revision="step3000", cache_dir=str(hub), device="cpu", dtype="float32"
+    )
 
 
 def _main_score(result) -> float:

@@ -20,12 +20,16 @@ TEXTS = [
 
 
 def _encoder(hub, repo, **kw) -> MultiLayerEncoder:
-    return MultiLayerEncoder(repo, revision="step2000", cache_dir=str(hub), device="cpu", dtype="float32", **kw)
+    return MultiLayerEncoder(
+        repo, revision="step2000", cache_dir=str(hub), device="cpu", dtype="float32", **kw
+    )
 
 
 def _paper_way(hub, repo, text: str, blocks: int) -> np.ndarray:
     """The model truncated to `blocks` blocks; its last_hidden_state (final norm applied), mean pooled."""
-    model = AutoModel.from_pretrained(repo, revision="step2000", cache_dir=str(hub), dtype=torch.float32).eval()
+    model = AutoModel.from_pretrained(
+        repo, revision="step2000", cache_dir=str(hub), dtype=torch.float32
+    ).eval()
     tokenizer = AutoTokenizer.from_pretrained(repo, revision="step2000", cache_dir=str(hub))
     truncated = copy.deepcopy(model)
     truncated.layers = truncated.layers[:blocks]
@@ -93,14 +97,18 @@ def test_l2_normalisation_and_last_token_pooling(hub, demo_repo):
     last = _encoder(hub, demo_repo, pooling="last").encode(TEXTS[:2])
     mean = _encoder(hub, demo_repo).encode(TEXTS[:2])
     assert not np.allclose(last[1], mean[1])
-    assert np.allclose(last[1][1], _encoder(hub, demo_repo, pooling="last").encode([TEXTS[1]])[1][0], atol=1e-5)
+    assert np.allclose(
+        last[1][1], _encoder(hub, demo_repo, pooling="last").encode([TEXTS[1]])[1][0], atol=1e-5
+    )
 
 
 def test_nan_is_caught_with_checkpoint_and_layer_named(hub, demo_repo):
     enc = _encoder(hub, demo_repo, layers=[1, 2])
     with torch.no_grad():
         enc.model.layers[2].mlp.dense_4h_to_h.bias.fill_(float("nan"))
-    with pytest.raises(NonFiniteEmbedding, match=r"layertime/tiny-neox@step2000: layer 2 \(hidden_states\[3\]\)"):
+    with pytest.raises(
+        NonFiniteEmbedding, match=r"layertime/tiny-neox@step2000: layer 2 \(hidden_states\[3\]\)"
+    ):
         enc.encode(TEXTS[:2])
 
 

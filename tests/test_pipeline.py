@@ -42,7 +42,15 @@ def test_a_run_writes_every_table(spec, first):
     layers = pl.read_parquet(first.tables["layers"])
     assert layers.height == 3 * 2 and (layers["n_tasks"] == 5).all() and layers["average"].is_not_null().all()
     summary = pl.read_csv(first.tables["summary"])
-    assert summary.columns == ["model_family", "model_size", "revision", "layer", "task", "score", "output_dir"]
+    assert summary.columns == [
+        "model_family",
+        "model_size",
+        "revision",
+        "layer",
+        "task",
+        "score",
+        "output_dir",
+    ]
     env = json.loads((Path(spec.run_root) / "environment.json").read_text())
     assert env["checkpoints"]["main"] == env["checkpoints"]["step3000"]
     assert (Path(spec.run_root) / "spec.yaml").is_file()
@@ -82,5 +90,7 @@ def test_cli_run_prints_where_the_tables_are(spec, first, hub):
 def test_a_missing_checkpoint_fails_fast_naming_it(hub, tmp_path):
     spec = load_spec(ROOT / "deployments/demo.yaml", run_root=str(tmp_path), hf_cache=str(hub),
                      checkpoints=["step1000", "step9000"])  # fmt: skip
-    with pytest.raises(CheckpointError, match=r"layertime/tiny-neox@step9000 is not in the HF cache.*prefetch"):
+    with pytest.raises(
+        CheckpointError, match=r"layertime/tiny-neox@step9000 is not in the HF cache.*prefetch"
+    ):
         run_spec(spec)

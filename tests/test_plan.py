@@ -24,7 +24,12 @@ def test_exp1_and_exp2_grids_and_their_overlap(hub):
     # main and step143000 are one commit: exp1's blocks 20..23 at main are exp2's last checkpoint.
     assert exp1.checkpoints[0].commit == exp2.checkpoints[-1].commit
     both = combined([exp1, exp2])
-    assert both == {"evaluations": 6688, "score_units": 6688, "distinct_score_units": 6560, "shared_score_units": 128}
+    assert both == {
+        "evaluations": 6688,
+        "score_units": 6688,
+        "distinct_score_units": 6560,
+        "shared_score_units": 128,
+    }
 
 
 def test_revisions_sharing_a_commit_are_one_unit(hub):

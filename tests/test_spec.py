@@ -11,14 +11,33 @@ BASE = {"name": "t", "model": "org/model", "layers": "1..2", "run_root": "runs/t
 def test_deployment_specs_match_the_design():
     exp1 = load_spec(ROOT / "deployments/exp1.yaml")
     exp2 = load_spec(ROOT / "deployments/exp2.yaml")
-    assert (exp1.model, exp1.checkpoints, exp1.blocks(24)) == ("EleutherAI/pythia-410m", ["main"], list(range(15, 24)))
-    assert exp2.checkpoints[0] == "step94000" and exp2.checkpoints[-1] == "step143000" and len(exp2.checkpoints) == 50
+    assert (exp1.model, exp1.checkpoints, exp1.blocks(24)) == (
+        "EleutherAI/pythia-410m",
+        ["main"],
+        list(range(15, 24)),
+    )
+    assert (
+        exp2.checkpoints[0] == "step94000"
+        and exp2.checkpoints[-1] == "step143000"
+        and len(exp2.checkpoints) == 50
+    )
     assert exp2.blocks(24) == [20, 21, 22, 23]
     for spec in (exp1, exp2):
         assert len(spec.tasks) == 32
-        assert (spec.final_norm, spec.pooling, spec.normalize, spec.max_length) == ("all", "mean", False, 2048)
+        assert (spec.final_norm, spec.pooling, spec.normalize, spec.max_length) == (
+            "all",
+            "mean",
+            False,
+            2048,
+        )
     demo = load_spec(ROOT / "deployments/demo.yaml")
-    assert demo.tasks == ["DemoClassification", "DemoClustering", "DemoPairClassification", "DemoReranking", "DemoSTS"]
+    assert demo.tasks == [
+        "DemoClassification",
+        "DemoClustering",
+        "DemoPairClassification",
+        "DemoReranking",
+        "DemoSTS",
+    ]
 
 
 def test_checkpoint_ranges_include_both_ends_and_keep_order():

@@ -37,7 +37,15 @@ def test_incomplete_layers_have_no_average():
 
 def test_summary_has_the_old_scripts_columns():
     summary = tables.summary_frame(tables.scores_frame(ROWS), "runs/x")
-    assert summary.columns == ["model_family", "model_size", "revision", "layer", "task", "score", "output_dir"]
+    assert summary.columns == [
+        "model_family",
+        "model_size",
+        "revision",
+        "layer",
+        "task",
+        "score",
+        "output_dir",
+    ]
     assert summary.filter(pl.col("task") == "STS17")["score"][0] == pytest.approx(0.80)
     assert summary["model_family"][0] == "pythia" and summary["model_size"][0] == "410m"
 
