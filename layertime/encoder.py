@@ -9,7 +9,7 @@ never normed twice. With `final_norm="last"` the other layers are the raw residu
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -166,8 +166,21 @@ class MultiLayerEncoder:
             b: (m if len(unique) == len(texts) and _is_identity(order) else m[order]) for b, m in out.items()
         }
 
+    def iter_batches(
+        self, texts: Sequence[str]
+    ) -> Iterator[tuple[list[int], torch.Tensor, dict[int, torch.Tensor]]]:
+        """Token states of every requested layer, batch by batch, for streaming consumers (metrics).
+
+        Yields (indices into `texts`, mask (B, T) on the device, {block: float32 (B, T, D)}) with the
+        final norm applied as `final_norm` says; nothing is kept between batches.
+        """
+        ids = self.tokenize(texts)
+        for batch in token_budget_batches([len(r) for r in ids], self.tokens_per_batch):
+            mask, states = self._layer_states([ids[i] for i in batch])
+            yield batch, mask, states
+
     @torch.inference_mode()
-    def _forward(self, rows: list[list[int]]) -> dict[int, np.ndarray]:
+    def _layer_states(self, rows: list[list[int]]) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
         T = max(map(len, rows))
         input_ids = torch.full((len(rows), T), self.pad_id, dtype=torch.long)
         mask = torch.zeros((len(rows), T), dtype=torch.long)
@@ -177,11 +190,19 @@ class MultiLayerEncoder:
         input_ids, mask = input_ids.to(self.device), mask.to(self.device)
         hidden = self.model(input_ids=input_ids, attention_mask=mask, output_hidden_states=True).hidden_states
         L = self.anatomy.num_blocks
-        pooled = {}
+        states = {}
         for b in self.layers:
             h = hidden[b + 1].float()  # (B, T, D)
             if self._norm is not None and not (b == L - 1 and self.anatomy.last_is_normed()):
                 h = self._norm(h)
+            states[b] = h
+        return mask, states
+
+    @torch.inference_mode()
+    def _forward(self, rows: list[list[int]]) -> dict[int, np.ndarray]:
+        mask, states = self._layer_states(rows)
+        pooled = {}
+        for b, h in states.items():
             vectors = self._pool(h, mask)  # (B, D)
             if self.normalize:
                 vectors = torch.nn.functional.normalize(vectors, dim=-1)
