@@ -118,7 +118,7 @@ def task_texts(task: str, run: RunDir, aggregation: str) -> Any:
 def missing_layers(
     run: RunDir, settings: Settings, ckpt: Checkpoint, task: str, blocks: list[int]
 ) -> list[int]:
-    return [b for b in blocks if not run.score_record(settings.id, ckpt.key, task, b).is_file()]
+    return [b for b in blocks if not run.score_record(settings.id, ckpt, task, b).is_file()]
 
 
 def embed_unit(
@@ -131,7 +131,7 @@ def embed_unit(
     blocks: list[int],
 ) -> Path:
     """Embed one (checkpoint, task) unit with every requested layer; write texts.json + layer_<b>.npy."""
-    target = run.embeddings(settings.id, ckpt.key, task)
+    target = run.embeddings(settings.id, ckpt, task)
     if (target / "done.json").is_file():
         return target
     start = time.perf_counter()
@@ -190,7 +190,7 @@ def score_unit(
             }  # fmt: skip
             for s in subsets
         ]
-        record = run.score_record(settings.id, ckpt.key, task, block)
+        record = run.score_record(settings.id, ckpt, task, block)
         atomic_write_text(record, json.dumps({"settings": settings.as_dict(), "rows": rows}))
 
 
@@ -202,7 +202,7 @@ def merge(plan: Plan, run: RunDir, settings: Settings) -> dict[str, Path]:
     for ckpt in plan.checkpoints:  # main and step143000 share records but both appear as revisions
         for task in plan.tasks:
             for block in plan.blocks:
-                record = run.score_record(settings.id, ckpt.key, task, block)
+                record = run.score_record(settings.id, ckpt, task, block)
                 if record.is_file():
                     for row in json.loads(record.read_text())["rows"]:
                         rows.append({**row, "revision": ckpt.revision, "step": ckpt.step})
@@ -235,7 +235,7 @@ def run_spec(spec: ExperimentSpec, progress: Progress | None = None, device: str
 
     prepare_world(spec)
     plan = make_plan(spec, strict=True)  # a missing checkpoint fails here, before any work
-    run = RunDir(Path(spec.run_root))
+    run = RunDir.of(spec.run_root, spec.store)
     settings = Settings.of(spec, device)
     write_snapshot(plan, run, settings)
     texts = {t: task_texts(t, run, spec.aggregation) for t in plan.tasks}

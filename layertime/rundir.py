@@ -1,4 +1,12 @@
-"""Where a run keeps its files (DESIGN §7). One run root per experiment; every write is atomic."""
+"""Where a run keeps its files (DESIGN §7). Every write is atomic.
+
+Two roots:
+- the **run root** (one per experiment): the spec snapshot, the environment, the tables;
+- the **store** (shared by experiments, default `<run root>/../store`): everything computed per unit —
+  recorded texts, embeddings, completion records and mteb's result cache — keyed by model, commit,
+  task, layer and the settings that change numbers. exp1 and exp2 side by side under `runs/` share
+  one store, so `main` = `step143000` is computed once for both.
+"""
 
 from __future__ import annotations
 
@@ -7,6 +15,8 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from layertime.checkpoints import Checkpoint
 
 
 def settings_id(settings: dict[str, Any]) -> str:
@@ -18,28 +28,34 @@ def settings_id(settings: dict[str, Any]) -> str:
 @dataclass(frozen=True)
 class RunDir:
     root: Path
+    store: Path
+
+    @classmethod
+    def of(cls, run_root: Path, store: Path | None = None) -> RunDir:
+        run_root = Path(run_root)
+        return cls(run_root, Path(store) if store is not None else run_root.parent / "store")
 
     @property
     def texts(self) -> Path:
         """Recorded text sets per task (one recording pass each)."""
-        return self.root / "texts"
+        return self.store / "texts"
 
     @property
     def mteb_results(self) -> Path:
-        """mteb's own result cache: results/<org>__<name>/<commit>/experiments/<settings, layer>/."""
-        return self.root / "mteb"
+        """mteb's own result cache: results/<org>__<name>/<commit>/experiments/<layer, settings>/."""
+        return self.store / "mteb"
 
     @property
     def tables(self) -> Path:
         return self.root / "tables"
 
-    def embeddings(self, settings: str, checkpoint: str, task: str) -> Path:
+    def _unit(self, kind: str, settings: str, ckpt: Checkpoint, task: str) -> Path:
+        return self.store / kind / settings / ckpt.model.replace("/", "--") / ckpt.key / task
+
+    def embeddings(self, settings: str, ckpt: Checkpoint, task: str) -> Path:
         """One (checkpoint, task) unit's embeddings: texts.json and layer_<b>.npy."""
-        return self.root / "embeddings" / settings / checkpoint / task
+        return self._unit("embeddings", settings, ckpt, task)
 
-    def score_record(self, settings: str, checkpoint: str, task: str, layer: int) -> Path:
+    def score_record(self, settings: str, ckpt: Checkpoint, task: str, layer: int) -> Path:
         """Completion record of one (checkpoint, task, layer): its subset scores, written last."""
-        return self.root / "scores" / settings / checkpoint / task / f"layer_{layer}.json"
-
-    def score_records(self) -> list[Path]:
-        return sorted((self.root / "scores").glob("*/*/*/layer_*.json"))
+        return self._unit("scores", settings, ckpt, task) / f"layer_{layer}.json"

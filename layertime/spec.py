@@ -165,6 +165,9 @@ class ExperimentSpec(BaseModel):
         "rule-a", description="'rule-a': the paper's subsets (STS17 en-en, AmazonCounterfactual en+en-ext)"
     )
     run_root: Path = Field(description="directory of this experiment's run (tables, results, caches)")
+    store: Path | None = Field(
+        None, description="shared store of computed units (default: <run_root>/../store, shared by siblings)"
+    )
     hf_cache: Path | None = Field(None, description="Hugging Face hub cache; default: HF_HUB_CACHE")
     keep_embeddings: bool = Field(False, description="keep embeddings after every layer of a unit is scored")
 

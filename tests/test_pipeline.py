@@ -22,7 +22,7 @@ def spec(hub, tmp_path_factory):
     # The demo's shape on a smaller grid: main and step3000 share a commit.
     return load_spec(
         ROOT / "deployments/demo.yaml",
-        run_root=str(tmp_path_factory.mktemp("run")),
+        run_root=str(tmp_path_factory.mktemp("run") / "demo"),
         hf_cache=str(hub),
         checkpoints=["step1000", "step3000", "main"],
         layers=[1, 3],
@@ -62,14 +62,16 @@ def test_revisions_sharing_a_commit_are_scored_once(spec, first):
     main = scores.filter(pl.col("revision") == "main").sort("task", "layer")["main_score"]
     last = scores.filter(pl.col("revision") == "step3000").sort("task", "layer")["main_score"]
     assert main.to_list() == last.to_list()
-    assert not list((Path(spec.run_root) / "embeddings").rglob("*.npy"))  # deleted after scoring
+    assert not list(
+        (Path(spec.run_root).parent / "store" / "embeddings").rglob("*.npy")
+    )  # deleted after scoring
 
 
 def test_a_rerun_recomputes_only_what_is_missing(spec, first):
     again = run_spec(spec)
     assert (again.scored, again.skipped) == (0, 20)
     assert pl.read_parquet(again.tables["scores"]).equals(pl.read_parquet(first.tables["scores"]))
-    records = sorted((Path(spec.run_root) / "scores").rglob("layer_3.json"))
+    records = sorted((Path(spec.run_root).parent / "store" / "scores").rglob("layer_3.json"))
     lost = [r for r in records if r.parent.name == "DemoSTS"][0]
     lost.unlink()
     healed = run_spec(spec)
@@ -94,3 +96,22 @@ def test_a_missing_checkpoint_fails_fast_naming_it(hub, tmp_path):
         CheckpointError, match=r"layertime/tiny-neox@step9000 is not in the HF cache.*prefetch"
     ):
         run_spec(spec)
+
+
+def test_sibling_experiments_share_their_overlap(hub, tmp_path):
+    # Like exp1 (main, many layers) and exp2 (steps incl. step143000, last layers) side by side.
+    common = {"hf_cache": str(hub), "tasks": ["DemoSTS", "DemoClassification"]}
+    first = load_spec(ROOT / "deployments/demo.yaml", run_root=str(tmp_path / "a"), checkpoints=["main"],
+                      layers=[2, 3], **common)  # fmt: skip
+    second = load_spec(ROOT / "deployments/demo.yaml", run_root=str(tmp_path / "b"),
+                       checkpoints=["step2000", "step3000"], layers=[3], **common)  # fmt: skip
+    assert run_spec(first).scored == 2 * 2
+    result = run_spec(second)
+    assert (result.scored, result.skipped) == (2, 2)  # step3000 = main, layer 3: already in the store
+    a = pl.read_parquet(tmp_path / "a/tables/scores.parquet").filter(pl.col("layer") == 3).sort("task")
+    b = (
+        pl.read_parquet(tmp_path / "b/tables/scores.parquet")
+        .filter(pl.col("revision") == "step3000")
+        .sort("task")
+    )
+    assert a["main_score"].to_list() == b["main_score"].to_list()
