@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import threading
+from collections import OrderedDict
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -185,6 +187,36 @@ class SubsetScore:
     seconds: float
 
 
+class _LoadedTasks:
+    """Task objects with their data loaded, kept per process (mteb reloads data on every call otherwise).
+
+    A few at most: MindSmallReranking alone holds gigabytes. Each entry has a lock, because
+    evaluating reseeds the task's RNGs and two threads must not share one mid-evaluation.
+    """
+
+    def __init__(self, size: int = 2) -> None:
+        self.size = size
+        self.entries: OrderedDict[tuple[str, str], tuple[Any, threading.Lock]] = OrderedDict()
+        self.lock = threading.Lock()
+
+    def get(self, name: str, aggregation: str) -> tuple[Any, threading.Lock]:
+        key = (name, aggregation)
+        with self.lock:
+            if key in self.entries:
+                self.entries.move_to_end(key)
+                return self.entries[key]
+        task = suite.build_task(name, aggregation)
+        task.load_data()
+        with self.lock:
+            entry = self.entries.setdefault(key, (task, threading.Lock()))
+            while len(self.entries) > self.size:
+                self.entries.popitem(last=False)
+            return entry
+
+
+_LOADED = _LoadedTasks()
+
+
 def score_layers(
     task_name: str,
     layers: Mapping[int, tuple[Sequence[str], np.ndarray]]
@@ -193,18 +225,18 @@ def score_layers(
     results_dir: Path,
     aggregation: str = "rule-a",
 ) -> dict[int, list[SubsetScore]]:
-    """Score each layer's embeddings on one task: one task load, a reseeded evaluation per layer.
+    """Score each layer's embeddings on one task: data loaded once, a reseeded evaluation per layer.
 
     `layers` maps block -> (texts, vectors); `meta_for_layer(block)` gives its mteb ModelMeta.
     Results also go to mteb's result cache under `results_dir` (one experiment per layer).
     """
-    task = suite.build_task(task_name, aggregation)
-    task.load_data()
+    task, lock = _LOADED.get(task_name, aggregation)
     items = layers.items() if isinstance(layers, Mapping) else layers
     out: dict[int, list[SubsetScore]] = {}
     for block, (texts, vectors) in items:
         encoder = LookupEncoder(texts, vectors, meta_for_layer(block))
-        out[block] = subset_scores(_evaluate(encoder, task, results_dir))
+        with lock:
+            out[block] = subset_scores(_evaluate(encoder, task, results_dir))
     return out
 
 

@@ -121,6 +121,19 @@ def missing_layers(
     return [b for b in blocks if not run.score_record(settings.id, ckpt, task, b).is_file()]
 
 
+def load_encoder(
+    spec: ExperimentSpec, ckpt: Checkpoint, blocks: list[int], settings: Settings, device: str | None = None
+) -> Any:
+    """The checkpoint's MultiLayerEncoder with the spec's settings, loaded by commit when known."""
+    from layertime.encoder import MultiLayerEncoder
+
+    return MultiLayerEncoder(
+        spec.model, ckpt.commit or ckpt.revision, blocks, settings.final_norm, settings.pooling,
+        settings.normalize, settings.max_length, settings.dtype, device, spec.tokens_per_batch,
+        str(spec.hf_cache) if spec.hf_cache else None,
+    )  # fmt: skip
+
+
 def embed_unit(
     encoder: Any,
     run: RunDir,
@@ -153,26 +166,43 @@ def load_embeddings(path: Path, block: int) -> tuple[list[str], np.ndarray]:
     return json.loads((path / "texts.json").read_text()), np.load(path / f"layer_{block}.npy")
 
 
+def read_record(path: Path) -> list[dict]:
+    """The subset-score rows of a completion record."""
+    return json.loads(path.read_text())["rows"]
+
+
 def score_unit(
     run: RunDir,
     settings: Settings,
     ckpt: Checkpoint,
     task: str,
     blocks: list[int],
-    embeddings: Path,
+    embeddings: Path | None,
     aggregation: str,
     num_blocks: int,
-) -> None:
-    """Score the given layers of one unit with mteb; write one completion record per layer."""
+) -> dict[int, list[dict]]:
+    """Rows per layer of one unit: recorded layers are read back, the others scored with mteb.
+
+    Each newly scored layer gets its completion record, written last.
+    """
     from layertime.bridge import model_meta, score_layers
+
+    rows = {
+        b: read_record(p) for b in blocks if (p := run.score_record(settings.id, ckpt, task, b)).is_file()
+    }
+    todo = [b for b in blocks if b not in rows]
+    if not todo:
+        return rows
+    if embeddings is None or not (embeddings / "done.json").is_file():
+        raise FileNotFoundError(f"embeddings of {ckpt.revision} · {task} are missing at {embeddings}")
 
     def meta(block: int) -> Any:
         dim = int(np.load(embeddings / f"layer_{block}.npy", mmap_mode="r").shape[1])
         return model_meta(ckpt.model, ckpt.key, dim, {"layer": block, **settings.as_dict()})
 
-    layers = ((b, load_embeddings(embeddings, b)) for b in blocks)
+    layers = ((b, load_embeddings(embeddings, b)) for b in todo)
     for block, subsets in score_layers(task, layers, meta, run.mteb_results, aggregation).items():
-        rows = [
+        rows[block] = [
             {
                 "model": ckpt.model,
                 "commit": ckpt.commit,
@@ -191,7 +221,8 @@ def score_unit(
             for s in subsets
         ]
         record = run.score_record(settings.id, ckpt, task, block)
-        atomic_write_text(record, json.dumps({"settings": settings.as_dict(), "rows": rows}))
+        atomic_write_text(record, json.dumps({"settings": settings.as_dict(), "rows": rows[block]}))
+    return rows
 
 
 def merge(plan: Plan, run: RunDir, settings: Settings) -> dict[str, Path]:
@@ -231,8 +262,6 @@ def run_spec(spec: ExperimentSpec, progress: Progress | None = None, device: str
     Resumable: units with completion records are skipped; embeddings are deleted once every layer
     of their unit is scored, unless `keep_embeddings`.
     """
-    from layertime.encoder import MultiLayerEncoder
-
     prepare_world(spec)
     plan = make_plan(spec, strict=True)  # a missing checkpoint fails here, before any work
     run = RunDir.of(spec.run_root, spec.store)
@@ -248,11 +277,7 @@ def run_spec(spec: ExperimentSpec, progress: Progress | None = None, device: str
             skipped += len(plan.blocks) - len(todo)
             if todo:
                 if encoder is None:  # load a checkpoint only when it has work left
-                    encoder = MultiLayerEncoder(
-                        spec.model, ckpt.commit or ckpt.revision, plan.blocks, spec.final_norm, spec.pooling,
-                        spec.normalize, spec.max_length, settings.dtype, device, spec.tokens_per_batch,
-                        str(spec.hf_cache) if spec.hf_cache else None,
-                    )  # fmt: skip
+                    encoder = load_encoder(spec, ckpt, plan.blocks, settings, device)
                 path = embed_unit(encoder, run, settings, ckpt, task, texts[task].texts, plan.blocks)
                 embedded += len(texts[task].texts)
                 score_unit(

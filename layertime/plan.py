@@ -91,7 +91,7 @@ def make_plan(spec: ExperimentSpec, resolve: bool = True, strict: bool = False) 
     it could not check. `strict` (before a run): every revision must resolve, else CheckpointError.
     """
     notes: list[str] = []
-    num_blocks = _num_blocks(spec, notes)
+    num_blocks = _num_blocks(spec, notes, strict)
     try:
         blocks = spec.blocks(num_blocks)
     except SpecError as e:
@@ -117,11 +117,13 @@ def make_plan(spec: ExperimentSpec, resolve: bool = True, strict: bool = False) 
     return Plan(spec, ckpts, blocks, num_blocks, resolved, notes)
 
 
-def _num_blocks(spec: ExperimentSpec, notes: list[str]) -> int | None:
+def _num_blocks(spec: ExperimentSpec, notes: list[str], strict: bool) -> int | None:
     """Blocks in the model (config of the first revision), or None with a note when unavailable."""
     try:
         config = checkpoints.load_config(spec.model, spec.checkpoints[0], spec.hf_cache)
     except checkpoints.CheckpointError:
+        if strict:
+            raise
         notes.append(f"model config of {spec.model} not available offline: block range not checked")
         return None
     return architecture.num_blocks(config)
