@@ -225,19 +225,36 @@ def score_unit(
     return rows
 
 
-def merge(plan: Plan, run: RunDir, settings: Settings) -> dict[str, Path]:
-    """Build the tables from the completion records of this plan; one row set per revision named."""
-    from layertime import tables
-
-    rows = []
-    for ckpt in plan.checkpoints:  # main and step143000 share records but both appear as revisions
+def recorded_rows(plan: Plan, run: RunDir, settings: Settings) -> dict[tuple[str, str, int], list[dict]]:
+    """Rows of every completion record of the plan, by (checkpoint key, task, layer)."""
+    rows = {}
+    for ckpt in plan.distinct_checkpoints():
         for task in plan.tasks:
             for block in plan.blocks:
                 record = run.score_record(settings.id, ckpt, task, block)
                 if record.is_file():
-                    for row in json.loads(record.read_text())["rows"]:
-                        rows.append({**row, "revision": ckpt.revision, "step": ckpt.step})
-    scores = tables.scores_frame(rows)
+                    rows[(ckpt.key, task, block)] = read_record(record)
+    return rows
+
+
+def merge(
+    plan: Plan, run: RunDir, settings: Settings, rows: dict[tuple[str, str, int], list[dict]] | None = None
+) -> dict[str, Path]:
+    """Write the tables from `rows` (default: the completion records); one row set per revision named.
+
+    Revisions sharing a commit (main and step143000) share rows but both appear, under their names.
+    """
+    from layertime import tables
+
+    rows = recorded_rows(plan, run, settings) if rows is None else rows
+    flat = [
+        {**row, "revision": ckpt.revision, "step": ckpt.step}
+        for ckpt in plan.checkpoints
+        for task in plan.tasks
+        for block in plan.blocks
+        for row in rows.get((ckpt.key, task, block), [])
+    ]
+    scores = tables.scores_frame(flat)
     out: dict[str, Path] = {}
     out["scores"] = tables.write_table(scores, run.tables, "scores")[0]
     out["layers"] = tables.write_table(tables.layers_frame(scores, len(plan.tasks)), run.tables, "layers")[0]

@@ -1,0 +1,143 @@
+"""The `layer-by-layer` flow: plan a spec's grid, embed and score every unit, merge the tables.
+
+    embed(checkpoint, task)         [GPU]  one forward pass per unique text, all layers
+    score(checkpoint, task, layer)  [CPU]  mteb.evaluate over stored embeddings (cached across runs)
+    cleanup(checkpoint, task)              embeddings deleted once every layer is scored
+    merge                                  tables of DESIGN §7, then artifacts in the UI
+
+One failed unit never stops the others: the flow finishes what it can, writes the tables of what
+exists, then fails with a summary naming each failed unit. Re-running recomputes only what failed.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import dask
+from prefect import flow, get_run_logger
+from prefect.artifacts import (
+    create_markdown_artifact,
+    create_progress_artifact,
+    create_table_artifact,
+    update_progress_artifact,
+)
+from prefect.futures import as_completed
+
+from flows.clusters import GPU, profile
+from layertime import pipeline
+from layertime.plan import Plan, make_plan
+from layertime.rundir import RunDir
+from layertime.spec import ExperimentSpec, load_spec
+from tasks import units
+
+
+class UnitsFailed(RuntimeError):
+    """Some units failed; the message names each one."""
+
+
+@flow(name="layer-by-layer")
+def layer_by_layer(
+    spec: str = "deployments/demo.yaml", cluster: str = "local", overrides: dict | None = None
+) -> dict:
+    """Run the experiment spec at path `spec` on the `cluster` profile; returns the tables' paths.
+
+    `overrides` replaces spec fields for this run (e.g. {"checkpoints": ["main"]}).
+    """
+    experiment = load_spec(spec, **(overrides or {}))
+    where = profile(cluster)
+    pipeline.prepare_world(experiment)
+    plan = make_plan(experiment, strict=True)
+    settings = pipeline.Settings.of(experiment, where.device)
+    run = RunDir.of(experiment.run_root, experiment.store)
+    pipeline.write_snapshot(plan, run, settings)
+    get_run_logger().info(
+        f"{experiment.name}: {plan.evaluations} evaluations, {len(plan.units())} distinct units "
+        f"(layers are 0-based block indices {plan.blocks})"
+    )
+    with where.task_runner() as runner:
+        revisions = _record(runner, experiment, plan)
+        scores, failures = _embed_and_score(runner, experiment, plan, settings, run, revisions)
+        paths = _merge(runner, plan, settings, scores)
+    _publish(plan, paths)
+    if failures:
+        raise UnitsFailed(f"{len(failures)} unit(s) failed:\n" + "\n".join(failures))
+    return paths
+
+
+def _record(runner: Any, spec: ExperimentSpec, plan: Plan) -> dict[str, str]:
+    """The recording pass of every task (CPU, in parallel); task -> dataset revision."""
+    store = RunDir.of(spec.run_root, spec.store).store
+    record = units.record.with_options(
+        cache_policy=units.record_policy(store), result_storage=store / "prefect" / "results"
+    )
+    futures = {t: runner.submit(record, {"task_name": t, "spec": spec}) for t in plan.tasks}
+    return {t: f.result()[0] for t, f in futures.items()}
+
+
+def _embed_and_score(runner, spec, plan, settings, run, revisions) -> tuple[dict, list[str]]:
+    score_task = units.score.with_options(cache_policy=units.score_policy(run.store),
+                                          result_storage=run.store / "prefect" / "results")  # fmt: skip
+    pending: dict[Any, tuple[units.Unit, int]] = {}
+    cleanups = []
+    for ckpt in plan.distinct_checkpoints():
+        for task in plan.tasks:
+            unit = units.Unit(
+                spec, ckpt, task, revisions[task], settings, tuple(plan.blocks), plan.num_blocks
+            )
+            missing = pipeline.missing_layers(run, settings, ckpt, task, plan.blocks)
+            embedded = None
+            if missing:
+                with dask.annotate(resources=GPU):
+                    embedded = runner.submit(units.embed, {"unit": unit})
+            futures = [
+                runner.submit(
+                    score_task, {"unit": unit, "layer": b, "embeddings": embedded if b in missing else None}
+                )
+                for b in plan.blocks
+            ]
+            pending.update({f: (unit, b) for f, b in zip(futures, plan.blocks, strict=True)})
+            if embedded is not None:
+                cleanups.append(runner.submit(units.cleanup, {"unit": unit}, wait_for=futures))
+    return _collect(pending, cleanups)
+
+
+def _collect(pending: dict, cleanups: list) -> tuple[dict, list[str]]:
+    """Score rows by (checkpoint, task, layer) as units finish, with a progress artifact; failures named."""
+    scores: dict[tuple[str, str, int], list[dict]] = {}
+    failures: list[str] = []
+    progress = create_progress_artifact(0.0, key="layer-by-layer-progress", description="scored units")
+    for done, future in enumerate(as_completed(list(pending)), start=1):
+        unit, layer = pending[future]
+        try:
+            scores[(unit.checkpoint.key, unit.task, layer)] = future.result()
+        except Exception as e:  # noqa: BLE001 -- a failed unit is reported, the sweep goes on
+            failures.append(f"score[{unit.label} · L{layer}]: {type(e).__name__}: {e}")
+        if done % max(1, len(pending) // 50) == 0 or done == len(pending):
+            update_progress_artifact(
+                progress, 100.0 * done / len(pending), description=f"{done}/{len(pending)} units"
+            )
+    for future in cleanups:
+        future.wait()
+    return scores, failures
+
+
+def _merge(runner: Any, plan: Plan, settings: pipeline.Settings, scores: dict) -> dict[str, str]:
+    return runner.submit(units.merge, {"plan": plan, "settings": settings, "rows": scores}).result()
+
+
+def _publish(plan: Plan, paths: dict[str, str]) -> None:
+    """Per-layer averages as a table artifact and the tables' paths as markdown, for the UI."""
+    import polars as pl
+
+    layers = pl.read_parquet(paths["layers"])
+    columns = ["revision", "layer", "hidden_state", "n_tasks", "average"]
+    create_table_artifact(
+        layers.select(columns).to_dicts(), key="layer-averages",
+        description=f"{plan.spec.name}: rule-a average per checkpoint and layer (layer = block index)",
+    )  # fmt: skip
+    lines = [f"# {plan.spec.name}", "", f"{plan.evaluations} evaluations; tables:", ""]
+    lines += [f"- **{name}**: `{Path(path).resolve()}`" for name, path in paths.items()]
+    create_markdown_artifact(
+        "\n".join(lines), key="layer-by-layer-tables", description="where the tables are"
+    )

@@ -1,0 +1,1 @@
+"""Prefect tasks: thin wrappers over `layertime.pipeline` that add names, caching and retries."""

@@ -1,0 +1,162 @@
+"""The Prefect tasks of the layer-by-layer flow (DESIGN §2): record, embed, score, cleanup, merge.
+
+Each is a few lines over `layertime.pipeline`. Cache keys name what determines a result — model,
+commit, task, its dataset revision, layer, the settings that change numbers and CODE_VERSION —
+never the task's source, so a comment edit keeps a day of GPU work valid. Errors that cannot heal
+(a bad spec, a missing checkpoint, NaN embeddings, a text that was never embedded) are not retried.
+"""
+
+from __future__ import annotations
+
+import shutil
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from prefect import task
+from prefect.cache_policies import CacheKeyFnPolicy, CachePolicy
+from prefect.context import TaskRunContext
+
+from layertime import pipeline
+from layertime.checkpoints import Checkpoint, CheckpointError
+from layertime.plan import Plan
+from layertime.rundir import RunDir
+from layertime.spec import ExperimentSpec, SpecError
+
+# Bump when a change alters numbers (pooling, scoring, tables); refactors and comments keep caches.
+CODE_VERSION = "1"
+
+
+@dataclass(frozen=True)
+class Unit:
+    """One (checkpoint, task) of a spec: small and picklable, shipped to workers."""
+
+    spec: ExperimentSpec
+    checkpoint: Checkpoint
+    task: str
+    dataset_revision: str
+    settings: pipeline.Settings
+    blocks: tuple[int, ...]
+    num_blocks: int
+
+    @property
+    def label(self) -> str:
+        return f"{self.checkpoint.revision} · {self.task}"
+
+    @property
+    def run(self) -> RunDir:
+        return RunDir.of(self.spec.run_root, self.spec.store)
+
+    def key(self) -> str:
+        c = self.checkpoint
+        return "|".join(
+            [
+                CODE_VERSION,
+                self.settings.id,
+                c.model,
+                c.key,
+                self.task,
+                self.dataset_revision,
+                self.spec.aggregation,
+            ]
+        )
+
+
+def _not_transient(task: Any, task_run: Any, state: Any) -> bool:
+    """Retry only what may heal (I/O hiccups, preemption), never a wrong input."""
+    try:
+        state.result()
+    except (SpecError, CheckpointError, FileNotFoundError, FloatingPointError, KeyError, ValueError):
+        return False
+    except Exception:
+        return True
+    return True
+
+
+def _score_key(context: TaskRunContext, parameters: dict[str, Any]) -> str:
+    return f"score|{parameters['unit'].key()}|L{parameters['layer']}"
+
+
+def _record_key(context: TaskRunContext, parameters: dict[str, Any]) -> str:
+    import mteb
+
+    spec = parameters["spec"]
+    return f"record|{CODE_VERSION}|{parameters['task_name']}|{spec.aggregation}|mteb-{mteb.__version__}"
+
+
+def record_policy(store: Path) -> CachePolicy:
+    """Recording passes cached across runs by task, aggregation rule and mteb version."""
+    return CacheKeyFnPolicy(cache_key_fn=_record_key).configure(key_storage=store / "prefect" / "keys")
+
+
+def score_policy(store: Path) -> CachePolicy:
+    """Score results cached across runs by unit and layer, keys kept in the shared store."""
+    return CacheKeyFnPolicy(cache_key_fn=_score_key).configure(key_storage=store / "prefect" / "keys")
+
+
+@task(name="record", task_run_name="record[{task_name}]", retries=1, retry_condition_fn=_not_transient,
+      persist_result=True)  # fmt: skip
+def record(task_name: str, spec: ExperimentSpec) -> tuple[str, int, int]:
+    """One recording pass of `task_name` (kept in the store): (dataset revision, unique texts, requested)."""
+    found = pipeline.task_texts(task_name, RunDir.of(spec.run_root, spec.store), spec.aggregation)
+    return found.dataset_revision, len(found.texts), found.requested
+
+
+_ENCODER_LOCK = threading.Lock()
+_ENCODER: dict[str, Any] = {}
+
+
+def _embed(unit: Unit) -> Path:
+    """Embed with this worker's model: one model per worker process, reused across a checkpoint's tasks.
+
+    A plain function, so the task pickles it by reference (the lock stays in the worker).
+    """
+    texts = pipeline.task_texts(unit.task, unit.run, unit.spec.aggregation).texts
+    key = (unit.checkpoint, unit.blocks, unit.settings, unit.spec.tokens_per_batch, str(unit.spec.hf_cache))
+    with _ENCODER_LOCK:  # one forward pass at a time per worker: the GPU is the bottleneck
+        if _ENCODER.get("key") != key:
+            _ENCODER.clear()  # frees the previous checkpoint's model first
+            _ENCODER.update(
+                key=key,
+                encoder=pipeline.load_encoder(unit.spec, unit.checkpoint, list(unit.blocks), unit.settings),
+            )
+        blocks = list(unit.blocks)
+        return pipeline.embed_unit(
+            _ENCODER["encoder"], unit.run, unit.settings, unit.checkpoint, unit.task, texts, blocks
+        )
+
+
+@task(name="embed", task_run_name="embed[{unit.label}]", retries=2, retry_delay_seconds=[10, 60],
+      retry_condition_fn=_not_transient)  # fmt: skip
+def embed(unit: Unit) -> str:
+    """Embed the unit's texts with every layer (one forward pass per unique text); returns the path."""
+    return str(_embed(unit))
+
+
+@task(name="score", task_run_name="score[{unit.label} · L{layer}]", retries=2, retry_delay_seconds=[5, 30],
+      retry_condition_fn=_not_transient, persist_result=True, cache_result_in_memory=False)  # fmt: skip
+def score(unit: Unit, layer: int, embeddings: str | None) -> list[dict]:
+    """mteb main scores of one (checkpoint, task, layer); a recorded layer is read back."""
+    rows = pipeline.score_unit(
+        unit.run, unit.settings, unit.checkpoint, unit.task, [layer],
+        Path(embeddings) if embeddings else None, unit.spec.aggregation, unit.num_blocks,
+    )  # fmt: skip
+    return rows[layer]
+
+
+@task(name="cleanup", task_run_name="cleanup[{unit.label}]")
+def cleanup(unit: Unit) -> bool:
+    """Delete the unit's embeddings once every layer is scored (unless the spec keeps them)."""
+    path = unit.run.embeddings(unit.settings.id, unit.checkpoint, unit.task)
+    if unit.spec.keep_embeddings or not path.exists():
+        return False
+    shutil.rmtree(path, ignore_errors=True)
+    return True
+
+
+@task(name="merge", task_run_name="merge[{plan.spec.name}]")
+def merge(plan: Plan, settings: pipeline.Settings, rows: dict) -> dict[str, str]:
+    """The run's tables from the score rows the flow collected (partial runs give partial tables)."""
+    run = RunDir.of(plan.spec.run_root, plan.spec.store)
+    return {name: str(path) for name, path in pipeline.merge(plan, run, settings, rows).items()}

@@ -1,0 +1,92 @@
+"""The layer-by-layer flow under a real (temporary) Prefect API, on the tiny offline world."""
+
+import asyncio
+from pathlib import Path
+
+import polars as pl
+import pytest
+from prefect.client.orchestration import get_client
+from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+from prefect.testing.utilities import prefect_test_harness
+
+from flows.layer_by_layer import UnitsFailed, layer_by_layer
+from layertime import pipeline
+
+ROOT = Path(__file__).resolve().parents[1]
+SPEC = str(ROOT / "deployments/demo.yaml")
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module", autouse=True)
+def prefect_api():
+    with prefect_test_harness(server_startup_timeout=120):
+        yield
+
+
+def _states(flow_run_id) -> dict[str, str]:
+    """Task run name -> state name ('Completed', 'Cached', 'Failed', ...)."""
+
+    async def read():
+        async with get_client() as client:
+            runs = await client.read_task_runs(
+                flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id]))
+            )
+            return {r.name: r.state.name for r in runs}
+
+    return asyncio.run(read())
+
+
+def _run(overrides: dict):
+    state = layer_by_layer(SPEC, overrides=overrides, return_state=True)
+    return state, _states(state.state_details.flow_run_id)
+
+
+def test_a_failed_unit_fails_the_flow_by_name_and_a_rerun_recomputes_only_it(hub, tmp_path, monkeypatch):
+    overrides = {"run_root": str(tmp_path / "demo"), "hf_cache": str(hub), "checkpoints": ["step1000", "step3000", "main"],
+                 "layers": [1, 3], "tasks": ["DemoSTS", "DemoClassification"]}  # fmt: skip
+    real = pipeline.score_unit
+
+    def broken(run, settings, ckpt, task, blocks, *args):  # a test-only hook: one unit cannot score
+        if ckpt.revision == "step1000" and task == "DemoSTS" and blocks == [3]:
+            raise ValueError("injected failure")
+        return real(run, settings, ckpt, task, blocks, *args)
+
+    monkeypatch.setattr(pipeline, "score_unit", broken)
+    state, states = _run(overrides)
+    assert state.is_failed()
+    with pytest.raises(
+        UnitsFailed, match=r"1 unit\(s\) failed:\nscore\[step1000 · DemoSTS · L3\]: ValueError: injected"
+    ):
+        state.result()
+    assert states["score[step1000 · DemoSTS · L3]"] == "Failed"
+    assert sum(s == "Completed" for n, s in states.items() if n.startswith("score[")) == 2 * 2 * 2 - 1
+    partial = pl.read_parquet(tmp_path / "demo/tables/scores.parquet")
+    assert partial.height == 3 * 2 * 2 - 1  # the tables of what exists are written all the same
+
+    monkeypatch.setattr(pipeline, "score_unit", real)
+    state, states = _run(overrides)
+    assert state.is_completed()
+    executed = sorted(n for n, s in states.items() if s != "Cached")
+    assert executed == ["cleanup[step1000 · DemoSTS]", "embed[step1000 · DemoSTS]", "merge[demo]",
+                        "score[step1000 · DemoSTS · L3]"]  # fmt: skip
+    assert sum(s == "Cached" for s in states.values()) == 2 * 2 * 2 - 1 + 2  # the other scores + 2 recordings
+    scores = pl.read_parquet(tmp_path / "demo/tables/scores.parquet")
+    assert scores.height == 3 * 2 * 2 and scores["main_score"].is_finite().all()
+    layers = pl.read_parquet(tmp_path / "demo/tables/layers.parquet")
+    assert layers["average"].is_not_null().all()
+
+
+def test_sibling_specs_compute_their_shared_units_once(hub, tmp_path):
+    common = {"hf_cache": str(hub), "tasks": ["DemoSTS"], "layers": [2, 3]}
+    first, _ = _run({**common, "run_root": str(tmp_path / "a"), "checkpoints": ["main"]})
+    assert first.is_completed()
+    second, states = _run(
+        {**common, "run_root": str(tmp_path / "b"), "checkpoints": ["step2000", "step3000"]}
+    )
+    assert second.is_completed()
+    assert (
+        states["score[step3000 · DemoSTS · L2]"] == "Cached"
+        and states["score[step3000 · DemoSTS · L3]"] == "Cached"
+    )
+    assert states["score[step2000 · DemoSTS · L2]"] == "Completed"
+    assert "embed[step3000 · DemoSTS]" not in states  # nothing left to embed for the shared commit
