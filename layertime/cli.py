@@ -10,6 +10,8 @@ from typing import Annotated
 
 import typer
 
+from layertime.rundir import RunDir
+
 app = typer.Typer(
     help=(
         "Score every hidden layer of a language model, at every training checkpoint, as a text "
@@ -93,40 +95,96 @@ def _ranges(blocks: list[int]) -> str:
 @app.command()
 def run(
     spec_path: SpecPath,
+    cluster: Annotated[str, typer.Option(help="cluster profile: local (default)")] = "local",
+    plain: Annotated[
+        bool, typer.Option("--plain", help="run without Prefect: one process, one unit at a time")
+    ] = False,
     device: Annotated[
-        str | None, typer.Option(help="torch device; default cuda when present, else cpu")
+        str | None, typer.Option(help="--plain only: torch device (default cuda if present)")
     ] = None,
 ) -> None:
-    """Run a spec in this process (no server, no cluster): embed, score and merge, resuming finished units."""
+    """Run a spec now, from this terminal: the layer-by-layer flow on Prefect's embedded default
+    (no server needed), or with --plain the same phases without Prefect. Finished units are reused."""
     spec = _load(spec_path)
-    os.environ.setdefault("MTEB_CACHE", str(Path(spec.run_root) / "mteb"))
+    os.environ.setdefault("MTEB_CACHE", str(RunDir.of(spec.run_root, spec.store).mteb_results))
+    _quiet_libraries()
+    _check_checkpoints(spec)
+    if plain:
+        _run_plain(spec, device)
+        return
+    from flows.layer_by_layer import layer_by_layer
+
+    state = layer_by_layer(str(spec_path), cluster=cluster, return_state=True)
+    if not state.is_completed():
+        _fail(f"the run did not complete ({state.name}): {state.message}")
+    _print_tables(spec.run_root, state.result())
+
+
+def _check_checkpoints(spec) -> None:
+    """Fail before any work when a checkpoint or the model config cannot be found."""
+    from layertime.checkpoints import CheckpointError
+    from layertime.pipeline import prepare_world
+    from layertime.plan import make_plan
+    from layertime.spec import SpecError
+
+    prepare_world(spec)
+    try:
+        make_plan(spec, strict=True)
+    except (CheckpointError, SpecError) as e:
+        _fail(str(e))
+
+
+def _run_plain(spec, device: str | None) -> None:
     from tqdm import tqdm
 
-    _quiet_libraries()
-
-    from layertime.checkpoints import CheckpointError
     from layertime.pipeline import run_spec
 
     bar = tqdm(total=None, unit="unit", desc=f"{spec.name}: (checkpoint, task) units", file=sys.stderr)
 
     def progress(phase: str, done: int, total: int) -> None:
-        bar.total = total
-        bar.n = done
+        bar.total, bar.n = total, done
         bar.refresh()
 
-    try:
-        result = run_spec(spec, progress=progress, device=device)
-    except CheckpointError as e:
-        bar.close()
-        _fail(str(e))
+    result = run_spec(spec, progress=progress, device=device)
     bar.close()
     typer.echo(f"scored {result.scored} (checkpoint, task, layer) units, {result.skipped} already done")
     typer.echo(
         f"texts: mteb asks for {result.texts_requested:,} per pass; forwarded {result.texts_embedded:,}"
     )
-    typer.echo(f"run root: {result.run_root}")
-    for name, path in result.tables.items():
+    _print_tables(spec.run_root, result.tables)
+
+
+def _print_tables(run_root: Path, tables: dict) -> None:
+    typer.echo(f"run root: {run_root}")
+    for name, path in tables.items():
         typer.echo(f"  {name:8s} {path}")
+
+
+@app.command()
+def submit(
+    name: Annotated[str, typer.Argument(help="deployment of flow layer-by-layer: exp1, exp2 or demo")],
+    cluster: Annotated[str | None, typer.Option(help="override the deployment's cluster profile")] = None,
+) -> None:
+    """Start a run of deployment layer-by-layer/NAME on the Prefect server and print its UI link."""
+    from prefect.deployments import run_deployment
+    from prefect.settings import PREFECT_API_URL, PREFECT_UI_URL
+
+    parameters = {}
+    if cluster:
+        from flows.clusters import profile
+
+        try:
+            profile(cluster)
+        except ValueError as e:
+            _fail(str(e))
+        parameters["cluster"] = cluster
+    try:
+        flow_run = run_deployment(f"layer-by-layer/{name}", parameters=parameters, timeout=0)
+    except Exception as e:  # noqa: BLE001 -- the server's answer, shown as one line
+        _fail(f"could not start layer-by-layer/{name} on {PREFECT_API_URL.value()}: {e}")
+    ui = PREFECT_UI_URL.value() or "(no UI URL: set PREFECT_UI_URL)"
+    typer.echo(f"started flow run {flow_run.name} ({flow_run.id})")
+    typer.echo(f"{ui}/runs/flow-run/{flow_run.id}")
 
 
 def _quiet_libraries() -> None:
