@@ -34,19 +34,27 @@ class EncodeStats:
     batches: int
 
 
-def token_budget_batches(lengths: Sequence[int], tokens_per_batch: int) -> list[list[int]]:
+def token_budget_batches(
+    lengths: Sequence[int], tokens_per_batch: int, max_padding: float = 1.10
+) -> list[list[int]]:
     """Indices grouped into batches whose padded size (rows × longest row) fits the budget.
 
-    Longest first, so each batch holds texts of similar length and padding stays small; a text
-    longer than the budget gets a batch of its own.
+    Longest first, so each batch holds texts of similar length. A text joins the open batch only
+    while rows × longest ≤ `max_padding` × real tokens, so padded ≤ max_padding × real tokens
+    overall, for any mix of lengths; a text longer than the budget gets a batch of its own.
     """
     order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
     batches: list[list[int]] = []
+    real = 0  # real tokens in the open batch
     for i in order:
-        if batches and (len(batches[-1]) + 1) * lengths[batches[-1][0]] <= tokens_per_batch:
-            batches[-1].append(i)
-        else:
-            batches.append([i])
+        if batches:
+            padded = (len(batches[-1]) + 1) * lengths[batches[-1][0]]
+            if padded <= tokens_per_batch and padded <= max_padding * (real + lengths[i]):
+                batches[-1].append(i)
+                real += lengths[i]
+                continue
+        batches.append([i])
+        real = lengths[i]
     return batches
 
 
@@ -201,18 +209,18 @@ class MultiLayerEncoder:
     @torch.inference_mode()
     def _forward(self, rows: list[list[int]]) -> dict[int, np.ndarray]:
         mask, states = self._layer_states(rows)
-        pooled = {}
-        for b, h in states.items():
-            vectors = self._pool(h, mask)  # (B, D)
-            if self.normalize:
-                vectors = torch.nn.functional.normalize(vectors, dim=-1)
-            if not torch.isfinite(vectors).all():
-                raise NonFiniteEmbedding(
-                    f"{self.name}: layer {b} (hidden_states[{b + 1}]) produced NaN/inf in {self.dtype}; "
-                    "try dtype: float32"
-                )
-            pooled[b] = vectors.cpu().numpy()
-        return pooled
+        pooled = torch.stack([self._pool(h, mask) for h in states.values()])  # (layers, B, D)
+        if self.normalize:
+            pooled = torch.nn.functional.normalize(pooled, dim=-1)
+        host = pooled.cpu().numpy()  # one device sync per batch, not one per layer
+        finite = np.isfinite(host).reshape(len(host), -1).all(axis=1)
+        if not finite.all():
+            b = list(states)[int(np.argmin(finite))]
+            raise NonFiniteEmbedding(
+                f"{self.name}: layer {b} (hidden_states[{b + 1}]) produced NaN/inf in {self.dtype}; "
+                "try dtype: float32"
+            )
+        return dict(zip(states, host, strict=True))
 
     def _pool(self, h: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         if self.pooling == "last":
