@@ -133,3 +133,40 @@ def test_token_budget_batches_keep_padding_small(seed):
         assert all(len(b) * lengths[b[0]] <= budget for b in batches if len(b) > 1)
         assert all(lengths[b[0]] == max(lengths[i] for i in b) for b in batches)
     assert token_budget_batches([5000, 10], 100) == [[0], [1]]  # an over-long text gets its own batch
+
+
+@pytest.fixture(scope="module")
+def tiny_bert(tmp_path_factory) -> str:
+    """A tiny random BERT with a word-level vocabulary, saved as a local directory."""
+    from transformers import BertConfig, BertModel, BertTokenizerFast
+
+    from layertime.demo.corpus import labelled_sentences
+
+    words = sorted({w.strip(".,").lower() for t, _ in labelled_sentences(300, 0) for w in t.split()})
+    path = tmp_path_factory.mktemp("tiny-bert")
+    (path / "vocab.txt").write_text(
+        "\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", ".", ",", *words])
+    )
+    BertTokenizerFast(vocab_file=str(path / "vocab.txt")).save_pretrained(path)
+    torch.manual_seed(0)
+    config = BertConfig(vocab_size=len(words) + 7, hidden_size=32, num_hidden_layers=3, num_attention_heads=4,
+                        intermediate_size=64, max_position_embeddings=128)  # fmt: skip
+    model = BertModel(config)
+    assert model.num_parameters() < 1e6
+    model.save_pretrained(path)
+    return str(path)
+
+
+def test_a_bert_style_encoder_has_no_final_norm_and_keeps_its_special_tokens(tiny_bert):
+    enc = MultiLayerEncoder(tiny_bert, device="cpu", dtype="float32")
+    assert enc.anatomy.final_norm_attr is None and enc.anatomy.num_blocks == 3
+    out = enc.encode(TEXTS[:3])
+    model = AutoModel.from_pretrained(tiny_bert).eval()
+    tokenizer = AutoTokenizer.from_pretrained(tiny_bert)
+    for i, text in enumerate(TEXTS[:3]):
+        batch = tokenizer(text, return_tensors="pt")  # [CLS] ... [SEP], as BERT expects
+        with torch.no_grad():
+            hidden = model(**batch, output_hidden_states=True).hidden_states
+        for b in range(3):
+            np.testing.assert_allclose(out[b][i], hidden[b + 1][0].mean(0).numpy(), atol=1e-5)
+    assert enc.tokenize(["the team"])[0][0] == tokenizer.cls_token_id
