@@ -23,10 +23,19 @@ eigenvalues come out of a solver as ±round-off, which would otherwise count as 
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+CHUNK_ELEMENTS = {"cpu": 2**20, "default": 2**26}
+"""Per-prompt metrics run over row chunks of at most this many (padded) token-state elements.
+
+On a CPU, small chunks keep the float64 temporaries in cache and out of mmap/munmap churn: measured
+1.8× faster than whole 16k-token batches at d = 1024 (and faster than one prompt at a time). On an
+accelerator, big batches amortise kernel launches; the bound only caps memory (512 MB per float64 copy).
+"""
 
 ZERO_RTOL = 1e-10
 """A centred token counts as zero when its norm is at most this fraction of the prompt's largest one.
@@ -51,7 +60,7 @@ def _compact(hidden: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
     """
     real = mask.to(device=hidden.device, dtype=torch.bool)  # (B, T)
     n = real.sum(1)  # (B,)
-    width = int(n.max()) if n.numel() else 0
+    width = max(int(n.max()), 1) if n.numel() else 0
     front = torch.arange(real.shape[1], device=real.device) < n[:, None]  # (B, T)
     if not torch.equal(real, front):
         order = torch.argsort((~real).to(torch.int8), dim=1, stable=True)  # real positions first
@@ -68,19 +77,21 @@ def _centre_normalise(hidden: Tensor, n: Tensor) -> tuple[Tensor, Tensor, Tensor
     """
     B, T, D = hidden.shape
     valid = torch.arange(T, device=hidden.device) < n[:, None]  # (B, T)
-    h = torch.where(valid[..., None], hidden.to(_dtype(hidden.device)), 0.0)
-    finite = torch.isfinite(h).all(-1).all(-1)  # (B,)
-    h = torch.where(finite[:, None, None], h, 0.0)
+    pad = ~valid[..., None]  # (B, T, 1)
+    # One copy in the compute dtype, then in-place passes: this runs for every layer of every batch.
+    h = hidden.to(_dtype(hidden.device), copy=True).masked_fill_(pad, 0.0)
     # Shifting by the first token first (centring is shift-invariant) makes identical tokens
     # centre to exact zeros instead of round-off.
-    h = torch.where(valid[..., None], h - h[:, :1], 0.0)
-    mean = h.sum(1, keepdim=True) / n.clamp(min=1)[:, None, None]  # (B, 1, D)
-    c = torch.where(valid[..., None], h - mean, 0.0)
-    norms = c.norm(dim=-1)  # (B, T)
+    h.sub_(h[:, :1].clone()).masked_fill_(pad, 0.0)
+    h.sub_(h.sum(1, keepdim=True) / n.clamp(min=1)[:, None, None]).masked_fill_(pad, 0.0)
+    norms = torch.linalg.vector_norm(h, dim=-1)  # (B, T): NaN or inf where a real state is not finite
+    finite = torch.isfinite(norms).all(1)
     zero = valid & (norms <= ZERO_RTOL * norms.amax(1, keepdim=True))
     ok = finite & ~zero.any(1) & (n >= 1)
-    zn = c / torch.where(valid & ~zero, norms, 1.0)[..., None]
-    return torch.where(ok[:, None, None], zn, 0.0), valid, ok
+    h.div_(torch.where(valid & ~zero & finite[:, None], norms, 1.0)[..., None])
+    if not bool(ok.all()):
+        h.masked_fill_(~ok[:, None, None], 0.0)
+    return h, valid, ok
 
 
 def _normalise_rows(X: Tensor) -> tuple[Tensor, bool]:
@@ -108,13 +119,48 @@ def _gram_eigenvalues(zn: Tensor) -> Tensor:
     return torch.linalg.eigvalsh(gram)
 
 
-def _entropies(hidden: Tensor, mask: Tensor, alpha: float) -> tuple[Tensor, Tensor, Tensor]:
-    """Raw matrix entropy per prompt (B,), real tokens (B,), measurable (B,): the shared core."""
-    h, n = _compact(hidden, mask)
-    zn, _, ok = _centre_normalise(h, n)
-    ok = ok & (n >= 2)
-    H = _spectral_entropy(_gram_eigenvalues(zn), alpha, size=max(zn.shape[-2:]))
-    return torch.where(ok, H, math.nan), n, ok
+class _Prompts:
+    """A batch of prompts, compacted and normalised once for every per-prompt metric."""
+
+    def __init__(self, hidden: Tensor, mask: Tensor) -> None:
+        h, self.n = _compact(hidden, mask)
+        self.zn, self.valid, self.ok = _centre_normalise(h, self.n)  # (B, T, D), (B, T), (B,)
+
+    def entropy(self, alpha: float) -> Tensor:
+        """Raw matrix entropy (nats) per prompt (B,); NaN where T < 2 or not measurable."""
+        ok = self.ok & (self.n >= 2)
+        H = _spectral_entropy(_gram_eigenvalues(self.zn), alpha, size=max(self.zn.shape[-2:]))
+        return torch.where(ok, H, math.nan)
+
+    def normalised_entropy(self, alpha: float) -> Tensor:
+        """entropy / min(log T_b, log D) per prompt (B,)."""
+        H = self.entropy(alpha)
+        return H / _max_entropy(self.n.cpu(), self.zn.shape[-1]).to(H.device, H.dtype)
+
+    def curvature(self) -> Tensor:
+        """Mean turning angle per prompt (B,); see `curvature`."""
+        zn, valid = self.zn, self.valid
+        u = zn[:, 1:] - zn[:, :-1]  # (B, T-1, D): v_k for k = 1..T-1
+        vnorm = torch.linalg.vector_norm(u, dim=-1)  # (B, T-1)
+        has_v = valid[:, 1:] & (vnorm > ZERO_RTOL)  # zn rows have unit norm: an absolute tolerance
+        u.div_(torch.where(has_v, vnorm, 1.0)[..., None])  # unit differences
+        pair = has_v[:, 1:] & has_v[:, :-1]  # (B, T-2)
+        cos = (u[:, 1:] * u[:, :-1]).sum(-1)  # (B, T-2)
+        sign = torch.where(cos < 0, -1.0, 1.0).to(u.dtype)[..., None]
+        chord = torch.linalg.vector_norm(torch.addcmul(u[:, 1:], sign, u[:, :-1], value=-1), dim=-1)
+        angle = torch.where(pair, 2 * torch.asin((chord / 2).clamp(max=1)), 0.0)  # (B, T-2)
+        count = pair.sum(1)
+        ok = self.ok & (self.n >= 3) & (count > 0)
+        return torch.where(ok, angle.sum(1) / count.clamp(min=1), math.nan)
+
+
+def _chunks(hidden: Tensor, mask: Tensor) -> Iterator[_Prompts]:
+    """The batch as `_Prompts` over row chunks of at most CHUNK_ELEMENTS padded token-state elements."""
+    B, T, D = hidden.shape
+    limit = CHUNK_ELEMENTS.get(hidden.device.type, CHUNK_ELEMENTS["default"])
+    step = max(1, limit // max(1, T * D))
+    for i in range(0, B, step):
+        yield _Prompts(hidden[i : i + step], mask[i : i + step])
 
 
 def _max_entropy(n: Tensor | int, D: int) -> Tensor:
@@ -133,11 +179,9 @@ def matrix_entropy(Z: Tensor, alpha: float = 1.0, normalized: bool = True) -> fl
     ``log(Σ p^α) / (1 - α)``; with `normalized`, ``H / min(log N, log D)``. NaN when N < 2 or a
     centred row is zero. N centred orthonormal rows give log(N - 1); rank-1 data gives 0.
     """
-    H, n, ok = _entropies(Z[None], torch.ones(1, Z.shape[0], device=Z.device), alpha)
-    if not bool(ok[0]):
-        return math.nan
-    value = float(H[0])
-    return value / float(_max_entropy(int(n[0]), Z.shape[1])) if normalized else value
+    prompts = _Prompts(Z[None], torch.ones(1, Z.shape[0], device=Z.device))
+    H = prompts.normalised_entropy(alpha) if normalized else prompts.entropy(alpha)
+    return float(H[0])
 
 
 def prompt_entropy(hidden: Tensor, mask: Tensor, alpha: float = 1.0) -> Tensor:
@@ -148,9 +192,16 @@ def prompt_entropy(hidden: Tensor, mask: Tensor, alpha: float = 1.0) -> Tensor:
     opposite: rank 1), where the paper's clamp gave 1. Batched: one padded Gram matrix per prompt,
     one batched eigensolver call.
     """
-    H, n, ok = _entropies(hidden, mask, alpha)
-    norm = _max_entropy(n.cpu(), hidden.shape[-1]).to(H.device, H.dtype)
-    return torch.where(ok, H / norm, math.nan)
+    return torch.cat([chunk.normalised_entropy(alpha) for chunk in _chunks(hidden, mask)])
+
+
+def prompt_metrics(hidden: Tensor, mask: Tensor, alpha: float = 1.0) -> tuple[Tensor, Tensor]:
+    """(prompt_entropy, curvature) of a batch, (B,) each, normalising the tokens once for both."""
+    entropies, curvatures = [], []
+    for chunk in _chunks(hidden, mask):
+        entropies.append(chunk.normalised_entropy(alpha))
+        curvatures.append(chunk.curvature())
+    return torch.cat(entropies), torch.cat(curvatures)
 
 
 def dataset_entropy(X: Tensor, alpha: float = 1.0) -> float:
@@ -167,24 +218,11 @@ def curvature(hidden: Tensor, mask: Tensor) -> Tensor:
     On the normalised tokens z_k: ``v_k = z_k - z_{k-1}``, angle_k =
     ``arccos(|v_{k+1}·v_k| / (||v_{k+1}|| ||v_k||))`` (in [0, π/2]); the prompt's value is the
     mean over k. A pair with a zero difference vector is left out of the mean; NaN where T < 3,
-    no pair is left, or a centred token is zero. The angle is computed as
-    ``2·atan2(||u - s·w||, ||u + s·w||)`` (u, w the unit differences, s the sign of their dot
-    product), which equals the arccos form but stays accurate for nearly parallel differences.
+    no pair is left, or a centred token is zero. The angle is computed from the chord,
+    ``2·asin(||u - s·w|| / 2)`` (u, w the unit differences, s the sign of their dot product),
+    which equals the arccos form but stays accurate for nearly parallel differences.
     """
-    h, n = _compact(hidden, mask)
-    zn, valid, ok = _centre_normalise(h, n)
-    v = zn[:, 1:] - zn[:, :-1]  # (B, T-1, D): v_k for k = 1..T-1
-    vnorm = v.norm(dim=-1)  # (B, T-1)
-    has_v = valid[:, 1:] & (vnorm > ZERO_RTOL)  # zn rows have unit norm: an absolute tolerance
-    u = v / torch.where(has_v, vnorm, 1.0)[..., None]
-    pair = has_v[:, 1:] & has_v[:, :-1]  # (B, T-2)
-    sign = torch.where((u[:, 1:] * u[:, :-1]).sum(-1) < 0, -1.0, 1.0)[..., None].to(u.dtype)
-    diff = (u[:, 1:] - sign * u[:, :-1]).norm(dim=-1)
-    summ = (u[:, 1:] + sign * u[:, :-1]).norm(dim=-1)
-    angle = torch.where(pair, 2 * torch.atan2(diff, summ), 0.0)  # (B, T-2)
-    count = pair.sum(1)
-    ok = ok & (n >= 3) & (count > 0)
-    return torch.where(ok, angle.sum(1) / count.clamp(min=1), math.nan)
+    return torch.cat([chunk.curvature() for chunk in _chunks(hidden, mask)])
 
 
 def effective_rank(X: Tensor) -> float:

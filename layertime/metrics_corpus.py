@@ -50,8 +50,7 @@ def file_prompts(path: str | Path) -> list[str]:
 def prefetch_command(config: str = WIKITEXT_CONFIG) -> str:
     """A shell command that puts wikitext-103 into the HF datasets cache (run where there is internet)."""
     return (
-        'python -c "import datasets; '
-        f"datasets.load_dataset('{WIKITEXT_REPO}', '{config}', split='train')\""
+        f"python -c \"import datasets; datasets.load_dataset('{WIKITEXT_REPO}', '{config}', split='train')\""
     )
 
 
