@@ -209,9 +209,7 @@ class MultiLayerEncoder:
     @torch.inference_mode()
     def _forward(self, rows: list[list[int]]) -> dict[int, np.ndarray]:
         mask, states = self._layer_states(rows)
-        pooled = torch.stack([self._pool(h, mask) for h in states.values()])  # (layers, B, D)
-        if self.normalize:
-            pooled = torch.nn.functional.normalize(pooled, dim=-1)
+        pooled = torch.stack([self.pool(h, mask) for h in states.values()])  # (layers, B, D)
         host = pooled.cpu().numpy()  # one device sync per batch, not one per layer
         finite = np.isfinite(host).reshape(len(host), -1).all(axis=1)
         if not finite.all():
@@ -222,12 +220,18 @@ class MultiLayerEncoder:
             )
         return dict(zip(states, host, strict=True))
 
-    def _pool(self, h: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    def pool(self, h: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """(B, T, D) token states -> (B, D) float32, as this encoder pools: mean over real tokens (or
+        the last real token), then L2 normalisation when asked. Padding may sit left or right."""
+        m = mask.bool()
         if self.pooling == "last":
-            last = mask.sum(1) - 1  # (B,) index of the last real token (right padding)
-            return h[torch.arange(h.shape[0], device=h.device), last]
-        m = mask.unsqueeze(-1).float()  # (B, T, 1)
-        return (h * m).sum(1) / m.sum(1)
+            last = m.shape[1] - 1 - m.flip(1).int().argmax(1)  # (B,) position of the last real token
+            vectors = h[torch.arange(h.shape[0], device=h.device), last]
+        else:
+            vectors = torch.where(m[..., None], h, 0.0).sum(1) / m.sum(1, keepdim=True)
+        if self.normalize:
+            vectors = torch.nn.functional.normalize(vectors, dim=-1)
+        return vectors.float()
 
 
 def _is_identity(order: np.ndarray) -> bool:

@@ -48,19 +48,6 @@ class TokenPass:
     pooled: dict[int, Tensor]
 
 
-def pool(encoder: MultiLayerEncoder, h: Tensor, mask: Tensor) -> Tensor:
-    """(B, T, D) token states -> (B, D) float32, pooled as `encoder` pools its embeddings."""
-    m = mask.bool()
-    if encoder.pooling == "last":
-        last = m.shape[1] - 1 - m.flip(1).int().argmax(1)  # (B,) position of the last real token
-        vectors = h[torch.arange(h.shape[0], device=h.device), last]
-    else:
-        vectors = torch.where(m[..., None], h, 0.0).sum(1) / m.sum(1, keepdim=True)
-    if encoder.normalize:
-        vectors = torch.nn.functional.normalize(vectors, dim=-1)
-    return vectors.float()
-
-
 def token_pass(encoder: MultiLayerEncoder, texts: Sequence[str], per_prompt: bool = True) -> TokenPass:
     """One streamed pass over `texts`: per-prompt metrics (when asked) and pooled embeddings, all layers."""
     N, D, dev = len(texts), encoder.dim, encoder.device
@@ -73,7 +60,7 @@ def token_pass(encoder: MultiLayerEncoder, texts: Sequence[str], per_prompt: boo
     for indices, mask, states in encoder.iter_batches(texts):
         rows = torch.tensor(indices, device=dev)
         for b, h in states.items():
-            out.pooled[b][rows] = pool(encoder, h, mask)
+            out.pooled[b][rows] = encoder.pool(h, mask)
             if per_prompt:
                 entropy, curvature = metrics.prompt_metrics(h, mask)
                 out.entropy[b][rows], out.curvature[b][rows] = entropy.double(), curvature.double()

@@ -225,6 +225,60 @@ def score_unit(
     return rows
 
 
+def metrics_prompts(spec: ExperimentSpec, run: RunDir) -> tuple[str, list[str]]:
+    """(corpus label, prompts) of the spec's metrics corpus (DESIGN §5)."""
+    from layertime import metrics_corpus
+
+    m = spec.metrics
+    if m.corpus == "wikitext-103":
+        return f"wikitext-103[:{m.lines}]", metrics_corpus.wikitext_prompts(m.lines)
+    if m.corpus == "tasks":
+        prompts = [
+            text
+            for task in spec.tasks
+            for text in metrics_corpus.task_sample(
+                task_texts(task, run, spec.aggregation).texts, m.sample, m.seed
+            )
+        ]
+        return f"tasks[{m.sample}/task]", list(dict.fromkeys(prompts))
+    path = Path(m.corpus)
+    if not path.is_file():
+        raise FileNotFoundError(f"metrics.corpus: {m.corpus!r} is neither wikitext-103, tasks nor a file")
+    return path.name, metrics_corpus.file_prompts(path)
+
+
+def metrics_blocks(spec: ExperimentSpec, plan: Plan) -> list[int]:
+    return list(range(plan.num_blocks)) if spec.metrics.all_layers else plan.blocks
+
+
+def measure_unit(
+    spec: ExperimentSpec,
+    plan: Plan,
+    run: RunDir,
+    settings: Settings,
+    ckpt: Checkpoint,
+    device: str | None = None,
+) -> list[dict]:
+    """Metric rows of one checkpoint, all its layers from one streamed pass; recorded, so done once."""
+    from layertime.measure import measure
+
+    m = spec.metrics
+    blocks = metrics_blocks(spec, plan)
+    record = run.metrics_record(settings.id, ckpt, settings_id({**m.model_dump(), "blocks": blocks}))
+    if record.is_file():
+        return read_record(record)
+    corpus, prompts = metrics_prompts(spec, run)
+    encoder = load_encoder(spec, ckpt, blocks, settings, device)
+    rows = [
+        {"model": ckpt.model, "commit": ckpt.commit, "depth": (r["layer"] + 1) / plan.num_blocks, **r}
+        for r in measure(encoder, prompts, m.views, m.lidar_views, m.seed, corpus)
+    ]
+    atomic_write_text(
+        record, json.dumps({"settings": settings.as_dict(), "metrics": m.model_dump(), "rows": rows})
+    )
+    return rows
+
+
 def recorded_rows(plan: Plan, run: RunDir, settings: Settings) -> dict[tuple[str, str, int], list[dict]]:
     """Rows of every completion record of the plan, by (checkpoint key, task, layer)."""
     rows = {}
@@ -237,16 +291,35 @@ def recorded_rows(plan: Plan, run: RunDir, settings: Settings) -> dict[tuple[str
     return rows
 
 
+def recorded_metrics(plan: Plan, run: RunDir, settings: Settings) -> dict[str, list[dict]]:
+    """Metric rows of every checkpoint of the plan measured so far, by checkpoint key."""
+    spec = plan.spec
+    if spec.metrics is None:
+        return {}
+    key = settings_id({**spec.metrics.model_dump(), "blocks": metrics_blocks(spec, plan)})
+    found = {}
+    for ckpt in plan.distinct_checkpoints():
+        record = run.metrics_record(settings.id, ckpt, key)
+        if record.is_file():
+            found[ckpt.key] = read_record(record)
+    return found
+
+
 def merge(
-    plan: Plan, run: RunDir, settings: Settings, rows: dict[tuple[str, str, int], list[dict]] | None = None
+    plan: Plan,
+    run: RunDir,
+    settings: Settings,
+    rows: dict[tuple[str, str, int], list[dict]] | None = None,
+    metric_rows: dict[str, list[dict]] | None = None,
 ) -> dict[str, Path]:
-    """Write the tables from `rows` (default: the completion records); one row set per revision named.
+    """Write the tables from `rows` and `metric_rows` (default: the completion records).
 
     Revisions sharing a commit (main and step143000) share rows but both appear, under their names.
     """
     from layertime import tables
 
     rows = recorded_rows(plan, run, settings) if rows is None else rows
+    metric_rows = recorded_metrics(plan, run, settings) if metric_rows is None else metric_rows
     flat = [
         {**row, "revision": ckpt.revision, "step": ckpt.step}
         for ckpt in plan.checkpoints
@@ -255,9 +328,18 @@ def merge(
         for row in rows.get((ckpt.key, task, block), [])
     ]
     scores = tables.scores_frame(flat)
+    measured = tables.metrics_frame(
+        [
+            {**r, "revision": c.revision, "step": c.step}
+            for c in plan.checkpoints
+            for r in metric_rows.get(c.key, [])
+        ]
+    )
     out: dict[str, Path] = {}
     out["scores"] = tables.write_table(scores, run.tables, "scores")[0]
-    out["layers"] = tables.write_table(tables.layers_frame(scores, len(plan.tasks)), run.tables, "layers")[0]
+    out["metrics"] = tables.write_table(measured, run.tables, "metrics")[0]
+    layers = tables.with_metrics(tables.layers_frame(scores, len(plan.tasks)), measured)
+    out["layers"] = tables.write_table(layers, run.tables, "layers")[0]
     summary = tables.summary_frame(scores, str(run.root))
     out["summary"] = atomic_write(run.tables / "summary.csv", lambda tmp: summary.write_csv(tmp))
     return out
@@ -305,5 +387,8 @@ def run_spec(spec: ExperimentSpec, progress: Progress | None = None, device: str
                     shutil.rmtree(path, ignore_errors=True)
             if progress:
                 progress("units", i * len(plan.tasks) + plan.tasks.index(task) + 1, len(units))
+    if spec.metrics is not None:
+        for ckpt in plan.distinct_checkpoints():
+            measure_unit(spec, plan, run, settings, ckpt, device)
     paths = merge(plan, run, settings)
     return RunResult(run.root, paths, scored, skipped, sum(v.requested for v in texts.values()), embedded)

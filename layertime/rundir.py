@@ -56,6 +56,12 @@ class RunDir:
         """One (checkpoint, task) unit's embeddings: texts.json and layer_<b>.npy."""
         return self._unit("embeddings", settings, ckpt, task)
 
+    def metrics_record(self, settings: str, ckpt: Checkpoint, metrics: str) -> Path:
+        """Completion record of one checkpoint's metrics (all layers), keyed by the metrics settings."""
+        return (
+            self.store / "metrics" / settings / ckpt.model.replace("/", "--") / ckpt.key / f"{metrics}.json"
+        )
+
     def score_record(self, settings: str, ckpt: Checkpoint, task: str, layer: int) -> Path:
         """Completion record of one (checkpoint, task, layer): its subset scores, written last."""
         return self._unit("scores", settings, ckpt, task) / f"layer_{layer}.json"

@@ -132,6 +132,33 @@ def _show(layers: LayerSpec) -> str:
     return f"{{last: {layers.last}}}" if isinstance(layers, LastLayers) else repr(layers)
 
 
+class MetricsSpec(BaseModel):
+    """The representation metrics of DESIGN §5: which corpus, how many views, which layers."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    corpus: str = Field(
+        "wikitext-103",
+        description="'wikitext-103' (the paper's: first `lines` of train, headings and short lines dropped), "
+        "'tasks' (a seeded sample of each task's texts) or a text file, one prompt per line",
+    )
+    lines: int = Field(
+        1000, gt=0, description="wikitext-103: lines read before filtering (1000 -> 472 prompts)"
+    )
+    sample: int = Field(1000, gt=1, description="'tasks': texts sampled per task")
+    seed: int = Field(0, description="seeds the task sample and the augmented views")
+    views: Literal[0, 2] = Field(2, description="augmented views for InfoNCE and DiME (0: skip them)")
+    lidar_views: int = Field(16, ge=0, description="augmented views for LiDAR (0: skip it)")
+    all_layers: bool = Field(False, description="measure every block, not only the spec's layers")
+
+    @field_validator("lidar_views")
+    @classmethod
+    def _lidar(cls, n: int) -> int:
+        if n == 1:
+            raise SpecError("metrics.lidar_views: 1 view has no within-sample spread; use 0 or at least 2")
+        return n
+
+
 class ExperimentSpec(BaseModel):
     """One experiment: a model's checkpoints × layers × tasks, and how to embed and score them."""
 
@@ -170,6 +197,9 @@ class ExperimentSpec(BaseModel):
     )
     hf_cache: Path | None = Field(None, description="Hugging Face hub cache; default: HF_HUB_CACHE")
     keep_embeddings: bool = Field(False, description="keep embeddings after every layer of a unit is scored")
+    metrics: MetricsSpec | None = Field(
+        default_factory=MetricsSpec, description="representation metrics per checkpoint (null: none)"
+    )
 
     @field_validator("checkpoints")
     @classmethod
@@ -245,8 +275,8 @@ def _describe(error: ValidationError) -> str:
     )
     field = field or ".".join(str(p) for p in err["loc"])
     if err["type"] == "extra_forbidden":
-        allowed = ", ".join(ExperimentSpec.model_fields)
-        return f"unknown key {field!r} (allowed: {allowed})"
+        model = MetricsSpec if err["loc"][0] == "metrics" else ExperimentSpec
+        return f"unknown key {field!r} (allowed: {', '.join(model.model_fields)})"
     if err["type"] == "missing":
         return f"{field}: missing (required)"
     cause = err.get("ctx", {}).get("error")

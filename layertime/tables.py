@@ -60,6 +60,36 @@ def layers_frame(scores: pl.DataFrame, n_tasks: int) -> pl.DataFrame:
     return overall.sort(["step", "revision", "layer"], nulls_last=True)
 
 
+METRIC_SCHEMA = {
+    "model": pl.String, "revision": pl.String, "commit": pl.String, "step": pl.Int64, "layer": pl.Int64,
+    "hidden_state": pl.Int64, "depth": pl.Float64, "corpus": pl.String, "metric": pl.String,
+    "normalization": pl.String, "value": pl.Float64, "n_prompts": pl.Int64, "n_skipped": pl.Int64,
+}  # fmt: skip
+
+
+def metrics_frame(rows: Sequence[dict]) -> pl.DataFrame:
+    """The long `metrics` table: one row per (revision, layer, corpus, metric, normalization)."""
+    frame = pl.DataFrame([{c: r.get(c) for c in METRIC_SCHEMA} for r in rows], schema=METRIC_SCHEMA)
+    return frame.sort(["step", "revision", "layer", "metric", "normalization"], nulls_last=True)
+
+
+def with_metrics(layers: pl.DataFrame, metrics: pl.DataFrame) -> pl.DataFrame:
+    """`layers` with one column per metric beside the scores: `<metric>` for raw values,
+    `<metric>_<normalization>` otherwise (e.g. `prompt_entropy_max_entropy`, `infonce_mi_lower_bound`)."""
+    if metrics.height == 0:
+        return layers
+    named = metrics.with_columns(
+        pl.when(pl.col("normalization") == "raw")
+        .then(pl.col("metric"))
+        .otherwise(pl.col("metric") + "_" + pl.col("normalization"))
+        .alias("column")
+    )
+    wide = named.pivot(on="column", index=["revision", "layer"], values="value")
+    return layers.join(wide, on=["revision", "layer"], how="full", coalesce=True).sort(
+        ["step", "revision", "layer"], nulls_last=True
+    )
+
+
 def summary_frame(scores: pl.DataFrame, output_dir: str) -> pl.DataFrame:
     """The old scripts' `summary.csv`: model_family, model_size, revision, layer, task, score, output_dir."""
     family, size = split_model_name(scores["model"][0]) if scores.height else ("", "")

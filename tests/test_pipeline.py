@@ -41,6 +41,13 @@ def test_a_run_writes_every_table(spec, first):
     assert set(scores["hidden_state"] - scores["layer"]) == {1}
     layers = pl.read_parquet(first.tables["layers"])
     assert layers.height == 3 * 2 and (layers["n_tasks"] == 5).all() and layers["average"].is_not_null().all()
+    metrics = pl.read_parquet(first.tables["metrics"])
+    per_layer = metrics.group_by("revision", "layer").len()
+    assert per_layer.height == 3 * 2 and per_layer["len"].n_unique() == 1  # every metric for every arm
+    assert set(metrics["metric"]) == {"prompt_entropy", "curvature", "dataset_entropy", "effective_rank",
+                                      "infonce", "dime", "lidar"}  # fmt: skip
+    assert metrics["value"].is_finite().all()
+    assert {"effective_rank", "lidar", "prompt_entropy_max_entropy"} <= set(layers.columns)
     summary = pl.read_csv(first.tables["summary"])
     assert summary.columns == [
         "model_family",
@@ -62,6 +69,15 @@ def test_revisions_sharing_a_commit_are_scored_once(spec, first):
     main = scores.filter(pl.col("revision") == "main").sort("task", "layer")["main_score"]
     last = scores.filter(pl.col("revision") == "step3000").sort("task", "layer")["main_score"]
     assert main.to_list() == last.to_list()
+    metrics = pl.read_parquet(first.tables["metrics"])
+    m_main = metrics.filter(pl.col("revision") == "main").sort("layer", "metric", "normalization")["value"]
+    m_last = metrics.filter(pl.col("revision") == "step3000").sort("layer", "metric", "normalization")[
+        "value"
+    ]
+    assert m_main.to_list() == m_last.to_list()
+    assert (
+        len(list((Path(spec.run_root).parent / "store" / "metrics").rglob("*.json"))) == 2
+    )  # one per commit
     assert not list(
         (Path(spec.run_root).parent / "store" / "embeddings").rglob("*.npy")
     )  # deleted after scoring

@@ -1,0 +1,309 @@
+"""The `slurm` cluster profile against a real single-node SLURM (`bash .ci/slurm.sh start`, DESIGN §6).
+
+The demo spec runs through real `sbatch` jobs whose Dask workers run the tasks; the tables must equal
+a local run's. A bad request fails the flow fast with SLURM's own words, a worker job cancelled
+mid-run is replaced without losing or repeating a unit, and task logs from the jobs reach the API.
+The profile's settings and job script are checked without SLURM.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import shutil
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import polars as pl
+import pytest
+import yaml
+
+from flows.clusters import ClusterError, SlurmSettings, job_script, load_slurm_settings, profile
+
+ROOT = Path(__file__).resolve().parents[1]
+SPEC = str(ROOT / "deployments/demo.yaml")
+needs_slurm = pytest.mark.skipif(shutil.which("sinfo") is None, reason="no SLURM here (sinfo is not on PATH)")
+GRID = {"checkpoints": ["step1000", "main"], "layers": [3], "tasks": ["DemoSTS", "DemoClassification"]}
+UNITS = 2 * 1 * 2  # checkpoints x layers x tasks
+
+
+# --- the profile, without SLURM ----------------------------------------------------------------
+
+
+def test_exp2_job_script_asks_for_what_the_profile_says(monkeypatch):
+    monkeypatch.delenv("LAYERTIME_SLURM_CONFIG", raising=False)
+    script = job_script(
+        ROOT / "deployments/exp2.yaml",
+        {"account": "lab-42", "partition": "gpu", "cpus": 8, "memory": "64G", "walltime": "12:00:00",
+         "gpu_type": "a100", "job_script_prologue": ["module load cuda/12.4"]},
+    )  # fmt: skip
+    directives = set(re.findall(r"^#SBATCH (.+)$", script, re.M))
+    assert {
+        "-A lab-42",
+        "-p gpu",
+        "--cpus-per-task=8",
+        "--mem=64G",
+        "-t 12:00:00",
+        "--gres=gpu:a100:1",
+    } <= directives
+    lines = script.splitlines()
+    worker = next(line for line in lines if "distributed.cli.dask_worker" in line)
+    assert worker.split()[:3] == [sys.executable, "-m", "distributed.cli.dask_worker"]
+    assert "--resources GPU=1" in worker and "--nthreads 8" in worker and "--lifetime" in worker
+    assert "export HF_HUB_OFFLINE=1" in lines and "module load cuda/12.4" in lines
+    assert lines.index("module load cuda/12.4") < lines.index(worker)
+
+
+def test_the_default_profile_is_one_gpu_eight_cpus():
+    defaults = load_slurm_settings(path=ROOT / "deployments/clusters/slurm.yaml")
+    assert (defaults.gpus, defaults.cpus, defaults.device) == (1, 8, "cuda")
+    assert profile("slurm").device == "cuda" and profile("slurm", {"device": "cpu"}).device == "cpu"
+
+
+def test_settings_come_from_file_then_environment_then_overrides(tmp_path, monkeypatch):
+    conf = tmp_path / "slurm.yaml"
+    conf.write_text(yaml.safe_dump({"partition": "a", "account": "x", "cpus": 4, "walltime": 3600}))
+    monkeypatch.setenv("LAYERTIME_SLURM_CONFIG", str(conf))
+    monkeypatch.setenv("LAYERTIME_SLURM_PARTITION", "b")
+    monkeypatch.setenv("LAYERTIME_SLURM_JOB_EXTRA_DIRECTIVES", '["--qos=long"]')
+    monkeypatch.setenv("LAYERTIME_SLURM_ACCOUNT", "")
+    s = load_slurm_settings({"cpus": 2})
+    assert (s.partition, s.account, s.cpus, s.walltime) == ("b", None, 2, "01:00:00")
+    assert s.job_extra_directives == ["--qos=long"] and s.walltime_seconds == 3600
+    assert SlurmSettings(walltime="2-00:30:00").walltime_seconds == 2 * 86400 + 1800
+
+
+def test_a_bad_field_names_itself_and_where_it_came_from(monkeypatch):
+    monkeypatch.setenv("LAYERTIME_SLURM_MAX_JOBS", "many")
+    with pytest.raises(ClusterError, match=r"max_jobs \(LAYERTIME_SLURM_MAX_JOBS, value 'many'\)"):
+        profile("slurm")
+    monkeypatch.delenv("LAYERTIME_SLURM_MAX_JOBS")
+    with pytest.raises(ClusterError, match=r"partiton \(cluster overrides.*Extra inputs are not permitted"):
+        profile("slurm", {"partiton": "gpu"})
+    with pytest.raises(ClusterError, match="device 'cuda' needs gpus: 1"):
+        profile("slurm", {"gpus": 0})
+    with pytest.raises(ClusterError, match="memory.*not a memory size"):
+        profile("slurm", {"memory": "lots"})
+    with pytest.raises(ValueError, match="unknown profile 'pbs' \\(known: local, slurm\\)"):
+        profile("pbs")
+
+
+# --- a real SLURM ------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def slurm():
+    """SLURM answers, or the tests say how to start it."""
+    out = subprocess.run(["sinfo", "-h", "-o", "%P %a %T"], capture_output=True, text=True, timeout=30)
+    assert out.returncode == 0 and " up " in f" {out.stdout} ", (
+        f"SLURM is installed but not answering ({out.stderr.strip()}): run `bash .ci/slurm.sh start`"
+    )
+
+
+@pytest.fixture(scope="module")
+def prefect_api(slurm):
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=120):
+        yield
+
+
+@pytest.fixture
+def ci_profile(tmp_path, monkeypatch):
+    """The slurm profile shrunk to this 2-core box (the fake GPU is /dev/null); returns the log dir."""
+    logs = tmp_path / "slurm-logs"
+    job_name = f"lt-{tmp_path.name[-12:]}"
+    env = {"PARTITION": "debug", "ACCOUNT": "", "CPUS": "1", "THREADS": "2", "MEMORY": "3G",
+           "WALLTIME": "00:15:00", "DEVICE": "cpu", "GPUS": "1", "INTERFACE": "lo", "DASHBOARD_ADDRESS": "",
+           "MIN_JOBS": "1", "MAX_JOBS": "1", "DEATH_TIMEOUT": "30", "LOG_DIRECTORY": str(logs),
+           "JOB_NAME": job_name}  # fmt: skip
+    monkeypatch.delenv("LAYERTIME_SLURM_CONFIG", raising=False)
+    for key, value in env.items():
+        monkeypatch.setenv(f"LAYERTIME_SLURM_{key}", value)
+    yield logs
+    subprocess.run(["scancel", "--name", job_name], capture_output=True, timeout=30)
+
+
+def _run(spec_overrides: dict, cluster: str):
+    from flows.layer_by_layer import layer_by_layer
+
+    return layer_by_layer(SPEC, cluster=cluster, overrides=spec_overrides, return_state=True)
+
+
+def _task_runs(flow_run_id) -> list:
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    async def read():
+        async with get_client() as client:
+            return await client.read_task_runs(
+                flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id]))
+            )
+
+    return asyncio.run(read())
+
+
+def _task_logs(flow_run_id) -> list:
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
+
+    async def read():
+        async with get_client() as client:
+            return await client.read_logs(
+                log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[flow_run_id])), limit=200
+            )
+
+    return [entry for entry in asyncio.run(read()) if entry.task_run_id is not None]
+
+
+def _jobs(logs: Path) -> dict[str, str]:
+    """SLURM job id -> what its worker printed (dask-jobqueue names the files <job_name>-<id>.out/.err)."""
+    jobs: dict[str, str] = {}
+    for path in sorted(logs.glob("*-*.*")):
+        job_id = path.stem.rpartition("-")[2]
+        jobs[job_id] = jobs.get(job_id, "") + path.read_text(errors="replace")
+    return jobs
+
+
+def _scores(run_root: Path) -> pl.DataFrame:
+    scores = pl.read_parquet(run_root / "tables/scores.parquet")
+    return scores.drop("seconds").sort("revision", "task", "layer", "subset")
+
+
+def _one_blas_thread():
+    """The slurm profile pins BLAS to one thread (DESIGN §10): the local reference does the same."""
+    import contextlib
+
+    import torch
+    from threadpoolctl import threadpool_limits
+
+    @contextlib.contextmanager
+    def pinned():
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            with threadpool_limits(1):
+                yield
+        finally:
+            torch.set_num_threads(threads)
+
+    return pinned()
+
+
+@pytest.mark.slow
+@needs_slurm
+def test_demo_runs_in_slurm_jobs_with_the_scores_of_a_local_run(prefect_api, ci_profile, hub, tmp_path):
+    grid = {**GRID, "hf_cache": str(hub)}
+    with _one_blas_thread():
+        local = _run({**grid, "run_root": str(tmp_path / "local/demo")}, "local")
+    assert local.is_completed()
+
+    started = time.monotonic()
+    state = _run({**grid, "run_root": str(tmp_path / "slurm/demo")}, "slurm")
+    assert state.is_completed(), state.message
+    elapsed = time.monotonic() - started
+
+    slurm_scores, local_scores = _scores(tmp_path / "slurm/demo"), _scores(tmp_path / "local/demo")
+    assert slurm_scores.height == UNITS
+    assert slurm_scores.equals(local_scores), f"{slurm_scores}\n!=\n{local_scores}"
+
+    jobs = _jobs(ci_profile)  # the work ran in real batch jobs: their workers' output is there
+    assert jobs, f"no job output in {ci_profile}"
+    ran = "\n".join(jobs.values())
+    assert "Start worker" in ran and "Task run 'score[main · DemoSTS · L3]' - Finished" in ran
+
+    flow_run_id = state.state_details.flow_run_id
+    runs = {r.id: r.name for r in _task_runs(flow_run_id)}
+    logs = _task_logs(flow_run_id)  # written by the workers in the jobs, flushed before they closed
+    logged = {runs[entry.task_run_id] for entry in logs if "Finished in state" in entry.message}
+    assert {f"score[{c} · {t} · L3]" for c in GRID["checkpoints"] for t in GRID["tasks"]} <= logged
+    assert "merge[demo]" in logged  # the last task of the run: its logs survive the cluster's close
+    print(f"slurm run: {elapsed:.0f} s, jobs {sorted(jobs)}")
+
+
+@pytest.mark.slow
+@needs_slurm
+@pytest.mark.parametrize(
+    ("setting", "value", "slurm_says"),
+    [
+        ("PARTITION", "no-such-partition", "Invalid partition name specified"),
+        ("CPUS", "64", "Requested node configuration is not available"),
+    ],
+)
+def test_a_job_slurm_rejects_fails_the_flow_fast_with_slurms_message(
+    prefect_api, ci_profile, hub, tmp_path, monkeypatch, setting, value, slurm_says
+):
+    monkeypatch.setenv(f"LAYERTIME_SLURM_{setting}", value)
+    started = time.monotonic()
+    state = _run({**GRID, "hf_cache": str(hub), "run_root": str(tmp_path / "demo")}, "slurm")
+    assert state.is_failed()
+    with pytest.raises(Exception, match=slurm_says):
+        state.result()
+    assert time.monotonic() - started < 60
+    assert not _jobs(ci_profile)  # nothing was queued
+
+
+@pytest.mark.slow
+@needs_slurm
+def test_a_rejection_after_the_start_fails_the_pending_tasks_with_slurms_message(
+    prefect_api, ci_profile, hub, tmp_path, monkeypatch
+):
+    monkeypatch.setenv("LAYERTIME_SLURM_PARTITION", "no-such-partition")
+    monkeypatch.setenv("LAYERTIME_SLURM_PREFLIGHT", "false")  # as if SLURM changed its mind mid-run
+    started = time.monotonic()
+    state = _run({**GRID, "hf_cache": str(hub), "run_root": str(tmp_path / "demo")}, "slurm")
+    assert state.is_failed()
+    with pytest.raises(
+        Exception, match="(?s)SLURM rejected the worker job.*Invalid partition name specified"
+    ):
+        state.result()
+    assert time.monotonic() - started < 60
+
+
+@pytest.mark.slow
+@needs_slurm
+def test_a_worker_job_cancelled_mid_run_is_replaced_and_no_unit_is_lost_or_repeated(
+    prefect_api, ci_profile, hub, tmp_path
+):
+    killed: list[str] = []
+    seen: dict[str, str] = {}
+    stop = threading.Event()
+
+    def cancel_the_first_job_once_it_has_embedded():
+        while not stop.wait(0.2):
+            for job_id, text in _jobs(ci_profile).items():
+                if "Task run 'embed[" in text and "- Finished" in text.partition("Task run 'embed[")[2]:
+                    out = subprocess.run(["scontrol", "write", "batch_script", job_id, "-"],
+                                         capture_output=True, text=True, timeout=30)  # fmt: skip
+                    seen["script"] = out.stdout
+                    subprocess.run(["scancel", job_id], check=True, timeout=30)
+                    killed.append(job_id)
+                    return
+
+    killer = threading.Thread(target=cancel_the_first_job_once_it_has_embedded, daemon=True)
+    killer.start()
+    try:
+        state = _run({**GRID, "hf_cache": str(hub), "run_root": str(tmp_path / "demo")}, "slurm")
+    finally:
+        stop.set()
+        killer.join(timeout=10)
+    assert killed, "the run ended before a worker job could be cancelled"
+    assert state.is_completed(), state.message
+
+    scores = _scores(tmp_path / "demo")
+    assert scores.height == UNITS and scores["main_score"].is_finite().all()
+    assert scores.select("revision", "task", "layer", "subset").is_unique().all()
+    names = [r.name for r in _task_runs(state.state_details.flow_run_id) if r.name.startswith("score[")]
+    assert sorted(names) == sorted({*names}) and len(names) == UNITS  # each unit once, none twice
+
+    jobs = _jobs(ci_profile)
+    assert len(jobs) >= 2, f"no job replaced the cancelled one: {sorted(jobs)}"
+    after = "\n".join(text for job_id, text in jobs.items() if job_id != killed[0])
+    assert "Task run 'score[" in after  # the work went on in another job
+    # The job's environment: offline hub, the flow's Prefect API, the test's mteb cache.
+    script = seen["script"]
+    assert "export HF_HUB_OFFLINE=1" in script and "export PREFECT_API_URL=http://127.0.0.1:" in script
+    assert "export MTEB_CACHE=" in script
