@@ -1,5 +1,6 @@
 """The `layer-by-layer` flow: plan a spec's grid, embed and score every unit, merge the tables.
 
+    measure(checkpoint)             [GPU]  representation metrics of every layer, one streamed pass
     embed(checkpoint, task)         [GPU]  one forward pass per unique text, all layers
     score(checkpoint, task, layer)  [CPU]  mteb.evaluate over stored embeddings (cached across runs)
     cleanup(checkpoint, task)              embeddings deleted once every layer is scored
@@ -57,8 +58,10 @@ def layer_by_layer(
     )
     with where.task_runner() as runner:
         revisions = _record(runner, experiment, plan)
+        measured = _submit_measures(runner, plan, settings, run)
         scores, failures = _embed_and_score(runner, experiment, plan, settings, run, revisions)
-        paths = _merge(runner, plan, settings, scores)
+        metric_rows = _collect_measures(measured, failures)
+        paths = _merge(runner, plan, settings, scores, metric_rows)
     _publish(plan, paths)
     if failures:
         raise UnitsFailed(f"{len(failures)} unit(s) failed:\n" + "\n".join(failures))
@@ -102,6 +105,29 @@ def _embed_and_score(runner, spec, plan, settings, run, revisions) -> tuple[dict
     return _collect(pending, cleanups)
 
 
+def _submit_measures(runner: Any, plan: Plan, settings: pipeline.Settings, run: RunDir) -> dict:
+    """One measure task per distinct checkpoint, on the GPU slot (none when the spec has no metrics)."""
+    if plan.spec.metrics is None:
+        return {}
+    task = units.measure.with_options(cache_policy=units.measure_policy(run.store),
+                                      result_storage=run.store / "prefect" / "results")  # fmt: skip
+    with dask.annotate(resources=GPU):
+        return {
+            ckpt: runner.submit(task, {"plan": plan, "settings": settings, "checkpoint": ckpt})
+            for ckpt in plan.distinct_checkpoints()
+        }
+
+
+def _collect_measures(measured: dict, failures: list[str]) -> dict[str, list[dict]]:
+    rows = {}
+    for ckpt, future in measured.items():
+        try:
+            rows[ckpt.key] = future.result()
+        except Exception as e:  # noqa: BLE001 -- a failed unit is reported, the sweep goes on
+            failures.append(f"measure[{ckpt.revision}]: {type(e).__name__}: {e}")
+    return rows
+
+
 def _collect(pending: dict, cleanups: list) -> tuple[dict, list[str]]:
     """Score rows by (checkpoint, task, layer) as units finish, with a progress artifact; failures named."""
     scores: dict[tuple[str, str, int], list[dict]] = {}
@@ -122,8 +148,11 @@ def _collect(pending: dict, cleanups: list) -> tuple[dict, list[str]]:
     return scores, failures
 
 
-def _merge(runner: Any, plan: Plan, settings: pipeline.Settings, scores: dict) -> dict[str, str]:
-    return runner.submit(units.merge, {"plan": plan, "settings": settings, "rows": scores}).result()
+def _merge(
+    runner: Any, plan: Plan, settings: pipeline.Settings, scores: dict, metric_rows: dict
+) -> dict[str, str]:
+    parameters = {"plan": plan, "settings": settings, "rows": scores, "metric_rows": metric_rows}
+    return runner.submit(units.merge, parameters).result()
 
 
 def _publish(plan: Plan, paths: dict[str, str]) -> None:

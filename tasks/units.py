@@ -145,6 +145,31 @@ def score(unit: Unit, layer: int, embeddings: str | None) -> list[dict]:
     return rows[layer]
 
 
+def _measure_key(context: TaskRunContext, parameters: dict[str, Any]) -> str:
+    plan, settings, ckpt = parameters["plan"], parameters["settings"], parameters["checkpoint"]
+    metrics = plan.spec.metrics.model_dump_json()
+    blocks = pipeline.metrics_blocks(plan.spec, plan)
+    return "|".join(["measure", CODE_VERSION, settings.id, ckpt.model, ckpt.key, metrics, str(blocks)])
+
+
+def measure_policy(store: Path) -> CachePolicy:
+    """Metric rows cached across runs by checkpoint commit and the metrics settings."""
+    return CacheKeyFnPolicy(cache_key_fn=_measure_key).configure(key_storage=store / "prefect" / "keys")
+
+
+def _measure(plan: Plan, settings: pipeline.Settings, checkpoint: Checkpoint) -> list[dict]:
+    run = RunDir.of(plan.spec.run_root, plan.spec.store)
+    with _ENCODER_LOCK:  # shares the worker's GPU with embed
+        return pipeline.measure_unit(plan.spec, plan, run, settings, checkpoint)
+
+
+@task(name="measure", task_run_name="measure[{checkpoint.revision}]", retries=2, retry_delay_seconds=[10, 60],
+      retry_condition_fn=_not_transient, persist_result=True, cache_result_in_memory=False)  # fmt: skip
+def measure(plan: Plan, settings: pipeline.Settings, checkpoint: Checkpoint) -> list[dict]:
+    """Every representation metric of every layer of one checkpoint, from one streamed pass."""
+    return _measure(plan, settings, checkpoint)
+
+
 @task(name="cleanup", task_run_name="cleanup[{unit.label}]")
 def cleanup(unit: Unit) -> bool:
     """Delete the unit's embeddings once every layer is scored (unless the spec keeps them)."""
@@ -156,7 +181,7 @@ def cleanup(unit: Unit) -> bool:
 
 
 @task(name="merge", task_run_name="merge[{plan.spec.name}]")
-def merge(plan: Plan, settings: pipeline.Settings, rows: dict) -> dict[str, str]:
-    """The run's tables from the score rows the flow collected (partial runs give partial tables)."""
+def merge(plan: Plan, settings: pipeline.Settings, rows: dict, metric_rows: dict) -> dict[str, str]:
+    """The run's tables from the rows the flow collected (partial runs give partial tables)."""
     run = RunDir.of(plan.spec.run_root, plan.spec.store)
-    return {name: str(path) for name, path in pipeline.merge(plan, run, settings, rows).items()}
+    return {name: str(path) for name, path in pipeline.merge(plan, run, settings, rows, metric_rows).items()}

@@ -69,11 +69,14 @@ def test_a_failed_unit_fails_the_flow_by_name_and_a_rerun_recomputes_only_it(hub
     executed = sorted(n for n, s in states.items() if s != "Cached")
     assert executed == ["cleanup[step1000 · DemoSTS]", "embed[step1000 · DemoSTS]", "merge[demo]",
                         "score[step1000 · DemoSTS · L3]"]  # fmt: skip
-    assert sum(s == "Cached" for s in states.values()) == 2 * 2 * 2 - 1 + 2  # the other scores + 2 recordings
+    # the other scores, 2 recordings, 2 measures (one per commit)
+    assert sum(s == "Cached" for s in states.values()) == 2 * 2 * 2 - 1 + 2 + 2
     scores = pl.read_parquet(tmp_path / "demo/tables/scores.parquet")
     assert scores.height == 3 * 2 * 2 and scores["main_score"].is_finite().all()
     layers = pl.read_parquet(tmp_path / "demo/tables/layers.parquet")
-    assert layers["average"].is_not_null().all()
+    assert layers["average"].is_not_null().all() and layers["lidar"].is_finite().all()
+    metrics = pl.read_parquet(tmp_path / "demo/tables/metrics.parquet")
+    assert set(metrics["revision"]) == {"step1000", "step3000", "main"} and metrics["value"].is_finite().all()
 
 
 def test_sibling_specs_compute_their_shared_units_once(hub, tmp_path):
