@@ -51,7 +51,7 @@ from layertime.demo.corpus import TOPICS, VERBS, labelled_sentences, paraphrase,
 if TYPE_CHECKING:
     from mteb.abstasks.abstask import AbsTask
 
-DEMO_DATA_REVISION = "demo-v1"
+DEMO_DATA_REVISION = "demo-v2"  # v2: hard, topic-swapped negatives in DemoPairClassification
 TOPIC_NAMES: list[str] = sorted(TOPICS)
 SPLIT = "test"
 SUBSET = "default"  # a monolingual mteb task has the single hf subset "default"
@@ -59,7 +59,7 @@ SUBSET = "default"  # a monolingual mteb task has the single hf subset "default"
 # Sizes: small enough that a full mteb.evaluate of all five tasks takes seconds on a CPU.
 N_TRAIN, N_TEST = 240, 120
 N_CLUSTER_SETS, CLUSTER_SET_SIZE, SENTENCES_PER_CLUSTER_ITEM = 2, 75, 3
-N_PAIR_POSITIVE, N_PAIR_SAME_TOPIC, N_PAIR_OTHER_TOPIC = 100, 50, 50
+N_PAIR_POSITIVE, N_PAIR_SAME_TOPIC, N_PAIR_OTHER_TOPIC, N_PAIR_SWAPPED = 100, 35, 35, 30
 N_QUERIES, N_RELATED, N_UNRELATED = 30, 2, 7  # + 1 rewording of the query = 3 relevant of 10
 N_STS_REWORDED, N_STS_SAME_TOPIC, N_STS_OTHER_TOPIC = 34, 33, 33
 
@@ -108,6 +108,15 @@ def fresh_rewording(rng: random.Random, text: str, seen: set[str]) -> str:
         if out not in seen:
             seen.add(out)
             return out
+
+
+def swap_topic(rng: random.Random, text: str, topic: str) -> str:
+    """`text` with its topic words replaced by another topic's: nearly the same words, another meaning."""
+    new = other_topic(rng, topic)
+    mapping = dict(zip(TOPICS[topic], rng.sample(TOPICS[new], len(TOPICS[new])), strict=True))
+    return " ".join(
+        mapping.get(w.strip(".,"), w.strip(".,")) + w[len(w.strip(".,")) :] for w in text.split(" ")
+    )
 
 
 def word_overlap(a: str, b: str) -> float:
@@ -174,13 +183,21 @@ def clustering_data() -> DatasetDict:
 
 
 def pair_classification_data() -> DatasetDict:
-    """One row per pair: sentence1, sentence2, labels (1 = rewording, 0 = different sentence)."""
+    """One row per pair: sentence1, sentence2, labels (1 = rewording, 0 = different sentence).
+
+    Some negatives are hard: a positive's sentence again, with its topic words swapped for another
+    topic's (high word overlap, another meaning), so the task does not saturate. Reusing those
+    sentences also makes mteb ask for some texts twice, as real pair tasks do.
+    """
     rng = random.Random(SEEDS["DemoPairClassification"])
     seen: set[str] = set()
     pairs: list[tuple[str, str, int]] = []
     for i in range(N_PAIR_POSITIVE):
-        text = fresh_sentence(rng, TOPIC_NAMES[i % len(TOPIC_NAMES)], seen)
+        topic = TOPIC_NAMES[i % len(TOPIC_NAMES)]
+        text = fresh_sentence(rng, topic, seen)
         pairs.append((text, fresh_rewording(rng, text, seen), 1))
+        if i < N_PAIR_SWAPPED:
+            pairs.append((text, swap_topic(rng, text, topic), 0))
     for i in range(N_PAIR_SAME_TOPIC):
         topic = TOPIC_NAMES[i % len(TOPIC_NAMES)]
         pairs.append((fresh_sentence(rng, topic, seen), fresh_sentence(rng, topic, seen), 0))

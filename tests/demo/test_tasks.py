@@ -37,7 +37,7 @@ from layertime.demo.tasks import DEMO_DATA_REVISION, DEMO_TASK_NAMES, demo_task 
 DATA_FINGERPRINTS = {
     "DemoClassification": "99f582a8e1c1105e984a5a4f2b8c53f6df04c1f242611f64e340992b99c783c1",
     "DemoClustering": "075d0f18d912ccbb43f703b80664eef11b7346044a241593b8ecc2175233b33d",
-    "DemoPairClassification": "060849ae55c96df7864dace61777ee72081157598c51cf4903f21302a7b048f8",
+    "DemoPairClassification": "e7088de1d00f8a28f9bfd91d54fda5e9872bf5e25120756446f16de85f7d82e9",
     "DemoReranking": "772302008112b4cc6209a9a4291ee3f8000c910989448b763db5337ae6bfd30e",
     "DemoSTS": "1dcdd39ac172a4de0fe3351ce0030ce4a3ba607364dd0ee6eb70819c9eda0633",
 }
