@@ -62,7 +62,7 @@ def layer_by_layer(
         scores, failures = _embed_and_score(runner, experiment, plan, settings, run, revisions)
         metric_rows = _collect_measures(measured, failures)
         paths = _merge(runner, plan, settings, scores, metric_rows)
-    _publish(plan, paths)
+    _publish(plan, paths, failures)
     if failures:
         raise UnitsFailed(f"{len(failures)} unit(s) failed:\n" + "\n".join(failures))
     return paths
@@ -155,18 +155,32 @@ def _merge(
     return runner.submit(units.merge, parameters).result()
 
 
-def _publish(plan: Plan, paths: dict[str, str]) -> None:
-    """Per-layer averages as a table artifact and the tables' paths as markdown, for the UI."""
+def _publish(plan: Plan, paths: dict[str, str], failures: list[str]) -> None:
+    """The report (HTML beside the tables) and its summary, key numbers and paths as UI artifacts."""
     import polars as pl
 
-    layers = pl.read_parquet(paths["layers"])
-    columns = ["revision", "layer", "hidden_state", "n_tasks", "average"]
-    create_table_artifact(
-        layers.select(columns).to_dicts(), key="layer-averages",
-        description=f"{plan.spec.name}: rule-a average per checkpoint and layer (layer = block index)",
-    )  # fmt: skip
+    from layertime.report import write_report
+
+    logger = get_run_logger()
+    layers = pl.read_parquet(paths["layers"]).select(
+        "revision", "layer", "hidden_state", "n_tasks", "average"
+    )
+    create_table_artifact(layers.to_dicts(), key="layer-averages",
+                          description=f"{plan.spec.name}: rule-a average per checkpoint and layer (layer = block index)")  # fmt: skip
     lines = [f"# {plan.spec.name}", "", f"{plan.evaluations} evaluations; tables:", ""]
     lines += [f"- **{name}**: `{Path(path).resolve()}`" for name, path in paths.items()]
+    try:
+        report = write_report(Path(plan.spec.run_root), failures=failures)
+    except Exception as e:  # noqa: BLE001 -- a report error must not hide the results themselves
+        logger.warning(f"the report could not be written: {type(e).__name__}: {e}")
+    else:
+        lines.append(f"- **report**: `{report.html.resolve()}`")
+        create_markdown_artifact(
+            report.markdown, key="layer-by-layer-report", description=f"report: {report.html}"
+        )
+        if report.table:
+            create_table_artifact(report.table, key="layer-by-layer-key-numbers",
+                                  description="per checkpoint: best layer, last layer, oracle average (x100, rule a)")  # fmt: skip
     create_markdown_artifact(
         "\n".join(lines), key="layer-by-layer-tables", description="where the tables are"
     )

@@ -187,6 +187,21 @@ def submit(
     typer.echo(f"{ui}/runs/flow-run/{flow_run.id}")
 
 
+@app.command()
+def report(
+    run_root: Annotated[Path, typer.Argument(help="run root, e.g. runs/exp2")],
+    out: Annotated[Path | None, typer.Option(help="output directory (default RUN/report)")] = None,
+) -> None:
+    """Write RUN/report/report.html (PNG figures beside it) and summary.md from the run's tables."""
+    from layertime.report import write_report
+
+    if not (run_root / "tables").is_dir():
+        _fail(f"{run_root}: no tables/ yet (run `layertime run SPEC` first)")
+    paths = write_report(run_root, out)
+    typer.echo(paths.markdown)
+    typer.echo(f"report: {paths.html}")
+
+
 def _quiet_libraries() -> None:
     """Our progress bar, not the per-call bars and load reports of datasets and transformers."""
     import datasets

@@ -5,7 +5,7 @@ import sys
 def test_the_library_imports_no_orchestration():
     code = (
         "import sys, layertime.spec, layertime.plan, layertime.encoder, layertime.pipeline, layertime.tables, "
-        "layertime.bridge, layertime.cli\n"
+        "layertime.bridge, layertime.cli, layertime.report, layertime.figures, layertime.measure, layertime.metrics\n"
         "bad = [m for m in ('prefect', 'dask', 'distributed', 'dask_jobqueue') if m in sys.modules]\n"
         "assert not bad, bad\n"
     )
