@@ -126,10 +126,14 @@ class SlurmSettings(BaseModel):
 
     @property
     def walltime_seconds(self) -> int:
-        days, a, b, c = _WALLTIME.match(self.walltime.strip()).groups()
-        parts = [int(p) for p in (a, b, c) if p is not None]
-        h, m, s = {1: (0, parts[0], 0), 2: (parts[0], parts[1], 0), 3: tuple(parts)}[len(parts)]
-        return int(days or 0) * 86400 + h * 3600 + m * 60 + s
+        """SLURM's reading: M, M:S, H:M:S, D-H, D-H:M, D-H:M:S."""
+        days, *rest = _WALLTIME.match(self.walltime.strip()).groups()
+        parts = [int(p) for p in rest if p is not None]
+        if days is None:
+            units = {1: (60,), 2: (60, 1), 3: (3600, 60, 1)}[len(parts)]
+        else:
+            units = (3600, 60, 1)[: len(parts)]
+        return int(days or 0) * 86400 + sum(p * u for p, u in zip(parts, units, strict=True))
 
 
 def load_slurm_settings(overrides: dict | None = None, path: str | Path | None = None) -> SlurmSettings:
@@ -299,20 +303,22 @@ def _api_url(required: bool) -> str | None:
 
 
 class _RejectAwareJob(SLURMJob):
-    """A SLURM worker job that reports a rejected `sbatch` to its cluster instead of vanishing."""
+    """A SLURM worker job that tells its cluster whether `sbatch` took it, instead of vanishing."""
 
-    def __init__(self, *args: Any, on_rejected: Any = None, **kwargs: Any):
+    def __init__(self, *args: Any, on_sbatch: Any = None, **kwargs: Any):
         super().__init__(*args, **kwargs)
-        self._on_rejected = on_rejected
+        self._on_sbatch = on_sbatch  # (job name, SLURM's error or None), in the cluster's loop
 
     async def start(self) -> None:
         try:
             await super().start()
         except RuntimeError as e:
             self.status = Status.failed  # never started: nothing to close
-            if self._on_rejected is not None:
-                self._on_rejected(self.name, _slurm_message(str(e)))
+            if self._on_sbatch is not None:
+                self._on_sbatch(self.name, _slurm_message(str(e)))
             raise
+        if self._on_sbatch is not None:
+            self._on_sbatch(self.name, None)
 
 
 def _slurm_message(error: str) -> str:
@@ -324,21 +330,27 @@ def _slurm_message(error: str) -> str:
 class LayertimeSLURMCluster(SLURMCluster):
     """SLURMCluster that fails fast on rejected jobs, replaces dead ones and flushes task logs on close.
 
-    - before starting: `sbatch --test-only` of the exact job script (bad partition, account, or a
-      request over the partition's limits fails here with SLURM's message);
-    - while running: a rejected `sbatch` cancels the pending tasks with SLURM's message when no
-      worker is connected (nothing could ever run them); with workers connected it is logged and
-      the adaptive maximum is lowered to the jobs SLURM accepted;
-    - a worker job that dies is resubmitted (adaptive alone keeps counting it as requested);
+    - before starting: `sbatch --test-only` of the exact job script (a bad partition or account, or
+      a request over the partition's limits, fails here with SLURM's message);
+    - while running: when SLURM refuses a job and no other job is queued or running, every pending
+      task is cancelled with SLURM's message (the flow fails at once instead of waiting forever);
+      when other jobs were taken (a per-user job limit), the adaptive maximum drops to them;
+    - a worker job that dies (walltime, preemption, scancel) is resubmitted once SpecCluster gives
+      up on it (`distributed.deploy.lost-worker-timeout`); Dask reruns the tasks it held;
+    - a job that ends before its worker connects (a wrong `python`, a failing prologue) is retried
+      once; the second in a row fails the pending tasks with the end of the job's `.err` log;
     - on close, every worker flushes its queued Prefect logs before its job is cancelled.
     """
 
     job_cls = _RejectAwareJob
 
     def __init__(self, *, preflight: bool = True, **kwargs: Any):
-        self._rejection: str | None = None
+        self._rejection: str | None = None  # SLURM's message for the last refused job
+        self._broken: str | None = None  # why worker jobs end before their worker connects
+        self._failed_starts = 0
+        self._connected: set[str] = set()  # names of the jobs whose worker connected once
         self._watch_task: asyncio.Task | None = None
-        super().__init__(on_rejected=self._rejected, **kwargs)
+        super().__init__(on_sbatch=self._sbatch, **kwargs)
         if preflight:
             try:
                 self.preflight()
@@ -367,20 +379,30 @@ class LayertimeSLURMCluster(SLURMCluster):
         header = [line.removeprefix("#SBATCH ") for line in self.job_header.splitlines()]
         return " ".join(h for h in header if not h.startswith(("-J", "-e", "-o")))
 
-    def _rejected(self, name: str, message: str) -> None:
-        """A worker job's sbatch failed (called in the cluster's event loop)."""
-        connected = len(self.scheduler.workers) if self.scheduler else 0
-        if connected == 0:
-            self._rejection = message
-            log.error("SLURM rejected worker job %s and no worker is running: %s", name, message)
-        else:
-            log.warning("SLURM rejected worker job %s (%d workers running on): %s", name, connected, message)
-            adaptive = getattr(self, "_adaptive", None)
-            if adaptive is not None:
-                adaptive.maximum = max(adaptive.minimum, connected)
+    def _sbatch(self, name: str, rejected: str | None) -> None:
+        """SLURM took worker job `name` (rejected None) or refused it with that message."""
+        if rejected is None:
+            self._rejection = None
+            return
+        self._rejection = rejected
+        queued = len(self._accepted())
+        log.error(
+            "SLURM rejected worker job %s (%d other jobs queued or running): %s", name, queued, rejected
+        )
+        adaptive = getattr(self, "_adaptive", None)
+        if queued and adaptive is not None:  # e.g. a per-user job limit: go on with the jobs it took
+            adaptive.maximum = max(adaptive.minimum, queued)
         asyncio.get_running_loop().call_soon(self._forget, name)
 
-    def _forget(self, name: str) -> None:
+    def _accepted(self) -> list:
+        """Worker jobs that SLURM took and that have not ended."""
+        return [j for j in self.workers.values() if getattr(j, "job_id", None) and j.status == Status.running]
+
+    def _forget(self, name: str, tries: int = 50) -> None:
+        """Drop a refused job from the plan, once SpecCluster has recorded it (right after its start)."""
+        if name not in self.workers and tries:
+            asyncio.get_running_loop().call_later(0.1, self._forget, name, tries - 1)
+            return
         self.worker_spec.pop(name, None)
         self.workers.pop(name, None)
 
@@ -389,27 +411,73 @@ class LayertimeSLURMCluster(SLURMCluster):
         self._watch_task = asyncio.ensure_future(self._watch())
 
     async def _watch(self) -> None:
-        """While a rejection stands and no worker runs, cancel every task with SLURM's message."""
+        """Fail the pending tasks when nothing can run them; look for jobs that died at start."""
+        rounds = 0
         while True:
             await asyncio.sleep(0.5)
+            rounds += 1
             try:
+                if self.scheduler is not None:
+                    self._connected |= self._names()
+                if rounds % 10 == 0:
+                    await self._check_starts()
                 self._fail_pending()
             except Exception:  # noqa: BLE001 -- the watchdog must outlive one bad round
                 log.exception("slurm watchdog")
 
-    def _fail_pending(self) -> None:
-        scheduler = self.scheduler
-        if not self._rejection or scheduler is None or scheduler.workers or not scheduler.tasks:
+    async def _check_starts(self) -> None:
+        """Jobs that SLURM ran and ended before their worker connected (wrong python, a failing
+        prologue): one is retried, the second in a row fails the run with the end of its log."""
+        if self._names():
+            self._failed_starts, self._broken = 0, None
+        waiting = {str(j.job_id): j for j in self._accepted() if j.name not in self._connected}
+        if not waiting:
             return
-        wanted = [key for key, ts in scheduler.tasks.items() if ts.who_wants]
-        scheduler.stimulus_cancel(
-            wanted, "fire-and-forget", force=True,
-            reason="SLURM rejected the worker job", msg=self._rejection,
+        proc = await asyncio.create_subprocess_exec(
+            "squeue", "-h", "-o", "%i", "-j", ",".join(waiting),
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
         )  # fmt: skip
+        out, err = await proc.communicate()
+        if proc.returncode and b"Invalid job id" not in err:
+            return  # SLURM did not answer: next round
+        for job_id in set(waiting) - set(out.decode().split()):
+            job = waiting[job_id]
+            if job.name in self._connected | self._names():
+                continue
+            self._failed_starts += 1
+            path = Path(job.log_directory or ".") / f"{job.job_name or 'worker'}-{job_id}.err"
+            tail = "\n".join(_tail(path, 15))
+            log.error("worker job %s ended before its worker connected; %s:\n%s", job_id, path, tail)
+            if self._failed_starts >= 2:
+                self._broken = f"worker job {job_id} ended before its Dask worker connected; {path}:\n{tail}"
+            job.status = Status.closed
+            self._forget(job.name)
+
+    def _names(self) -> set[str]:
+        return {ws.name for ws in self.scheduler.workers.values()}
+
+    def _fail_pending(self) -> None:
+        """Cancel every task with the reason, when nothing can run them: SLURM refused the last job and
+        no other is queued or running, or jobs keep ending before their worker connects."""
+        scheduler = self.scheduler
+        if scheduler is None or scheduler.workers or not scheduler.tasks:
+            return
+        if self._rejection and not self._accepted():
+            reason, message = "SLURM rejected the worker job", self._rejection
+        elif self._broken:
+            reason, message = "worker jobs end before their Dask worker starts", self._broken
+        else:
+            return
+        adaptive = getattr(self, "_adaptive", None)
+        if adaptive is not None and adaptive.maximum:  # the run is over: submit nothing more
+            log.error("%s; no more worker jobs: %s", reason, message)
+            adaptive.minimum = adaptive.maximum = 0
+        wanted = [key for key, ts in scheduler.tasks.items() if ts.who_wants]
+        scheduler.stimulus_cancel(wanted, "fire-and-forget", force=True, reason=reason, msg=message)
 
     def _update_worker_status(self, op: str, msg: Any) -> None:
         super()._update_worker_status(op, msg)
-        if op == "remove":  # resubmit a job that died, once SpecCluster has given up on it
+        if op == "remove":  # a worker left: if its job died, resubmit it once SpecCluster forgets it
             import dask
             from dask.utils import parse_timedelta
 
@@ -436,6 +504,13 @@ class LayertimeSLURMCluster(SLURMCluster):
 
         async with Client(self.scheduler.address, asynchronous=True) as client:
             await client.run(_flush_prefect_logs, on_error="ignore")
+
+
+def _tail(path: Path, lines: int) -> list[str]:
+    try:
+        return path.read_text(errors="replace").splitlines()[-lines:]
+    except OSError as e:
+        return [f"(no log: {e})"]
 
 
 async def _flush_prefect_logs() -> None:

@@ -48,6 +48,7 @@ def layer_by_layer(
     experiment = load_spec(spec, **(overrides or {}))
     where = profile(cluster)
     pipeline.prepare_world(experiment)
+    _verify(experiment, spec)
     plan = make_plan(experiment, strict=True)
     settings = pipeline.Settings.of(experiment, where.device)
     run = RunDir.of(experiment.run_root, experiment.store)
@@ -66,6 +67,23 @@ def layer_by_layer(
     if failures:
         raise UnitsFailed(f"{len(failures)} unit(s) failed:\n" + "\n".join(failures))
     return paths
+
+
+class NotReady(RuntimeError):
+    """Something the run needs is missing from the cache; the message lists each item and its fix."""
+
+
+def _verify(spec: ExperimentSpec, spec_path: str) -> None:
+    """The checks of `layertime verify` (task data not loaded: snapshots are checked); no GPU work
+    starts while anything is missing or corrupt."""
+    from layertime import verify
+
+    items = verify.verify(spec, spec_path=spec_path, load_tasks=False)
+    if verify.failed(items):
+        raise NotReady(
+            f"not ready to run {spec.name}:\n{verify.format_table(verify.failed(items), spec_path)}"
+        )
+    get_run_logger().info(f"verified {len(items)} items offline: checkpoints, task data, metrics corpus")
 
 
 def _record(runner: Any, spec: ExperimentSpec, plan: Plan) -> dict[str, str]:

@@ -24,7 +24,7 @@ import numpy as np
 from mteb.models.abs_encoder import AbsEncoder
 from mteb.models.model_meta import ModelMeta, ScoringFunction
 
-from layertime import suite
+from layertime import checkpoints, suite
 from layertime.io import atomic_write_text
 
 ENCODE_BATCH = 4096  # texts per mteb DataLoader batch; lookups are cheap, so large batches cut overhead
@@ -138,9 +138,27 @@ class TaskTexts:
     requested: int
 
 
-def recorded_texts(task_name: str, cache_dir: Path, aggregation: str = "rule-a") -> TaskTexts:
+def load_task(name: str, aggregation: str = "rule-a", hf_cache: Path | None = None, load: bool = True) -> Any:
+    """A fresh task of the suite with its data loaded.
+
+    Offline, real tasks read their dataset's local snapshot in the HF cache: through the datasets
+    cache, reranking tasks silently lose their per-query candidate lists (DESIGN §4).
+    """
+    task = suite.build_task(name, aggregation)
+    if checkpoints.is_offline():
+        from layertime.prefetch import use_local_snapshot
+
+        use_local_snapshot(task, hf_cache)
+    if load:
+        task.load_data()
+    return task
+
+
+def recorded_texts(
+    task_name: str, cache_dir: Path, aggregation: str = "rule-a", hf_cache: Path | None = None
+) -> TaskTexts:
     """The texts `task_name` will ask for; one recording pass, cached per (task, revision, mteb version)."""
-    task = suite.build_task(task_name, aggregation)
+    task = load_task(task_name, aggregation, hf_cache, load=False)
     key = f"{task_name}__{task.metadata.revision}__mteb-{mteb.__version__}__{aggregation}"
     path = Path(cache_dir) / f"{key}.json"
     if path.is_file():
@@ -199,14 +217,13 @@ class _LoadedTasks:
         self.entries: OrderedDict[tuple[str, str], tuple[Any, threading.Lock]] = OrderedDict()
         self.lock = threading.Lock()
 
-    def get(self, name: str, aggregation: str) -> tuple[Any, threading.Lock]:
+    def get(self, name: str, aggregation: str, hf_cache: Path | None) -> tuple[Any, threading.Lock]:
         key = (name, aggregation)
         with self.lock:
             if key in self.entries:
                 self.entries.move_to_end(key)
                 return self.entries[key]
-        task = suite.build_task(name, aggregation)
-        task.load_data()
+        task = load_task(name, aggregation, hf_cache)
         with self.lock:
             entry = self.entries.setdefault(key, (task, threading.Lock()))
             while len(self.entries) > self.size:
@@ -215,6 +232,21 @@ class _LoadedTasks:
 
 
 _LOADED = _LoadedTasks()
+_PINNED: list[Any] = []
+
+
+def pin_blas_threads() -> None:
+    """One BLAS thread for this process, for good (DESIGN §10).
+
+    More threads made scoring slower and moved classification accuracies by up to 2e-3, so every
+    executor (local threads, SLURM jobs, --plain) must score with one: then scores agree across them.
+    Kept for the process's life, not as a context: scoring threads overlap, and a context left by
+    one would lift the limit under another.
+    """
+    if not _PINNED:
+        from threadpoolctl import threadpool_limits
+
+        _PINNED.append(threadpool_limits(limits=1, user_api="blas"))
 
 
 def score_layers(
@@ -224,13 +256,15 @@ def score_layers(
     meta_for_layer: Any,
     results_dir: Path,
     aggregation: str = "rule-a",
+    hf_cache: Path | None = None,
 ) -> dict[int, list[SubsetScore]]:
     """Score each layer's embeddings on one task: data loaded once, a reseeded evaluation per layer.
 
     `layers` maps block -> (texts, vectors); `meta_for_layer(block)` gives its mteb ModelMeta.
     Results also go to mteb's result cache under `results_dir` (one experiment per layer).
     """
-    task, lock = _LOADED.get(task_name, aggregation)
+    pin_blas_threads()
+    task, lock = _LOADED.get(task_name, aggregation, hf_cache)
     items = layers.items() if isinstance(layers, Mapping) else layers
     out: dict[int, list[SubsetScore]] = {}
     for block, (texts, vectors) in items:

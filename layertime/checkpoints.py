@@ -74,7 +74,7 @@ def resolve(
         raise CheckpointError(
             f"checkpoint {model}@{revision} is not in the HF cache {hub_cache(cache_dir)} and HF_HUB_OFFLINE is set; "
             f"fetch it on a machine with internet: layertime prefetch SPEC "
-            f"(or: huggingface-cli download {model} --revision {revision})"
+            f"(or: hf download {model} --revision {revision})"
         )
     from huggingface_hub import HfApi
     from huggingface_hub.errors import HfHubHTTPError, RepositoryNotFoundError, RevisionNotFoundError

@@ -95,7 +95,7 @@ def _ranges(blocks: list[int]) -> str:
 @app.command()
 def run(
     spec_path: SpecPath,
-    cluster: Annotated[str, typer.Option(help="cluster profile: local (default)")] = "local",
+    cluster: Annotated[str, typer.Option(help="cluster profile: local (default) or slurm")] = "local",
     plain: Annotated[
         bool, typer.Option("--plain", help="run without Prefect: one process, one unit at a time")
     ] = False,
@@ -185,6 +185,56 @@ def submit(
     ui = PREFECT_UI_URL.value() or "(no UI URL: set PREFECT_UI_URL)"
     typer.echo(f"started flow run {flow_run.name} ({flow_run.id})")
     typer.echo(f"{ui}/runs/flow-run/{flow_run.id}")
+
+
+@app.command("slurm-script")
+def slurm_script(
+    spec_path: SpecPath,
+    set_: Annotated[
+        list[str] | None, typer.Option("--set", help="override a profile field, e.g. --set partition=gpu")
+    ] = None,
+) -> None:
+    """Print the job script the slurm profile would submit for SPEC, to check on the login node."""
+    _load(spec_path)
+    from flows.clusters import ClusterError, job_script
+
+    overrides = dict(item.split("=", 1) for item in set_ or [] if "=" in item)
+    if set_ and len(overrides) != len(set_):
+        _fail(f"--set: expected FIELD=VALUE, got {[i for i in set_ if '=' not in i]}")
+    try:
+        typer.echo(job_script(spec_path, overrides or None))
+    except ClusterError as e:
+        _fail(str(e))
+
+
+@app.command()
+def prefetch(
+    spec_path: SpecPath,
+    workers: Annotated[int, typer.Option(help="checkpoints downloaded at once")] = 4,
+    verify: Annotated[bool, typer.Option(help="verify offline after downloading")] = True,
+) -> None:
+    """On a login node (internet): download every checkpoint, task dataset and the metrics corpus the spec
+    needs into the HF cache, after checking free space; resumable. Exit 0 ready, 1 failed, 3 disk too small."""
+    spec = _load(spec_path)
+    os.environ.setdefault("MTEB_CACHE", str(RunDir.of(spec.run_root, spec.store).mteb_results))
+    from layertime import prefetch as fetching
+
+    raise typer.Exit(fetching.main(spec_path, workers=workers, verify=verify))
+
+
+@app.command()
+def verify(
+    spec_path: SpecPath,
+    load_tasks: Annotated[bool, typer.Option(help="load every task's data as the run will")] = True,
+    rehash: Annotated[bool, typer.Option(help="hash every weight file again")] = False,
+) -> None:
+    """Offline: check that everything the spec needs is in the cache; one row per item, with the command
+    that fixes each problem. Exit 0 when all is ready, 1 when anything is missing or corrupt."""
+    spec = _load(spec_path)
+    os.environ.setdefault("MTEB_CACHE", str(RunDir.of(spec.run_root, spec.store).mteb_results))
+    from layertime import verify as checking
+
+    raise typer.Exit(checking.main(spec_path, load_tasks=load_tasks, rehash=rehash))
 
 
 @app.command()

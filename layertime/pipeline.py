@@ -108,11 +108,11 @@ def _git_commit() -> str | None:
     return out.stdout.strip() or None
 
 
-def task_texts(task: str, run: RunDir, aggregation: str) -> Any:
+def task_texts(task: str, run: RunDir, aggregation: str, hf_cache: Path | None = None) -> Any:
     """The exact texts mteb will ask for on `task` (a cached recording pass): a `TaskTexts`."""
     from layertime.bridge import recorded_texts
 
-    return recorded_texts(task, run.texts, aggregation)
+    return recorded_texts(task, run.texts, aggregation, hf_cache)
 
 
 def missing_layers(
@@ -180,6 +180,7 @@ def score_unit(
     embeddings: Path | None,
     aggregation: str,
     num_blocks: int,
+    hf_cache: Path | None = None,
 ) -> dict[int, list[dict]]:
     """Rows per layer of one unit: recorded layers are read back, the others scored with mteb.
 
@@ -201,7 +202,7 @@ def score_unit(
         return model_meta(ckpt.model, ckpt.key, dim, {"layer": block, **settings.as_dict()})
 
     layers = ((b, load_embeddings(embeddings, b)) for b in todo)
-    for block, subsets in score_layers(task, layers, meta, run.mteb_results, aggregation).items():
+    for block, subsets in score_layers(task, layers, meta, run.mteb_results, aggregation, hf_cache).items():
         rows[block] = [
             {
                 "model": ckpt.model,
@@ -237,7 +238,7 @@ def metrics_prompts(spec: ExperimentSpec, run: RunDir) -> tuple[str, list[str]]:
             text
             for task in spec.tasks
             for text in metrics_corpus.task_sample(
-                task_texts(task, run, spec.aggregation).texts, m.sample, m.seed
+                task_texts(task, run, spec.aggregation, spec.hf_cache).texts, m.sample, m.seed
             )
         ]
         return f"tasks[{m.sample}/task]", list(dict.fromkeys(prompts))
@@ -366,7 +367,7 @@ def run_spec(spec: ExperimentSpec, progress: Progress | None = None, device: str
     run = RunDir.of(spec.run_root, spec.store)
     settings = Settings.of(spec, device)
     write_snapshot(plan, run, settings)
-    texts = {t: task_texts(t, run, spec.aggregation) for t in plan.tasks}
+    texts = {t: task_texts(t, run, spec.aggregation, spec.hf_cache) for t in plan.tasks}
     units = [(c, t) for c in plan.distinct_checkpoints() for t in plan.tasks]
     scored = skipped = embedded = 0
     for i, ckpt in enumerate(plan.distinct_checkpoints()):
@@ -379,9 +380,8 @@ def run_spec(spec: ExperimentSpec, progress: Progress | None = None, device: str
                     encoder = load_encoder(spec, ckpt, plan.blocks, settings, device)
                 path = embed_unit(encoder, run, settings, ckpt, task, texts[task].texts, plan.blocks)
                 embedded += len(texts[task].texts)
-                score_unit(
-                    run, settings, ckpt, task, todo, path, spec.aggregation, encoder.anatomy.num_blocks
-                )
+                num_blocks = encoder.anatomy.num_blocks
+                score_unit(run, settings, ckpt, task, todo, path, spec.aggregation, num_blocks, spec.hf_cache)
                 scored += len(todo)
                 if not spec.keep_embeddings:
                     shutil.rmtree(path, ignore_errors=True)

@@ -99,7 +99,9 @@ def score_policy(store: Path) -> CachePolicy:
       persist_result=True)  # fmt: skip
 def record(task_name: str, spec: ExperimentSpec) -> tuple[str, int, int]:
     """One recording pass of `task_name` (kept in the store): (dataset revision, unique texts, requested)."""
-    found = pipeline.task_texts(task_name, RunDir.of(spec.run_root, spec.store), spec.aggregation)
+    found = pipeline.task_texts(
+        task_name, RunDir.of(spec.run_root, spec.store), spec.aggregation, spec.hf_cache
+    )
     return found.dataset_revision, len(found.texts), found.requested
 
 
@@ -112,7 +114,7 @@ def _embed(unit: Unit) -> Path:
 
     A plain function, so the task pickles it by reference (the lock stays in the worker).
     """
-    texts = pipeline.task_texts(unit.task, unit.run, unit.spec.aggregation).texts
+    texts = pipeline.task_texts(unit.task, unit.run, unit.spec.aggregation, unit.spec.hf_cache).texts
     key = (unit.checkpoint, unit.blocks, unit.settings, unit.spec.tokens_per_batch, str(unit.spec.hf_cache))
     with _ENCODER_LOCK:  # one forward pass at a time per worker: the GPU is the bottleneck
         if _ENCODER.get("key") != key:
@@ -140,7 +142,7 @@ def score(unit: Unit, layer: int, embeddings: str | None) -> list[dict]:
     """mteb main scores of one (checkpoint, task, layer); a recorded layer is read back."""
     rows = pipeline.score_unit(
         unit.run, unit.settings, unit.checkpoint, unit.task, [layer],
-        Path(embeddings) if embeddings else None, unit.spec.aggregation, unit.num_blocks,
+        Path(embeddings) if embeddings else None, unit.spec.aggregation, unit.num_blocks, unit.spec.hf_cache,
     )  # fmt: skip
     return rows[layer]
 

@@ -9,7 +9,7 @@ from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
 from prefect.testing.utilities import prefect_test_harness
 
-from flows.layer_by_layer import UnitsFailed, layer_by_layer
+from flows.layer_by_layer import NotReady, UnitsFailed, layer_by_layer
 from layertime import pipeline
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -93,3 +93,23 @@ def test_sibling_specs_compute_their_shared_units_once(hub, tmp_path):
     )
     assert states["score[step2000 · DemoSTS · L2]"] == "Completed"
     assert "embed[step3000 · DemoSTS]" not in states  # nothing left to embed for the shared commit
+
+
+def test_the_flow_refuses_to_start_when_the_cache_misses_a_checkpoint(hub, tmp_path):
+    import shutil
+
+    # The demo model under another repo id: the demo world would rebuild its own missing files.
+    broken = tmp_path / "hub"
+    repo = broken / "models--testorg--tiny-neox"
+    shutil.copytree(hub / "models--layertime--tiny-neox", repo, symlinks=True)
+    commit = (repo / "refs" / "step2000").read_text().strip()
+    (repo / "snapshots" / commit / "model.safetensors").unlink()  # the weights of one revision are gone
+    state, states = _run({"run_root": str(tmp_path / "demo"), "hf_cache": str(broken), "model": "testorg/tiny-neox",
+                          "checkpoints": ["step1000", "step2000"], "tasks": ["DemoSTS"], "layers": [3]})  # fmt: skip
+    assert state.is_failed()
+    with pytest.raises(
+        NotReady,
+        match=r"(?s)testorg/tiny-neox@step2000 weights .*missing.*fix: hf download testorg/tiny-neox --revision step2000",
+    ):
+        state.result()
+    assert not states  # no task ran: no GPU work started

@@ -9,6 +9,7 @@ The profile's settings and job script are checked without SLURM.
 from __future__ import annotations
 
 import asyncio
+import os
 import re
 import shutil
 import subprocess
@@ -30,11 +31,17 @@ GRID = {"checkpoints": ["step1000", "main"], "layers": [3], "tasks": ["DemoSTS",
 UNITS = 2 * 1 * 2  # checkpoints x layers x tasks
 
 
+@pytest.fixture(autouse=True)
+def _no_profile_from_the_environment(monkeypatch):
+    """Each test starts from deployments/clusters/slurm.yaml alone, whatever this shell exports."""
+    for key in [k for k in os.environ if k.startswith("LAYERTIME_SLURM_")]:
+        monkeypatch.delenv(key)
+
+
 # --- the profile, without SLURM ----------------------------------------------------------------
 
 
-def test_exp2_job_script_asks_for_what_the_profile_says(monkeypatch):
-    monkeypatch.delenv("LAYERTIME_SLURM_CONFIG", raising=False)
+def test_exp2_job_script_asks_for_what_the_profile_says():
     script = job_script(
         ROOT / "deployments/exp2.yaml",
         {"account": "lab-42", "partition": "gpu", "cpus": 8, "memory": "64G", "walltime": "12:00:00",
@@ -73,7 +80,15 @@ def test_settings_come_from_file_then_environment_then_overrides(tmp_path, monke
     s = load_slurm_settings({"cpus": 2})
     assert (s.partition, s.account, s.cpus, s.walltime) == ("b", None, 2, "01:00:00")
     assert s.job_extra_directives == ["--qos=long"] and s.walltime_seconds == 3600
-    assert SlurmSettings(walltime="2-00:30:00").walltime_seconds == 2 * 86400 + 1800
+    seconds = {
+        "90": 5400,
+        "90:30": 5430,
+        "12:00:00": 43200,
+        "2-12": 216000,
+        "2-00:30": 174600,
+        "1-0:0:5": 86405,
+    }
+    assert {w: SlurmSettings(walltime=w).walltime_seconds for w in seconds} == seconds
 
 
 def test_a_bad_field_names_itself_and_where_it_came_from(monkeypatch):
@@ -120,7 +135,6 @@ def ci_profile(tmp_path, monkeypatch):
            "WALLTIME": "00:15:00", "DEVICE": "cpu", "GPUS": "1", "INTERFACE": "lo", "DASHBOARD_ADDRESS": "",
            "MIN_JOBS": "1", "MAX_JOBS": "1", "DEATH_TIMEOUT": "30", "LOG_DIRECTORY": str(logs),
            "JOB_NAME": job_name}  # fmt: skip
-    monkeypatch.delenv("LAYERTIME_SLURM_CONFIG", raising=False)
     for key, value in env.items():
         monkeypatch.setenv(f"LAYERTIME_SLURM_{key}", value)
     yield logs
@@ -173,6 +187,11 @@ def _scores(run_root: Path) -> pl.DataFrame:
     return scores.drop("seconds").sort("revision", "task", "layer", "subset")
 
 
+def _metrics(run_root: Path) -> pl.DataFrame:
+    metrics = pl.read_parquet(run_root / "tables/metrics.parquet")
+    return metrics.drop([c for c in metrics.columns if c == "seconds"]).sort(metrics.columns)
+
+
 def _one_blas_thread():
     """The slurm profile pins BLAS to one thread (DESIGN §10): the local reference does the same."""
     import contextlib
@@ -209,6 +228,10 @@ def test_demo_runs_in_slurm_jobs_with_the_scores_of_a_local_run(prefect_api, ci_
     slurm_scores, local_scores = _scores(tmp_path / "slurm/demo"), _scores(tmp_path / "local/demo")
     assert slurm_scores.height == UNITS
     assert slurm_scores.equals(local_scores), f"{slurm_scores}\n!=\n{local_scores}"
+    slurm_metrics, local_metrics = _metrics(tmp_path / "slurm/demo"), _metrics(tmp_path / "local/demo")
+    assert slurm_metrics.height > 0 and slurm_metrics.equals(local_metrics), (
+        f"{slurm_metrics}\n!=\n{local_metrics}"
+    )
 
     jobs = _jobs(ci_profile)  # the work ran in real batch jobs: their workers' output is there
     assert jobs, f"no job output in {ci_profile}"
@@ -261,6 +284,23 @@ def test_a_rejection_after_the_start_fails_the_pending_tasks_with_slurms_message
     ):
         state.result()
     assert time.monotonic() - started < 60
+
+
+@pytest.mark.slow
+@needs_slurm
+def test_jobs_whose_worker_cannot_start_fail_the_flow_with_the_jobs_log(
+    prefect_api, ci_profile, hub, tmp_path, monkeypatch
+):
+    monkeypatch.setenv("LAYERTIME_SLURM_PYTHON", "/nonexistent/venv/bin/python")  # a wrong path on the nodes
+    started = time.monotonic()
+    state = _run({**GRID, "hf_cache": str(hub), "run_root": str(tmp_path / "demo")}, "slurm")
+    assert state.is_failed()
+    with pytest.raises(
+        Exception, match="(?s)ended before its Dask worker connected.*/nonexistent/venv/bin/python"
+    ):
+        state.result()
+    assert time.monotonic() - started < 60
+    assert len(_jobs(ci_profile)) == 2  # the first failure is retried once, the second ends the run
 
 
 @pytest.mark.slow

@@ -1,0 +1,532 @@
+"""Offline verification: is everything a spec needs in the caches, complete and loadable? (DESIGN §8)
+
+`verify(spec)` runs with the hub switched off (whatever the environment says) and returns one `Item`
+per thing checked, each with the exact shell command that fixes it when it is not ok:
+
+- per checkpoint revision: its ref in the cache; the config and the tokenizer load with
+  ``local_files_only``; every weight file is complete. A file's expected size and sha256 come from the
+  tree listing huggingface_hub stores beside the snapshots (``trees/<commit>.json``, written by
+  `snapshot_download`); without one, an LFS blob's name is its sha256. Safetensors headers are read too,
+  so a truncated file is caught even where neither is known;
+- per real MTEB task: its dataset snapshot at the revision mteb pins, complete; then the task's data
+  loaded from that snapshot the way an offline run loads it (`prefetch.use_local_snapshot`), and
+  reranking tasks must keep their per-query candidate lists. Demo tasks load in memory;
+- the metrics corpus: wikitext-103 from the datasets cache, or the corpus file.
+
+Hashes already checked are remembered per blob (size and mtime) in ``<cache>/.layertime/verified.json``,
+so verifying again costs a stat per file; `rehash=True` hashes everything again.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import re
+import struct
+import sys
+import threading
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from layertime import checkpoints, prefetch, suite
+from layertime.prefetch import RemoteFile, _first_line, download_command, human, storage_folder
+from layertime.spec import ExperimentSpec
+
+OK, MISSING, CORRUPT = "ok", "missing", "corrupt"
+_SHA256 = re.compile(r"[0-9a-f]{64}")
+_SHA1 = re.compile(r"[0-9a-f]{40}")
+_GIT_HASH_LIMIT = 50_000_000  # small (non-LFS) files are checked against their git blob sha1 up to this size
+_CHUNK = 8 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class Item:
+    """One thing checked: what, of which kind, its status, its size on disk, and how to fix it."""
+
+    item: str  # "EleutherAI/pythia-410m@step94000 model.safetensors", "task SciDocsRR", ...
+    kind: str  # revision | config | tokenizer | weights | dataset | task | metrics
+    status: str  # ok | missing | corrupt
+    size: int | None = None
+    fix: str | None = None  # the shell command that fixes it (None when ok)
+    detail: str = ""
+
+    @property
+    def ok(self) -> bool:
+        return self.status == OK
+
+
+@contextlib.contextmanager
+def offline() -> Iterator[None]:
+    """Switch huggingface_hub and datasets to offline mode for the duration (they read it at import)."""
+    from huggingface_hub import constants
+
+    saved_env, saved = os.environ.get("HF_HUB_OFFLINE"), constants.HF_HUB_OFFLINE
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    constants.HF_HUB_OFFLINE = True
+    ds_config = sys.modules.get("datasets.config")
+    ds_saved = (ds_config.HF_HUB_OFFLINE, ds_config.HF_DATASETS_OFFLINE) if ds_config else (saved, saved)
+    if ds_config:
+        ds_config.HF_HUB_OFFLINE = ds_config.HF_DATASETS_OFFLINE = True
+    try:
+        yield
+    finally:
+        if saved_env is None:
+            os.environ.pop("HF_HUB_OFFLINE", None)
+        else:
+            os.environ["HF_HUB_OFFLINE"] = saved_env
+        constants.HF_HUB_OFFLINE = saved
+        # datasets may have been imported inside the block, reading the offline env: restore it too.
+        if ds_config := sys.modules.get("datasets.config"):
+            ds_config.HF_HUB_OFFLINE, ds_config.HF_DATASETS_OFFLINE = ds_saved
+
+
+def verify(
+    spec: ExperimentSpec,
+    *,
+    spec_path: str | Path | None = None,
+    load_tasks: bool = True,
+    rehash: bool = False,
+    workers: int = 4,
+) -> list[Item]:
+    """Check, offline, everything `spec` needs (see the module doc); one Item per thing checked.
+
+    `spec_path` only shapes the fix commands (``layertime prefetch SPEC`` where no narrower one exists).
+    `load_tasks=False` skips loading the task data (snapshots are still checked).
+    """
+    checker = _Checker(spec, spec_path, rehash, workers)
+    with offline():
+        items = checker.checkpoints()
+        items += checker.tasks(load_tasks)
+        items += checker.metrics(items)
+    checker.memo.save()
+    return items
+
+
+def failed(items: list[Item]) -> list[Item]:
+    return [i for i in items if not i.ok]
+
+
+# ----------------------------------------------------------------------------- the checks
+
+
+class _Checker:
+    def __init__(self, spec: ExperimentSpec, spec_path: str | Path | None, rehash: bool, workers: int):
+        self.spec = spec
+        self.cache = checkpoints.hub_cache(spec.hf_cache)
+        self.cache_arg = spec.hf_cache  # as the user wrote it, for the fix commands
+        self.prefetch_cmd = f"layertime prefetch {spec_path}" if spec_path else "layertime prefetch SPEC"
+        self.memo = _HashMemo(self.cache, rehash)
+        self.workers = max(1, workers)
+
+    # -- checkpoints
+
+    def checkpoints(self) -> list[Item]:
+        spec = self.spec
+        if Path(spec.model).is_dir():
+            return self._loads(spec.model, None, spec.model, None, {})
+        from layertime.pipeline import prepare_world
+
+        prepare_world(spec)  # the demo model is built locally, never downloaded
+        items: list[Item] = []
+        by_commit: dict[str, list[Item]] = {}
+        for revision in spec.checkpoints:
+            label = f"{spec.model}@{revision}"
+            commit = prefetch.cached_commit(self.cache, spec.model, revision)
+            snapshot = storage_folder(self.cache, spec.model) / "snapshots" / (commit or "-")
+            if commit is None or not snapshot.is_dir():
+                what = "no ref in the cache" if commit is None else f"ref -> {commit[:12]}, but no snapshot"
+                include = (*prefetch.MODEL_PATTERNS, *self._weight_patterns())
+                fix = download_command(
+                    spec.model, revision=revision, cache_dir=self.cache_arg, include=include
+                )
+                items.append(Item(label, "revision", MISSING, None, fix, what))
+                continue
+            if commit not in by_commit:
+                by_commit[commit] = self._checkpoint(label, revision, commit, snapshot)
+            # Revisions sharing a commit (main = step143000) share its files: same results, own labels.
+            items += [_relabel(i, label, revision) for i in by_commit[commit]]
+        return items
+
+    def _checkpoint(self, label: str, revision: str, commit: str, snapshot: Path) -> list[Item]:
+        expected = self._expected(self.spec.model, "model", commit, snapshot)
+        names = prefetch.select_model_files(expected)
+        weights = [n for n in names if prefetch.is_weight_file(n)]
+        checks = self._check_files(snapshot, [(n, expected[n]) for n in names])
+        items: list[Item] = []
+        if not any(n.endswith((".safetensors", ".bin")) for n in weights):
+            fix = download_command(self.spec.model, revision=revision, cache_dir=self.cache_arg,
+                                   include=("*.json", *self._weight_patterns()))  # fmt: skip
+            items.append(
+                Item(f"{label} weights", "weights", MISSING, None, fix, "no weight files in the snapshot")
+            )
+        for name in weights:
+            status, size, detail = checks[name]
+            fix = None
+            if status != OK:
+                fix = download_command(self.spec.model, [name], revision=revision, cache_dir=self.cache_arg,
+                                       force=status == CORRUPT)  # fmt: skip
+            items.append(Item(f"{label} {name}", "weights", status, size, fix, detail))
+        groups = {
+            n: [m for m in names if m in files]
+            for n, files in (("config", prefetch.CONFIG_FILES), ("tokenizer", prefetch.TOKENIZER_FILES))
+        }
+        return items + self._loads(self.spec.model, commit, label, revision, checks, groups)
+
+    def _weight_patterns(self) -> tuple[str, ...]:
+        """The weight format the model's other cached revisions use (both when none is cached)."""
+        snapshots = storage_folder(self.cache, self.spec.model) / "snapshots"
+        for kind, suffix in (("safetensors", "*.safetensors"), ("bin", "*.bin")):
+            if any(snapshots.glob(f"*/{suffix}")):
+                return prefetch.WEIGHT_PATTERNS[kind]
+        return prefetch.WEIGHT_PATTERNS["safetensors"] + prefetch.WEIGHT_PATTERNS["bin"]
+
+    def _loads(
+        self, model: str, commit: str | None, label: str, revision: str | None, checks: dict, groups=None
+    ) -> list[Item]:
+        """Config and tokenizer items: their files complete, then loaded as the run loads them."""
+        items = []
+        for kind, loader in (("config", _load_config), ("tokenizer", _load_tokenizer)):
+            files = (groups or {}).get(kind, [])
+            bad = [(n, checks[n]) for n in files if checks[n][0] != OK]
+            size = sum(checks[n][1] or 0 for n in files) or None
+            if bad:
+                status = MISSING if any(c[0] == MISSING for _, c in bad) else CORRUPT
+                fix = download_command(model, [n for n, _ in bad], revision=revision or "main",
+                                       cache_dir=self.cache_arg, force=status == CORRUPT)  # fmt: skip
+                detail = "; ".join(f"{n}: {c[2]}" for n, c in bad)
+                items.append(Item(f"{label} {kind}", kind, status, size, fix, detail))
+                continue
+            error = loader(model, commit, self.spec.hf_cache)
+            if error is None:
+                items.append(Item(f"{label} {kind}", kind, OK, size))
+                continue
+            fix = (
+                download_command(model, files, revision=revision, cache_dir=self.cache_arg, force=True)
+                if files and revision
+                else self.prefetch_cmd
+            )
+            status = MISSING if not files else CORRUPT
+            items.append(Item(f"{label} {kind}", kind, status, size, fix, error))
+        return items
+
+    # -- files
+
+    def _expected(
+        self, repo_id: str, repo_type: str, commit: str, snapshot: Path
+    ) -> dict[str, RemoteFile | None]:
+        """path -> what the hub said about it (tree listing), or None per file present when there is none."""
+        tree = storage_folder(self.cache, repo_id, repo_type) / "trees" / f"{commit}.json"
+        try:
+            files = json.loads(tree.read_text())["files"]
+            return {
+                path: RemoteFile(path, e.get("lfs_size") or e["size"], e["blob_id"], e.get("lfs_sha256"))
+                for path, e in files.items()
+            }
+        except (OSError, ValueError, KeyError):
+            pass
+        present = (p for p in snapshot.rglob("*") if p.is_symlink() or p.is_file())
+        return {p.relative_to(snapshot).as_posix(): None for p in present}
+
+    def _check_files(self, snapshot: Path, files: list[tuple[str, RemoteFile | None]]) -> dict[str, tuple]:
+        """name -> (status, size, detail) for each file of a snapshot, hashed a few at a time."""
+        with ThreadPoolExecutor(self.workers) as pool:
+            results = pool.map(lambda f: _check_file(snapshot / f[0], f[1], self.memo), files)
+            return {name: result for (name, _), result in zip(files, results, strict=True)}
+
+    # -- tasks
+
+    def tasks(self, load: bool) -> list[Item]:
+        items: list[Item] = []
+        for name in self.spec.tasks:
+            located = prefetch.task_dataset(name)
+            if located is not None:
+                item = self._dataset(name, *located)
+                items.append(item)
+                if not item.ok:
+                    continue
+            if load:
+                items.append(self._load_task(name))
+        return items
+
+    def _dataset(self, task: str, path: str, revision: str) -> Item:
+        label = f"dataset {task}"
+        snapshot = prefetch.dataset_snapshot(path, revision, self.cache)
+        fix = download_command(path, revision=revision, repo_type="dataset", cache_dir=self.cache_arg)
+        if snapshot is None:
+            return Item(
+                label, "dataset", MISSING, None, fix, f"no snapshot of {path}@{revision[:10]} (mteb's pin)"
+            )
+        commit = snapshot.name
+        expected = self._expected(path, "dataset", commit, snapshot)
+        checks = self._check_files(snapshot, sorted(expected.items()))
+        size = sum(c[1] or 0 for c in checks.values())
+        bad = {n: c for n, c in checks.items() if c[0] != OK}
+        if not bad:
+            return Item(label, "dataset", OK, size, None, f"{path}@{revision[:10]}, {len(checks)} files")
+        status = MISSING if any(c[0] == MISSING for c in bad.values()) else CORRUPT
+        detail = "; ".join(f"{n}: {c[2]}" for n, c in sorted(bad.items())[:3]) + (
+            " ..." if len(bad) > 3 else ""
+        )
+        if status == CORRUPT:
+            fix = download_command(path, sorted(bad), revision=revision, repo_type="dataset",
+                                   cache_dir=self.cache_arg, force=True)  # fmt: skip
+        return Item(label, "dataset", status, size, fix, detail)
+
+    def _load_task(self, name: str) -> Item:
+        label = f"task {name}"
+        reranking = suite.task_type(name) == "Reranking"
+        try:
+            task = prefetch.use_local_snapshot(suite.build_task(name, self.spec.aggregation), self.cache)
+            task.load_data()
+            problem = _candidates_problem(task) if reranking else None
+        except Exception as e:  # whatever loading raises, the row says it and the run would fail the same way
+            problem = f"does not load: {type(e).__name__}: {_first_line(e)}"
+        if problem:
+            return Item(label, "task", CORRUPT, None, self.prefetch_cmd, problem)
+        return Item(
+            label, "task", OK, None, None, "loads" + (", candidate lists present" if reranking else "")
+        )
+
+    # -- metrics corpus
+
+    def metrics(self, items: list[Item]) -> list[Item]:
+        m = self.spec.metrics
+        if m is None:
+            return []
+        from layertime import metrics_corpus
+
+        label = f"metrics corpus {m.corpus}"
+        if m.corpus == "wikitext-103":
+            try:
+                lines = metrics_corpus.wikitext_lines(m.lines)
+            except metrics_corpus.CorpusError as e:
+                return [Item(label, "metrics", MISSING, None, metrics_corpus.prefetch_command(), _short(e))]
+            return [
+                Item(label, "metrics", OK, None, None, f"{len(metrics_corpus.filter_lines(lines))} prompts")
+            ]
+        if m.corpus == "tasks":
+            bad = [i.item for i in items if i.kind in ("task", "dataset") and not i.ok]
+            if bad:
+                return [Item(label, "metrics", MISSING, None, self.prefetch_cmd, f"needs {', '.join(bad)}")]
+            return [Item(label, "metrics", OK, None, None, "sampled from the tasks' texts")]
+        path = Path(m.corpus)
+        if not path.is_file():
+            return [Item(label, "metrics", MISSING, None, None, f"file {path} does not exist")]
+        return [
+            Item(
+                label,
+                "metrics",
+                OK,
+                path.stat().st_size,
+                None,
+                f"{len(metrics_corpus.file_prompts(path))} prompts",
+            )
+        ]
+
+
+def _relabel(item: Item, label: str, revision: str) -> Item:
+    """`item` of the first revision on a commit, restated for another revision on the same commit."""
+    first = item.item.split(" ", 1)[0]
+    fix = item.fix
+    if fix and "--revision" in fix:
+        fix = re.sub(r"--revision \S+", f"--revision {revision}", fix)
+    return Item(item.item.replace(first, label, 1), item.kind, item.status, item.size, fix, item.detail)
+
+
+def _short(error: BaseException) -> str:
+    return str(error).split(". Fetch it", 1)[0]
+
+
+def _load_config(model: str, commit: str | None, cache_dir) -> str | None:
+    from transformers import AutoConfig
+
+    try:
+        AutoConfig.from_pretrained(model, revision=commit, cache_dir=_cache(cache_dir), local_files_only=True)
+    except Exception as e:  # OSError, ValueError (bad JSON), ...
+        return f"does not load: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+    return None
+
+
+def _load_tokenizer(model: str, commit: str | None, cache_dir) -> str | None:
+    from transformers import AutoTokenizer
+
+    try:
+        AutoTokenizer.from_pretrained(
+            model, revision=commit, cache_dir=_cache(cache_dir), local_files_only=True
+        )
+    except Exception as e:
+        return f"does not load: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+    return None
+
+
+def _cache(cache_dir) -> str | None:
+    return str(cache_dir) if cache_dir is not None else None
+
+
+def _candidates_problem(task: Any) -> str | None:
+    """None when every (subset, split) of a reranking task has per-query candidate lists."""
+    for subset, splits in (task.dataset or {}).items():
+        for split, data in splits.items():
+            top_ranked = data.get("top_ranked") if isinstance(data, dict) else None
+            if not top_ranked:
+                return f"{subset}/{split}: no per-query candidate lists (top_ranked): mteb would score it as retrieval"
+            queries = len(data["queries"])
+            if len(top_ranked) < queries:
+                return f"{subset}/{split}: candidate lists for {len(top_ranked)} of {queries} queries"
+    return None
+
+
+# ----------------------------------------------------------------------------- one file
+
+
+def _check_file(pointer: Path, expected: RemoteFile | None, memo: _HashMemo) -> tuple[str, int | None, str]:
+    """(status, size, detail) of one snapshot entry against what the hub said (or its blob name)."""
+    if not pointer.exists():
+        if pointer.is_symlink():
+            return MISSING, expected.size if expected else None, "blob missing (dangling snapshot link)"
+        return MISSING, expected.size if expected else None, "not in the cache"
+    blob = pointer.resolve()
+    size = blob.stat().st_size
+    if expected is not None and size != expected.size:
+        return CORRUPT, size, f"{size} bytes, expected {expected.size}"
+    name = blob.name if blob.parent.name == "blobs" else ""
+    sha256 = expected.sha256 if expected and expected.sha256 else (name if _SHA256.fullmatch(name) else None)
+    if sha256:
+        actual = memo.sha256(blob)
+        if actual != sha256:
+            return CORRUPT, size, f"sha256 {actual[:12]}..., expected {sha256[:12]}..."
+    else:
+        git = expected.blob_id if expected and expected.blob_id else (name if _SHA1.fullmatch(name) else None)
+        if git and size <= _GIT_HASH_LIMIT and _git_sha1(blob) != git:
+            return CORRUPT, size, "content differs from its git blob id"
+    if pointer.name.endswith(".safetensors"):
+        problem = _safetensors_problem(blob, size)
+        if problem:
+            return CORRUPT, size, problem
+    return OK, size, ""
+
+
+def _safetensors_problem(path: Path, size: int) -> str | None:
+    """None when the file is as long as its header says (8-byte length, JSON header, tensor data)."""
+    try:
+        with open(path, "rb") as f:
+            (n,) = struct.unpack("<Q", f.read(8))
+            if n > min(size, 100_000_000):
+                return "truncated or not a safetensors file (header length)"
+            header = json.loads(f.read(n))
+        end = max((t["data_offsets"][1] for k, t in header.items() if k != "__metadata__"), default=0)
+    except (OSError, ValueError, KeyError, TypeError, struct.error) as e:
+        return f"unreadable safetensors header: {type(e).__name__}"
+    if 8 + n + end != size:
+        return f"{size} bytes, its header needs {8 + n + end} (truncated)"
+    return None
+
+
+def _git_sha1(path: Path) -> str:
+    data = path.read_bytes()
+    return hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest()
+
+
+class _HashMemo:
+    """sha256 of blobs already hashed, keyed by (size, mtime): a second verify only stats the files."""
+
+    def __init__(self, cache: Path, rehash: bool):
+        self.path = Path(cache) / ".layertime" / "verified.json"
+        self.lock = threading.Lock()
+        self.entries: dict[str, list] = {}
+        self.dirty = False
+        if not rehash:
+            with contextlib.suppress(OSError, ValueError):
+                self.entries = json.loads(self.path.read_text())
+
+    def sha256(self, blob: Path) -> str:
+        st = blob.stat()
+        key = str(blob)
+        with self.lock:
+            known = self.entries.get(key)
+        if known and known[:2] == [st.st_size, st.st_mtime_ns]:
+            return known[2]
+        digest = hashlib.sha256()
+        with open(blob, "rb") as f:
+            while chunk := f.read(_CHUNK):
+                digest.update(chunk)
+        value = digest.hexdigest()
+        with self.lock:
+            self.entries[key] = [st.st_size, st.st_mtime_ns, value]
+            self.dirty = True
+        return value
+
+    def save(self) -> None:
+        """Best effort: a read-only cache is verified all the same, just hashed again next time."""
+        if not self.dirty:
+            return
+        from layertime.io import atomic_write_text
+
+        with contextlib.suppress(OSError):
+            atomic_write_text(self.path, json.dumps(self.entries))
+
+
+# ----------------------------------------------------------------------------- the table
+
+
+def format_table(items: list[Item], spec_path: str | Path | None = None) -> str:
+    """A table: item, kind, status, size, and for each problem its detail and the command that fixes it."""
+    head = ("item", "kind", "status", "size", "detail / fix")
+    rows = [(i.item, i.kind, i.status, human(i.size) if i.size is not None else "", i.detail) for i in items]
+    widths = [max(len(r[c]) for r in [head, *rows]) for c in range(4)]
+    lines = ["  ".join(h.ljust(w) for h, w in zip(head, widths, strict=False)).rstrip() + "  " + head[4]]
+    for item, row in zip(items, rows, strict=True):
+        cells = "  ".join(c.ljust(w) for c, w in zip(row, widths, strict=False))
+        lines.append(f"{cells}  {row[4]}".rstrip())
+        if item.fix:
+            lines.append(" " * (sum(widths) + 8) + f"fix: {item.fix}")
+    bad = failed(items)
+    counts = {s: sum(i.status == s for i in items) for s in (OK, MISSING, CORRUPT)}
+    lines.append(", ".join(f"{n} {s}" for s, n in counts.items() if n or s == OK))
+    if bad:
+        lines.append(
+            f"NOT READY for an offline run: {len(bad)} problem(s). Fix each with its command above, or fetch "
+            f"everything at once (with internet): layertime prefetch {spec_path or 'SPEC'}"
+        )
+    else:
+        lines.append("ready for an offline run (HF_HUB_OFFLINE=1)")
+    return "\n".join(lines)
+
+
+def print_table(items: list[Item], spec_path: str | Path | None = None, file=None) -> None:
+    print(format_table(items, spec_path), file=file or sys.stdout)
+
+
+def main(spec_path: str | Path, load_tasks: bool = True, rehash: bool = False) -> int:
+    """`layertime verify SPEC`: print the table; exit status 0 when all is ok, 1 when anything is
+    missing or corrupt, 2 for a spec that does not load."""
+    from layertime.spec import SpecError, load_spec
+
+    try:
+        spec = load_spec(spec_path)
+    except SpecError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    items = verify(spec, spec_path=spec_path, load_tasks=load_tasks, rehash=rehash)
+    print_table(items, spec_path)
+    return 1 if failed(items) else 0
+
+
+if __name__ == "__main__":
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m layertime.verify", description=main.__doc__)
+    parser.add_argument("spec")
+    parser.add_argument(
+        "--no-load-tasks", action="store_true", help="check dataset snapshots, do not load them"
+    )
+    parser.add_argument(
+        "--rehash", action="store_true", help="hash every file again (ignore remembered hashes)"
+    )
+    args = parser.parse_args()
+    sys.exit(main(args.spec, not args.no_load_tasks, args.rehash))
