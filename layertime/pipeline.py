@@ -155,10 +155,14 @@ def embed_unit(
     (tmp / "texts.json").write_text(json.dumps(texts))
     for b in blocks:
         np.save(tmp / f"layer_{b}.npy", vectors[b])
-    stats = encoder.last_stats.__dict__ if encoder.last_stats else {}
-    (tmp / "done.json").write_text(json.dumps({"seconds": time.perf_counter() - start, **stats}))
+    cost = {"phase": "embed", "task": task, "seconds": time.perf_counter() - start, "device": str(encoder.device),
+            **(encoder.last_stats.__dict__ if encoder.last_stats else {})}  # fmt: skip
+    (tmp / "done.json").write_text(json.dumps(cost))
     shutil.rmtree(target, ignore_errors=True)
     os.replace(tmp, target)  # the unit appears whole or not at all
+    atomic_write_text(
+        run.cost_record(settings.id, ckpt, f"embed__{task}"), json.dumps(cost)
+    )  # outlives cleanup
     return target
 
 
@@ -269,11 +273,15 @@ def measure_unit(
     if record.is_file():
         return read_record(record)
     corpus, prompts = metrics_prompts(spec, run)
+    start = time.perf_counter()
     encoder = load_encoder(spec, ckpt, blocks, settings, device)
     rows = [
         {"model": ckpt.model, "commit": ckpt.commit, "depth": (r["layer"] + 1) / plan.num_blocks, **r}
         for r in measure(encoder, prompts, m.views, m.lidar_views, m.seed, corpus)
     ]
+    cost = {"phase": "measure", "task": None, "seconds": time.perf_counter() - start, "device": str(encoder.device),
+            "texts": len(prompts) * (1 + max(m.views, m.lidar_views))}  # fmt: skip
+    atomic_write_text(run.cost_record(settings.id, ckpt, "measure"), json.dumps(cost))
     atomic_write_text(
         record, json.dumps({"settings": settings.as_dict(), "metrics": m.model_dump(), "rows": rows})
     )
@@ -339,6 +347,12 @@ def merge(
     out: dict[str, Path] = {}
     out["scores"] = tables.write_table(scores, run.tables, "scores")[0]
     out["metrics"] = tables.write_table(measured, run.tables, "metrics")[0]
+    costs = [
+        {**json.loads(p.read_text()), "model": ckpt.model, "commit": ckpt.commit, "revision": ckpt.revision}
+        for ckpt in plan.distinct_checkpoints()  # GPU work is per commit: counted once
+        for p in run.cost_records(settings.id, ckpt)
+    ]
+    out["costs"] = tables.write_table(tables.costs_frame(costs), run.tables, "costs")[0]
     layers = tables.with_metrics(tables.layers_frame(scores, len(plan.tasks)), measured)
     out["layers"] = tables.write_table(layers, run.tables, "layers")[0]
     summary = tables.summary_frame(scores, str(run.root))

@@ -1055,14 +1055,41 @@ def _missing_html(cov: pl.DataFrame, limit: int = 300) -> str:
     return f"<details><summary>{summary}</summary><ul>{items}{more}</ul></details>"
 
 
+def gpu_seconds(costs: pl.DataFrame) -> pl.DataFrame:
+    """Per GPU phase (embed, measure): units, seconds, texts forwarded, real and padded tokens."""
+    return (
+        costs.group_by("phase")
+        .agg(
+            pl.len().alias("units"),
+            pl.col("seconds").sum(),
+            pl.col("unique_texts").sum(),
+            pl.col("real_tokens").sum(),
+            pl.col("padded_tokens").sum(),
+            pl.col("device").unique().sort().str.join(", "),
+        )
+        .sort("phase")
+    )
+
+
 def _cost_html(a: Analysis) -> str:
     per_task = scoring_seconds(a.run.scores)
     total, rows = per_task["seconds"].sum(), per_task["rows"].sum()
-    return (
+    text = (
         f"<p>Scoring (CPU, <code>mteb.evaluate</code>): <b>{total:,.1f} s</b> over {rows} subset scores "
-        "computed (a commit named twice, like main = step3000, counted once). Embedding and metric "
-        "passes (GPU) are not timed in the tables.</p>"
+        "computed (a commit named twice, like main = step3000, counted once).</p>"
     )
+    path = a.run.root / "tables" / "costs.parquet"
+    if not path.is_file():
+        return text + "<p>Embedding and metric passes: not timed in this run's tables.</p>"
+    gpu = gpu_seconds(pl.read_parquet(path))
+    items = "".join(
+        f"<li>{esc(r['phase'])} ({esc(r['device'])}): <b>{r['seconds']:,.1f} s</b> over {r['units']} units"
+        + (f", {r['unique_texts']:,} texts forwarded, {r['real_tokens']:,} real / {r['padded_tokens']:,} "
+           "padded tokens" if r["phase"] == "embed" and r["unique_texts"] else "")
+        + "</li>"
+        for r in gpu.iter_rows(named=True)
+    )  # fmt: skip
+    return text + f"<p>Forward passes (the GPU phases, timed when they ran):</p><ul>{items}</ul>"
 
 
 def _texts_html(a: Analysis) -> str:

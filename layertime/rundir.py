@@ -56,6 +56,15 @@ class RunDir:
         """One (checkpoint, task) unit's embeddings: texts.json and layer_<b>.npy."""
         return self._unit("embeddings", settings, ckpt, task)
 
+    def cost_record(self, settings: str, ckpt: Checkpoint, name: str) -> Path:
+        """Measured cost of one GPU unit (`embed__<task>` or `measure`): seconds, texts, tokens."""
+        return self._unit("costs", settings, ckpt, name).with_suffix(".json")
+
+    def cost_records(self, settings: str, ckpt: Checkpoint) -> list[Path]:
+        return sorted(
+            (self.store / "costs" / settings / ckpt.model.replace("/", "--") / ckpt.key).glob("*.json")
+        )
+
     def metrics_record(self, settings: str, ckpt: Checkpoint, metrics: str) -> Path:
         """Completion record of one checkpoint's metrics (all layers), keyed by the metrics settings."""
         return (

@@ -73,6 +73,20 @@ def metrics_frame(rows: Sequence[dict]) -> pl.DataFrame:
     return frame.sort(["step", "revision", "layer", "metric", "normalization"], nulls_last=True)
 
 
+COST_SCHEMA = {
+    "model": pl.String, "revision": pl.String, "commit": pl.String, "phase": pl.String, "task": pl.String,
+    "device": pl.String, "seconds": pl.Float64, "texts": pl.Int64, "unique_texts": pl.Int64,
+    "real_tokens": pl.Int64, "padded_tokens": pl.Int64, "batches": pl.Int64,
+}  # fmt: skip
+
+
+def costs_frame(rows: Sequence[dict]) -> pl.DataFrame:
+    """The `costs` table: one row per GPU unit (embed per checkpoint and task, measure per checkpoint),
+    with its seconds, texts and tokens; each commit once (under the first revision naming it)."""
+    frame = pl.DataFrame([{c: r.get(c) for c in COST_SCHEMA} for r in rows], schema=COST_SCHEMA)
+    return frame.sort(["revision", "phase", "task"], nulls_last=True)
+
+
 def with_metrics(layers: pl.DataFrame, metrics: pl.DataFrame) -> pl.DataFrame:
     """`layers` with one column per metric beside the scores: `<metric>` for raw values,
     `<metric>_<normalization>` otherwise (e.g. `prompt_entropy_max_entropy`, `infonce_mi_lower_bound`)."""

@@ -131,3 +131,11 @@ def test_sibling_experiments_share_their_overlap(hub, tmp_path):
         .sort("task")
     )
     assert a["main_score"].to_list() == b["main_score"].to_list()
+
+
+def test_gpu_phases_are_timed_in_the_costs_table(spec, first):
+    costs = pl.read_parquet(first.tables["costs"])
+    embeds = costs.filter(pl.col("phase") == "embed")
+    assert embeds.height == 2 * 5  # one per (commit, task): main = step3000 counted once
+    assert (embeds["seconds"] > 0).all() and (embeds["padded_tokens"] >= embeds["real_tokens"]).all()
+    assert costs.filter(pl.col("phase") == "measure").height == 2
