@@ -35,11 +35,9 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import datetime as dt
 import json
 import math
 import os
-import platform
 import random
 import statistics
 import sys
@@ -49,6 +47,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+
+from machine import load_average, machine_info  # noqa: E402 (benchmarks/ is on sys.path)
 
 if TYPE_CHECKING:
     import torch
@@ -108,44 +108,6 @@ class Report:
 
 
 # ---------------------------------------------------------------------------------------------- machine
-
-
-def cpu_model() -> str:
-    """The CPU's model name from /proc/cpuinfo, else what `platform` knows."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def machine_info(device: torch.device) -> dict[str, str]:
-    """What the figures were measured on."""
-    import mteb
-    import torch
-    import transformers
-
-    info = {
-        "date": dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC"),
-        "cpu": cpu_model(),
-        "cores": str(os.cpu_count()),
-        "torch threads": str(torch.get_num_threads()),
-        "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else "none",
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
-        "mteb": mteb.__version__,
-        "python": platform.python_version(),
-        "platform": platform.platform(terse=True),
-        "load avg (1 min) at start": load_average(),
-    }
-    return info
-
-
-def load_average() -> str:
-    """The 1-minute load average: above the core count, other processes compete for the CPUs."""
-    return f"{os.getloadavg()[0]:.2f}" if hasattr(os, "getloadavg") else "n/a"
 
 
 def machine_title(machine: dict[str, str]) -> str:
@@ -488,7 +450,7 @@ def stage_breakdown(label: str, encoder: MultiLayerEncoder, texts: list[str]) ->
                 h = hidden[b + 1].float()
                 if encoder._norm is not None and not (b == L - 1 and encoder.anatomy.last_is_normed()):
                     h = encoder._norm(h)
-                vectors = encoder._pool(h, mask)
+                vectors = encoder.pool(h, mask)
                 if not torch.isfinite(vectors).all():
                     raise FloatingPointError(f"layer {b} is not finite")
                 pooled[b] = vectors.cpu().numpy()

@@ -34,10 +34,8 @@ No network: HF_HUB_OFFLINE=1; the model is written into a temporary hub cache.
 from __future__ import annotations
 
 import argparse
-import datetime as dt
 import math
 import os
-import platform
 import random
 import sys
 import tempfile
@@ -46,6 +44,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+
+from machine import machine_info  # noqa: E402 (benchmarks/ is on sys.path)
 
 if TYPE_CHECKING:
     import torch
@@ -81,32 +81,6 @@ SIZES: dict[str, Sizes] = {
 
 
 # ---------------------------------------------------------------------------------------------- machine
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def machine_info(device: torch.device) -> dict[str, str]:
-    import torch
-    import transformers
-
-    return {
-        "date": dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC"),
-        "cpu": cpu_model(),
-        "cores": str(os.cpu_count()),
-        "torch threads": str(torch.get_num_threads()),
-        "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else "none",
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
-        "python": platform.python_version(),
-    }
 
 
 def synchronize(device: torch.device) -> None:
