@@ -19,6 +19,10 @@ from torch import nn
 from layertime import architecture, checkpoints
 
 
+class EncoderOutOfMemory(MemoryError):
+    """A text that does not fit in GPU memory even in a batch of its own."""
+
+
 class NonFiniteEmbedding(FloatingPointError):
     """A layer produced NaN or inf (fp16 overflow in Pythia's huge-magnitude dimensions, bad weights)."""
 
@@ -123,6 +127,7 @@ class MultiLayerEncoder:
         self.max_length, self.tokens_per_batch = max_length, tokens_per_batch
         self.pad_id = self._pad_id()
         self.progress = progress
+        self.oom_splits = 0  # batches split after running out of GPU memory
         self.last_stats: EncodeStats | None = None
 
     def _pad_id(self) -> int:
@@ -162,7 +167,7 @@ class MultiLayerEncoder:
         batches = token_budget_batches([len(r) for r in ids], self.tokens_per_batch)
         padded = 0
         for batch in batches:
-            pooled = self._forward([ids[i] for i in batch])
+            pooled = self._forward_fitting([ids[i] for i in batch])
             padded += len(batch) * len(ids[batch[0]])
             for b, vectors in pooled.items():
                 out[b][batch] = vectors
@@ -205,6 +210,28 @@ class MultiLayerEncoder:
                 h = self._norm(h)
             states[b] = h
         return mask, states
+
+    def _forward_fitting(self, rows: list[list[int]]) -> dict[int, np.ndarray]:
+        """`_forward`, splitting a batch in halves while it runs out of GPU memory.
+
+        Later batches get half the token budget each time; a single text that does not fit alone
+        is an error that says what to change.
+        """
+        try:
+            return self._forward(rows)
+        except torch.cuda.OutOfMemoryError:
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+            if len(rows) == 1:
+                raise EncoderOutOfMemory(
+                    f"{self.name}: one text of {len(rows[0])} tokens does not fit in GPU memory even alone; "
+                    f"lower max_length (now {self.max_length}) or use a GPU with more memory"
+                ) from None
+        self.tokens_per_batch = max(1, self.tokens_per_batch // 2)
+        self.oom_splits += 1
+        half = len(rows) // 2
+        first, second = self._forward_fitting(rows[:half]), self._forward_fitting(rows[half:])
+        return {b: np.concatenate([first[b], second[b]]) for b in first}
 
     @torch.inference_mode()
     def _forward(self, rows: list[list[int]]) -> dict[int, np.ndarray]:

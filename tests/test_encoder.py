@@ -7,7 +7,7 @@ import pytest
 import torch
 from transformers import AutoModel, AutoTokenizer
 
-from layertime.encoder import MultiLayerEncoder, NonFiniteEmbedding, token_budget_batches
+from layertime.encoder import EncoderOutOfMemory, MultiLayerEncoder, NonFiniteEmbedding, token_budget_batches
 
 TEXTS = [
     "The team won the match last week.",
@@ -170,3 +170,31 @@ def test_a_bert_style_encoder_has_no_final_norm_and_keeps_its_special_tokens(tin
         for b in range(3):
             np.testing.assert_allclose(out[b][i], hidden[b + 1][0].mean(0).numpy(), atol=1e-5)
     assert enc.tokenize(["the team"])[0][0] == tokenizer.cls_token_id
+
+
+def test_out_of_memory_splits_the_batch_then_names_what_to_change(hub, demo_repo, monkeypatch):
+    enc = _encoder(hub, demo_repo, tokens_per_batch=100_000)
+    texts = [
+        f"The team won the {w} match last week." for w in ("first", "second", "third", "last", "big", "home")
+    ]
+    expected = enc.encode(texts)
+    forward = enc.model.forward
+
+    def small_batches_only(*args, input_ids, **kwargs):  # a GPU that holds 1 text at a time
+        if input_ids.shape[0] > 1:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
+        return forward(*args, input_ids=input_ids, **kwargs)
+
+    monkeypatch.setattr(enc.model, "forward", small_batches_only)
+    assert max(map(len, token_budget_batches([len(r) for r in enc.tokenize(texts)], 100_000))) > 1
+    got = enc.encode(texts)
+    assert enc.oom_splits > 0 and enc.tokens_per_batch < 100_000
+    for b in expected:
+        np.testing.assert_allclose(got[b], expected[b], atol=1e-5)
+
+    def nothing_fits(*args, **kwargs):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
+
+    monkeypatch.setattr(enc.model, "forward", nothing_fits)
+    with pytest.raises(EncoderOutOfMemory, match=r"does not fit in GPU memory even alone; lower max_length"):
+        enc.encode(TEXTS)
