@@ -52,18 +52,19 @@ def layer_by_layer(
     plan = make_plan(experiment, strict=True)
     settings = pipeline.Settings.of(experiment, where.device)
     run = RunDir.of(experiment.run_root, experiment.store)
-    pipeline.write_snapshot(plan, run, settings)
-    get_run_logger().info(
-        f"{experiment.name}: {plan.evaluations} evaluations, {len(plan.units())} distinct units "
-        f"(layers are 0-based block indices {plan.blocks})"
-    )
-    with where.task_runner() as runner:
-        revisions = _record(runner, experiment, plan)
-        measured = _submit_measures(runner, plan, settings, run)
-        scores, failures = _embed_and_score(runner, experiment, plan, settings, run, revisions)
-        metric_rows = _collect_measures(measured, failures)
-        paths = _merge(runner, plan, settings, scores, metric_rows)
-    _publish(plan, paths, failures)
+    with run.lock():  # a second run on the same run root is refused, by name
+        pipeline.write_snapshot(plan, run, settings)
+        get_run_logger().info(
+            f"{experiment.name}: {plan.evaluations} evaluations, {len(plan.units())} distinct units "
+            f"(layers are 0-based block indices {plan.blocks})"
+        )
+        with where.task_runner() as runner:
+            revisions = _record(runner, experiment, plan)
+            measured = _submit_measures(runner, plan, settings, run)
+            scores, failures = _embed_and_score(runner, experiment, plan, settings, run, revisions)
+            metric_rows = _collect_measures(measured, failures)
+            paths = _merge(runner, plan, settings, scores, metric_rows)
+        _publish(plan, paths, failures)
     if failures:
         raise UnitsFailed(f"{len(failures)} unit(s) failed:\n" + "\n".join(failures))
     return paths

@@ -145,7 +145,13 @@ def _run_plain(spec, device: str | None) -> None:
         bar.total, bar.n = total, done
         bar.refresh()
 
-    result = run_spec(spec, progress=progress, device=device)
+    from layertime.rundir import RunInUse
+
+    try:
+        result = run_spec(spec, progress=progress, device=device)
+    except RunInUse as e:
+        bar.close()
+        _fail(str(e))
     bar.close()
     typer.echo(f"scored {result.scored} (checkpoint, task, layer) units, {result.skipped} already done")
     typer.echo(

@@ -379,6 +379,13 @@ def run_spec(spec: ExperimentSpec, progress: Progress | None = None, device: str
     prepare_world(spec)
     plan = make_plan(spec, strict=True)  # a missing checkpoint fails here, before any work
     run = RunDir.of(spec.run_root, spec.store)
+    with run.lock():
+        return _run_locked(spec, plan, run, progress, device)
+
+
+def _run_locked(
+    spec: ExperimentSpec, plan: Plan, run: RunDir, progress: Progress | None, device: str | None
+) -> RunResult:
     settings = Settings.of(spec, device)
     write_snapshot(plan, run, settings)
     texts = {t: task_texts(t, run, spec.aggregation, spec.hf_cache) for t in plan.tasks}

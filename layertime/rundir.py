@@ -10,13 +10,22 @@ Two roots:
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import json
+import os
+import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from layertime.checkpoints import Checkpoint
+
+
+class RunInUse(RuntimeError):
+    """Another run holds this run root."""
 
 
 def settings_id(settings: dict[str, Any]) -> str:
@@ -34,6 +43,34 @@ class RunDir:
     def of(cls, run_root: Path, store: Path | None = None) -> RunDir:
         run_root = Path(run_root)
         return cls(run_root, Path(store) if store is not None else run_root.parent / "store")
+
+    @contextlib.contextmanager
+    def lock(self) -> Iterator[None]:
+        """Hold the run root for one run: a second run on it at the same time is refused, by name.
+
+        An OS file lock (flock), so it is released when the process dies, however it dies.
+        """
+        self.root.mkdir(parents=True, exist_ok=True)
+        path = self.root / ".lock"
+        with open(path, "a+") as handle:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                handle.seek(0)
+                holder = handle.read().strip() or "another process"
+                raise RunInUse(
+                    f"run root {self.root} is in use by {holder}; wait for that run to finish, "
+                    "or give this one another run_root"
+                ) from None
+            handle.truncate(0)
+            handle.write(
+                f"pid {os.getpid()} on {os.uname().nodename} since {time.strftime('%Y-%m-%d %H:%M:%S')}"
+            )
+            handle.flush()
+            try:
+                yield
+            finally:
+                fcntl.flock(handle, fcntl.LOCK_UN)
 
     @property
     def texts(self) -> Path:

@@ -139,3 +139,12 @@ def test_gpu_phases_are_timed_in_the_costs_table(spec, first):
     assert embeds.height == 2 * 5  # one per (commit, task): main = step3000 counted once
     assert (embeds["seconds"] > 0).all() and (embeds["padded_tokens"] >= embeds["real_tokens"]).all()
     assert costs.filter(pl.col("phase") == "measure").height == 2
+
+
+def test_a_second_run_on_the_same_run_root_is_refused(spec):
+    from layertime.rundir import RunDir, RunInUse
+
+    with RunDir.of(spec.run_root).lock():  # another run holds it
+        with pytest.raises(RunInUse, match=r"run root .* is in use by pid \d+"):
+            run_spec(spec)
+    assert run_spec(spec).scored == 0  # released: the next run goes ahead
