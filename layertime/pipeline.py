@@ -118,7 +118,7 @@ def task_texts(task: str, run: RunDir, aggregation: str, hf_cache: Path | None =
 def missing_layers(
     run: RunDir, settings: Settings, ckpt: Checkpoint, task: str, blocks: list[int]
 ) -> list[int]:
-    return [b for b in blocks if not run.score_record(settings.id, ckpt, task, b).is_file()]
+    return [b for b in blocks if read_record(run.score_record(settings.id, ckpt, task, b)) is None]
 
 
 def load_encoder(
@@ -145,7 +145,7 @@ def embed_unit(
 ) -> Path:
     """Embed one (checkpoint, task) unit with every requested layer; write texts.json + layer_<b>.npy."""
     target = run.embeddings(settings.id, ckpt, task)
-    if (target / "done.json").is_file():
+    if embeddings_ok(target, blocks):
         return target
     start = time.perf_counter()
     vectors = encoder.encode(texts)
@@ -157,7 +157,8 @@ def embed_unit(
         np.save(tmp / f"layer_{b}.npy", vectors[b])
     cost = {"phase": "embed", "task": task, "seconds": time.perf_counter() - start, "device": str(encoder.device),
             **(encoder.last_stats.__dict__ if encoder.last_stats else {})}  # fmt: skip
-    (tmp / "done.json").write_text(json.dumps(cost))
+    sizes = {p.name: p.stat().st_size for p in tmp.iterdir()}
+    (tmp / "done.json").write_text(json.dumps({**cost, "files": sizes}))  # the manifest, written last
     shutil.rmtree(target, ignore_errors=True)
     os.replace(tmp, target)  # the unit appears whole or not at all
     atomic_write_text(
@@ -166,13 +167,33 @@ def embed_unit(
     return target
 
 
+def embeddings_ok(path: Path, blocks: list[int]) -> bool:
+    """True when the unit's manifest (done.json, written last) lists every file at its size."""
+    try:
+        files = json.loads((path / "done.json").read_text())["files"]
+        return all(
+            (path / name).stat().st_size == files[name]
+            for name in ["texts.json", *(f"layer_{b}.npy" for b in blocks)]
+        )
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
+
+
 def load_embeddings(path: Path, block: int) -> tuple[list[str], np.ndarray]:
     return json.loads((path / "texts.json").read_text()), np.load(path / f"layer_{block}.npy")
 
 
-def read_record(path: Path) -> list[dict]:
-    """The subset-score rows of a completion record."""
-    return json.loads(path.read_text())["rows"]
+def read_record(path: Path) -> list[dict] | None:
+    """The rows of a completion record; None when there is none, or it is damaged (then it is removed,
+    so the unit is computed again instead of merged half-read)."""
+    try:
+        rows = json.loads(path.read_text())["rows"]
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError, KeyError, TypeError):
+        path.unlink(missing_ok=True)
+        return None
+    return rows if isinstance(rows, list) else None
 
 
 def score_unit(
@@ -192,14 +213,15 @@ def score_unit(
     """
     from layertime.bridge import model_meta, score_layers
 
-    rows = {
-        b: read_record(p) for b in blocks if (p := run.score_record(settings.id, ckpt, task, b)).is_file()
-    }
+    recorded = {b: read_record(run.score_record(settings.id, ckpt, task, b)) for b in blocks}
+    rows = {b: r for b, r in recorded.items() if r is not None}
     todo = [b for b in blocks if b not in rows]
     if not todo:
         return rows
-    if embeddings is None or not (embeddings / "done.json").is_file():
-        raise FileNotFoundError(f"embeddings of {ckpt.revision} · {task} are missing at {embeddings}")
+    if embeddings is None or not embeddings_ok(embeddings, todo):
+        raise FileNotFoundError(
+            f"embeddings of {ckpt.revision} · {task} are missing or damaged at {embeddings}"
+        )
 
     def meta(block: int) -> Any:
         dim = int(np.load(embeddings / f"layer_{block}.npy", mmap_mode="r").shape[1])
@@ -270,8 +292,8 @@ def measure_unit(
     m = spec.metrics
     blocks = metrics_blocks(spec, plan)
     record = run.metrics_record(settings.id, ckpt, settings_id({**m.model_dump(), "blocks": blocks}))
-    if record.is_file():
-        return read_record(record)
+    if (rows := read_record(record)) is not None:
+        return rows
     corpus, prompts = metrics_prompts(spec, run)
     start = time.perf_counter()
     encoder = load_encoder(spec, ckpt, blocks, settings, device)
@@ -295,8 +317,8 @@ def recorded_rows(plan: Plan, run: RunDir, settings: Settings) -> dict[tuple[str
         for task in plan.tasks:
             for block in plan.blocks:
                 record = run.score_record(settings.id, ckpt, task, block)
-                if record.is_file():
-                    rows[(ckpt.key, task, block)] = read_record(record)
+                if (found := read_record(record)) is not None:
+                    rows[(ckpt.key, task, block)] = found
     return rows
 
 
@@ -309,8 +331,8 @@ def recorded_metrics(plan: Plan, run: RunDir, settings: Settings) -> dict[str, l
     found = {}
     for ckpt in plan.distinct_checkpoints():
         record = run.metrics_record(settings.id, ckpt, key)
-        if record.is_file():
-            found[ckpt.key] = read_record(record)
+        if (rows := read_record(record)) is not None:
+            found[ckpt.key] = rows
     return found
 
 

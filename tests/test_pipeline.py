@@ -148,3 +148,19 @@ def test_a_second_run_on_the_same_run_root_is_refused(spec):
         with pytest.raises(RunInUse, match=r"run root .* is in use by pid \d+"):
             run_spec(spec)
     assert run_spec(spec).scored == 0  # released: the next run goes ahead
+
+
+def test_damaged_records_and_embeddings_are_recomputed_never_merged(hub, tmp_path):
+    spec = load_spec(ROOT / "deployments/demo.yaml", run_root=str(tmp_path / "demo"), hf_cache=str(hub),
+                     checkpoints=["step1000"], layers=[2, 3], tasks=["DemoSTS"], keep_embeddings=True,
+                     metrics=None)  # fmt: skip
+    first = run_spec(spec)
+    store = tmp_path / "store"
+    record = next(store.rglob("scores/**/layer_3.json"))
+    record.write_text(record.read_text()[:40])  # a half-written record left by a crash
+    weights = next(store.rglob("embeddings/**/layer_3.npy"))
+    weights.write_bytes(weights.read_bytes()[:100])  # a truncated embedding file
+    again = run_spec(spec)
+    assert (again.scored, again.skipped) == (1, 1)
+    assert pl.read_parquet(again.tables["scores"]).equals(pl.read_parquet(first.tables["scores"]))
+    assert weights.stat().st_size > 100  # re-embedded, not scored from the damaged file
