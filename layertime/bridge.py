@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import datasets
 import mteb
 import numpy as np
 from mteb.models.abs_encoder import AbsEncoder
@@ -59,7 +60,7 @@ def batch_texts(inputs: Any) -> list[str]:
     names = getattr(dataset, "column_names", None) or []
     if "text" in names:
         texts = dataset["text"]
-        return texts if isinstance(texts, list) else list(texts)
+        return texts if isinstance(texts, list) else texts[:]  # a datasets Column: one batched read
     return [text for batch in inputs for text in batch["text"]]
 
 
@@ -138,6 +139,36 @@ class TaskTexts:
     requested: int
 
 
+class _ListColumns(datasets.Dataset):
+    """A Dataset whose `ds["col"]` is a list, as in datasets 3.x, read in one batch.
+
+    datasets >= 4 returns a lazy Column that sklearn and mteb's sampling read row by row: scoring a
+    classification task took 10-80x longer (DESIGN §10) for the same numbers. `select` keeps the
+    class, since mteb scores the undersampled training split it selects.
+    """
+
+    def __getitem__(self, key: Any) -> Any:
+        value = super().__getitem__(key)
+        return value[:] if isinstance(key, str) else value
+
+    def select(self, *args: Any, **kwargs: Any) -> Any:
+        return _as_list_columns(super().select(*args, **kwargs))
+
+
+def _as_list_columns(data: Any) -> Any:
+    """Every Dataset inside a task's loaded data (nested dicts, DatasetDicts, split objects) as _ListColumns."""
+    if isinstance(data, datasets.Dataset):
+        data.__class__ = _ListColumns
+    elif isinstance(data, Mapping):
+        for value in data.values():
+            _as_list_columns(value)
+    elif hasattr(data, "__dict__") and not isinstance(data, type):
+        for value in vars(data).values():
+            if isinstance(value, datasets.Dataset | Mapping):
+                _as_list_columns(value)
+    return data
+
+
 def load_task(name: str, aggregation: str = "rule-a", hf_cache: Path | None = None, load: bool = True) -> Any:
     """A fresh task of the suite with its data loaded.
 
@@ -151,6 +182,7 @@ def load_task(name: str, aggregation: str = "rule-a", hf_cache: Path | None = No
         use_local_snapshot(task, hf_cache)
     if load:
         task.load_data()
+        _as_list_columns(task.dataset)
     return task
 
 

@@ -80,3 +80,15 @@ def test_a_text_that_was_not_embedded_is_an_error(tmp_path):
     with pytest.raises(LookupMiss, match="not embedded"):
         mteb.evaluate(LookupEncoder(texts[1:], vectors, meta), suite.build_task("DemoSTS"), cache=None,
                       show_progress_bar=False)  # fmt: skip
+
+
+@pytest.mark.parametrize("task_name", list(suite.DEMO_TASK_TYPES))
+def test_list_columns_leave_every_score_bit_identical(task_name, tmp_path):
+    recorded = recorded_texts(task_name, tmp_path / "texts")
+    vectors = np.random.default_rng(0).standard_normal((len(recorded.texts), 16)).astype(np.float32)
+    meta = model_meta("layertime/tiny-neox", "c" * 40, 16, {"layer": 0})
+    ours = score_layers(task_name, {0: (recorded.texts, vectors)}, lambda b: meta, tmp_path / "mteb")[0]
+    plain_task = suite.build_task(task_name)  # datasets' own lazy columns, mteb as shipped
+    plain = mteb.evaluate(LookupEncoder(recorded.texts, vectors, meta), plain_task, cache=None,
+                          show_progress_bar=False).task_results[0]  # fmt: skip
+    assert [s.main_score for s in ours] == [s["main_score"] for s in plain.scores["test"]]
