@@ -87,19 +87,21 @@ def _verify(spec: ExperimentSpec, spec_path: str) -> None:
     get_run_logger().info(f"verified {len(items)} items offline: checkpoints, task data, metrics corpus")
 
 
+def _cached(task: Any, policy: Any, store: Path) -> Any:
+    """`task` with its results and cache keys kept in the shared store, so they outlive this run."""
+    return task.with_options(cache_policy=policy(store), result_storage=store / "prefect" / "results")
+
+
 def _record(runner: Any, spec: ExperimentSpec, plan: Plan) -> dict[str, str]:
     """The recording pass of every task (CPU, in parallel); task -> dataset revision."""
     store = RunDir.of(spec.run_root, spec.store).store
-    record = units.record.with_options(
-        cache_policy=units.record_policy(store), result_storage=store / "prefect" / "results"
-    )
+    record = _cached(units.record, units.record_policy, store)
     futures = {t: runner.submit(record, {"task_name": t, "spec": spec}) for t in plan.tasks}
     return {t: f.result()[0] for t, f in futures.items()}
 
 
 def _embed_and_score(runner, spec, plan, settings, run, revisions) -> tuple[dict, list[str]]:
-    score_task = units.score.with_options(cache_policy=units.score_policy(run.store),
-                                          result_storage=run.store / "prefect" / "results")  # fmt: skip
+    score_task = _cached(units.score, units.score_policy, run.store)
     pending: dict[Any, tuple[units.Unit, int]] = {}
     cleanups = []
     for ckpt in plan.distinct_checkpoints():
@@ -128,8 +130,7 @@ def _submit_measures(runner: Any, plan: Plan, settings: pipeline.Settings, run: 
     """One measure task per distinct checkpoint, on the GPU slot (none when the spec has no metrics)."""
     if plan.spec.metrics is None:
         return {}
-    task = units.measure.with_options(cache_policy=units.measure_policy(run.store),
-                                      result_storage=run.store / "prefect" / "results")  # fmt: skip
+    task = _cached(units.measure, units.measure_policy, run.store)
     with dask.annotate(resources=GPU):
         return {
             ckpt: runner.submit(task, {"plan": plan, "settings": settings, "checkpoint": ckpt})
