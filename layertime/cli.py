@@ -112,7 +112,11 @@ def run(
     if plain:
         _run_plain(spec, device)
         return
+    import logging
+
     from flows.layer_by_layer import layer_by_layer
+
+    logging.getLogger("distributed").setLevel(logging.WARNING)  # the task runs are the progress to watch
 
     state = layer_by_layer(str(spec_path), cluster=cluster, return_state=True)
     if not state.is_completed():
@@ -164,6 +168,9 @@ def _print_tables(run_root: Path, tables: dict) -> None:
     typer.echo(f"run root: {run_root}")
     for name, path in tables.items():
         typer.echo(f"  {name:8s} {path}")
+    report = Path(run_root) / "report" / "report.html"
+    if report.is_file():
+        typer.echo(f"  report   {report}")
 
 
 @app.command()
