@@ -267,18 +267,24 @@ _LOADED = _LoadedTasks()
 _PINNED: list[Any] = []
 
 
-def pin_blas_threads() -> None:
-    """One BLAS thread for this process, for good (DESIGN §10).
+def prepare_scoring_process() -> None:
+    """Score on the CPU with one BLAS thread, for this process's life (DESIGN §10).
 
-    More threads made scoring slower and moved classification accuracies by up to 2e-3, so every
-    executor (local threads, SLURM jobs, --plain) must score with one: then scores agree across them.
-    Kept for the process's life, not as a context: scoring threads overlap, and a context left by
-    one would lift the limit under another.
+    - One BLAS thread: more made scoring slower and moved classification accuracies by up to 2e-3;
+      with one, every executor (local threads, SLURM jobs, --plain) gives the same scores. Kept, not
+      a context: scoring threads overlap, and a context left by one would lift the limit under another.
+    - No GPU: where CUDA is visible (the local profile on a GPU node) mteb would move every cos_sim to
+      the GPU, and torch.compile it, competing with embedding. Its device choice is pinned to the
+      inputs' device (our embeddings are CPU arrays); tests/test_bridge.py checks the hook exists.
     """
-    if not _PINNED:
-        from threadpoolctl import threadpool_limits
+    if _PINNED:
+        return
+    from mteb import similarity_functions
+    from threadpoolctl import threadpool_limits
 
-        _PINNED.append(threadpool_limits(limits=1, user_api="blas"))
+    _PINNED.append(threadpool_limits(limits=1, user_api="blas"))
+    similarity_functions._select_device = lambda a, b: a.device
+    similarity_functions._use_torch_compile = lambda: False
 
 
 def score_layers(
@@ -295,7 +301,7 @@ def score_layers(
     `layers` maps block -> (texts, vectors); `meta_for_layer(block)` gives its mteb ModelMeta.
     Results also go to mteb's result cache under `results_dir` (one experiment per layer).
     """
-    pin_blas_threads()
+    prepare_scoring_process()
     task, lock = _LOADED.get(task_name, aggregation, hf_cache)
     items = layers.items() if isinstance(layers, Mapping) else layers
     out: dict[int, list[SubsetScore]] = {}

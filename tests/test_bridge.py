@@ -92,3 +92,22 @@ def test_list_columns_leave_every_score_bit_identical(task_name, tmp_path):
     plain = mteb.evaluate(LookupEncoder(recorded.texts, vectors, meta), plain_task, cache=None,
                           show_progress_bar=False).task_results[0]  # fmt: skip
     assert [s.main_score for s in ours] == [s["main_score"] for s in plain.scores["test"]]
+
+
+def test_scoring_stays_on_the_cpu_with_one_blas_thread():
+    import subprocess
+    import sys
+
+    code = (
+        "import torch\n"
+        "from mteb import similarity_functions as sf\n"
+        "assert callable(sf._select_device) and callable(sf._use_torch_compile)  # the hooks we pin\n"
+        "from layertime.bridge import prepare_scoring_process\n"
+        "from threadpoolctl import threadpool_info\n"
+        "prepare_scoring_process()\n"
+        "a = torch.zeros(2, 3)\n"
+        "assert sf._select_device(a, a) == a.device and not sf._use_torch_compile()\n"
+        "assert all(p['num_threads'] == 1 for p in threadpool_info() if p['user_api'] == 'blas')\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
