@@ -36,6 +36,7 @@ class EncodeStats:
     real_tokens: int
     padded_tokens: int
     batches: int
+    truncated: int = 0  # unique texts longer than max_length, cut to it
 
 
 def token_budget_batches(
@@ -128,6 +129,7 @@ class MultiLayerEncoder:
         self.pad_id = self._pad_id()
         self.progress = progress
         self.oom_splits = 0  # batches split after running out of GPU memory
+        self.truncated = 0  # texts of the last tokenize() longer than max_length
         self.last_stats: EncodeStats | None = None
 
     def _pad_id(self) -> int:
@@ -149,14 +151,20 @@ class MultiLayerEncoder:
         return int(self.model.config.hidden_size)
 
     def tokenize(self, texts: Sequence[str]) -> list[list[int]]:
-        """Token ids per text, truncated to max_length; an empty text becomes the EOS token alone."""
-        ids = self.tokenizer(
-            list(texts),
-            add_special_tokens=self.anatomy.add_special_tokens,
-            truncation=True,
-            max_length=self.max_length,
-        )["input_ids"]
+        """Token ids per text, truncated to max_length (counted in `self.truncated`); an empty text
+        becomes the EOS token alone, as a decoder sees an empty prompt."""
+        ids = self._ids(texts, truncate=True)
+        at_limit = [t for t, row in zip(texts, ids, strict=True) if len(row) == self.max_length]
+        self.truncated = sum(len(row) > self.max_length for row in self._ids(at_limit, truncate=False))
         return [row if row else [self.pad_id] for row in ids]
+
+    def _ids(self, texts: Sequence[str], truncate: bool) -> list[list[int]]:
+        if not texts:
+            return []
+        kwargs = {"truncation": True, "max_length": self.max_length} if truncate else {}
+        return self.tokenizer(list(texts), add_special_tokens=self.anatomy.add_special_tokens, **kwargs)[
+            "input_ids"
+        ]
 
     def encode(self, texts: Sequence[str]) -> dict[int, np.ndarray]:
         """{block: float32 [len(texts), d]}: each unique text is forwarded once, all layers at once."""
@@ -173,7 +181,9 @@ class MultiLayerEncoder:
                 out[b][batch] = vectors
             if self.progress:
                 self.progress(len(batch))
-        self.last_stats = EncodeStats(len(texts), len(unique), sum(map(len, ids)), padded, len(batches))
+        self.last_stats = EncodeStats(
+            len(texts), len(unique), sum(map(len, ids)), padded, len(batches), self.truncated
+        )
         order = np.fromiter((row_of[t] for t in texts), dtype=np.int64, count=len(texts))
         return {
             b: (m if len(unique) == len(texts) and _is_identity(order) else m[order]) for b, m in out.items()

@@ -76,7 +76,7 @@ def metrics_frame(rows: Sequence[dict]) -> pl.DataFrame:
 COST_SCHEMA = {
     "model": pl.String, "revision": pl.String, "commit": pl.String, "phase": pl.String, "task": pl.String,
     "device": pl.String, "seconds": pl.Float64, "texts": pl.Int64, "unique_texts": pl.Int64,
-    "real_tokens": pl.Int64, "padded_tokens": pl.Int64, "batches": pl.Int64,
+    "real_tokens": pl.Int64, "padded_tokens": pl.Int64, "batches": pl.Int64, "truncated": pl.Int64,
 }  # fmt: skip
 
 

@@ -198,3 +198,15 @@ def test_out_of_memory_splits_the_batch_then_names_what_to_change(hub, demo_repo
     monkeypatch.setattr(enc.model, "forward", nothing_fits)
     with pytest.raises(EncoderOutOfMemory, match=r"does not fit in GPU memory even alone; lower max_length"):
         enc.encode(TEXTS)
+
+
+def test_texts_longer_than_max_length_are_truncated_and_counted(hub, demo_repo):
+    enc = _encoder(hub, demo_repo, max_length=8)
+    long, short = TEXTS[2], "Rain."
+    out = enc.encode([long, short, long])
+    assert enc.last_stats.truncated == 1  # unique texts
+    assert max(map(len, enc.tokenize([long]))) == 8
+    cut = enc.tokenizer.decode(enc.tokenize([long])[0])
+    np.testing.assert_allclose(
+        out[3][0], _encoder(hub, demo_repo, max_length=8).encode([cut])[3][0], atol=1e-5
+    )
