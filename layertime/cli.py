@@ -1,4 +1,8 @@
-"""The `layertime` command: plan and run experiments (more commands arrive with their issues)."""
+"""The library's commands: plan, prefetch, verify, report (no Prefect or Dask here).
+
+The `layertime` command is `flows.commands.app`: these commands plus the ones that run flows
+(`run`, `submit`, `slurm-script`).
+"""
 
 from __future__ import annotations
 
@@ -27,18 +31,18 @@ app = typer.Typer(
 SpecPath = Annotated[Path, typer.Argument(help="experiment spec (YAML), e.g. deployments/exp2.yaml")]
 
 
-def _fail(message: str) -> None:
+def fail(message: str) -> None:
     typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
     raise typer.Exit(code=2)
 
 
-def _load(path: Path):
+def load(path: Path):
     from layertime.spec import SpecError, load_spec
 
     try:
         return load_spec(path)
     except SpecError as e:
-        _fail(str(e))
+        fail(str(e))
 
 
 @app.command()
@@ -56,12 +60,12 @@ def plan(
 
     plans = []
     for path in specs:
-        spec = _load(path)
+        spec = load(path)
         prepare_world(spec)
         try:
             plans.append(planning.make_plan(spec))
         except SpecError as e:
-            _fail(f"{path}: {e}")
+            fail(f"{path}: {e}")
     out = {"plans": [p.summary() for p in plans]}
     if len(plans) > 1:
         out["combined"] = planning.combined(plans)
@@ -92,36 +96,13 @@ def _ranges(blocks: list[int]) -> str:
     return ", ".join(map(str, blocks))
 
 
-@app.command()
-def run(
-    spec_path: SpecPath,
-    cluster: Annotated[str, typer.Option(help="cluster profile: local (default) or slurm")] = "local",
-    plain: Annotated[
-        bool, typer.Option("--plain", help="run without Prefect: one process, one unit at a time")
-    ] = False,
-    device: Annotated[
-        str | None, typer.Option(help="--plain only: torch device (default cuda if present)")
-    ] = None,
-) -> None:
-    """Run a spec now, from this terminal: the layer-by-layer flow on Prefect's embedded default
-    (no server needed), or with --plain the same phases without Prefect. Finished units are reused."""
-    spec = _load(spec_path)
+def prepare_run(spec_path: Path):
+    """Load the spec, point mteb's cache at the store, quiet library noise, check checkpoints exist."""
+    spec = load(spec_path)
     os.environ.setdefault("MTEB_CACHE", str(RunDir.of(spec.run_root, spec.store).mteb_results))
     _quiet_libraries()
     _check_checkpoints(spec)
-    if plain:
-        _run_plain(spec, device)
-        return
-    import logging
-
-    from flows.layer_by_layer import layer_by_layer
-
-    logging.getLogger("distributed").setLevel(logging.WARNING)  # the task runs are the progress to watch
-
-    state = layer_by_layer(str(spec_path), cluster=cluster, return_state=True)
-    if not state.is_completed():
-        _fail(f"the run did not complete ({state.name}): {state.message}")
-    _print_tables(spec.run_root, state.result())
+    return spec
 
 
 def _check_checkpoints(spec) -> None:
@@ -135,10 +116,11 @@ def _check_checkpoints(spec) -> None:
     try:
         make_plan(spec, strict=True)
     except (CheckpointError, SpecError) as e:
-        _fail(str(e))
+        fail(str(e))
 
 
-def _run_plain(spec, device: str | None) -> None:
+def run_plain(spec, device: str | None) -> None:
+    """`run --plain`: the phases without Prefect, with a progress bar; prints where the tables are."""
     from tqdm import tqdm
 
     from layertime.pipeline import run_spec
@@ -155,69 +137,22 @@ def _run_plain(spec, device: str | None) -> None:
         result = run_spec(spec, progress=progress, device=device)
     except RunInUse as e:
         bar.close()
-        _fail(str(e))
+        fail(str(e))
     bar.close()
     typer.echo(f"scored {result.scored} (checkpoint, task, layer) units, {result.skipped} already done")
     typer.echo(
         f"texts: mteb asks for {result.texts_requested:,} per pass; forwarded {result.texts_embedded:,}"
     )
-    _print_tables(spec.run_root, result.tables)
+    print_tables(spec.run_root, result.tables)
 
 
-def _print_tables(run_root: Path, tables: dict) -> None:
+def print_tables(run_root: Path, tables: dict) -> None:
     typer.echo(f"run root: {run_root}")
     for name, path in tables.items():
         typer.echo(f"  {name:8s} {path}")
     report = Path(run_root) / "report" / "report.html"
     if report.is_file():
         typer.echo(f"  report   {report}")
-
-
-@app.command()
-def submit(
-    name: Annotated[str, typer.Argument(help="deployment of flow layer-by-layer: exp1, exp2 or demo")],
-    cluster: Annotated[str | None, typer.Option(help="override the deployment's cluster profile")] = None,
-) -> None:
-    """Start a run of deployment layer-by-layer/NAME on the Prefect server and print its UI link."""
-    from prefect.deployments import run_deployment
-    from prefect.settings import PREFECT_API_URL, PREFECT_UI_URL
-
-    parameters = {}
-    if cluster:
-        from flows.clusters import profile
-
-        try:
-            profile(cluster)
-        except ValueError as e:
-            _fail(str(e))
-        parameters["cluster"] = cluster
-    try:
-        flow_run = run_deployment(f"layer-by-layer/{name}", parameters=parameters, timeout=0)
-    except Exception as e:  # noqa: BLE001 -- the server's answer, shown as one line
-        _fail(f"could not start layer-by-layer/{name} on {PREFECT_API_URL.value()}: {e}")
-    ui = PREFECT_UI_URL.value() or "(no UI URL: set PREFECT_UI_URL)"
-    typer.echo(f"started flow run {flow_run.name} ({flow_run.id})")
-    typer.echo(f"{ui}/runs/flow-run/{flow_run.id}")
-
-
-@app.command("slurm-script")
-def slurm_script(
-    spec_path: SpecPath,
-    set_: Annotated[
-        list[str] | None, typer.Option("--set", help="override a profile field, e.g. --set partition=gpu")
-    ] = None,
-) -> None:
-    """Print the job script the slurm profile would submit for SPEC, to check on the login node."""
-    _load(spec_path)
-    from flows.clusters import ClusterError, job_script
-
-    overrides = dict(item.split("=", 1) for item in set_ or [] if "=" in item)
-    if set_ and len(overrides) != len(set_):
-        _fail(f"--set: expected FIELD=VALUE, got {[i for i in set_ if '=' not in i]}")
-    try:
-        typer.echo(job_script(spec_path, overrides or None))
-    except ClusterError as e:
-        _fail(str(e))
 
 
 @app.command()
@@ -228,7 +163,7 @@ def prefetch(
 ) -> None:
     """On a login node (internet): download every checkpoint, task dataset and the metrics corpus the spec
     needs into the HF cache, after checking free space; resumable. Exit 0 ready, 1 failed, 3 disk too small."""
-    spec = _load(spec_path)
+    spec = load(spec_path)
     os.environ.setdefault("MTEB_CACHE", str(RunDir.of(spec.run_root, spec.store).mteb_results))
     from layertime import prefetch as fetching
 
@@ -243,7 +178,7 @@ def verify(
 ) -> None:
     """Offline: check that everything the spec needs is in the cache; one row per item, with the command
     that fixes each problem. Exit 0 when all is ready, 1 when anything is missing or corrupt."""
-    spec = _load(spec_path)
+    spec = load(spec_path)
     os.environ.setdefault("MTEB_CACHE", str(RunDir.of(spec.run_root, spec.store).mteb_results))
     from layertime import verify as checking
 
@@ -259,7 +194,7 @@ def report(
     from layertime.report import write_report
 
     if not (run_root / "tables").is_dir():
-        _fail(f"{run_root}: no tables/ yet (run `layertime run SPEC` first)")
+        fail(f"{run_root}: no tables/ yet (run `layertime run SPEC` first)")
     paths = write_report(run_root, out)
     typer.echo(paths.markdown)
     typer.echo(f"report: {paths.html}")

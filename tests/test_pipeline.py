@@ -98,7 +98,7 @@ def test_a_rerun_recomputes_only_what_is_missing(spec, first):
 def test_cli_run_prints_where_the_tables_are(spec, first, hub):
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(hub)}
     spec_file = Path(spec.run_root) / "spec.yaml"  # the snapshot is itself a runnable spec
-    out = subprocess.run([sys.executable, "-m", "layertime.cli", "run", "--plain", str(spec_file)], capture_output=True,
+    out = subprocess.run([sys.executable, "-m", "flows.commands", "run", "--plain", str(spec_file)], capture_output=True,
                          text=True, env=env, cwd=ROOT, timeout=300)  # fmt: skip
     assert out.returncode == 0, out.stderr[-3000:]
     assert "scored 0 (checkpoint, task, layer) units, 20 already done" in out.stdout
