@@ -18,22 +18,23 @@ import polars as pl
 
 from layertime.io import atomic_write
 
-SCORE_COLUMNS = [
-    "model", "revision", "commit", "step", "layer", "hidden_state", "depth", "task", "task_type",
-    "subset", "split", "main_score", "mteb_version", "dataset_revision", "seconds",
-]  # fmt: skip
+SCORE_SCHEMA = {
+    "model": pl.String, "revision": pl.String, "commit": pl.String, "step": pl.Int64, "layer": pl.Int64,
+    "hidden_state": pl.Int64, "depth": pl.Float64, "task": pl.String, "task_type": pl.String,
+    "subset": pl.String, "split": pl.String, "main_score": pl.Float64, "mteb_version": pl.String,
+    "dataset_revision": pl.String, "seconds": pl.Float64,
+}  # fmt: skip
+
+
+def _frame(rows: Sequence[dict], schema: dict, order: list[str]) -> pl.DataFrame:
+    """A typed long table from row dicts (missing keys -> null, extra keys dropped), sorted."""
+    frame = pl.DataFrame([{c: r.get(c) for c in schema} for r in rows], schema=schema)
+    return frame.sort(order, nulls_last=True)
 
 
 def scores_frame(rows: Sequence[dict]) -> pl.DataFrame:
-    """The long `scores` table from score rows (dicts with SCORE_COLUMNS)."""
-    schema = {
-        "model": pl.String, "revision": pl.String, "commit": pl.String, "step": pl.Int64, "layer": pl.Int64,
-        "hidden_state": pl.Int64, "depth": pl.Float64, "task": pl.String, "task_type": pl.String,
-        "subset": pl.String, "split": pl.String, "main_score": pl.Float64, "mteb_version": pl.String,
-        "dataset_revision": pl.String, "seconds": pl.Float64,
-    }  # fmt: skip
-    frame = pl.DataFrame([{c: r.get(c) for c in SCORE_COLUMNS} for r in rows], schema=schema)
-    return frame.sort(["step", "revision", "layer", "task", "split", "subset"], nulls_last=True)
+    """The long `scores` table from score rows (dicts with SCORE_SCHEMA's keys)."""
+    return _frame(rows, SCORE_SCHEMA, ["step", "revision", "layer", "task", "split", "subset"])
 
 
 def task_scores(scores: pl.DataFrame) -> pl.DataFrame:
@@ -69,8 +70,7 @@ METRIC_SCHEMA = {
 
 def metrics_frame(rows: Sequence[dict]) -> pl.DataFrame:
     """The long `metrics` table: one row per (revision, layer, corpus, metric, normalization)."""
-    frame = pl.DataFrame([{c: r.get(c) for c in METRIC_SCHEMA} for r in rows], schema=METRIC_SCHEMA)
-    return frame.sort(["step", "revision", "layer", "metric", "normalization"], nulls_last=True)
+    return _frame(rows, METRIC_SCHEMA, ["step", "revision", "layer", "metric", "normalization"])
 
 
 COST_SCHEMA = {
@@ -83,8 +83,7 @@ COST_SCHEMA = {
 def costs_frame(rows: Sequence[dict]) -> pl.DataFrame:
     """The `costs` table: one row per GPU unit (embed per checkpoint and task, measure per checkpoint),
     with its seconds, texts and tokens; each commit once (under the first revision naming it)."""
-    frame = pl.DataFrame([{c: r.get(c) for c in COST_SCHEMA} for r in rows], schema=COST_SCHEMA)
-    return frame.sort(["revision", "phase", "task"], nulls_last=True)
+    return _frame(rows, COST_SCHEMA, ["revision", "phase", "task"])
 
 
 def with_metrics(layers: pl.DataFrame, metrics: pl.DataFrame) -> pl.DataFrame:
