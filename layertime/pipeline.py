@@ -278,6 +278,11 @@ def metrics_blocks(spec: ExperimentSpec, plan: Plan) -> list[int]:
     return list(range(plan.num_blocks)) if spec.metrics.all_layers else plan.blocks
 
 
+def metrics_key(spec: ExperimentSpec, plan: Plan) -> str:
+    """What decides a checkpoint's metric values besides its commit and settings: metrics spec, layers."""
+    return settings_id({**spec.metrics.model_dump(), "blocks": metrics_blocks(spec, plan)})
+
+
 def measure_unit(
     spec: ExperimentSpec,
     plan: Plan,
@@ -291,7 +296,7 @@ def measure_unit(
 
     m = spec.metrics
     blocks = metrics_blocks(spec, plan)
-    record = run.metrics_record(settings.id, ckpt, settings_id({**m.model_dump(), "blocks": blocks}))
+    record = run.metrics_record(settings.id, ckpt, metrics_key(spec, plan))
     if (rows := read_record(record)) is not None:
         return rows
     corpus, prompts = metrics_prompts(spec, run)
@@ -327,7 +332,7 @@ def recorded_metrics(plan: Plan, run: RunDir, settings: Settings) -> dict[str, l
     spec = plan.spec
     if spec.metrics is None:
         return {}
-    key = settings_id({**spec.metrics.model_dump(), "blocks": metrics_blocks(spec, plan)})
+    key = metrics_key(spec, plan)
     found = {}
     for ckpt in plan.distinct_checkpoints():
         record = run.metrics_record(settings.id, ckpt, key)

@@ -149,9 +149,8 @@ def score(unit: Unit, layer: int, embeddings: str | None) -> list[dict]:
 
 def _measure_key(context: TaskRunContext, parameters: dict[str, Any]) -> str:
     plan, settings, ckpt = parameters["plan"], parameters["settings"], parameters["checkpoint"]
-    metrics = plan.spec.metrics.model_dump_json()
-    blocks = pipeline.metrics_blocks(plan.spec, plan)
-    return "|".join(["measure", CODE_VERSION, settings.id, ckpt.model, ckpt.key, metrics, str(blocks)])
+    metrics = pipeline.metrics_key(plan.spec, plan)
+    return "|".join(["measure", CODE_VERSION, settings.id, ckpt.model, ckpt.key, metrics])
 
 
 def measure_policy(store: Path) -> CachePolicy:
