@@ -9,6 +9,8 @@ never normed twice. With `final_norm="last"` the other layers are the raw residu
 from __future__ import annotations
 
 import copy
+import os
+import platform
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
@@ -25,6 +27,10 @@ class EncoderOutOfMemory(MemoryError):
 
 class NonFiniteEmbedding(FloatingPointError):
     """A layer produced NaN or inf (fp16 overflow in Pythia's huge-magnitude dimensions, bad weights)."""
+
+
+class DeviceUnavailable(ValueError):
+    """The device asked for does not exist here (`cuda` on a machine where torch sees no GPU)."""
 
 
 @dataclass(frozen=True)
@@ -63,6 +69,34 @@ def token_budget_batches(
     return batches
 
 
+def check_device(device: str | torch.device | None) -> torch.device:
+    """The torch device to embed on: `device`, else cuda when a GPU is visible, else cpu.
+
+    Asking for a GPU that torch cannot see fails here, naming the device and why, instead of deep
+    inside the first forward pass with torch's own words.
+    """
+    try:
+        dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    except (RuntimeError, TypeError) as e:
+        raise DeviceUnavailable(f"device {device!r} is not a torch device ({e})") from None
+    if dev.type != "cuda":
+        return dev
+    if not torch.cuda.is_available():
+        visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+        why = (
+            [f"torch {torch.__version__} is built without CUDA"] if not torch.backends.cuda.is_built() else []
+        )
+        why += [f"CUDA_VISIBLE_DEVICES={visible!r}"] if visible is not None else []
+        raise DeviceUnavailable(
+            f"device {str(dev)!r}: no GPU is visible on {platform.node()}"
+            + (f" ({'; '.join(why)})" if why else "")
+            + "; run on a GPU node, or pass --device cpu (float32, slow)"
+        )
+    if dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise DeviceUnavailable(f"device {str(dev)!r}: only {torch.cuda.device_count()} GPU(s) are visible")
+    return dev
+
+
 def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:
     """'auto'/None: bfloat16 on a CUDA device that supports it, float32 otherwise."""
     if isinstance(dtype, torch.dtype):
@@ -78,6 +112,10 @@ class MultiLayerEncoder:
     """Embed texts with every requested layer of one checkpoint in a single forward pass.
 
     `encode(texts)` returns {block index: float32 array [len(texts), d]} in input order.
+
+    An empty text (mteb datasets hold some) is embedded as the EOS token alone: a decoder without
+    BOS would otherwise get zero tokens, and mean pooling would divide by zero. Encoders that add
+    special tokens embed their [CLS] [SEP] as they would for any text.
     """
 
     def __init__(
@@ -102,7 +140,7 @@ class MultiLayerEncoder:
         from transformers import AutoModel, AutoTokenizer
 
         self.name = f"{model}@{revision or 'main'}"
-        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.device = check_device(device)
         self.dtype = resolve_dtype(dtype, self.device)
         local = checkpoints.is_offline()
         try:

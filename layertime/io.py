@@ -1,24 +1,66 @@
-"""Atomic file writes: a reader sees the old file or the new one, never half of one (DESIGN §7)."""
+"""Atomic file writes: a reader sees the old file or the new one, never half of one (DESIGN §7).
+
+A write goes to a temp file (or directory) beside its target, named `.<target>.<host>.<pid>.<rand>.tmp`,
+then is renamed over the target. A writer that dies (SIGKILL, a node lost) leaves its temp behind:
+the next write of the same target removes the temps of writers that are gone (same host, pid no
+longer running) or that are older than a day (another host's, which cannot be asked), so a crashed
+run never keeps eating disk. A failed write removes its own temp and says which path it was writing.
+"""
 
 from __future__ import annotations
 
+import errno
+import glob
 import os
-import tempfile
+import secrets
+import shutil
+import socket
+import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import BinaryIO
+
+import numpy as np
+
+STALE_AFTER_S = 24 * 3600  # a temp of another host older than this is a leftover: no write takes a day
+_HOST = socket.gethostname().replace(".", "_")  # dots would split the name's fields
 
 
 def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
     """Call `write(tmp)` on a temp file beside `path`, then rename it over `path`."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
+    _mkdir(path.parent)
+    remove_stale_temps(path)
+    tmp = _new_temp(path, directory=False)
     try:
         write(Path(tmp))
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         Path(tmp).unlink(missing_ok=True)
+        if isinstance(e, OSError):
+            raise _naming(e, path) from e
+        raise
+    return path
+
+
+def atomic_write_dir(path: str | Path, write: Callable[[Path], None]) -> Path:
+    """Call `write(tmp)` on an empty temp directory beside `path`, then put it in place of `path`.
+
+    The directory appears whole or not at all; on failure (a full disk) the temp directory is
+    removed, so it does not keep the space it took, and the error names `path`.
+    """
+    path = Path(path)
+    _mkdir(path.parent)
+    remove_stale_temps(path)
+    tmp = _new_temp(path, directory=True)
+    try:
+        write(tmp)
+        shutil.rmtree(path, ignore_errors=True)  # an older, damaged copy
+        os.replace(tmp, path)
+    except BaseException as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(e, OSError):
+            raise _naming(e, path) from e
         raise
     return path
 
@@ -29,3 +71,110 @@ def atomic_write_text(path: str | Path, text: str) -> Path:
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
     return atomic_write(path, lambda tmp: tmp.write_bytes(data))
+
+
+def save_array(path: str | Path, array: np.ndarray) -> None:
+    """`np.save`, but a full disk raises OSError(ENOSPC): numpy's own fast path reports a short
+    write without an errno ("N requested and M written"), which would hide why it failed."""
+
+    class _Stream:  # not a real file object, so numpy writes 16 MiB chunks through Python's write()
+        def __init__(self, handle: BinaryIO) -> None:
+            self.write = handle.write
+
+    with open(path, "wb") as handle:
+        np.lib.format.write_array(_Stream(handle), np.asanyarray(array), allow_pickle=False)
+
+
+def remove_stale_temps(path: str | Path) -> list[Path]:
+    """Remove the temps beside `path` left by writers that died; returns what was removed."""
+    path = Path(path)
+    now = time.time()
+    removed = []
+    for tmp in path.parent.glob(f"{glob.escape(f'.{path.name}.')}*.tmp"):
+        try:
+            stale = _is_stale(tmp, path, now)
+        except FileNotFoundError:  # its writer just renamed or removed it
+            continue
+        if stale and tmp.is_dir():
+            shutil.rmtree(tmp, ignore_errors=True)
+        elif stale:
+            tmp.unlink(missing_ok=True)
+        if stale:
+            removed.append(tmp)
+    return removed
+
+
+def unwritable(directory: str | Path) -> str | None:
+    """Why `directory` (which may not exist yet) cannot be created and written, or None.
+
+    Checks its nearest existing ancestor without creating anything, so a refused run leaves no trace.
+    """
+    p = Path(directory).absolute()
+    while not p.exists() and p != p.parent:
+        p = p.parent
+    if not p.is_dir():
+        return f"{p} is a file, not a directory"
+    if os.statvfs(p).f_flag & os.ST_RDONLY:
+        return f"{p} is on a read-only file system"
+    if not os.access(p, os.W_OK | os.X_OK):
+        return f"{p} is not writable by this user"
+    return None
+
+
+def _new_temp(path: Path, directory: bool) -> Path:
+    """A new, empty temp file or directory beside `path`, with the umask's permissions (tempfile's
+    are private to this user, which would lock the other users of a shared store out)."""
+    while True:
+        tmp = path.with_name(f".{path.name}.{_HOST}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+        try:
+            if directory:
+                tmp.mkdir()
+            else:
+                tmp.open("x").close()
+        except FileExistsError:
+            continue
+        return tmp
+
+
+def _is_stale(tmp: Path, path: Path, now: float) -> bool:
+    fields = tmp.name[len(f".{path.name}.") :].split(".")  # host, pid, random, 'tmp'
+    if len(fields) == 4 and fields[0] == _HOST and fields[1].isdigit():
+        return not _running(int(fields[1]))
+    return now - tmp.lstat().st_mtime > STALE_AFTER_S
+
+
+def _running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's live process
+        return True
+    return True
+
+
+def _mkdir(directory: Path) -> None:
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise _naming(e, directory) from e
+
+
+def _naming(error: OSError, path: Path) -> OSError:
+    """The same error (errno kept, so ENOSPC stays ENOSPC) with the path being written, and on a
+    full disk how much room is left there."""
+    what = error.strerror or str(error)
+    where = f"{what} while writing {path}"
+    if error.filename and str(error.filename) != str(path):
+        where += f" ({error.filename})"
+    if error.errno == errno.ENOSPC:
+        where += f"; {_free(path)} free on that file system"
+    return OSError(error.errno, where)
+
+
+def _free(path: Path) -> str:
+    p = path
+    while not p.exists() and p != p.parent:
+        p = p.parent
+    free = shutil.disk_usage(p).free
+    return f"{free / 1e6:.1f} MB" if free >= 1e5 else f"{free} bytes"

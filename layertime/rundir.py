@@ -49,10 +49,16 @@ class RunDir:
         """Hold the run root for one run: a second run on it at the same time is refused, by name.
 
         An OS file lock (flock), so it is released when the process dies, however it dies.
+        A run root that cannot be created or written is an error naming it, before any work.
         """
-        self.root.mkdir(parents=True, exist_ok=True)
         path = self.root / ".lock"
-        with open(path, "a+") as handle:
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+            handle = open(path, "a+")  # closed by the `with` below
+        except OSError as e:
+            where = f" ({e.filename})" if e.filename else ""
+            raise OSError(e.errno, f"run_root {self.root} cannot be written: {e.strerror}{where}") from e
+        with handle:
             try:
                 fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
