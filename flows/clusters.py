@@ -35,6 +35,7 @@ import yaml
 from dask_jobqueue import SLURMCluster
 from dask_jobqueue.slurm import SLURMJob
 from distributed.core import Status
+from distributed.deploy.adaptive import Adaptive
 from prefect_dask import DaskTaskRunner
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
@@ -93,6 +94,20 @@ class SlurmSettings(BaseModel):
     death_timeout: int = Field(120, ge=1, description="seconds a worker waits for a lost scheduler")
     dashboard_address: str | None = Field(":8787", description="the Dask dashboard; null: none")
     preflight: bool = Field(True, description="check the job script with `sbatch --test-only` first")
+    score_jobs: int = Field(
+        0, ge=0, description="CPU-only scoring jobs (no GPU); 0: scoring runs on the GPU jobs' threads"
+    )
+    score_cpus: int = Field(8, ge=1, description="CPUs per scoring job: one one-thread worker process each")
+    score_memory: str = Field("32G", description="memory per scoring job, shared evenly by its processes")
+    score_partition: str | None = Field(None, description="partition of the scoring jobs; null: `partition`")
+    bigmem_jobs: int = Field(
+        0, ge=0, description="big-memory scoring jobs, one process each, for tasks (MindSmallReranking) "
+        "that no scoring process has the memory for"
+    )  # fmt: skip
+    bigmem_memory: str = Field("64G", description="memory per big-memory scoring job")
+    task_memory_gb: dict[str, int] = Field(
+        default_factory=dict, description="scoring memory (GB) of a task, replacing the cost table's figure"
+    )
 
     @field_validator("walltime", mode="before")
     @classmethod
@@ -103,7 +118,7 @@ class SlurmSettings(BaseModel):
             raise ValueError(f"{value!r} is not a SLURM time limit ([D-]HH:MM:SS)")
         return value
 
-    @field_validator("memory", mode="before")
+    @field_validator("memory", "score_memory", "bigmem_memory", mode="before")
     @classmethod
     def _memory(cls, value: Any) -> Any:
         if isinstance(value, str) and not _MEMORY.match(value):
@@ -121,8 +136,22 @@ class SlurmSettings(BaseModel):
     @property
     def slurm_memory(self) -> str:
         """`--mem` value, e.g. '64G' (SLURM's K/M/G/T are binary units)."""
-        n, unit = _MEMORY.match(self.memory).groups()
-        return f"{n}{unit.upper()}"
+        return _slurm_memory(self.memory)
+
+    def scoring_workers(self) -> dict[str, int]:
+        """MEM_GB each kind of worker process offers scoring (Dask resource; whole GiB).
+
+        - `score` jobs: the job's memory split evenly over its one-thread processes;
+        - `bigmem` jobs: one process with the job's memory;
+        - `gpu` jobs score only when there are no scoring jobs: 3/4 of the job's memory (the rest
+          holds the model and the forward pass's host buffers).
+        """
+        workers = {"score": _gib(self.score_memory) // self.score_cpus} if self.score_jobs else {}
+        if not self.score_jobs:
+            workers["gpu"] = _gib(self.memory) * 3 // 4
+        if self.bigmem_jobs:
+            workers["bigmem"] = _gib(self.bigmem_memory)
+        return workers
 
     @property
     def walltime_seconds(self) -> int:
@@ -134,6 +163,36 @@ class SlurmSettings(BaseModel):
         else:
             units = (3600, 60, 1)[: len(parts)]
         return int(days or 0) * 86400 + sum(p * u for p, u in zip(parts, units, strict=True))
+
+
+def _slurm_memory(value: str) -> str:
+    n, unit = _MEMORY.match(value).groups()
+    return f"{n}{unit.upper()}"
+
+
+def _gib(value: str) -> int:
+    """Whole GiB in a SLURM memory size ('64G' -> 64, '500M' -> 0, '1T' -> 1024)."""
+    n, unit = _MEMORY.match(value).groups()
+    return int(n) * {"K": 1, "M": 2**10, "G": 2**20, "T": 2**30}[unit.upper()] // 2**20
+
+
+class LocalSettings(BaseModel):
+    """The `local` profile: this machine, one GPU slot, a pool of one-thread scoring processes."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    scoring_processes: int | None = Field(
+        None, ge=0, description="one-thread scoring processes; null: one per core; 0: score in threads"
+    )
+    memory_gb: int | None = Field(None, ge=1, description="memory scoring may use (GB); null: 3/4 of RAM")
+    task_memory_gb: dict[str, int] = Field(
+        default_factory=dict, description="scoring memory (GB) of a task, replacing the cost table's figure"
+    )
+
+    def scoring_workers(self) -> dict[str, int]:
+        """MEM_GB the machine offers scoring: all of it is one pool, shared by the running units."""
+        ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 2**30
+        return {"local": self.memory_gb or ram * 3 // 4}
 
 
 def load_slurm_settings(overrides: dict | None = None, path: str | Path | None = None) -> SlurmSettings:
@@ -185,40 +244,87 @@ def _from_env(raw: str, annotation: Any) -> Any:
 class Profile:
     name: str
     device: str  # where embedding runs: decides what dtype 'auto' means
-    slurm: SlurmSettings | None = None  # the slurm profile's settings
+    settings: SlurmSettings | LocalSettings
+
+    @property
+    def slurm(self) -> SlurmSettings | None:
+        return self.settings if isinstance(self.settings, SlurmSettings) else None
+
+    @property
+    def scoring_processes(self) -> int:
+        """Size of the flow process's pool of one-thread scoring processes (local profile only)."""
+        if not isinstance(self.settings, LocalSettings):
+            return 0  # SLURM jobs' workers are already one-thread processes (or GPU job threads)
+        found = self.settings.scoring_processes
+        return os.cpu_count() or 1 if found is None else found
+
+    def memory_need(self, task: str, dim: int) -> int:
+        """MEM_GB one scoring process of `task` takes: the profile's figure, else the cost table's."""
+        from layertime import costs
+
+        return self.settings.task_memory_gb.get(task) or costs.scoring_memory_gb(task, dim)
+
+    def check_fits(self, tasks: list[str], dim: int) -> dict[str, int]:
+        """Each task's MEM_GB, after checking some worker can hold it (else it would wait forever,
+        or be killed): a ClusterError names the tasks, what they need and what to change."""
+        needs = {t: self.memory_need(t, dim) for t in tasks}
+        workers = self.settings.scoring_workers()
+        largest = max(workers.values())
+        too_big = {t: n for t, n in needs.items() if n > largest}
+        if too_big:
+            fix = (
+                "set bigmem_jobs: 1 with bigmem_memory above that, or raise score_memory"
+                if self.slurm else "run it on the slurm profile with a big-memory job, or set memory_gb"
+            )  # fmt: skip
+            listed = ", ".join(f"{t} needs {n} GB" for t, n in too_big.items())
+            raise ClusterError(
+                f"cluster profile {self.name}: no scoring worker has the memory: {listed}; the largest "
+                f"offers {largest} GB ({', '.join(f'{k}: {v} GB' for k, v in workers.items())}); {fix}"
+            )
+        return needs
 
     def task_runner(self) -> DaskTaskRunner:
-        if self.name == "local":
+        if isinstance(self.settings, LocalSettings):
+            resources = {**GPU, "MEM_GB": self.settings.scoring_workers()["local"]}
             return DaskTaskRunner(
                 cluster_class="distributed.LocalCluster",
                 cluster_kwargs={
                     "n_workers": 1,
                     "processes": False,
-                    "threads_per_worker": max(2, os.cpu_count() or 2),
-                    "resources": GPU,
+                    "threads_per_worker": max(2, os.cpu_count() or 2) + 1,  # + the GPU slot's thread
+                    "resources": resources,
                     "dashboard_address": None,
                 },
             )
-        if self.slurm is not None:
-            return DaskTaskRunner(
-                cluster_class=LayertimeSLURMCluster,
-                cluster_kwargs=cluster_kwargs(self.slurm, _api_url(required=True)),
-                adapt_kwargs={"minimum_jobs": self.slurm.min_jobs, "maximum_jobs": self.slurm.max_jobs},
-            )
-        raise ValueError(f"cluster profile {self.name!r} has no task runner")
+        settings = self.settings
+        kwargs = cluster_kwargs(settings, _api_url(required=True))
+        scoring = bool(settings.score_jobs or settings.bigmem_jobs)
+        return DaskTaskRunner(
+            cluster_class=LayertimeSLURMCluster,
+            cluster_kwargs=kwargs,
+            adapt_kwargs={
+                "minimum_jobs": settings.min_jobs,
+                "maximum_jobs": settings.max_jobs,
+                **({"Adaptive": GpuAdaptive} if scoring else {}),
+            },
+        )
 
 
 def profile(name: str, overrides: dict | None = None) -> Profile:
     """The named cluster profile; an unknown name is an error that lists the known ones.
 
-    `overrides` replaces profile fields for this run (the `slurm` profile's, e.g. {"partition": "a100"}).
+    `overrides` replaces profile fields for this run (the `slurm` profile's, e.g. {"partition": "a100"};
+    the `local` profile's, e.g. {"scoring_processes": 4}).
     """
     if name == "local":
-        if overrides:
-            raise ClusterError(f"cluster profile local takes no overrides (got {sorted(overrides)})")
         import torch
 
-        return Profile("local", "cuda" if torch.cuda.is_available() else "cpu")
+        try:
+            settings = LocalSettings(**(overrides or {}))
+        except ValidationError as e:
+            problems = [_problem(err, {}) for err in e.errors()]
+            raise ClusterError("cluster profile local: " + "; ".join(problems)) from None
+        return Profile("local", "cuda" if torch.cuda.is_available() else "cpu", settings)
     if name == "slurm":
         settings = load_slurm_settings(overrides)
         return Profile("slurm", settings.device, settings)
@@ -226,19 +332,24 @@ def profile(name: str, overrides: dict | None = None) -> Profile:
 
 
 def job_script(spec: str | Path | None = None, overrides: dict | None = None) -> str:
-    """The batch script the `slurm` profile submits for each worker job (what `sbatch` receives).
+    """The batch scripts the `slurm` profile submits (what `sbatch` receives): the GPU worker job,
+    then the scoring jobs' when the profile has them.
 
-    `spec`, when given, is validated first (a bad spec fails here, not on the cluster). The script
-    names a placeholder scheduler address: the real one exists once the flow runs.
+    `spec`, when given, is validated first (a bad spec fails here, not on the cluster). The scripts
+    name a placeholder scheduler address: the real one exists once the flow runs.
     """
     if spec is not None:
         from layertime.spec import load_spec
 
         load_spec(spec)
     settings = load_slurm_settings(overrides)
-    kwargs = cluster_kwargs(settings, _api_url(required=False))
-    for cluster_only in ("scheduler_options", "preflight"):
-        kwargs.pop(cluster_only)
+    api_url = _api_url(required=False)
+    scripts = [f"# {kind} jobs: {count}\n" + _script(job_kwargs(settings, api_url, kind))
+               for kind, count in job_counts(settings).items() if count]  # fmt: skip
+    return "\n".join(scripts)
+
+
+def _script(kwargs: dict[str, Any]) -> str:
     logs = Path(kwargs["log_directory"])
     created = [p for p in (logs, *logs.parents) if not p.exists()]
     job = SLURMJob(scheduler="tcp://<scheduler-address>:8786", name="<worker-name>", **kwargs)
@@ -247,29 +358,65 @@ def job_script(spec: str | Path | None = None, overrides: dict | None = None) ->
     return job.job_script()
 
 
+def job_counts(settings: SlurmSettings) -> dict[str, int]:
+    """Jobs of each kind at most: GPU jobs (adaptive up to max_jobs), scoring and big-memory jobs."""
+    return {"gpu": settings.max_jobs, "score": settings.score_jobs, "bigmem": settings.bigmem_jobs}
+
+
 def cluster_kwargs(settings: SlurmSettings, api_url: str | None) -> dict[str, Any]:
-    """SLURMCluster keyword arguments for these settings."""
-    gres = ":".join(["gpu", *([settings.gpu_type] if settings.gpu_type else []), str(settings.gpus)])
-    directives = [f"--gres={gres}"] if settings.gpus else []
+    """LayertimeSLURMCluster keyword arguments: the GPU jobs' (adaptive), then the scoring jobs'."""
+    return {
+        **job_kwargs(settings, api_url, "gpu"),
+        "scheduler_options": {"dashboard_address": settings.dashboard_address}
+        if settings.dashboard_address else {"dashboard": False},
+        "preflight": settings.preflight,
+        "scoring_jobs": [(kind, count, job_kwargs(settings, api_url, kind))
+                         for kind, count in job_counts(settings).items() if kind != "gpu" and count],
+    }  # fmt: skip
+
+
+def job_kwargs(settings: SlurmSettings, api_url: str | None, kind: str) -> dict[str, Any]:
+    """dask-jobqueue job arguments of one kind of worker job (DESIGN §6, §10).
+
+    - `gpu`: one worker process, `cpus` threads, one GPU slot (embedding, metrics); it also offers
+      MEM_GB to scoring when the profile has no scoring jobs;
+    - `score`: `score_cpus` one-thread worker processes, each offering its share of `score_memory`;
+    - `bigmem`: one one-thread process offering all of `bigmem_memory`.
+    Scoring jobs ask for no GPU and hide any from their processes.
+    """
     exports = dict(settings.env)
     exports.update({k: os.environ[k] for k in settings.forward_env if k in os.environ and k not in exports})
     if api_url:
         exports["PREFECT_API_URL"] = api_url  # tasks on the workers log to the flow's API
+    if kind == "gpu":
+        cpus, processes, memory = settings.cpus, 1, settings.memory
+        threads = settings.threads or settings.cpus
+        gres = ":".join(["gpu", *([settings.gpu_type] if settings.gpu_type else []), str(settings.gpus)])
+        directives = [f"--gres={gres}"] if settings.gpus else []
+        resources = ["GPU=1"]  # one embedding slot per job (DESIGN §6), CPU or GPU
+    else:
+        cpus = threads = processes = settings.score_cpus if kind == "score" else 1
+        memory = settings.score_memory if kind == "score" else settings.bigmem_memory
+        directives, resources = [], []
+        exports["CUDA_VISIBLE_DEVICES"] = ""
+    mem_gb = settings.scoring_workers().get(kind)
+    if mem_gb is not None:
+        resources.append(f"MEM_GB={mem_gb}")
     prologue = [f"export {k}={_quote(v)}" for k, v in exports.items()] + list(settings.job_script_prologue)
     lifetime = settings.walltime_seconds - min(600, settings.walltime_seconds // 10)
-    worker_args = ["--resources", "GPU=1"]  # one embedding slot per job (DESIGN §6), CPU or GPU
+    worker_args = ["--resources", ",".join(resources)] if resources else []
     if lifetime > 60:  # retire before SLURM kills the job at its walltime: the scheduler replaces it
         worker_args += ["--lifetime", f"{lifetime}s", "--lifetime-stagger", f"{min(300, lifetime // 20)}s"]
     return {
-        "queue": settings.partition,
+        "queue": settings.partition if kind == "gpu" else settings.score_partition or settings.partition,
         "account": settings.account,
-        "cores": settings.threads or settings.cpus,
-        "job_cpu": settings.cpus,
-        "processes": 1,
-        "memory": f"{settings.slurm_memory}iB",  # Dask's name for the same amount (64GiB)
-        "job_mem": settings.slurm_memory,
+        "cores": threads,
+        "job_cpu": cpus,
+        "processes": processes,
+        "memory": f"{_slurm_memory(memory)}iB",  # Dask's name for the same amount (64GiB)
+        "job_mem": _slurm_memory(memory),
         "walltime": settings.walltime,
-        "job_name": settings.job_name,
+        "job_name": settings.job_name if kind == "gpu" else f"{settings.job_name}-{kind}",
         "log_directory": str(Path(settings.log_directory).absolute()),
         "interface": settings.interface,
         "python": settings.python or sys.executable,
@@ -278,9 +425,6 @@ def cluster_kwargs(settings: SlurmSettings, api_url: str | None) -> dict[str, An
         "worker_extra_args": worker_args,
         "local_directory": settings.local_directory,
         "death_timeout": settings.death_timeout,
-        "scheduler_options": {"dashboard_address": settings.dashboard_address}
-        if settings.dashboard_address else {"dashboard": False},
-        "preflight": settings.preflight,
     }  # fmt: skip
 
 
@@ -344,12 +488,17 @@ class LayertimeSLURMCluster(SLURMCluster):
 
     job_cls = _RejectAwareJob
 
-    def __init__(self, *, preflight: bool = True, **kwargs: Any):
+    def __init__(
+        self, *, preflight: bool = True, scoring_jobs: list[tuple[str, int, dict]] = (), **kwargs: Any
+    ):
         self._rejection: str | None = None  # SLURM's message for the last refused job
         self._broken: str | None = None  # why worker jobs end before their worker connects
         self._failed_starts = 0
         self._connected: set[str] = set()  # names of the jobs whose worker connected once
         self._watch_task: asyncio.Task | None = None
+        self._scoring_kinds = list(scoring_jobs)  # (kind, count, job kwargs): fixed, not adaptive
+        self._scoring: dict[str, _RejectAwareJob] = {}  # name -> a scoring job SLURM took
+        self._scoring_serial = 0
         super().__init__(on_sbatch=self._sbatch, **kwargs)
         if preflight:
             try:
@@ -359,9 +508,15 @@ class LayertimeSLURMCluster(SLURMCluster):
                 raise
 
     def preflight(self) -> None:
-        """`sbatch --test-only` of this cluster's job script; SlurmRejected with SLURM's message."""
+        """`sbatch --test-only` of each job script (GPU, scoring); SlurmRejected with SLURM's message."""
+        self._test_only(self.job_script(), self._summary())
+        for kind, _, kwargs in self._scoring_kinds:
+            job = self.job_cls(scheduler="tcp://127.0.0.1:1", name=f"{kind}-preflight", **kwargs)
+            self._test_only(job.job_script(), f"{kind} job")
+
+    def _test_only(self, script: str, summary: str) -> None:
         with tempfile.NamedTemporaryFile("w", suffix=".sh", prefix="layertime-preflight-") as f:
-            f.write(self.job_script())
+            f.write(script)
             f.flush()
             try:
                 out = subprocess.run(
@@ -371,7 +526,7 @@ class LayertimeSLURMCluster(SLURMCluster):
                 raise SlurmRejected(f"cannot run sbatch: {e}") from e
         if out.returncode != 0:
             raise SlurmRejected(
-                f"SLURM rejects the worker job ({self._summary()}): {(out.stderr or out.stdout).strip()}"
+                f"SLURM rejects the worker job ({summary}): {(out.stderr or out.stdout).strip()}"
             )
         log.info("sbatch --test-only: %s", (out.stderr or out.stdout).strip())
 
@@ -381,6 +536,12 @@ class LayertimeSLURMCluster(SLURMCluster):
 
     def _sbatch(self, name: str, rejected: str | None) -> None:
         """SLURM took worker job `name` (rejected None) or refused it with that message."""
+        if name in self._scoring:  # no GPU job can score in its place: the run cannot go on
+            if rejected is not None:
+                log.error("SLURM rejected scoring job %s: %s", name, rejected)
+                self._broken = f"SLURM rejected the scoring job {name}: {rejected}"
+                self._scoring.pop(name, None)
+            return
         if rejected is None:
             self._rejection = None
             return
@@ -408,7 +569,58 @@ class LayertimeSLURMCluster(SLURMCluster):
 
     async def _start(self) -> None:
         await super()._start()
+        for kind, count, _ in self._scoring_kinds:
+            for _ in range(count):
+                await self._start_scoring_job(kind)
         self._watch_task = asyncio.ensure_future(self._watch())
+
+    async def _start_scoring_job(self, kind: str) -> None:
+        """Submit one scoring job of `kind`; its workers join this cluster's scheduler."""
+        kwargs = next(k for name, _, k in self._scoring_kinds if name == kind)
+        self._scoring_serial += 1
+        name = f"{kind}-{self._scoring_serial}"
+        job = self.job_cls(scheduler=self.scheduler.address, name=name, on_sbatch=self._sbatch, **kwargs)
+        job.kind = kind
+        self._scoring[name] = job
+        try:
+            await job
+        except RuntimeError:
+            pass  # refused: _sbatch recorded SLURM's message, and the pending tasks fail with it
+
+    async def _check_scoring_jobs(self) -> None:
+        """Scoring jobs that ended (walltime, preemption, scancel) are replaced; two in a row that end
+        before their workers connect fail the run with the end of the job's log."""
+        waiting = {str(j.job_id): j for j in self._scoring.values() if getattr(j, "job_id", None)}
+        if not waiting:
+            return
+        gone = await self._not_queued(waiting)
+        connected = _scoring_jobs_of(self._names())
+        for job_id in gone:
+            job = self._scoring.pop(waiting[job_id].name)
+            if job.name in connected | self._connected:
+                log.info("scoring job %s (%s) ended; submitting another", job_id, job.name)
+            else:
+                self._failed_starts += 1
+                path = Path(job.log_directory or ".") / f"{job.job_name}-{job_id}.err"
+                tail = "\n".join(_tail(path, 15))
+                if self._failed_starts >= 2:
+                    self._broken = (
+                        f"scoring job {job_id} ended before its Dask workers connected; {path}:\n{tail}"
+                    )
+                    continue
+            job.status = Status.closed
+            await self._start_scoring_job(job.kind)
+
+    async def _not_queued(self, jobs: dict) -> set[str]:
+        """Ids among `jobs` that SLURM no longer lists (ended); empty when SLURM does not answer."""
+        proc = await asyncio.create_subprocess_exec(
+            "squeue", "-h", "-o", "%i", "-j", ",".join(jobs),
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        )  # fmt: skip
+        out, err = await proc.communicate()
+        if proc.returncode and b"Invalid job id" not in err:
+            return set()
+        return set(jobs) - set(out.decode().split())
 
     async def _watch(self) -> None:
         """Fail the pending tasks when nothing can run them; look for jobs that died at start."""
@@ -418,9 +630,10 @@ class LayertimeSLURMCluster(SLURMCluster):
             rounds += 1
             try:
                 if self.scheduler is not None:
-                    self._connected |= self._names()
+                    self._connected |= self._names() | _scoring_jobs_of(self._names())
                 if rounds % 10 == 0:
                     await self._check_starts()
+                    await self._check_scoring_jobs()
                 self._fail_pending()
             except Exception:  # noqa: BLE001 -- the watchdog must outlive one bad round
                 log.exception("slurm watchdog")
@@ -433,14 +646,7 @@ class LayertimeSLURMCluster(SLURMCluster):
         waiting = {str(j.job_id): j for j in self._accepted() if j.name not in self._connected}
         if not waiting:
             return
-        proc = await asyncio.create_subprocess_exec(
-            "squeue", "-h", "-o", "%i", "-j", ",".join(waiting),
-            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
-        )  # fmt: skip
-        out, err = await proc.communicate()
-        if proc.returncode and b"Invalid job id" not in err:
-            return  # SLURM did not answer: next round
-        for job_id in set(waiting) - set(out.decode().split()):
+        for job_id in await self._not_queued(waiting):
             job = waiting[job_id]
             if job.name in self._connected | self._names():
                 continue
@@ -460,9 +666,13 @@ class LayertimeSLURMCluster(SLURMCluster):
         """Cancel every task with the reason, when nothing can run them: SLURM refused the last job and
         no other is queued or running, or jobs keep ending before their worker connects."""
         scheduler = self.scheduler
-        if scheduler is None or scheduler.workers or not scheduler.tasks:
+        if scheduler is None or not scheduler.tasks:
             return
-        if self._rejection and not self._accepted():
+        if self._broken and self._broken.startswith(("SLURM rejected the scoring job", "scoring job")):
+            reason, message = "scoring jobs cannot run", self._broken
+        elif scheduler.workers:
+            return
+        elif self._rejection and not self._accepted():
             reason, message = "SLURM rejected the worker job", self._rejection
         elif self._broken:
             reason, message = "worker jobs end before their Dask worker starts", self._broken
@@ -492,11 +702,13 @@ class LayertimeSLURMCluster(SLURMCluster):
     async def _close(self) -> None:
         if self._watch_task is not None:
             self._watch_task.cancel()
+        scoring, self._scoring = list(self._scoring.values()), {}
         if self.scheduler is not None and self.scheduler.workers:
             try:
                 await asyncio.wait_for(self._flush_worker_logs(), timeout=20)
             except Exception as e:  # noqa: BLE001 -- closing goes on; the logs are a courtesy
                 log.warning("could not flush task logs from the workers: %s", e)
+        await asyncio.gather(*(job.close() for job in scoring), return_exceptions=True)
         await super()._close()
 
     async def _flush_worker_logs(self) -> None:
@@ -504,6 +716,27 @@ class LayertimeSLURMCluster(SLURMCluster):
 
         async with Client(self.scheduler.address, asynchronous=True) as client:
             await client.run(_flush_prefect_logs, on_error="ignore")
+
+
+class GpuAdaptive(Adaptive):
+    """Adaptive scaling of the GPU jobs alone, when scoring has jobs of its own (which stay fixed):
+    as many GPU jobs as GPU tasks queued or running, within min_jobs..max_jobs; only idle GPU
+    workers are retired. Dask's own target counts every thread, scoring workers' included."""
+
+    async def target(self) -> int:
+        tasks = self.cluster.scheduler.tasks.values()
+        live = ("waiting", "no-worker", "queued", "processing")
+        return sum(1 for ts in tasks if ts.state in live and "GPU" in (ts.resource_restrictions or {}))
+
+    async def workers_to_close(self, target: int) -> list[str]:
+        gpu = [ws for ws in self.cluster.scheduler.workers.values() if ws.name in self.cluster.worker_spec]
+        idle = [ws.name for ws in gpu if not ws.processing]
+        return idle[: max(0, len(gpu) - target)]
+
+
+def _scoring_jobs_of(workers: set[str]) -> set[str]:
+    """Scoring job names of worker names: 'score-3' (one process) and 'score-3-0' (several) -> 'score-3'."""
+    return {"-".join(name.split("-")[:2]) for name in workers if name.startswith(("score-", "bigmem-"))}
 
 
 def _tail(path: Path, lines: int) -> list[str]:

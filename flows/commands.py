@@ -29,18 +29,21 @@ def run(
     device: Annotated[
         str | None, typer.Option(help="--plain only: torch device (default cuda if present)")
     ] = None,
+    force: Annotated[
+        bool, typer.Option("--force", help="take over a run root another code version wrote (recomputes)")
+    ] = False,
 ) -> None:
     """Run a spec now, from this terminal: the layer-by-layer flow on Prefect's embedded default
     (no server needed), or with --plain the same phases without Prefect. Finished units are reused."""
     spec = cli.prepare_run(spec_path)
     if plain:
-        cli.run_plain(spec, device)
+        cli.run_plain(spec, device, force)
         return
     from flows.layer_by_layer import layer_by_layer
 
     logging.getLogger("distributed").setLevel(logging.WARNING)  # the task runs are the progress to watch
 
-    state = layer_by_layer(str(spec_path), cluster=cluster, return_state=True)
+    state = layer_by_layer(str(spec_path), cluster=cluster, force=force, return_state=True)
     if not state.is_completed():
         cli.fail(f"the run did not complete ({state.name}): {state.message}")
     cli.print_tables(spec.run_root, state.result())

@@ -39,29 +39,37 @@ class UnitsFailed(RuntimeError):
 
 @flow(name="layer-by-layer")
 def layer_by_layer(
-    spec: str = "deployments/demo.yaml", cluster: str = "local", overrides: dict | None = None
+    spec: str = "deployments/demo.yaml",
+    cluster: str = "local",
+    overrides: dict | None = None,
+    cluster_overrides: dict | None = None,
+    force: bool = False,
 ) -> dict:
     """Run the experiment spec at path `spec` on the `cluster` profile; returns the tables' paths.
 
-    `overrides` replaces spec fields for this run (e.g. {"checkpoints": ["main"]}).
+    `overrides` replaces spec fields for this run (e.g. {"checkpoints": ["main"]}),
+    `cluster_overrides` profile fields (e.g. {"partition": "a100"}). `force` lets this code version
+    take over a run root that another one wrote (its units are recomputed).
     """
     experiment = load_spec(spec, **(overrides or {}))
-    where = profile(cluster)
+    where = profile(cluster, cluster_overrides)
     pipeline.prepare_world(experiment)
     _verify(experiment, spec)
     plan = make_plan(experiment, strict=True)
+    needs = where.check_fits(plan.tasks, _hidden_size(experiment))  # before any GPU work
     settings = pipeline.Settings.of(experiment, where.device)
     run = RunDir.of(experiment.run_root, experiment.store)
     with run.lock():  # a second run on the same run root is refused, by name
+        pipeline.claim_run_root(run, experiment, force)
         pipeline.write_snapshot(plan, run, settings)
         get_run_logger().info(
             f"{experiment.name}: {plan.evaluations} evaluations, {len(plan.units())} distinct units "
             f"(layers are 0-based block indices {plan.blocks})"
         )
-        with where.task_runner() as runner:
+        with where.task_runner() as runner, units.scoring_pool(where.scoring_processes):
             revisions = _record(runner, experiment, plan)
             measured = _submit_measures(runner, plan, settings, run)
-            scores, failures = _embed_and_score(runner, experiment, plan, settings, run, revisions)
+            scores, failures = _embed_and_score(runner, experiment, plan, settings, run, revisions, needs)
             metric_rows = _collect_measures(measured, failures)
             paths = _merge(runner, plan, settings, scores, metric_rows)
         _publish(plan, paths, failures)
@@ -100,7 +108,15 @@ def _record(runner: Any, spec: ExperimentSpec, plan: Plan) -> dict[str, str]:
     return {t: f.result()[0] for t, f in futures.items()}
 
 
-def _embed_and_score(runner, spec, plan, settings, run, revisions) -> tuple[dict, list[str]]:
+def _hidden_size(spec: ExperimentSpec) -> int:
+    from layertime import architecture, checkpoints
+
+    return architecture.hidden_size(checkpoints.load_config(spec.model, spec.checkpoints[0], spec.hf_cache))
+
+
+def _embed_and_score(runner, spec, plan, settings, run, revisions, needs) -> tuple[dict, list[str]]:
+    """Submit every unit: embed on a GPU slot, then each layer's scoring on a worker with the
+    memory its task needs (`needs`: task -> MEM_GB, DESIGN §10)."""
     score_task = _cached(units.score, units.score_policy, run.store)
     pending: dict[Any, tuple[units.Unit, int]] = {}
     cleanups = []
@@ -114,12 +130,14 @@ def _embed_and_score(runner, spec, plan, settings, run, revisions) -> tuple[dict
             if missing:
                 with dask.annotate(resources=GPU):
                     embedded = runner.submit(units.embed, {"unit": unit})
-            futures = [
-                runner.submit(
-                    score_task, {"unit": unit, "layer": b, "embeddings": embedded if b in missing else None}
-                )
-                for b in plan.blocks
-            ]
+            with dask.annotate(resources={"MEM_GB": needs[task]}):
+                futures = [
+                    runner.submit(
+                        score_task,
+                        {"unit": unit, "layer": b, "embeddings": embedded if b in missing else None},
+                    )
+                    for b in plan.blocks
+                ]
             pending.update({f: (unit, b) for f, b in zip(futures, plan.blocks, strict=True)})
             if embedded is not None:
                 cleanups.append(runner.submit(units.cleanup, {"unit": unit}, wait_for=futures))

@@ -59,3 +59,11 @@ def num_blocks(config) -> int:
         if getattr(config, attr, None) is not None:
             return int(getattr(config, attr))
     raise NotImplementedError(f"cannot tell how many blocks a {type(config).__name__} has")
+
+
+def hidden_size(config) -> int:
+    """Width d of every hidden state (the embedding dimension of each layer)."""
+    for attr in ("hidden_size", "n_embd", "d_model"):
+        if getattr(config, attr, None) is not None:
+            return int(getattr(config, attr))
+    raise NotImplementedError(f"cannot tell the hidden size of a {type(config).__name__}")

@@ -25,7 +25,7 @@ import numpy as np
 from mteb.models.abs_encoder import AbsEncoder
 from mteb.models.model_meta import ModelMeta, ScoringFunction
 
-from layertime import checkpoints, suite
+from layertime import checkpoints, memory, suite
 from layertime.io import atomic_write_text
 
 ENCODE_BATCH = 4096  # texts per mteb DataLoader batch; lookups are cheap, so large batches cut overhead
@@ -235,6 +235,7 @@ class SubsetScore:
     dataset_revision: str
     mteb_version: str
     seconds: float
+    peak_memory_gb: float | None = None  # the scoring process's resident peak (layertime.memory)
 
 
 class _LoadedTasks:
@@ -308,11 +309,13 @@ def score_layers(
     for block, (texts, vectors) in items:
         encoder = LookupEncoder(texts, vectors, meta_for_layer(block))
         with lock:
-            out[block] = subset_scores(_evaluate(encoder, task, results_dir))
+            memory.reset_peak()
+            result = _evaluate(encoder, task, results_dir)
+            out[block] = subset_scores(result, memory.peak_gb())
     return out
 
 
-def subset_scores(result: Any) -> list[SubsetScore]:
+def subset_scores(result: Any, peak_memory_gb: float | None = None) -> list[SubsetScore]:
     """Flatten an mteb TaskResult into one SubsetScore per (split, subset)."""
     seconds = float(result.evaluation_time or 0.0)
     return [
@@ -323,6 +326,7 @@ def subset_scores(result: Any) -> list[SubsetScore]:
             result.dataset_revision,
             str(result.mteb_version),
             seconds,
+            peak_memory_gb,
         )
         for split, scores in result.scores.items()
         for s in scores

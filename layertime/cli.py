@@ -6,6 +6,7 @@ The `layertime` command is `flows.commands.app`: these commands plus the ones th
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import sys
@@ -49,11 +50,41 @@ def load(path: Path):
 def plan(
     specs: Annotated[list[Path], typer.Argument(help="one or more experiment specs (YAML)")],
     as_json: Annotated[bool, typer.Option("--json", help="print JSON instead of a table")] = False,
+    gpu_jobs: Annotated[
+        int, typer.Option("--gpu-jobs", min=1, help="GPU slots (slurm profile: its max_jobs)")
+    ] = 1,
+    cpu_jobs: Annotated[
+        int | None,
+        typer.Option(
+            "--cpu-jobs",
+            min=1,
+            help="one-thread scoring processes (slurm: score_jobs × score_cpus; default: this machine's cores)",
+        ),
+    ] = None,
+    bigmem_jobs: Annotated[
+        int,
+        typer.Option(
+            "--bigmem-jobs", min=0, help="big-memory scoring slots for MindSmallReranking (0: none)"
+        ),
+    ] = 0,
+    gpu_tflops: Annotated[
+        float, typer.Option("--gpu-tflops", min=0.001, help="ASSUMED achieved TFLOP/s of one GPU")
+    ] = 100.0,
+    gpu_from: Annotated[
+        Path | None,
+        typer.Option(
+            "--gpu-from", help="a finished run's root: take the GPU's rate from its tables/costs.csv instead"
+        ),
+    ] = None,
 ) -> None:
-    """Print the grid of each spec without touching a GPU: checkpoints, layers, tasks, evaluations, units.
+    """Print the grid of each spec without touching a GPU: checkpoints, layers, tasks, evaluations, units,
+    and what it will cost: CPU- and GPU-hours per phase, memory per worker, wall-clock on the given jobs.
 
     With several specs, also how many (commit, task, layer) units they share (computed once).
+    CPU figures come from the measured cost table (layertime/task_costs.csv); GPU figures are derived
+    from FLOPs at an ASSUMED achieved rate (--gpu-tflops).
     """
+    from layertime import costs
     from layertime import plan as planning
     from layertime.pipeline import prepare_world
     from layertime.spec import SpecError
@@ -66,7 +97,13 @@ def plan(
             plans.append(planning.make_plan(spec))
         except SpecError as e:
             fail(f"{path}: {e}")
-    out = {"plans": [p.summary() for p in plans]}
+    cpu_jobs = cpu_jobs or os.cpu_count() or 1
+    out = {"plans": []}
+    for p in plans:
+        grid = p.cost_grid()  # before summary(): it may add a note
+        flops, source = _gpu_rate(gpu_tflops, gpu_from, costs.forward_params(grid.num_blocks, grid.hidden))
+        est = costs.estimate(grid, gpu_jobs, cpu_jobs, bigmem_jobs, flops, source)
+        out["plans"].append({**p.summary(), "costs": est})
     if len(plans) > 1:
         out["combined"] = planning.combined(plans)
     if as_json:
@@ -80,6 +117,7 @@ def plan(
         typer.echo(f"  evaluations {p['evaluations']:,}")
         u = p["units"]
         typer.echo(f"  units       score {u['score']:,}, embed {u['embed']:,}, measure {u['measure']:,}")
+        _echo_costs(p["costs"])
         for note in p["notes"]:
             typer.echo(f"  note: {note}")
     if "combined" in out:
@@ -88,6 +126,54 @@ def plan(
             f"together: {c['evaluations']:,} evaluations, {c['distinct_score_units']:,} distinct score units "
             f"({c['shared_score_units']:,} shared, computed once)"
         )
+
+
+def _gpu_rate(tflops: float, run_root: Path | None, params: int) -> tuple[float, str | None]:
+    """FLOP/s for the GPU estimates: measured from a finished run's costs table, else the assumed rate."""
+    from layertime import costs
+
+    if run_root is None:
+        return tflops * 1e12, None
+    try:
+        return costs.measured_gpu_flops(run_root / "tables" / "costs.csv", params)
+    except (OSError, ValueError, KeyError) as e:
+        fail(f"--gpu-from: {e}")
+        raise  # unreachable: fail() exits
+
+
+def _hours(hours: float) -> str:
+    return f"{hours * 60:.0f} min" if hours < 1 else f"{hours:,.1f} h"
+
+
+def _echo_costs(c: dict) -> None:
+    """The plan's cost lines: hours per phase, memory per worker class, simulated wall-clock time."""
+    h, mem, jobs = c["hours"], c["memory_gb"], c["jobs"]
+    typer.echo(
+        f"  CPU-hours   score {h['score']['cpu']:,.1f} ({c['score_cpu_s_per_checkpoint_layer']:,.0f} CPU-s per "
+        f"checkpoint × layer), record {h['record']['cpu']:.2f}"
+    )
+    typer.echo(
+        f"  GPU-hours   embed {h['embed']['gpu']:,.2f}, measure {h['measure']['gpu']:,.2f}, checkpoint loads "
+        f"{h['loads']['gpu']:,.2f} (see 'assumed' below)"
+    )
+    big = ""
+    if mem["big_memory_worker"]:
+        where = (
+            "on its own jobs" if jobs["big_memory"] else "no big-memory jobs: every scoring worker needs it"
+        )
+        big = f", big-memory worker {mem['big_memory_worker']} GB (MindSmallReranking; {where})"
+    typer.echo(
+        f"  memory      GPU worker {mem['gpu_worker']} GB, scoring worker {mem['scoring_worker']} GB{big}"
+    )
+    typer.echo(
+        f"  wall-clock  {_hours(c['wall_hours'])} on {jobs['gpu']} GPU + {jobs['cpu']} CPU"
+        + (f" + {jobs['big_memory']} big-memory" if jobs["big_memory"] else "")
+        + f" jobs; GPUs held {_hours(c['gpu_phase_hours'])}, computing {c['gpu_busy']:.0%} of it"
+    )
+    gpu, measure = c["assumptions"][:2]
+    typer.echo(f"  assumed     {gpu}")
+    typer.echo(f"              {measure}")
+    typer.echo(f"  measured    CPU: {c['table']} (task_costs.csv, one BLAS thread)")
 
 
 def _ranges(blocks: list[int]) -> str:
@@ -99,10 +185,21 @@ def _ranges(blocks: list[int]) -> str:
 def prepare_run(spec_path: Path):
     """Load the spec, point mteb's cache at the store, quiet library noise, check checkpoints exist."""
     spec = load(spec_path)
+    _check_writable(spec)
     os.environ.setdefault("MTEB_CACHE", str(RunDir.of(spec.run_root, spec.store).mteb_results))
     _quiet_libraries()
     _check_checkpoints(spec)
     return spec
+
+
+def _check_writable(spec) -> None:
+    """Fail before any work when the run root or the store cannot be created and written."""
+    from layertime.io import unwritable
+
+    run = RunDir.of(spec.run_root, spec.store)
+    for field, path in (("run_root", run.root), ("store", run.store)):
+        if (problem := unwritable(path)) is not None:
+            fail(f"{field}: cannot write {path}: {problem}")
 
 
 def _check_checkpoints(spec) -> None:
@@ -119,12 +216,14 @@ def _check_checkpoints(spec) -> None:
         fail(str(e))
 
 
-def run_plain(spec, device: str | None) -> None:
+def run_plain(spec, device: str | None, force: bool = False) -> None:
     """`run --plain`: the phases without Prefect, with a progress bar; prints where the tables are."""
     from tqdm import tqdm
 
-    from layertime.pipeline import run_spec
+    from layertime.pipeline import IncompatibleRun, run_spec
 
+    _check_device(device)
+    _check_cache(spec)
     bar = tqdm(total=None, unit="unit", desc=f"{spec.name}: (checkpoint, task) units", file=sys.stderr)
 
     def progress(phase: str, done: int, total: int) -> None:
@@ -134,9 +233,14 @@ def run_plain(spec, device: str | None) -> None:
     from layertime.rundir import RunInUse
 
     try:
-        result = run_spec(spec, progress=progress, device=device)
-    except RunInUse as e:
+        result = run_spec(spec, progress=progress, device=device, force=force)
+    except (RunInUse, IncompatibleRun) as e:
         bar.close()
+        fail(str(e))
+    except OSError as e:
+        if e.errno not in _DISK_ERRORS:
+            raise
+        bar.close()  # a full or read-only disk: the message names the path; finished units are kept
         fail(str(e))
     bar.close()
     typer.echo(f"scored {result.scored} (checkpoint, task, layer) units, {result.skipped} already done")
@@ -144,6 +248,28 @@ def run_plain(spec, device: str | None) -> None:
         f"texts: mteb asks for {result.texts_requested:,} per pass; forwarded {result.texts_embedded:,}"
     )
     print_tables(spec.run_root, result.tables)
+
+
+_DISK_ERRORS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES}
+
+
+def _check_device(device: str | None) -> None:
+    """`--device cuda` on a machine without a GPU fails here, before the run root is touched."""
+    from layertime.encoder import DeviceUnavailable, check_device
+
+    try:
+        check_device(device)
+    except DeviceUnavailable as e:
+        fail(f"--device: {e}")
+
+
+def _check_cache(spec) -> None:
+    """What the flow checks before any GPU work (layertime verify, task data not loaded), for --plain."""
+    from layertime import verify
+
+    problems = verify.failed(verify.verify(spec, load_tasks=False))
+    if problems:
+        fail(f"not ready to run {spec.name}:\n{verify.format_table(problems)}")
 
 
 def print_tables(run_root: Path, tables: dict) -> None:

@@ -8,6 +8,7 @@ where it stopped and never computes a unit twice.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import platform
@@ -23,9 +24,9 @@ from typing import Any
 import numpy as np
 import yaml
 
-from layertime import suite
+from layertime import CODE_VERSION, suite
 from layertime.checkpoints import Checkpoint
-from layertime.io import atomic_write, atomic_write_text
+from layertime.io import atomic_write, atomic_write_dir, atomic_write_text, save_array
 from layertime.plan import Plan, make_plan
 from layertime.rundir import RunDir, settings_id
 from layertime.spec import ExperimentSpec
@@ -42,6 +43,7 @@ class Settings:
     normalize: bool
     max_length: int
     dtype: str  # resolved: 'float32' on CPU for 'auto'
+    code_version: str = CODE_VERSION  # a new code version never reads an older one's records
 
     @classmethod
     def of(cls, spec: ExperimentSpec, device: str | None = None) -> Settings:
@@ -51,7 +53,7 @@ class Settings:
 
         dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         dtype = str(resolve_dtype(spec.dtype, dev)).removeprefix("torch.")
-        return cls(spec.final_norm, spec.pooling, spec.normalize, spec.max_length, dtype)
+        return cls(spec.final_norm, spec.pooling, spec.normalize, spec.max_length, dtype, CODE_VERSION)
 
     def as_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
@@ -89,6 +91,62 @@ def write_snapshot(plan: Plan, run: RunDir, settings: Settings) -> None:
         "layer_convention": "layer = 0-based block index b, states hidden_states[b + 1]",
     }
     atomic_write_text(run.root / "environment.json", json.dumps(env, indent=2))
+
+
+class IncompatibleRun(RuntimeError):
+    """The run root holds results of another code or mteb version."""
+
+
+RUN_STAMP = "layertime-run.json"  # which code version writes this run root's tables
+
+
+def claim_run_root(run: RunDir, spec: ExperimentSpec, force: bool = False) -> dict:
+    """Stamp the run root with this code and mteb version, refusing one that another version wrote.
+
+    Records live under a settings id that includes CODE_VERSION, so versions never share a record;
+    the stamp keeps one run root's tables and report from silently switching to other numbers.
+    `force` re-stamps it: the tables are then rebuilt from this version's results only.
+    """
+    path = run.root / RUN_STAMP
+    mine = {"code_version": CODE_VERSION, "mteb": _version("mteb"), "layertime": _version("layertime")}
+    try:
+        theirs = json.loads(path.read_text())
+    except FileNotFoundError:
+        theirs = None
+    except (OSError, ValueError) as e:
+        raise IncompatibleRun(f"run root {run.root}: cannot read {path}: {e}; fix or remove it") from e
+    if theirs is not None and not force:
+        differs = [k for k in ("code_version", "mteb") if theirs.get(k) != mine[k]]
+        if differs:
+            found = ", ".join(f"{k} {theirs.get(k)}" for k in differs)
+            want = ", ".join(f"{k} {mine[k]}" for k in differs)
+            raise IncompatibleRun(
+                f"run root {run.root} holds results of {found}; this is {want}, whose numbers may "
+                f"differ. Give this run another run_root, or pass --force to recompute every unit "
+                f"here with this version (the tables then hold this version's results only)"
+            )
+    same = theirs is not None and all(theirs.get(k) == mine[k] for k in ("code_version", "mteb"))
+    since = theirs.get("since") if same else time.strftime("%Y-%m-%dT%H:%M:%S%z")
+    stamp = {**mine, "spec": spec.digest, "since": since}
+    atomic_write_text(path, json.dumps(stamp, indent=2))
+    return stamp
+
+
+def provenance(spec_digest: str) -> dict[str, Any]:
+    """What produced a result, stamped into each record: versions, the spec's hash, where it ran."""
+    return {
+        "code_version": CODE_VERSION,
+        "spec": spec_digest,
+        **_packages(),
+        "host": platform.node(),
+        "pid": os.getpid(),
+        "slurm_job_id": os.environ.get("SLURM_JOB_ID"),
+    }
+
+
+@functools.cache
+def _packages() -> dict[str, str | None]:
+    return {p: _version(p) for p in ("layertime", "mteb", "torch", "transformers", "datasets")}
 
 
 def _version(package: str) -> str | None:
@@ -143,27 +201,33 @@ def embed_unit(
     texts: list[str],
     blocks: list[int],
 ) -> Path:
-    """Embed one (checkpoint, task) unit with every requested layer; write texts.json + layer_<b>.npy."""
+    """Embed one (checkpoint, task) unit with every requested layer; write texts.json + layer_<b>.npy.
+
+    The unit's directory appears whole or not at all (io.atomic_write_dir): a write that fails (a full
+    disk) removes its temp directory and names the path, and the temp of a writer killed earlier is
+    removed by the next one.
+    """
     target = run.embeddings(settings.id, ckpt, task)
+    cost_record = run.cost_record(settings.id, ckpt, f"embed__{task}")
     if embeddings_ok(target, blocks):
+        if not cost_record.is_file():  # killed between the two writes: the manifest holds the cost
+            manifest = json.loads((target / "done.json").read_text())
+            atomic_write_text(cost_record, json.dumps({k: v for k, v in manifest.items() if k != "files"}))
         return target
     start = time.perf_counter()
     vectors = encoder.encode(texts)
-    tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    (tmp / "texts.json").write_text(json.dumps(texts))
-    for b in blocks:
-        np.save(tmp / f"layer_{b}.npy", vectors[b])
     cost = {"phase": "embed", "task": task, "seconds": time.perf_counter() - start, "device": str(encoder.device),
             **(encoder.last_stats.__dict__ if encoder.last_stats else {})}  # fmt: skip
-    sizes = {p.name: p.stat().st_size for p in tmp.iterdir()}
-    (tmp / "done.json").write_text(json.dumps({**cost, "files": sizes}))  # the manifest, written last
-    shutil.rmtree(target, ignore_errors=True)
-    os.replace(tmp, target)  # the unit appears whole or not at all
-    atomic_write_text(
-        run.cost_record(settings.id, ckpt, f"embed__{task}"), json.dumps(cost)
-    )  # outlives cleanup
+
+    def write(tmp: Path) -> None:
+        (tmp / "texts.json").write_text(json.dumps(texts))
+        for b in blocks:
+            save_array(tmp / f"layer_{b}.npy", vectors[b])  # a full disk says ENOSPC
+        sizes = {p.name: p.stat().st_size for p in tmp.iterdir()}
+        (tmp / "done.json").write_text(json.dumps({**cost, "files": sizes}))  # the manifest, written last
+
+    atomic_write_dir(target, write)
+    atomic_write_text(cost_record, json.dumps(cost))  # outlives cleanup
     return target
 
 
@@ -206,10 +270,12 @@ def score_unit(
     aggregation: str,
     num_blocks: int,
     hf_cache: Path | None = None,
+    spec_digest: str | None = None,
 ) -> dict[int, list[dict]]:
     """Rows per layer of one unit: recorded layers are read back, the others scored with mteb.
 
-    Each newly scored layer gets its completion record, written last.
+    Each newly scored layer gets its completion record, written last, stamped with `provenance`.
+    Rows carry the measured cost: mteb's evaluation seconds and the scoring process's peak memory.
     """
     from layertime.bridge import model_meta, score_layers
 
@@ -244,11 +310,12 @@ def score_unit(
                 "mteb_version": s.mteb_version,
                 "dataset_revision": s.dataset_revision,
                 "seconds": s.seconds,
+                "peak_memory_gb": s.peak_memory_gb,
             }  # fmt: skip
             for s in subsets
         ]
-        record = run.score_record(settings.id, ckpt, task, block)
-        atomic_write_text(record, json.dumps({"settings": settings.as_dict(), "rows": rows[block]}))
+        record = {"settings": settings.as_dict(), "provenance": provenance(spec_digest), "rows": rows[block]}
+        atomic_write_text(run.score_record(settings.id, ckpt, task, block), json.dumps(record))
     return rows
 
 
@@ -309,9 +376,8 @@ def measure_unit(
     cost = {"phase": "measure", "task": None, "seconds": time.perf_counter() - start, "device": str(encoder.device),
             "texts": len(prompts) * (1 + max(m.views, m.lidar_views))}  # fmt: skip
     atomic_write_text(run.cost_record(settings.id, ckpt, "measure"), json.dumps(cost))
-    atomic_write_text(
-        record, json.dumps({"settings": settings.as_dict(), "metrics": m.model_dump(), "rows": rows})
-    )
+    stamp = {"settings": settings.as_dict(), "metrics": m.model_dump(), "provenance": provenance(spec.digest)}
+    atomic_write_text(record, json.dumps({**stamp, "rows": rows}))
     return rows
 
 
@@ -397,16 +463,20 @@ class RunResult:
     texts_embedded: int  # texts forwarded through the model, all checkpoints
 
 
-def run_spec(spec: ExperimentSpec, progress: Progress | None = None, device: str | None = None) -> RunResult:
+def run_spec(
+    spec: ExperimentSpec, progress: Progress | None = None, device: str | None = None, force: bool = False
+) -> RunResult:
     """Run a whole spec in this process: plan, record texts, embed and score each unit, merge.
 
     Resumable: units with completion records are skipped; embeddings are deleted once every layer
-    of their unit is scored, unless `keep_embeddings`.
+    of their unit is scored, unless `keep_embeddings`. A run root another code version wrote is
+    refused unless `force` (`claim_run_root`).
     """
     prepare_world(spec)
     plan = make_plan(spec, strict=True)  # a missing checkpoint fails here, before any work
     run = RunDir.of(spec.run_root, spec.store)
     with run.lock():
+        claim_run_root(run, spec, force)
         return _run_locked(spec, plan, run, progress, device)
 
 
@@ -429,7 +499,8 @@ def _run_locked(
                 path = embed_unit(encoder, run, settings, ckpt, task, texts[task].texts, plan.blocks)
                 embedded += len(texts[task].texts)
                 num_blocks = encoder.anatomy.num_blocks
-                score_unit(run, settings, ckpt, task, todo, path, spec.aggregation, num_blocks, spec.hf_cache)
+                score_unit(run, settings, ckpt, task, todo, path, spec.aggregation, num_blocks, spec.hf_cache,
+                           spec.digest)  # fmt: skip
                 scored += len(todo)
                 if not spec.keep_embeddings:
                     shutil.rmtree(path, ignore_errors=True)

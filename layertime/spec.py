@@ -8,6 +8,7 @@ Layers are **block indices**, 0-based: block b's output is `hidden_states[b + 1]
 
 from __future__ import annotations
 
+import hashlib
 import re
 from pathlib import Path
 from typing import Any, Literal
@@ -240,6 +241,12 @@ class ExperimentSpec(BaseModel):
     def blocks(self, num_blocks: int | None) -> list[int]:
         """The spec's block indices, checked against the model when `num_blocks` is known."""
         return resolve_layers(self.layers, num_blocks)
+
+    @property
+    def digest(self) -> str:
+        """A short hash of the spec as run (every field, defaults included): stamped on each result."""
+        blob = self.model_dump_json().encode()
+        return hashlib.sha256(blob).hexdigest()[:12]
 
 
 def load_spec(path: str | Path, **overrides: Any) -> ExperimentSpec:

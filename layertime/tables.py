@@ -22,7 +22,7 @@ SCORE_SCHEMA = {
     "model": pl.String, "revision": pl.String, "commit": pl.String, "step": pl.Int64, "layer": pl.Int64,
     "hidden_state": pl.Int64, "depth": pl.Float64, "task": pl.String, "task_type": pl.String,
     "subset": pl.String, "split": pl.String, "main_score": pl.Float64, "mteb_version": pl.String,
-    "dataset_revision": pl.String, "seconds": pl.Float64,
+    "dataset_revision": pl.String, "seconds": pl.Float64, "peak_memory_gb": pl.Float64,
 }  # fmt: skip
 
 

@@ -8,8 +8,10 @@ never the task's source, so a comment edit keeps a day of GPU work valid. Errors
 
 from __future__ import annotations
 
+import contextlib
 import shutil
 import threading
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -18,14 +20,12 @@ from prefect import task
 from prefect.cache_policies import CacheKeyFnPolicy, CachePolicy
 from prefect.context import TaskRunContext
 
-from layertime import pipeline
+from layertime import CODE_VERSION, pipeline
 from layertime.checkpoints import Checkpoint, CheckpointError
 from layertime.plan import Plan
+from layertime.pool import ScoringPool
 from layertime.rundir import RunDir
 from layertime.spec import ExperimentSpec, SpecError
-
-# Bump when a change alters numbers (pooling, scoring, tables); refactors and comments keep caches.
-CODE_VERSION = "1"
 
 
 @dataclass(frozen=True)
@@ -136,13 +136,37 @@ def embed(unit: Unit) -> str:
     return str(_embed(unit))
 
 
+_POOL: list[ScoringPool] = []  # the flow process's scoring processes (local profile), while it runs
+
+
+@contextlib.contextmanager
+def scoring_pool(processes: int) -> Iterator[None]:
+    """Score in `processes` one-thread processes of this process while the context lasts (0: in the
+    calling thread). Dask threads of a local cluster submit to it; SLURM workers score in place."""
+    if not processes:
+        yield
+        return
+    with ScoringPool(processes) as pool:
+        _POOL.append(pool)
+        try:
+            yield
+        finally:
+            _POOL.remove(pool)
+
+
+def _in_scoring_process(fn: Any, *args: Any) -> Any:
+    return _POOL[-1].run(fn, *args) if _POOL else fn(*args)
+
+
 @task(name="score", task_run_name="score[{unit.label} · L{layer}]", retries=2, retry_delay_seconds=[5, 30],
       retry_condition_fn=_not_transient, persist_result=True, cache_result_in_memory=False)  # fmt: skip
 def score(unit: Unit, layer: int, embeddings: str | None) -> list[dict]:
     """mteb main scores of one (checkpoint, task, layer); a recorded layer is read back."""
-    rows = pipeline.score_unit(
+    rows = _in_scoring_process(
+        pipeline.score_unit,
         unit.run, unit.settings, unit.checkpoint, unit.task, [layer],
         Path(embeddings) if embeddings else None, unit.spec.aggregation, unit.num_blocks, unit.spec.hf_cache,
+        unit.spec.digest,
     )  # fmt: skip
     return rows[layer]
 

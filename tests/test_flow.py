@@ -41,17 +41,21 @@ def _run(overrides: dict):
     return state, _states(state.state_details.flow_run_id)
 
 
+_score_unit = pipeline.score_unit
+
+
+def _broken_score_unit(run, settings, ckpt, task, blocks, *args):
+    """A test-only hook: one unit cannot score. Module level, so the scoring processes can import it."""
+    if ckpt.revision == "step1000" and task == "DemoSTS" and blocks == [3]:
+        raise ValueError("injected failure")
+    return _score_unit(run, settings, ckpt, task, blocks, *args)
+
+
 def test_a_failed_unit_fails_the_flow_by_name_and_a_rerun_recomputes_only_it(hub, tmp_path, monkeypatch):
     overrides = {"run_root": str(tmp_path / "demo"), "hf_cache": str(hub), "checkpoints": ["step1000", "step3000", "main"],
                  "layers": [1, 3], "tasks": ["DemoSTS", "DemoClassification"]}  # fmt: skip
     real = pipeline.score_unit
-
-    def broken(run, settings, ckpt, task, blocks, *args):  # a test-only hook: one unit cannot score
-        if ckpt.revision == "step1000" and task == "DemoSTS" and blocks == [3]:
-            raise ValueError("injected failure")
-        return real(run, settings, ckpt, task, blocks, *args)
-
-    monkeypatch.setattr(pipeline, "score_unit", broken)
+    monkeypatch.setattr(pipeline, "score_unit", _broken_score_unit)
     state, states = _run(overrides)
     assert state.is_failed()
     with pytest.raises(
@@ -113,3 +117,36 @@ def test_the_flow_refuses_to_start_when_the_cache_misses_a_checkpoint(hub, tmp_p
     ):
         state.result()
     assert not states  # no task ran: no GPU work started
+
+
+def _score_runs(flow_run_id) -> list:
+    async def read():
+        async with get_client() as client:
+            return await client.read_task_runs(
+                flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id]))
+            )
+
+    return sorted((r for r in asyncio.run(read()) if r.name.startswith("score[")), key=lambda r: r.start_time)
+
+
+def test_scoring_waits_for_memory_instead_of_overcommitting_it(hub, tmp_path):
+    # Two scoring processes, but memory for one task at a time: units must score one after another.
+    grid = {"run_root": str(tmp_path / "demo"), "hf_cache": str(hub), "checkpoints": ["step1000"],
+            "layers": [1, 2, 3], "tasks": ["DemoSTS", "DemoClassification"], "metrics": None}  # fmt: skip
+    memory = {
+        "scoring_processes": 2,
+        "memory_gb": 3,
+        "task_memory_gb": {"DemoSTS": 2, "DemoClassification": 2},
+    }
+    state = layer_by_layer(SPEC, overrides=grid, cluster_overrides=memory, return_state=True)
+    assert state.is_completed(), state.message
+    runs = _score_runs(state.state_details.flow_run_id)
+    assert len(runs) == 3 * 2 and all(r.state.name == "Completed" for r in runs)
+    for earlier, later in zip(runs, runs[1:], strict=False):
+        assert earlier.end_time <= later.start_time, f"{earlier.name} and {later.name} scored at once"
+
+    other = {**grid, "run_root": str(tmp_path / "other" / "demo")}
+    too_big = {**memory, "task_memory_gb": {"DemoSTS": 4}}
+    with pytest.raises(Exception, match=r"DemoSTS needs 4 GB.*local: 3 GB"):
+        layer_by_layer(SPEC, overrides=other, cluster_overrides=too_big)
+    assert not (tmp_path / "other").exists()  # refused before anything was written

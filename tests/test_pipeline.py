@@ -17,6 +17,11 @@ ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow
 
 
+def _scores(path: Path) -> pl.DataFrame:
+    """The scores table without its measured costs (a rescored unit takes other seconds and memory)."""
+    return pl.read_parquet(path).drop("seconds", "peak_memory_gb")
+
+
 @pytest.fixture(scope="module")
 def spec(hub, tmp_path_factory):
     # The demo's shape on a smaller grid: main and step3000 share a commit.
@@ -92,7 +97,7 @@ def test_a_rerun_recomputes_only_what_is_missing(spec, first):
     lost.unlink()
     healed = run_spec(spec)
     assert (healed.scored, healed.skipped) == (1, 19)
-    assert pl.read_parquet(healed.tables["scores"]).equals(pl.read_parquet(first.tables["scores"]))
+    assert _scores(healed.tables["scores"]).equals(_scores(first.tables["scores"]))
 
 
 def test_cli_run_prints_where_the_tables_are(spec, first, hub):
@@ -162,5 +167,47 @@ def test_damaged_records_and_embeddings_are_recomputed_never_merged(hub, tmp_pat
     weights.write_bytes(weights.read_bytes()[:100])  # a truncated embedding file
     again = run_spec(spec)
     assert (again.scored, again.skipped) == (1, 1)
-    assert pl.read_parquet(again.tables["scores"]).equals(pl.read_parquet(first.tables["scores"]))
+    assert _scores(again.tables["scores"]).equals(_scores(first.tables["scores"]))
     assert weights.stat().st_size > 100  # re-embedded, not scored from the damaged file
+
+
+def test_records_carry_the_spec_hash_versions_and_measured_cost(spec, first):
+    import mteb
+
+    from layertime import CODE_VERSION
+
+    record = json.loads(
+        next((Path(spec.run_root).parent / "store" / "scores").rglob("layer_1.json")).read_text()
+    )
+    stamp = record["provenance"]
+    assert stamp["spec"] == spec.digest and stamp["code_version"] == CODE_VERSION
+    assert stamp["mteb"] == mteb.__version__ and stamp["pid"] == os.getpid()
+    assert record["settings"]["code_version"] == CODE_VERSION
+    scores = pl.read_parquet(first.tables["scores"])
+    # Peak resident memory of the scoring process: at least the interpreter with torch and mteb loaded.
+    assert (scores["peak_memory_gb"] > 0.1).all() and (scores["peak_memory_gb"] < 24).all()
+
+
+def test_a_run_root_another_code_version_wrote_is_refused_unless_forced(hub, tmp_path, monkeypatch):
+    from layertime import pipeline
+
+    spec = load_spec(ROOT / "deployments/demo.yaml", run_root=str(tmp_path / "demo"), hf_cache=str(hub),
+                     checkpoints=["step1000"], layers=[3], tasks=["DemoSTS", "DemoClustering"],
+                     metrics=None)  # fmt: skip
+    first = run_spec(spec)
+    stamp = (tmp_path / "demo" / pipeline.RUN_STAMP).read_text()
+    monkeypatch.setattr(pipeline, "CODE_VERSION", "999")  # a release whose numbers differ
+    with pytest.raises(
+        pipeline.IncompatibleRun, match=r"holds results of code_version 1; this is code_version 999.*--force"
+    ):
+        run_spec(spec)
+    assert (tmp_path / "demo" / pipeline.RUN_STAMP).read_text() == stamp  # refused: nothing written
+
+    forced = run_spec(spec, force=True)
+    assert (forced.scored, forced.skipped) == (2, 0)  # the old version's records are not this one's
+    assert json.loads((tmp_path / "demo" / pipeline.RUN_STAMP).read_text())["code_version"] == "999"
+    scores = pl.read_parquet(forced.tables["scores"])
+    assert scores.height == pl.read_parquet(first.tables["scores"]).height == 2  # one version's rows only
+    assert (tmp_path / "store" / "scores").is_dir() and len(
+        list((tmp_path / "store" / "scores").iterdir())
+    ) == 2

@@ -9,6 +9,7 @@ The profile's settings and job script are checked without SLURM.
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import re
 import shutil
@@ -106,6 +107,53 @@ def test_a_bad_field_names_itself_and_where_it_came_from(monkeypatch):
         profile("pbs")
 
 
+def _scripts(script: str) -> dict[str, str]:
+    """`layertime slurm-script` output split by kind of job ('# gpu jobs: 8' headers)."""
+    parts = re.split(r"^# (\w+) jobs: \d+$", script, flags=re.M)[1:]
+    return dict(zip(parts[::2], parts[1::2], strict=True))
+
+
+def test_scoring_jobs_ask_for_cpus_and_memory_and_never_a_gpu():
+    scripts = _scripts(job_script(
+        ROOT / "deployments/exp2.yaml",
+        {"partition": "gpu", "score_partition": "cpu", "score_jobs": 64, "score_cpus": 8, "score_memory": "32G",
+         "bigmem_jobs": 2, "bigmem_memory": "64G"},
+    ))  # fmt: skip
+    assert set(scripts) == {"gpu", "score", "bigmem"}
+    gpu, score, bigmem = (scripts[k] for k in ("gpu", "score", "bigmem"))
+    assert "--gres=gpu:1" in gpu and "-p gpu" in gpu
+    assert "--resources GPU=1 " in gpu and "MEM_GB" not in gpu  # scoring has jobs of its own
+    for text in (score, bigmem):
+        assert "--gres" not in text and "-p cpu" in text and "export CUDA_VISIBLE_DEVICES=''" in text
+        assert "--resources GPU" not in text
+    # eight one-thread processes sharing 32 GiB; one process with all of 64 GiB
+    assert {"--cpus-per-task=8", "--mem=32G"} <= set(re.findall(r"^#SBATCH (.+)$", score, re.M))
+    assert "--nworkers 8" in score and "--nthreads 1" in score and "--resources MEM_GB=4 " in score
+    assert {"--cpus-per-task=1", "--mem=64G"} <= set(re.findall(r"^#SBATCH (.+)$", bigmem, re.M))
+    assert "--nthreads 1" in bigmem and "--resources MEM_GB=64 " in bigmem
+    only_gpu = _scripts(job_script(None, {"memory": "64G"}))
+    assert list(only_gpu) == ["gpu"] and "--resources GPU=1,MEM_GB=48 " in only_gpu["gpu"]  # 3/4 scores
+
+
+def test_a_task_no_scoring_worker_can_hold_fails_before_the_run_naming_it():
+    small = profile("slurm", {"score_jobs": 2, "score_cpus": 8, "score_memory": "32G"})
+    with pytest.raises(
+        ClusterError, match=r"MindSmallReranking needs \d+ GB.*largest offers 4 GB.*bigmem_jobs"
+    ):
+        small.check_fits(["SciDocsRR", "MindSmallReranking"], 1024)
+    big = profile("slurm", {"score_jobs": 2, "score_memory": "32G", "bigmem_jobs": 1, "bigmem_memory": "64G"})
+    needs = big.check_fits(["SciDocsRR", "MindSmallReranking"], 1024)
+    assert needs["MindSmallReranking"] > 4 and needs["SciDocsRR"] < needs["MindSmallReranking"] <= 64
+    pinned = profile("slurm", {"task_memory_gb": {"SciDocsRR": 40}, "memory": "64G"})
+    assert pinned.check_fits(["SciDocsRR"], 1024) == {"SciDocsRR": 40}  # the profile's figure wins
+    with pytest.raises(ClusterError, match="SciDocsRR needs 40 GB.*local: 8 GB"):
+        profile("local", {"memory_gb": 8, "task_memory_gb": {"SciDocsRR": 40}}).check_fits(
+            ["SciDocsRR"], 1024
+        )
+    with pytest.raises(ClusterError, match=r"cluster profile local: scoring_procs"):
+        profile("local", {"scoring_procs": 2})
+
+
 # --- a real SLURM ------------------------------------------------------------------------------
 
 
@@ -184,7 +232,7 @@ def _jobs(logs: Path) -> dict[str, str]:
 
 def _scores(run_root: Path) -> pl.DataFrame:
     scores = pl.read_parquet(run_root / "tables/scores.parquet")
-    return scores.drop("seconds").sort("revision", "task", "layer", "subset")
+    return scores.drop("seconds", "peak_memory_gb").sort("revision", "task", "layer", "subset")  # costs vary
 
 
 def _metrics(run_root: Path) -> pl.DataFrame:
@@ -214,7 +262,11 @@ def _one_blas_thread():
 
 @pytest.mark.slow
 @needs_slurm
-def test_demo_runs_in_slurm_jobs_with_the_scores_of_a_local_run(prefect_api, ci_profile, hub, tmp_path):
+def test_demo_runs_in_slurm_jobs_with_the_scores_of_a_local_run(
+    prefect_api, ci_profile, hub, tmp_path, monkeypatch
+):
+    for key, value in {"SCORE_JOBS": "1", "SCORE_CPUS": "1", "SCORE_MEMORY": "3G"}.items():
+        monkeypatch.setenv(f"LAYERTIME_SLURM_{key}", value)  # embedding in the GPU job, scoring beside it
     grid = {**GRID, "hf_cache": str(hub)}
     with _one_blas_thread():
         local = _run({**grid, "run_root": str(tmp_path / "local/demo")}, "local")
@@ -244,6 +296,15 @@ def test_demo_runs_in_slurm_jobs_with_the_scores_of_a_local_run(prefect_api, ci_
     logged = {runs[entry.task_run_id] for entry in logs if "Finished in state" in entry.message}
     assert {f"score[{c} · {t} · L3]" for c in GRID["checkpoints"] for t in GRID["tasks"]} <= logged
     assert "merge[demo]" in logged  # the last task of the run: its logs survive the cluster's close
+
+    gpu_jobs = {p.stem.rpartition("-")[2] for p in ci_profile.glob("lt-*") if "-score-" not in p.name}
+    score_jobs = {p.stem.rpartition("-")[2] for p in ci_profile.glob("*-score-*")}
+    assert gpu_jobs and score_jobs
+    assert all("Task run 'score[" not in jobs[j] for j in gpu_jobs)  # GPU jobs embed and measure
+    assert any("Task run 'embed[" in jobs[j] for j in gpu_jobs)
+    scored_in = {json.loads(p.read_text())["provenance"]["slurm_job_id"]
+                 for p in (tmp_path / "slurm/store/scores").rglob("layer_3.json")}  # fmt: skip
+    assert scored_in and scored_in <= score_jobs
     print(f"slurm run: {elapsed:.0f} s, jobs {sorted(jobs)}")
 
 
@@ -347,3 +408,38 @@ def test_a_worker_job_cancelled_mid_run_is_replaced_and_no_unit_is_lost_or_repea
     script = seen["script"]
     assert "export HF_HUB_OFFLINE=1" in script and "export PREFECT_API_URL=http://127.0.0.1:" in script
     assert "export MTEB_CACHE=" in script
+
+
+@pytest.mark.slow
+@needs_slurm
+def test_a_scoring_job_cancelled_mid_run_is_replaced_and_no_unit_is_lost_or_repeated(
+    prefect_api, ci_profile, hub, tmp_path, monkeypatch
+):
+    for key, value in {"SCORE_JOBS": "1", "SCORE_CPUS": "1", "SCORE_MEMORY": "3G"}.items():
+        monkeypatch.setenv(f"LAYERTIME_SLURM_{key}", value)
+    killed: list[str] = []
+    stop = threading.Event()
+
+    def cancel_the_scoring_job_once_it_has_scored():
+        while not stop.wait(0.2):
+            for job_id, text in _jobs(ci_profile).items():
+                if "Task run 'score[" in text and "- Finished" in text.partition("Task run 'score[")[2]:
+                    subprocess.run(["scancel", job_id], check=True, timeout=30)
+                    killed.append(job_id)
+                    return
+
+    killer = threading.Thread(target=cancel_the_scoring_job_once_it_has_scored, daemon=True)
+    killer.start()
+    try:
+        state = _run({**GRID, "hf_cache": str(hub), "run_root": str(tmp_path / "demo")}, "slurm")
+    finally:
+        stop.set()
+        killer.join(timeout=10)
+    assert killed, "the run ended before the scoring job could be cancelled"
+    assert state.is_completed(), state.message
+    scores = _scores(tmp_path / "demo")
+    assert scores.height == UNITS and scores.select("revision", "task", "layer", "subset").is_unique().all()
+    names = [r.name for r in _task_runs(state.state_details.flow_run_id) if r.name.startswith("score[")]
+    assert sorted(names) == sorted({*names}) and len(names) == UNITS
+    score_jobs = {p.stem.rpartition("-")[2] for p in ci_profile.glob("*-score-*")}
+    assert len(score_jobs) >= 2 and killed[0] in score_jobs  # another scoring job took over
