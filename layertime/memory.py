@@ -8,7 +8,10 @@ at once it is the process's peak over the unit, an upper bound.
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 _PROC = Path("/proc/self")
 
@@ -32,3 +35,21 @@ def peak_gb() -> float | None:
         if line.startswith("VmHWM:"):
             return int(line.split()[1]) * 1024 / 1e9  # reported in kB
     return None
+
+
+@contextlib.contextmanager
+def peak(device: Any = None) -> Iterator[dict[str, float | None]]:
+    """Measure a block: yields a dict filled on exit with `peak_memory_gb` (this process's resident
+    peak) and `peak_gpu_memory_gb` (torch's CUDA allocator peak on `device`; None off CUDA)."""
+    import torch
+
+    cuda = device is not None and torch.device(device).type == "cuda"
+    found: dict[str, float | None] = {}
+    reset_peak()
+    if cuda:
+        torch.cuda.reset_peak_memory_stats(device)
+    try:
+        yield found
+    finally:
+        found["peak_memory_gb"] = peak_gb()
+        found["peak_gpu_memory_gb"] = torch.cuda.max_memory_allocated(device) / 1e9 if cuda else None

@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 import yaml
 
-from layertime import CODE_VERSION, suite
+from layertime import CODE_VERSION, memory, suite
 from layertime.checkpoints import Checkpoint
 from layertime.io import atomic_write, atomic_write_dir, atomic_write_text, save_array
 from layertime.plan import Plan, make_plan
@@ -215,9 +215,10 @@ def embed_unit(
             atomic_write_text(cost_record, json.dumps({k: v for k, v in manifest.items() if k != "files"}))
         return target
     start = time.perf_counter()
-    vectors = encoder.encode(texts)
+    with memory.peak(encoder.device) as used:
+        vectors = encoder.encode(texts)
     cost = {"phase": "embed", "task": task, "seconds": time.perf_counter() - start, "device": str(encoder.device),
-            **(encoder.last_stats.__dict__ if encoder.last_stats else {})}  # fmt: skip
+            **used, **(encoder.last_stats.__dict__ if encoder.last_stats else {})}  # fmt: skip
 
     def write(tmp: Path) -> None:
         (tmp / "texts.json").write_text(json.dumps(texts))
@@ -369,12 +370,13 @@ def measure_unit(
     corpus, prompts = metrics_prompts(spec, run)
     start = time.perf_counter()
     encoder = load_encoder(spec, ckpt, blocks, settings, device)
-    rows = [
-        {"model": ckpt.model, "commit": ckpt.commit, "depth": (r["layer"] + 1) / plan.num_blocks, **r}
-        for r in measure(encoder, prompts, m.views, m.lidar_views, m.seed, corpus)
-    ]
+    with memory.peak(encoder.device) as used:
+        rows = [
+            {"model": ckpt.model, "commit": ckpt.commit, "depth": (r["layer"] + 1) / plan.num_blocks, **r}
+            for r in measure(encoder, prompts, m.views, m.lidar_views, m.seed, corpus)
+        ]
     cost = {"phase": "measure", "task": None, "seconds": time.perf_counter() - start, "device": str(encoder.device),
-            "texts": len(prompts) * (1 + max(m.views, m.lidar_views))}  # fmt: skip
+            "texts": len(prompts) * (1 + max(m.views, m.lidar_views)), **used}  # fmt: skip
     atomic_write_text(run.cost_record(settings.id, ckpt, "measure"), json.dumps(cost))
     stamp = {"settings": settings.as_dict(), "metrics": m.model_dump(), "provenance": provenance(spec.digest)}
     atomic_write_text(record, json.dumps({**stamp, "rows": rows}))

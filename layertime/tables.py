@@ -77,12 +77,14 @@ COST_SCHEMA = {
     "model": pl.String, "revision": pl.String, "commit": pl.String, "phase": pl.String, "task": pl.String,
     "device": pl.String, "seconds": pl.Float64, "texts": pl.Int64, "unique_texts": pl.Int64,
     "real_tokens": pl.Int64, "padded_tokens": pl.Int64, "batches": pl.Int64, "truncated": pl.Int64,
+    "peak_memory_gb": pl.Float64, "peak_gpu_memory_gb": pl.Float64,
 }  # fmt: skip
 
 
 def costs_frame(rows: Sequence[dict]) -> pl.DataFrame:
     """The `costs` table: one row per GPU unit (embed per checkpoint and task, measure per checkpoint),
-    with its seconds, texts and tokens; each commit once (under the first revision naming it)."""
+    with its seconds, peak memory (host; GPU on CUDA), texts and tokens; each commit once (under the
+    first revision naming it). Scoring's cost is in `scores` (`seconds`, `peak_memory_gb` per row)."""
     return _frame(rows, COST_SCHEMA, ["revision", "phase", "task"])
 
 

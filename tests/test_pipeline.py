@@ -143,6 +143,7 @@ def test_gpu_phases_are_timed_in_the_costs_table(spec, first):
     embeds = costs.filter(pl.col("phase") == "embed")
     assert embeds.height == 2 * 5  # one per (commit, task): main = step3000 counted once
     assert (embeds["seconds"] > 0).all() and (embeds["padded_tokens"] >= embeds["real_tokens"]).all()
+    assert (costs["peak_memory_gb"] > 0.1).all() and costs["peak_gpu_memory_gb"].is_null().all()  # CPU
     assert costs.filter(pl.col("phase") == "measure").height == 2
 
 
