@@ -91,6 +91,8 @@ def load_config(model: str, revision: str | None, cache_dir: str | Path | None =
     """The model's transformers config (from the cache when offline)."""
     from transformers import AutoConfig
 
+    if revision is not None and not Path(model).is_dir():
+        resolve(model, revision, cache_dir)  # a revision missing offline: our message, not the network's
     try:
         return AutoConfig.from_pretrained(
             model, revision=revision, cache_dir=_cache_arg(cache_dir), local_files_only=is_offline()
