@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from layertime import architecture, checkpoints
+from layertime import architecture, checkpoints, costs
 from layertime.checkpoints import Checkpoint
 from layertime.spec import ExperimentSpec, SpecError
 
@@ -38,6 +38,7 @@ class Plan:
     num_blocks: int | None
     resolved: bool  # False: commits unknown (offline, not cached); units are keyed by revision name
     notes: list[str] = field(default_factory=list)
+    hidden_size: int | None = None  # the model's width d, from its config (None: config not available)
 
     @property
     def tasks(self) -> list[str]:
@@ -82,6 +83,27 @@ class Plan:
             "notes": self.notes,
         }
 
+    def cost_grid(self) -> costs.Grid:
+        """What `layertime.costs.estimate` needs: distinct checkpoints × layers × tasks and the model's shape.
+
+        Without the model config (offline, not cached) the shape is Pythia-410m's (24 blocks, d=1024),
+        and a note says so.
+        """
+        if self.num_blocks is None or self.hidden_size is None:
+            note = "model shape unknown offline: cost estimates assume Pythia-410m (24 blocks, d=1024)"
+            if note not in self.notes:
+                self.notes.append(note)
+        metrics = self.spec.metrics
+        return costs.Grid(
+            checkpoints=len(self.distinct_checkpoints()),
+            layers=len(self.blocks),
+            tasks=tuple(self.tasks),
+            num_blocks=self.num_blocks or 24,
+            hidden=self.hidden_size or costs.REFERENCE_DIM,
+            max_length=self.spec.max_length,
+            measure_views=None if metrics is None else (metrics.views, metrics.lidar_views),
+        )
+
 
 def make_plan(spec: ExperimentSpec, resolve: bool = True, strict: bool = False) -> Plan:
     """Expand `spec` against its model config and resolve revisions to commits where possible.
@@ -91,7 +113,7 @@ def make_plan(spec: ExperimentSpec, resolve: bool = True, strict: bool = False) 
     it could not check. `strict` (before a run): every revision must resolve, else CheckpointError.
     """
     notes: list[str] = []
-    num_blocks = _num_blocks(spec, notes, strict)
+    num_blocks, hidden_size = _model_shape(spec, notes, strict)
     try:
         blocks = spec.blocks(num_blocks)
     except SpecError as e:
@@ -114,19 +136,19 @@ def make_plan(spec: ExperimentSpec, resolve: bool = True, strict: bool = False) 
             "commit resolution skipped (offline or not cached): revisions that share a commit "
             "(e.g. main = step143000) are counted separately"
         )
-    return Plan(spec, ckpts, blocks, num_blocks, resolved, notes)
+    return Plan(spec, ckpts, blocks, num_blocks, resolved, notes, hidden_size)
 
 
-def _num_blocks(spec: ExperimentSpec, notes: list[str], strict: bool) -> int | None:
-    """Blocks in the model (config of the first revision), or None with a note when unavailable."""
+def _model_shape(spec: ExperimentSpec, notes: list[str], strict: bool) -> tuple[int | None, int | None]:
+    """Blocks and width of the model (config of the first revision), or Nones with a note when unavailable."""
     try:
         config = checkpoints.load_config(spec.model, spec.checkpoints[0], spec.hf_cache)
     except checkpoints.CheckpointError:
         if strict:
             raise
         notes.append(f"model config of {spec.model} not available offline: block range not checked")
-        return None
-    return architecture.num_blocks(config)
+        return None, None
+    return architecture.num_blocks(config), getattr(config, "hidden_size", None)
 
 
 def combined(plans: Sequence[Plan]) -> dict:

@@ -72,3 +72,18 @@ def test_cli_rejects_a_bad_spec_with_one_clear_message(tmp_path):
     out = _cli("plan", str(bad), "--json")
     assert out.returncode != 0
     assert "tasks: unknown task 'Nope'" in out.stderr and "Traceback" not in out.stderr
+
+
+def test_the_plan_gives_the_cost_model_its_grid_and_model_shape(hub, tmp_path):
+    grid = make_plan(_spec("exp2", hub)).cost_grid()
+    assert (grid.checkpoints, grid.layers, len(grid.tasks), grid.num_blocks, grid.hidden) == (
+        50,
+        4,
+        32,
+        24,
+        1024,
+    )
+    assert grid.measure_views == (2, 16) and grid.max_length == 2048
+    offline = make_plan(_spec("exp2", tmp_path / "empty-hub"))
+    assert offline.cost_grid().hidden == 1024
+    assert any("cost estimates assume Pythia-410m" in n for n in offline.notes)

@@ -1,0 +1,489 @@
+"""What a run costs before it runs: the measured per-task cost table, estimates per phase, a schedule.
+
+`task_costs.csv` (package data, refreshed by `python benchmarks/scoring.py`) holds, per task of the
+32-task suite, what scoring ONE layer costs: CPU-seconds at d=1024 with one BLAS thread, the scoring
+process's peak memory, and the task's unique texts and mean text length (for GPU estimates), with the
+machine, mteb version and date they were measured on.
+
+From it, `estimate(...)` gives CPU- and GPU-hours per phase (record, embed, measure, score) and the
+memory each worker class needs, and `simulate(...)` the wall-clock time of a grid on G GPU slots and
+C CPU slots. GPU time cannot be measured on a CPU machine: it is derived from FLOPs and an ASSUMED
+achieved FLOP/s (`GPU_FLOPS`), and every output says so.
+
+No Prefect or Dask here (a test asserts it): the flow reads `scoring_memory_gb` for its Dask resources.
+"""
+
+from __future__ import annotations
+
+import csv
+import heapq
+import math
+from collections import defaultdict, deque
+from collections.abc import Sequence
+from dataclasses import dataclass
+from functools import cache
+from pathlib import Path
+
+TABLE = Path(__file__).with_name("task_costs.csv")
+COLUMNS: tuple[str, ...] = (
+    "task",
+    "task_type",
+    "score_cpu_s",  # CPU-seconds to score one layer at `dim`, one BLAS thread
+    "peak_memory_gb",  # peak resident memory (GiB) of a scoring process that scored this task alone
+    "unique_texts",  # texts the embedding step forwards per checkpoint
+    "requested_texts",  # texts mteb passes to encode (before deduplication)
+    "mean_text_chars",
+    "dim",
+    "scale",  # fraction of the task's real size measured (figures above are extrapolated to 1.0)
+    "machine",
+    "mteb_version",
+    "measured_on",
+    "note",
+)
+
+REFERENCE_DIM = 1024  # the table's width (Pythia-410m)
+MEMORY_HEADROOM = 1.25  # over the measured peak: real texts, Python overhead, allocator fragmentation
+MEMORY_MARGIN_GB = 0.5
+DEFAULT_MEMORY_GB = 2  # tasks not in the table (the demo's Demo* tasks are a few hundred texts)
+DEFAULT_SCORE_CPU_S = 1.0  # tasks not in the table, one layer
+BIG_MEMORY_TASKS: frozenset[str] = frozenset({"MindSmallReranking"})
+
+# GPU assumptions (no GPU here to measure on): stated in every output that uses them.
+GPU_FLOPS = 100e12  # achieved FLOP/s: an A100-class GPU in bf16 at ~1/3 of its 312 TFLOP/s peak
+CHARS_PER_TOKEN = 4.0  # English text, GPT-NeoX tokenizer
+CHECKPOINT_LOAD_S = 20.0  # GPU-slot seconds each time a slot loads a checkpoint (0.9 GB from shared storage)
+PADDING = 1.10  # padded / real tokens: the encoder's batches stay under it (benchmarks/encode.py)
+MEASURE_TOKENS_PER_TEXT = 128  # wikitext-103 prompts, truncated
+MEASURE_PROMPTS = 472  # wikitext-103: the first 1000 lines of train, headings and short lines dropped
+MEASURE_OVERHEAD = 1.5  # the metrics add up to 50% to the forward (benchmarks/metrics.py target)
+
+
+@dataclass(frozen=True)
+class TaskCost:
+    """One row of the cost table: what scoring one layer of `task` costs."""
+
+    task: str
+    task_type: str
+    score_cpu_s: float
+    peak_memory_gb: float
+    unique_texts: int
+    requested_texts: int
+    mean_text_chars: float
+    dim: int
+    scale: float
+    machine: str
+    mteb_version: str
+    measured_on: str
+    note: str = ""
+
+    def row(self) -> dict[str, str]:
+        return {name: str(getattr(self, name)) for name in COLUMNS}
+
+
+def read_table(path: Path | str) -> dict[str, TaskCost]:
+    """The cost table at `path`, by task name. A missing column or a bad number raises ValueError."""
+    with open(path, newline="", encoding="utf-8") as f:
+        reader = csv.DictReader(f)
+        missing = set(COLUMNS) - set(reader.fieldnames or [])
+        if missing:
+            raise ValueError(f"{path}: cost table lacks columns {sorted(missing)}")
+        out: dict[str, TaskCost] = {}
+        for line, r in enumerate(reader, start=2):
+            try:
+                out[r["task"]] = TaskCost(
+                    task=r["task"],
+                    task_type=r["task_type"],
+                    score_cpu_s=float(r["score_cpu_s"]),
+                    peak_memory_gb=float(r["peak_memory_gb"]),
+                    unique_texts=int(r["unique_texts"]),
+                    requested_texts=int(r["requested_texts"]),
+                    mean_text_chars=float(r["mean_text_chars"]),
+                    dim=int(r["dim"]),
+                    scale=float(r["scale"]),
+                    machine=r["machine"],
+                    mteb_version=r["mteb_version"],
+                    measured_on=r["measured_on"],
+                    note=r["note"],
+                )
+            except ValueError as e:
+                raise ValueError(f"{path}:{line}: {e}") from None
+    return out
+
+
+def write_table(rows: Sequence[TaskCost], path: Path | str = TABLE) -> None:
+    """Write the cost table atomically (temp file + rename), rows in the given order."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "w", newline="", encoding="utf-8") as f:
+        writer = csv.DictWriter(f, fieldnames=COLUMNS, lineterminator="\n")
+        writer.writeheader()
+        writer.writerows(r.row() for r in rows)
+    tmp.replace(path)
+
+
+@cache
+def table() -> dict[str, TaskCost]:
+    """The cost table the package ships (`layertime/task_costs.csv`)."""
+    return read_table(TABLE)
+
+
+def task_cost(task: str) -> TaskCost | None:
+    """The table's row for `task`, or None for a task it does not cover (the demo tasks)."""
+    return table().get(task)
+
+
+def scoring_memory_gb(task: str, dim: int = REFERENCE_DIM) -> int:
+    """Whole GB (GiB, as SLURM's `--mem=64G`) of the Dask resource `MEM_GB` a process scoring `task` needs.
+
+        MEM_GB = max(1, ceil(MEMORY_HEADROOM * peak * max(1, dim / 1024) + MEMORY_MARGIN_GB))
+
+    `peak` is the measured peak resident memory of a one-thread process that scored the task at d=1024.
+    Widths above 1024 scale the whole peak (an upper bound: only embeddings and similarity matrices grow
+    with d); narrower models keep the d=1024 figure. Tasks not in the table (e.g. the demo's `Demo*`
+    tasks) get `DEFAULT_MEMORY_GB`.
+    """
+    row = task_cost(task)
+    if row is None:
+        return DEFAULT_MEMORY_GB
+    peak = row.peak_memory_gb * max(1.0, dim / REFERENCE_DIM)
+    return max(1, math.ceil(MEMORY_HEADROOM * peak + MEMORY_MARGIN_GB))
+
+
+def score_cpu_seconds(task: str, dim: int = REFERENCE_DIM) -> float:
+    """CPU-seconds to score one layer of `task`: the table's figure × dim/1024 (similarities and
+    classifiers are linear in d); `DEFAULT_SCORE_CPU_S` for tasks not in the table."""
+    row = task_cost(task)
+    return DEFAULT_SCORE_CPU_S if row is None else row.score_cpu_s * dim / REFERENCE_DIM
+
+
+# ---------------------------------------------------------------------------------------------- GPU model
+
+
+def forward_params(num_blocks: int, hidden: int) -> int:
+    """Non-embedding parameters of a GPT-NeoX-style model: 12 · L · d² (attention 4d², MLP 8d²).
+
+    Pythia-410m: 12 · 24 · 1024² = 302M. The embedding lookup costs no FLOPs and the LM head is not run.
+    """
+    return 12 * num_blocks * hidden * hidden
+
+
+def forward_gpu_seconds(tokens: float, params: int, flops: float = GPU_FLOPS) -> float:
+    """GPU seconds of a forward pass over `tokens`: 2 · params FLOPs per token at `flops` achieved FLOP/s."""
+    return tokens * 2 * params / flops
+
+
+def embed_gpu_seconds(task: str, params: int, max_length: int = 2048, flops: float = GPU_FLOPS) -> float:
+    """GPU seconds to embed one task's unique texts at one checkpoint (ASSUMED FLOP/s, see GPU_FLOPS).
+
+    tokens = PADDING × unique_texts × min(max_length, mean_text_chars / CHARS_PER_TOKEN); tasks not in
+    the table count 1,000 texts of 64 tokens.
+    """
+    row = task_cost(task)
+    texts, chars = (1000, 64 * CHARS_PER_TOKEN) if row is None else (row.unique_texts, row.mean_text_chars)
+    return forward_gpu_seconds(PADDING * texts * min(max_length, chars / CHARS_PER_TOKEN), params, flops)
+
+
+def measured_gpu_flops(costs_csv: Path | str, params: int) -> tuple[float, str]:
+    """Achieved FLOP/s of a finished run's embedding units, from its `tables/costs.csv`:
+
+        FLOP/s = 2 · params · Σ padded_tokens / Σ seconds   (embed units that ran on a CUDA device)
+
+    Padded tokens are what the GPU computes. `params` is the planned model's (the run is assumed to have
+    embedded the same model). Returns the rate and a line saying where it comes from; a table without
+    GPU embed units raises ValueError.
+    """
+    with open(costs_csv, newline="", encoding="utf-8") as f:
+        rows = [r for r in csv.DictReader(f) if r["phase"] == "embed" and r["device"].startswith("cuda")]
+    seconds = sum(float(r["seconds"]) for r in rows)
+    if not rows or seconds <= 0:
+        raise ValueError(f"{costs_csv}: no embed units that ran on a GPU; cannot measure the GPU's rate")
+    flops = 2 * params * sum(int(r["padded_tokens"]) for r in rows) / seconds
+    devices = ", ".join(sorted({r["device"] for r in rows}))
+    return (
+        flops,
+        f"{flops / 1e12:.1f} TFLOP/s measured over {len(rows)} embed units on {devices} ({costs_csv})",
+    )
+
+
+def measure_gpu_seconds(views: int, lidar_views: int, params: int, flops: float = GPU_FLOPS) -> float:
+    """GPU seconds of one checkpoint's metrics pass: prompts × (1 + views + lidar_views) texts of
+    MEASURE_TOKENS_PER_TEXT tokens, × MEASURE_OVERHEAD for the metrics (all ASSUMED)."""
+    texts = MEASURE_PROMPTS * (1 + views + lidar_views)
+    return MEASURE_OVERHEAD * forward_gpu_seconds(texts * MEASURE_TOKENS_PER_TEXT, params, flops)
+
+
+# ---------------------------------------------------------------------------------------------- schedule
+
+
+@dataclass(frozen=True)
+class EmbedUnit:
+    """GPU work that, once done, makes its scoring units available (one per layer).
+
+    `group` is the model the unit runs (the checkpoint): a GPU slot whose last unit ran another group
+    first spends `setup_seconds` loading it (the slot is held, the GPU idle), as a worker keeps one
+    model and reloads when the checkpoint changes (tasks/units.py). A unit without a group always
+    spends its `setup_seconds` and leaves the slot's model as it was: a measure unit (no scoring
+    units) loads a model of its own.
+    """
+
+    name: str
+    gpu_seconds: float  # GPU compute
+    score_seconds: tuple[float, ...] = ()
+    big_memory: bool = False  # its scoring units need a big-memory slot (when there are any)
+    group: str | None = None
+    setup_seconds: float = 0.0
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """What `simulate` found. Times are seconds from the start."""
+
+    makespan: float  # last unit done (GPU or CPU)
+    gpu_makespan: float  # last GPU unit done: GPU jobs are held this long (adaptive scaling retires them)
+    gpu_seconds: float  # GPU compute, without model loads
+    setup_seconds: float  # model loads on the GPU slots
+    cpu_seconds: float
+    gpu_slots: int
+    cpu_slots: int
+    big_memory_slots: int
+
+    @property
+    def gpu_busy(self) -> float:
+        """Computing fraction of the GPU slots while they are held: gpu_seconds / (G · gpu_makespan)."""
+        return self.gpu_seconds / (self.gpu_slots * self.gpu_makespan) if self.gpu_makespan else 0.0
+
+    @property
+    def gpu_busy_whole_run(self) -> float:
+        """Computing fraction of the GPU slots if held for the whole run: gpu_seconds / (G · makespan)."""
+        return self.gpu_seconds / (self.gpu_slots * self.makespan) if self.makespan else 0.0
+
+    @property
+    def cpu_busy(self) -> float:
+        """Busy fraction of all scoring slots over the whole run."""
+        slots = self.cpu_slots + self.big_memory_slots
+        return self.cpu_seconds / (slots * self.makespan) if self.makespan else 0.0
+
+
+def simulate(
+    units: Sequence[EmbedUnit],
+    gpu_slots: int,
+    cpu_slots: int,
+    big_memory_slots: int = 0,
+    sticky: bool = False,
+) -> Schedule:
+    """List-schedule `units` on `gpu_slots` GPU slots and `cpu_slots` one-thread scoring slots.
+
+    GPU: the slot that frees first (ties: lowest slot) takes the next unit in the given order; with
+    `sticky`, the next unit of the group it holds, else the first unit of a group no other slot holds,
+    else the next unit (checkpoint affinity: each GPU works through checkpoints of its own). It first
+    loads the unit's group (`setup_seconds`) unless its last unit had the same group.
+    CPU: when a unit's GPU work ends, its scoring units become ready; ready scoring units start in
+    order of readiness (ties: submission order) on the scoring slot that frees first. With
+    `big_memory_slots` > 0, scoring units of `big_memory` units run only on those slots and the others
+    only on the `cpu_slots`; with none, every scoring unit runs on the `cpu_slots`.
+    GPU work never waits for scoring (embeddings go to storage), as in the flow.
+    """
+    if gpu_slots < 1 or cpu_slots < 1 or big_memory_slots < 0:
+        raise ValueError(
+            f"need >= 1 GPU and CPU slot, got {gpu_slots} GPU, {cpu_slots} CPU, {big_memory_slots} big"
+        )
+    done, gpu_end, setup = _gpu_phase(units, gpu_slots, sticky)
+    ready: list[tuple[float, int, float, bool]] = []  # (ready time, order, seconds, big memory)
+    for unit, at in zip(units, done, strict=True):
+        big = unit.big_memory and big_memory_slots > 0
+        ready += [(at, len(ready), s, big) for s in unit.score_seconds]
+    ready.sort()
+    pools = {False: [0.0] * cpu_slots, True: [0.0] * big_memory_slots}
+    end = gpu_end
+    for at, _, seconds, big in ready:
+        pool = pools[big]
+        start = max(heapq.heappop(pool), at)  # a min-heap of the slots' free times
+        heapq.heappush(pool, start + seconds)
+        end = max(end, start + seconds)
+    return Schedule(
+        makespan=end,
+        gpu_makespan=gpu_end,
+        gpu_seconds=sum(u.gpu_seconds for u in units),
+        setup_seconds=setup,
+        cpu_seconds=sum(s for u in units for s in u.score_seconds),
+        gpu_slots=gpu_slots,
+        cpu_slots=cpu_slots,
+        big_memory_slots=big_memory_slots,
+    )
+
+
+def _gpu_phase(units: Sequence[EmbedUnit], gpu_slots: int, sticky: bool) -> tuple[list[float], float, float]:
+    """When each unit's GPU work ends, when the last ends, and the seconds spent loading models."""
+    order: deque[int] = deque(range(len(units)))
+    by_group: dict[str | None, deque[int]] = defaultdict(deque)
+    for i, unit in enumerate(units):
+        by_group[unit.group].append(i)
+    taken = [False] * len(units)
+    held: list[str | None] = [None] * gpu_slots  # the group each slot has loaded
+    free = [(0.0, slot) for slot in range(gpu_slots)]  # a min-heap of (free time, slot)
+    done = [0.0] * len(units)
+    setup = 0.0
+    for _ in units:
+        now, slot = heapq.heappop(free)
+        if not sticky:
+            i = _next_unit([order], taken)
+        else:  # its own checkpoint, else one no other slot holds, else help the others
+            others = {g for k, g in enumerate(held) if k != slot}
+            fresh = next((j for j in order if not taken[j] and units[j].group not in others), None)
+            mine = by_group[held[slot]] if held[slot] is not None else deque()
+            i = _next_unit([mine, deque([] if fresh is None else [fresh]), order], taken)
+        unit = units[i]
+        load = unit.setup_seconds if unit.group is None or unit.group != held[slot] else 0.0
+        setup += load
+        held[slot] = unit.group if unit.group is not None else held[slot]
+        done[i] = now + load + unit.gpu_seconds
+        heapq.heappush(free, (done[i], slot))
+    return done, max(done, default=0.0), setup
+
+
+def _next_unit(queues: Sequence[deque[int]], taken: list[bool]) -> int:
+    """The first untaken unit of the first queue that has one; marked taken."""
+    for queue in queues:
+        while queue and taken[queue[0]]:
+            queue.popleft()
+        if queue:
+            i = queue.popleft()
+            taken[i] = True
+            return i
+    raise RuntimeError("no unit left to schedule")  # unreachable: called once per unit
+
+
+# ---------------------------------------------------------------------------------------------- estimates
+
+
+@dataclass(frozen=True)
+class Grid:
+    """What an estimate needs to know about a plan (layertime.plan.Plan.cost_grid builds one)."""
+
+    checkpoints: int  # distinct commits
+    layers: int
+    tasks: tuple[str, ...]
+    num_blocks: int
+    hidden: int
+    max_length: int = 2048
+    measure_views: tuple[int, int] | None = (2, 16)  # (views, lidar_views); None: no metrics
+
+
+def grid_units(grid: Grid, flops: float = GPU_FLOPS, big_memory: bool = True) -> list[EmbedUnit]:
+    """The grid's GPU units in the flow's order: per checkpoint, its measure unit (its own model
+    load), then one embed unit per task (grouped by checkpoint), each with one scoring unit per layer."""
+    params = forward_params(grid.num_blocks, grid.hidden)
+    units: list[EmbedUnit] = []
+    for c in range(grid.checkpoints):
+        if grid.measure_views is not None:
+            measure = measure_gpu_seconds(*grid.measure_views, params, flops)
+            units.append(EmbedUnit(f"measure[{c}]", measure, setup_seconds=CHECKPOINT_LOAD_S))
+        for task in grid.tasks:
+            units.append(
+                EmbedUnit(
+                    f"embed[{c} · {task}]",
+                    embed_gpu_seconds(task, params, grid.max_length, flops),
+                    (score_cpu_seconds(task, grid.hidden),) * grid.layers,
+                    big_memory and task in BIG_MEMORY_TASKS,
+                    group=f"checkpoint {c}",
+                    setup_seconds=CHECKPOINT_LOAD_S,
+                )
+            )
+    return units
+
+
+def estimate(
+    grid: Grid,
+    gpu_jobs: int,
+    cpu_jobs: int,
+    big_memory_jobs: int = 0,
+    flops: float = GPU_FLOPS,
+    flops_source: str | None = None,
+    sticky: bool = False,
+) -> dict:
+    """Hours per phase, memory per worker class and the simulated wall-clock time of `grid`.
+
+    - record (CPU, once per task): one mteb evaluation with cheap vectors ≈ one layer's scoring.
+    - embed (GPU): checkpoints × Σ_task embed_gpu_seconds — at `flops`: ASSUMED, unless `flops_source`
+      says where it was measured (`measured_gpu_flops`).
+    - measure (GPU): checkpoints × measure_gpu_seconds — at `flops`, likewise.
+    - loads (GPU slots held, GPU idle): CHECKPOINT_LOAD_S each time a slot loads a checkpoint, as
+      simulated (the flow's order; `sticky`: each GPU slot works through checkpoints of its own).
+    - score (CPU): checkpoints × layers × Σ_task score_cpu_seconds — measured (the cost table).
+
+    Memory (whole GB): `gpu_worker` (host RAM of an embedding job), `scoring_worker` (the largest
+    `scoring_memory_gb` of the tasks other than BIG_MEMORY_TASKS), `big_memory_worker` (of
+    BIG_MEMORY_TASKS; 0 when the grid has none). Without big-memory jobs, scoring workers need the latter.
+    """
+    params = forward_params(grid.num_blocks, grid.hidden)
+    per_layer = sum(score_cpu_seconds(t, grid.hidden) for t in grid.tasks)
+    embed = grid.checkpoints * sum(embed_gpu_seconds(t, params, grid.max_length, flops) for t in grid.tasks)
+    measure = 0.0 if grid.measure_views is None else measure_gpu_seconds(*grid.measure_views, params, flops)
+    schedule = simulate(
+        grid_units(grid, flops, big_memory_jobs > 0), gpu_jobs, cpu_jobs, big_memory_jobs, sticky
+    )
+    big = [t for t in grid.tasks if t in BIG_MEMORY_TASKS]
+    small = [t for t in grid.tasks if t not in BIG_MEMORY_TASKS]
+    return {
+        "hours": {
+            "record": {"cpu": per_layer / 3600, "gpu": 0.0},  # one recording pass per task
+            "embed": {"cpu": 0.0, "gpu": embed / 3600},
+            "loads": {"cpu": 0.0, "gpu": schedule.setup_seconds / 3600},
+            "measure": {"cpu": 0.0, "gpu": grid.checkpoints * measure / 3600},
+            "score": {"cpu": grid.checkpoints * grid.layers * per_layer / 3600, "gpu": 0.0},
+        },
+        "score_cpu_s_per_checkpoint_layer": per_layer,
+        "memory_gb": {
+            "gpu_worker": gpu_worker_memory_gb(grid),
+            "scoring_worker": max((scoring_memory_gb(t, grid.hidden) for t in small), default=0),
+            "big_memory_worker": max((scoring_memory_gb(t, grid.hidden) for t in big), default=0),
+        },
+        "jobs": {"gpu": gpu_jobs, "cpu": cpu_jobs, "big_memory": big_memory_jobs},
+        "wall_hours": schedule.makespan / 3600,
+        "gpu_phase_hours": schedule.gpu_makespan / 3600,
+        "gpu_held_hours": gpu_jobs * schedule.gpu_makespan / 3600,
+        "gpu_busy": schedule.gpu_busy,
+        "gpu_busy_whole_run": schedule.gpu_busy_whole_run,
+        "assumptions": assumptions(flops, flops_source),
+        "table": table_provenance(grid.tasks),
+    }
+
+
+def gpu_worker_memory_gb(grid: Grid) -> int:
+    """Host memory (whole GB) of an embedding worker: the fp32 weights while loading plus the largest
+    task's float32 embeddings of every requested layer, × MEMORY_HEADROOM, + 2 GB (torch, tokenizer).
+
+        GB = ceil(MEMORY_HEADROOM · (4 · (params + vocab·d) + 4 · max_unique · layers · d) / 2³⁰ + 2)
+    """
+    vocab = 50_304  # GPT-NeoX's padded vocabulary: the input embedding lives in host memory too
+    weights = 4 * (forward_params(grid.num_blocks, grid.hidden) + vocab * grid.hidden)
+    unique = max((_unique_texts(t) for t in grid.tasks), default=0)
+    embeddings = 4 * unique * grid.layers * grid.hidden
+    return math.ceil(MEMORY_HEADROOM * (weights + embeddings) / 2**30 + 2)
+
+
+def _unique_texts(task: str) -> int:
+    row = task_cost(task)
+    return 1000 if row is None else row.unique_texts
+
+
+def assumptions(flops: float = GPU_FLOPS, flops_source: str | None = None) -> list[str]:
+    """The assumptions behind the GPU figures, printed with them."""
+    rate = f"an ASSUMED {flops / 1e12:g} TFLOP/s achieved" if flops_source is None else flops_source
+    return [
+        f"GPU time = FLOPs (2 × 12·L·d² per token, {CHARS_PER_TOKEN:g} chars/token, × {PADDING:g} padding) "
+        f"at {rate}; "
+        f"{CHECKPOINT_LOAD_S:g} s (ASSUMED) each time a GPU slot loads a checkpoint",
+        f"metrics pass: {MEASURE_PROMPTS} prompts × (1 + views) × {MEASURE_TOKENS_PER_TEXT} tokens, "
+        f"× {MEASURE_OVERHEAD:g} for the metrics (ASSUMED)",
+        "CPU time is measured (task_costs.csv, one BLAS thread, d=1024, scaled linearly in d)",
+    ]
+
+
+def table_provenance(tasks: Sequence[str]) -> str:
+    """Where the table's figures for `tasks` come from, in one line."""
+    rows = [r for t in tasks if (r := task_cost(t)) is not None]
+    if not rows:
+        return f"no task of the plan is in the cost table: defaults ({DEFAULT_SCORE_CPU_S:g} CPU-s, {DEFAULT_MEMORY_GB} GB)"
+    machines = sorted({f"{r.machine}, mteb {r.mteb_version}, {r.measured_on}" for r in rows})
+    return f"{len(rows)}/{len(tasks)} tasks measured on " + "; ".join(machines)
