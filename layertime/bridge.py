@@ -268,22 +268,29 @@ _LOADED = _LoadedTasks()
 _PINNED: list[Any] = []
 
 
-def prepare_scoring_process() -> None:
-    """Score on the CPU with one BLAS thread, for this process's life (DESIGN §10).
+def prepare_scoring_process(dedicated: bool = False) -> None:
+    """Score on the CPU with one BLAS and OpenMP thread, for this process's life (DESIGN §10).
 
-    - One BLAS thread: more made scoring slower and moved classification accuracies by up to 2e-3;
-      with one, every executor (local threads, SLURM jobs, --plain) gives the same scores. Kept, not
-      a context: scoring threads overlap, and a context left by one would lift the limit under another.
+    - One thread: more made scoring slower and moved classification accuracies by up to 2e-3 (BLAS)
+      and k-means' sums (OpenMP); with one, every executor (local pool, SLURM jobs, --plain) gives
+      the same scores, and one process per core does not oversubscribe the cores. Kept, not a
+      context: scoring threads overlap, and a context left by one would lift the limit under another.
+      A `dedicated` scoring process (the local pool's) also keeps torch to one thread; a process
+      that embeds too keeps torch's threads for its forward passes.
     - No GPU: where CUDA is visible (the local profile on a GPU node) mteb would move every cos_sim to
       the GPU, and torch.compile it, competing with embedding. Its device choice is pinned to the
       inputs' device (our embeddings are CPU arrays); tests/test_bridge.py checks the hook exists.
     """
+    if dedicated:
+        import torch
+
+        torch.set_num_threads(1)
     if _PINNED:
         return
     from mteb import similarity_functions
     from threadpoolctl import threadpool_limits
 
-    _PINNED.append(threadpool_limits(limits=1, user_api="blas"))
+    _PINNED.append(threadpool_limits(limits=1))  # every pool threadpoolctl finds: BLAS and OpenMP
     similarity_functions._select_device = lambda a, b: a.device
     similarity_functions._use_torch_compile = lambda: False
 

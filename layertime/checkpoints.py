@@ -85,13 +85,18 @@ def resolve(
         raise CheckpointError(f"checkpoint {model}@{revision} does not exist on the hub: {e}") from None
     except HfHubHTTPError as e:
         raise CheckpointError(f"could not resolve {model}@{revision} on the hub: {e}") from e
+    except Exception as e:  # httpx's connection errors: no network, DNS, proxy
+        raise CheckpointError(
+            f"could not reach the hub to resolve {model}@{revision} ({type(e).__name__}: {e}); "
+            "on a machine without internet set HF_HUB_OFFLINE=1 to use the HF cache"
+        ) from e
 
 
 def load_config(model: str, revision: str | None, cache_dir: str | Path | None = None):
     """The model's transformers config (from the cache when offline)."""
     from transformers import AutoConfig
 
-    if revision is not None and not Path(model).is_dir():
+    if revision is not None and is_offline() and not Path(model).is_dir():
         resolve(model, revision, cache_dir)  # a revision missing offline: our message, not the network's
     try:
         return AutoConfig.from_pretrained(

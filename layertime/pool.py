@@ -27,7 +27,7 @@ class ScoringProcessDied(RuntimeError):
 def _prepare() -> None:
     from layertime.bridge import prepare_scoring_process
 
-    prepare_scoring_process()
+    prepare_scoring_process(dedicated=True)
 
 
 class ScoringPool:

@@ -199,7 +199,8 @@ def test_a_run_root_another_code_version_wrote_is_refused_unless_forced(hub, tmp
     stamp = (tmp_path / "demo" / pipeline.RUN_STAMP).read_text()
     monkeypatch.setattr(pipeline, "CODE_VERSION", "999")  # a release whose numbers differ
     with pytest.raises(
-        pipeline.IncompatibleRun, match=r"holds results of code_version 1; this is code_version 999.*--force"
+        pipeline.IncompatibleRun,
+        match=r"holds results of code_version \d+; this is code_version 999.*--force",
     ):
         run_spec(spec)
     assert (tmp_path / "demo" / pipeline.RUN_STAMP).read_text() == stamp  # refused: nothing written

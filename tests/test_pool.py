@@ -1,4 +1,5 @@
-"""The local profile's scoring processes: one BLAS thread each, and a dead one fails only its unit."""
+"""The local profile's scoring processes: one thread each (BLAS, OpenMP, torch), and a dead one fails
+only its unit."""
 
 import os
 import signal
@@ -9,9 +10,12 @@ from layertime.pool import ScoringPool, ScoringProcessDied
 
 
 def _blas_threads() -> tuple[int, int]:
+    """(pid, the most threads any BLAS, OpenMP or torch pool of this process may use)."""
+    import torch
+    from sklearn.cluster import KMeans  # noqa: F401 -- loads the OpenMP runtime k-means uses
     from threadpoolctl import threadpool_info
 
-    return os.getpid(), max(i["num_threads"] for i in threadpool_info() if i["user_api"] == "blas")
+    return os.getpid(), max([i["num_threads"] for i in threadpool_info()] + [torch.get_num_threads()])
 
 
 def _die() -> None:
