@@ -1,7 +1,7 @@
 """What a run costs before it runs: the measured per-task cost table, estimates per phase, a schedule.
 
 `task_costs.csv` (package data, refreshed by `python benchmarks/scoring.py`) holds, per task of the
-32-task suite, what scoring ONE layer costs: CPU-seconds at d=1024 with one BLAS thread, the scoring
+32-task suite, what scoring ONE layer costs: CPU-seconds at d=1024 with one thread, the scoring
 process's peak memory, and the task's unique texts and mean text length (for GPU estimates), with the
 machine, mteb version and date they were measured on.
 
@@ -28,7 +28,7 @@ TABLE = Path(__file__).with_name("task_costs.csv")
 COLUMNS: tuple[str, ...] = (
     "task",
     "task_type",
-    "score_cpu_s",  # CPU-seconds to score one layer at `dim`, one BLAS thread
+    "score_cpu_s",  # CPU-seconds to score one layer at `dim`, one thread
     "peak_memory_gb",  # peak resident memory (GiB) of a scoring process that scored this task alone
     "unique_texts",  # texts the embedding step forwards per checkpoint
     "requested_texts",  # texts mteb passes to encode (before deduplication)
@@ -476,7 +476,7 @@ def assumptions(flops: float = GPU_FLOPS, flops_source: str | None = None) -> li
         f"{CHECKPOINT_LOAD_S:g} s (ASSUMED) each time a GPU slot loads a checkpoint",
         f"metrics pass: {MEASURE_PROMPTS} prompts × (1 + views) × {MEASURE_TOKENS_PER_TEXT} tokens, "
         f"× {MEASURE_OVERHEAD:g} for the metrics (ASSUMED)",
-        "CPU time is measured (task_costs.csv, one BLAS thread, d=1024, scaled linearly in d)",
+        "CPU time is measured (task_costs.csv, one thread, d=1024, scaled linearly in d)",
     ]
 
 
