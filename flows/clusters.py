@@ -499,6 +499,8 @@ class LayertimeSLURMCluster(SLURMCluster):
         self._scoring_kinds = list(scoring_jobs)  # (kind, count, job kwargs): fixed, not adaptive
         self._scoring: dict[str, _RejectAwareJob] = {}  # name -> a scoring job SLURM took
         self._scoring_serial = 0
+        self._scoring_failed_starts = 0  # scoring jobs in a row that ended before their workers connected
+        self._scoring_broken: str | None = None  # why no scoring job can run: the run fails with it
         super().__init__(on_sbatch=self._sbatch, **kwargs)
         if preflight:
             try:
@@ -539,7 +541,7 @@ class LayertimeSLURMCluster(SLURMCluster):
         if name in self._scoring:  # no GPU job can score in its place: the run cannot go on
             if rejected is not None:
                 log.error("SLURM rejected scoring job %s: %s", name, rejected)
-                self._broken = f"SLURM rejected the scoring job {name}: {rejected}"
+                self._scoring_broken = f"SLURM rejected the scoring job {name}: {rejected}"
                 self._scoring.pop(name, None)
             return
         if rejected is None:
@@ -595,16 +597,18 @@ class LayertimeSLURMCluster(SLURMCluster):
             return
         gone = await self._not_queued(waiting)
         connected = _scoring_jobs_of(self._names())
+        if connected:
+            self._scoring_failed_starts = 0
         for job_id in gone:
             job = self._scoring.pop(waiting[job_id].name)
             if job.name in connected | self._connected:
                 log.info("scoring job %s (%s) ended; submitting another", job_id, job.name)
             else:
-                self._failed_starts += 1
+                self._scoring_failed_starts += 1
                 path = Path(job.log_directory or ".") / f"{job.job_name}-{job_id}.err"
                 tail = "\n".join(_tail(path, 15))
-                if self._failed_starts >= 2:
-                    self._broken = (
+                if self._scoring_failed_starts >= 2:
+                    self._scoring_broken = (
                         f"scoring job {job_id} ended before its Dask workers connected; {path}:\n{tail}"
                     )
                     continue
@@ -668,8 +672,8 @@ class LayertimeSLURMCluster(SLURMCluster):
         scheduler = self.scheduler
         if scheduler is None or not scheduler.tasks:
             return
-        if self._broken and self._broken.startswith(("SLURM rejected the scoring job", "scoring job")):
-            reason, message = "scoring jobs cannot run", self._broken
+        if self._scoring_broken:
+            reason, message = "scoring jobs cannot run", self._scoring_broken
         elif scheduler.workers:
             return
         elif self._rejection and not self._accepted():
