@@ -256,7 +256,7 @@ class Profile:
         if not isinstance(self.settings, LocalSettings):
             return 0  # SLURM jobs' workers are already one-thread processes (or GPU job threads)
         found = self.settings.scoring_processes
-        return os.cpu_count() or 1 if found is None else found
+        return (os.cpu_count() or 1) if found is None else found
 
     def memory_need(self, task: str, dim: int) -> int:
         """MEM_GB one scoring process of `task` takes: the profile's figure, else the cost table's."""

@@ -152,6 +152,8 @@ def test_a_task_no_scoring_worker_can_hold_fails_before_the_run_naming_it():
         )
     with pytest.raises(ClusterError, match=r"cluster profile local: scoring_procs"):
         profile("local", {"scoring_procs": 2})
+    assert profile("local", {"scoring_processes": 0}).scoring_processes == 0  # score in the worker's threads
+    assert profile("local").scoring_processes == os.cpu_count() and profile("slurm").scoring_processes == 0
 
 
 # --- a real SLURM ------------------------------------------------------------------------------
