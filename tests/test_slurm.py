@@ -68,7 +68,13 @@ def test_exp2_job_script_asks_for_what_the_profile_says():
 def test_the_default_profile_is_one_gpu_eight_cpus():
     defaults = load_slurm_settings(path=ROOT / "deployments/clusters/slurm.yaml")
     assert (defaults.gpus, defaults.cpus, defaults.device) == (1, 8, "cuda")
+    exp2 = ["SciDocsRR", "MindSmallReranking"]  # the file's profile can score every task of the suite
+    assert profile("slurm").check_fits(exp2, 1024)["MindSmallReranking"] <= _gib_of(defaults.bigmem_memory)
     assert profile("slurm").device == "cuda" and profile("slurm", {"device": "cpu"}).device == "cpu"
+
+
+def _gib_of(memory: str) -> int:
+    return int(memory.rstrip("G"))
 
 
 def test_settings_come_from_file_then_environment_then_overrides(tmp_path, monkeypatch):
@@ -131,12 +137,12 @@ def test_scoring_jobs_ask_for_cpus_and_memory_and_never_a_gpu():
     assert "--nworkers 8" in score and "--nthreads 1" in score and "--resources MEM_GB=4 " in score
     assert {"--cpus-per-task=1", "--mem=64G"} <= set(re.findall(r"^#SBATCH (.+)$", bigmem, re.M))
     assert "--nthreads 1" in bigmem and "--resources MEM_GB=64 " in bigmem
-    only_gpu = _scripts(job_script(None, {"memory": "64G"}))
+    only_gpu = _scripts(job_script(None, {"memory": "64G", "bigmem_jobs": 0}))
     assert list(only_gpu) == ["gpu"] and "--resources GPU=1,MEM_GB=48 " in only_gpu["gpu"]  # 3/4 scores
 
 
 def test_a_task_no_scoring_worker_can_hold_fails_before_the_run_naming_it():
-    small = profile("slurm", {"score_jobs": 2, "score_cpus": 8, "score_memory": "32G"})
+    small = profile("slurm", {"score_jobs": 2, "score_cpus": 8, "score_memory": "32G", "bigmem_jobs": 0})
     with pytest.raises(
         ClusterError, match=r"MindSmallReranking needs \d+ GB.*largest offers 4 GB.*bigmem_jobs"
     ):
@@ -183,7 +189,7 @@ def ci_profile(tmp_path, monkeypatch):
     job_name = f"lt-{tmp_path.name[-12:]}"
     env = {"PARTITION": "debug", "ACCOUNT": "", "CPUS": "1", "THREADS": "2", "MEMORY": "3G",
            "WALLTIME": "00:15:00", "DEVICE": "cpu", "GPUS": "1", "INTERFACE": "lo", "DASHBOARD_ADDRESS": "",
-           "MIN_JOBS": "1", "MAX_JOBS": "1", "DEATH_TIMEOUT": "30", "LOG_DIRECTORY": str(logs),
+           "MIN_JOBS": "1", "MAX_JOBS": "1", "BIGMEM_JOBS": "0", "DEATH_TIMEOUT": "30", "LOG_DIRECTORY": str(logs),
            "JOB_NAME": job_name}  # fmt: skip
     for key, value in env.items():
         monkeypatch.setenv(f"LAYERTIME_SLURM_{key}", value)
