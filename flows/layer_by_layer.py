@@ -56,7 +56,7 @@ def layer_by_layer(
     pipeline.prepare_world(experiment)
     _verify(experiment, spec)
     plan = make_plan(experiment, strict=True)
-    needs = where.check_fits(plan.tasks, _hidden_size(experiment))  # before any GPU work
+    needs = where.check_fits(plan.tasks, plan.hidden_size)  # before any GPU work
     settings = pipeline.Settings.of(experiment, where.device)
     run = RunDir.of(experiment.run_root, experiment.store)
     with run.lock():  # a second run on the same run root is refused, by name
@@ -106,12 +106,6 @@ def _record(runner: Any, spec: ExperimentSpec, plan: Plan) -> dict[str, str]:
     record = _cached(units.record, units.record_policy, store)
     futures = {t: runner.submit(record, {"task_name": t, "spec": spec}) for t in plan.tasks}
     return {t: f.result()[0] for t, f in futures.items()}
-
-
-def _hidden_size(spec: ExperimentSpec) -> int:
-    from layertime import architecture, checkpoints
-
-    return architecture.hidden_size(checkpoints.load_config(spec.model, spec.checkpoints[0], spec.hf_cache))
 
 
 def _embed_and_score(runner, spec, plan, settings, run, revisions, needs) -> tuple[dict, list[str]]:

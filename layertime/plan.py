@@ -148,7 +148,7 @@ def _model_shape(spec: ExperimentSpec, notes: list[str], strict: bool) -> tuple[
             raise
         notes.append(f"model config of {spec.model} not available offline: block range not checked")
         return None, None
-    return architecture.num_blocks(config), getattr(config, "hidden_size", None)
+    return architecture.num_blocks(config), architecture.hidden_size(config)
 
 
 def combined(plans: Sequence[Plan]) -> dict:
