@@ -315,10 +315,9 @@ def score_layers(
     out: dict[int, list[SubsetScore]] = {}
     for block, (texts, vectors) in items:
         encoder = LookupEncoder(texts, vectors, meta_for_layer(block))
-        with lock:
-            memory.reset_peak()
+        with lock, memory.peak() as used:
             result = _evaluate(encoder, task, results_dir)
-            out[block] = subset_scores(result, memory.peak_gb())
+        out[block] = subset_scores(result, used["peak_memory_gb"])
     return out
 
 

@@ -81,9 +81,7 @@ def write_snapshot(plan: Plan, run: RunDir, settings: Settings) -> None:
     env = {
         "python": platform.python_version(),
         "platform": platform.platform(),
-        "packages": {
-            p: _version(p) for p in ("layertime", "torch", "transformers", "mteb", "datasets", "polars")
-        },
+        "packages": _packages(),
         "git_commit": _git_commit(),
         "settings": settings.as_dict(),
         "settings_id": settings.id,
@@ -108,24 +106,23 @@ def claim_run_root(run: RunDir, spec: ExperimentSpec, force: bool = False) -> di
     `force` re-stamps it: the tables are then rebuilt from this version's results only.
     """
     path = run.root / RUN_STAMP
-    mine = {"code_version": CODE_VERSION, "mteb": _version("mteb"), "layertime": _version("layertime")}
+    mine = {"code_version": CODE_VERSION, "mteb": _packages()["mteb"], "layertime": _packages()["layertime"]}
     try:
         theirs = json.loads(path.read_text())
     except FileNotFoundError:
         theirs = None
     except (OSError, ValueError) as e:
         raise IncompatibleRun(f"run root {run.root}: cannot read {path}: {e}; fix or remove it") from e
-    if theirs is not None and not force:
-        differs = [k for k in ("code_version", "mteb") if theirs.get(k) != mine[k]]
-        if differs:
-            found = ", ".join(f"{k} {theirs.get(k)}" for k in differs)
-            want = ", ".join(f"{k} {mine[k]}" for k in differs)
-            raise IncompatibleRun(
-                f"run root {run.root} holds results of {found}; this is {want}, whose numbers may "
-                f"differ. Give this run another run_root, or pass --force to recompute every unit "
-                f"here with this version (the tables then hold this version's results only)"
-            )
-    same = theirs is not None and all(theirs.get(k) == mine[k] for k in ("code_version", "mteb"))
+    differs = [k for k in ("code_version", "mteb") if theirs.get(k) != mine[k]] if theirs is not None else []
+    if differs and not force:
+        found = ", ".join(f"{k} {theirs.get(k)}" for k in differs)
+        want = ", ".join(f"{k} {mine[k]}" for k in differs)
+        raise IncompatibleRun(
+            f"run root {run.root} holds results of {found}; this is {want}, whose numbers may "
+            f"differ. Give this run another run_root, or pass --force to recompute every unit "
+            f"here with this version (the tables then hold this version's results only)"
+        )
+    same = theirs is not None and not differs
     since = theirs.get("since") if same else time.strftime("%Y-%m-%dT%H:%M:%S%z")
     stamp = {**mine, "spec": spec.digest, "since": since}
     atomic_write_text(path, json.dumps(stamp, indent=2))
@@ -146,7 +143,8 @@ def provenance(spec_digest: str) -> dict[str, Any]:
 
 @functools.cache
 def _packages() -> dict[str, str | None]:
-    return {p: _version(p) for p in ("layertime", "mteb", "torch", "transformers", "datasets")}
+    """Versions of the packages that decide numbers (environment.json and each record's provenance)."""
+    return {p: _version(p) for p in ("layertime", "torch", "transformers", "mteb", "datasets", "polars")}
 
 
 def _version(package: str) -> str | None:
