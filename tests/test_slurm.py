@@ -248,6 +248,38 @@ def _metrics(run_root: Path) -> pl.DataFrame:
     return metrics.drop([c for c in metrics.columns if c == "seconds"]).sort(metrics.columns)
 
 
+def _with_a_scoring_job(monkeypatch) -> None:
+    """The CI profile plus one CPU-only scoring job of one process (the box has 2 CPUs)."""
+    for key, value in {"SCORE_JOBS": "1", "SCORE_CPUS": "1", "SCORE_MEMORY": "3G"}.items():
+        monkeypatch.setenv(f"LAYERTIME_SLURM_{key}", value)
+
+
+def _run_cancelling_a_job(kind: str, logs: Path, hub: Path, tmp_path: Path, before=None) -> tuple:
+    """Run the demo grid on the slurm profile and `scancel` the first job whose worker logged a finished
+    `kind` task run (`before(job_id)` first); returns (the flow's state, [the cancelled job's id])."""
+    killed: list[str] = []
+    stop = threading.Event()
+
+    def cancel() -> None:
+        while not stop.wait(0.2):
+            for job_id, text in _jobs(logs).items():
+                if f"Task run '{kind}[" in text and "- Finished" in text.partition(f"Task run '{kind}[")[2]:
+                    if before is not None:
+                        before(job_id)
+                    subprocess.run(["scancel", job_id], check=True, timeout=30)
+                    killed.append(job_id)
+                    return
+
+    killer = threading.Thread(target=cancel, daemon=True)
+    killer.start()
+    try:
+        state = _run({**GRID, "hf_cache": str(hub), "run_root": str(tmp_path / "demo")}, "slurm")
+    finally:
+        stop.set()
+        killer.join(timeout=10)
+    return state, killed
+
+
 def _one_blas_thread():
     """The slurm profile pins BLAS to one thread (DESIGN §10): the local reference does the same."""
     import contextlib
@@ -273,8 +305,7 @@ def _one_blas_thread():
 def test_demo_runs_in_slurm_jobs_with_the_scores_of_a_local_run(
     prefect_api, ci_profile, hub, tmp_path, monkeypatch
 ):
-    for key, value in {"SCORE_JOBS": "1", "SCORE_CPUS": "1", "SCORE_MEMORY": "3G"}.items():
-        monkeypatch.setenv(f"LAYERTIME_SLURM_{key}", value)  # embedding in the GPU job, scoring beside it
+    _with_a_scoring_job(monkeypatch)  # embedding in the GPU job, scoring beside it
     grid = {**GRID, "hf_cache": str(hub)}
     with _one_blas_thread():
         local = _run({**grid, "run_root": str(tmp_path / "local/demo")}, "local")
@@ -377,28 +408,14 @@ def test_jobs_whose_worker_cannot_start_fail_the_flow_with_the_jobs_log(
 def test_a_worker_job_cancelled_mid_run_is_replaced_and_no_unit_is_lost_or_repeated(
     prefect_api, ci_profile, hub, tmp_path
 ):
-    killed: list[str] = []
     seen: dict[str, str] = {}
-    stop = threading.Event()
 
-    def cancel_the_first_job_once_it_has_embedded():
-        while not stop.wait(0.2):
-            for job_id, text in _jobs(ci_profile).items():
-                if "Task run 'embed[" in text and "- Finished" in text.partition("Task run 'embed[")[2]:
-                    out = subprocess.run(["scontrol", "write", "batch_script", job_id, "-"],
-                                         capture_output=True, text=True, timeout=30)  # fmt: skip
-                    seen["script"] = out.stdout
-                    subprocess.run(["scancel", job_id], check=True, timeout=30)
-                    killed.append(job_id)
-                    return
+    def keep_its_script(job_id: str) -> None:
+        out = subprocess.run(["scontrol", "write", "batch_script", job_id, "-"],
+                             capture_output=True, text=True, timeout=30)  # fmt: skip
+        seen["script"] = out.stdout
 
-    killer = threading.Thread(target=cancel_the_first_job_once_it_has_embedded, daemon=True)
-    killer.start()
-    try:
-        state = _run({**GRID, "hf_cache": str(hub), "run_root": str(tmp_path / "demo")}, "slurm")
-    finally:
-        stop.set()
-        killer.join(timeout=10)
+    state, killed = _run_cancelling_a_job("embed", ci_profile, hub, tmp_path, keep_its_script)
     assert killed, "the run ended before a worker job could be cancelled"
     assert state.is_completed(), state.message
 
@@ -423,26 +440,8 @@ def test_a_worker_job_cancelled_mid_run_is_replaced_and_no_unit_is_lost_or_repea
 def test_a_scoring_job_cancelled_mid_run_is_replaced_and_no_unit_is_lost_or_repeated(
     prefect_api, ci_profile, hub, tmp_path, monkeypatch
 ):
-    for key, value in {"SCORE_JOBS": "1", "SCORE_CPUS": "1", "SCORE_MEMORY": "3G"}.items():
-        monkeypatch.setenv(f"LAYERTIME_SLURM_{key}", value)
-    killed: list[str] = []
-    stop = threading.Event()
-
-    def cancel_the_scoring_job_once_it_has_scored():
-        while not stop.wait(0.2):
-            for job_id, text in _jobs(ci_profile).items():
-                if "Task run 'score[" in text and "- Finished" in text.partition("Task run 'score[")[2]:
-                    subprocess.run(["scancel", job_id], check=True, timeout=30)
-                    killed.append(job_id)
-                    return
-
-    killer = threading.Thread(target=cancel_the_scoring_job_once_it_has_scored, daemon=True)
-    killer.start()
-    try:
-        state = _run({**GRID, "hf_cache": str(hub), "run_root": str(tmp_path / "demo")}, "slurm")
-    finally:
-        stop.set()
-        killer.join(timeout=10)
+    _with_a_scoring_job(monkeypatch)
+    state, killed = _run_cancelling_a_job("score", ci_profile, hub, tmp_path)
     assert killed, "the run ended before the scoring job could be cancelled"
     assert state.is_completed(), state.message
     scores = _scores(tmp_path / "demo")
