@@ -1,10 +1,15 @@
 """The `layer-by-layer` flow: plan a spec's grid, embed and score every unit, merge the tables.
 
-    measure(checkpoint)             [GPU]  representation metrics of every layer, one streamed pass
-    embed(checkpoint, task)         [GPU]  one forward pass per unique text, all layers
-    score(checkpoint, task, layer)  [CPU]  mteb.evaluate over stored embeddings (cached across runs)
+    gpu(checkpoint)                 [GPU]  one model load: representation metrics of every layer (one
+                                           streamed pass), then each task's embeddings (one forward
+                                           pass per unique text, all layers)
+    score(checkpoint, task, layer)  [CPU]  mteb.evaluate over stored embeddings (cached across runs),
+                                           submitted as soon as its checkpoint's GPU work is done
     cleanup(checkpoint, task)              embeddings deleted once every layer is scored
     merge                                  tables of DESIGN §7, then artifacts in the UI
+
+A checkpoint's GPU work is one task, so one worker loads each model once: split per task, Dask spread
+every checkpoint over every GPU and each GPU reloaded every checkpoint (DESIGN §10).
 
 One failed unit never stops the others: the flow finishes what it can, writes the tables of what
 exists, then fails with a summary naming each failed unit. Re-running recomputes only what failed.
@@ -68,9 +73,9 @@ def layer_by_layer(
         )
         with where.task_runner() as runner, units.scoring_pool(where.scoring_processes):
             revisions = _record(runner, experiment, plan)
-            measured = _submit_measures(runner, plan, settings, run)
-            scores, failures = _embed_and_score(runner, experiment, plan, settings, run, revisions, needs)
-            metric_rows = _collect_measures(measured, failures)
+            scores, metric_rows, failures = _gpu_and_score(
+                runner, experiment, plan, settings, run, revisions, needs
+            )
             paths = _merge(runner, plan, settings, scores, metric_rows)
         _publish(plan, paths, failures)
     if failures:
@@ -108,56 +113,64 @@ def _record(runner: Any, spec: ExperimentSpec, plan: Plan) -> dict[str, str]:
     return {t: f.result()[0] for t, f in futures.items()}
 
 
-def _embed_and_score(runner, spec, plan, settings, run, revisions, needs) -> tuple[dict, list[str]]:
-    """Submit every unit: embed on a GPU slot, then each layer's scoring on a worker with the
-    memory its task needs (`needs`: task -> MEM_GB, DESIGN §10)."""
+def _gpu_and_score(runner, spec, plan, settings, run, revisions, needs) -> tuple[dict, dict, list[str]]:
+    """Each checkpoint's GPU work on a GPU slot; as each ends, its layers' scoring on workers with the
+    memory their task needs (`needs`: task -> MEM_GB, DESIGN §10). Already scored layers are read back."""
     score_task = _cached(units.score, units.score_policy, run.store)
+    metric_rows = pipeline.recorded_metrics(plan, run, settings)
     pending: dict[Any, tuple[units.Unit, int]] = {}
-    cleanups = []
+    cleanups: list[Any] = []
+
+    def submit_scores(unit: units.Unit, missing: list[int], embeddings: str | None) -> None:
+        with dask.annotate(resources={"MEM_GB": needs[unit.task]}):
+            futures = [
+                runner.submit(
+                    score_task, {"unit": unit, "layer": b, "embeddings": embeddings if b in missing else None}
+                )
+                for b in plan.blocks
+            ]
+        pending.update({f: (unit, b) for f, b in zip(futures, plan.blocks, strict=True)})
+        if embeddings is not None:
+            cleanups.append(runner.submit(units.cleanup, {"unit": unit}, wait_for=futures))
+
+    missing: dict[tuple[str, str], list[int]] = {}  # (checkpoint key, task) -> layers not yet scored
+    gpu_work: dict[Any, units.GpuWork] = {}
     for ckpt in plan.distinct_checkpoints():
+        to_embed = []
         for task in plan.tasks:
             unit = units.Unit(
                 spec, ckpt, task, revisions[task], settings, tuple(plan.blocks), plan.num_blocks
             )
-            missing = pipeline.missing_layers(run, settings, ckpt, task, plan.blocks)
-            embedded = None
-            if missing:
-                with dask.annotate(resources=GPU):
-                    embedded = runner.submit(units.embed, {"unit": unit})
-            with dask.annotate(resources={"MEM_GB": needs[task]}):
-                futures = [
-                    runner.submit(
-                        score_task,
-                        {"unit": unit, "layer": b, "embeddings": embedded if b in missing else None},
-                    )
-                    for b in plan.blocks
-                ]
-            pending.update({f: (unit, b) for f, b in zip(futures, plan.blocks, strict=True)})
-            if embedded is not None:
-                cleanups.append(runner.submit(units.cleanup, {"unit": unit}, wait_for=futures))
-    return _collect(pending, cleanups)
+            missing[ckpt.key, task] = pipeline.missing_layers(run, settings, ckpt, task, plan.blocks)
+            if missing[ckpt.key, task]:
+                to_embed.append(unit)
+            else:
+                submit_scores(unit, [], None)
+        measure = spec.metrics is not None and ckpt.key not in metric_rows
+        if to_embed or measure:
+            work = units.GpuWork(plan, settings, ckpt, tuple(to_embed), measure)
+            with dask.annotate(resources=GPU):
+                gpu_work[runner.submit(units.gpu, {"work": work})] = work
 
-
-def _submit_measures(runner: Any, plan: Plan, settings: pipeline.Settings, run: RunDir) -> dict:
-    """One measure task per distinct checkpoint, on the GPU slot (none when the spec has no metrics)."""
-    if plan.spec.metrics is None:
-        return {}
-    task = _cached(units.measure, units.measure_policy, run.store)
-    with dask.annotate(resources=GPU):
-        return {
-            ckpt: runner.submit(task, {"plan": plan, "settings": settings, "checkpoint": ckpt})
-            for ckpt in plan.distinct_checkpoints()
-        }
-
-
-def _collect_measures(measured: dict, failures: list[str]) -> dict[str, list[dict]]:
-    rows = {}
-    for ckpt, future in measured.items():
+    failures = []
+    for future in as_completed(list(gpu_work)):
+        work = gpu_work[future]
         try:
-            rows[ckpt.key] = future.result()
-        except Exception as e:  # noqa: BLE001 -- a failed unit is reported, the sweep goes on
-            failures.append(f"measure[{ckpt.revision}]: {type(e).__name__}: {e}")
-    return rows
+            done = future.result()
+        except Exception as e:  # noqa: BLE001 -- a failed checkpoint is reported, the sweep goes on
+            error = f"{type(e).__name__}: {e}"
+            done = units.GpuDone({}, None, {**{u.task: error for u in work.units}, "measure": error})
+        if done.metrics is not None:
+            metric_rows[work.checkpoint.key] = done.metrics
+        elif work.measure:
+            failures.append(f"measure[{work.label}]: {done.failed.get('measure', 'not measured')}")
+        for unit in work.units:
+            if unit.task in done.embeddings:
+                submit_scores(unit, missing[unit.checkpoint.key, unit.task], done.embeddings[unit.task])
+            else:
+                failures.append(f"embed[{unit.label}]: {done.failed.get(unit.task, 'not embedded')}")
+    scores, score_failures = _collect(pending, cleanups)
+    return scores, metric_rows, failures + score_failures
 
 
 def _collect(pending: dict, cleanups: list) -> tuple[dict, list[str]]:

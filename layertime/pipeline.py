@@ -344,6 +344,12 @@ def metrics_blocks(spec: ExperimentSpec, plan: Plan) -> list[int]:
     return list(range(plan.num_blocks)) if spec.metrics.all_layers else plan.blocks
 
 
+def gpu_blocks(spec: ExperimentSpec, plan: Plan) -> list[int]:
+    """The blocks one model load serves for both embedding and metrics (the metrics' blocks include
+    the plan's): a checkpoint's GPU work loads it once."""
+    return metrics_blocks(spec, plan) if spec.metrics is not None else list(plan.blocks)
+
+
 def metrics_key(spec: ExperimentSpec, plan: Plan) -> str:
     """What decides a checkpoint's metric values besides its commit and settings: metrics spec, layers."""
     return settings_id({**spec.metrics.model_dump(), "blocks": metrics_blocks(spec, plan)})
@@ -356,8 +362,12 @@ def measure_unit(
     settings: Settings,
     ckpt: Checkpoint,
     device: str | None = None,
+    encoder: Any = None,
 ) -> list[dict]:
-    """Metric rows of one checkpoint, all its layers from one streamed pass; recorded, so done once."""
+    """Metric rows of one checkpoint, all its layers from one streamed pass; recorded, so done once.
+
+    `encoder`: a loaded model of this checkpoint to reuse (`gpu_blocks`); else one is loaded here.
+    """
     from layertime.measure import measure
 
     m = spec.metrics
@@ -367,7 +377,10 @@ def measure_unit(
         return rows
     corpus, prompts = metrics_prompts(spec, run)
     start = time.perf_counter()
-    encoder = load_encoder(spec, ckpt, blocks, settings, device)
+    if encoder is None:
+        encoder = load_encoder(spec, ckpt, blocks, settings, device)
+    elif encoder.layers != blocks:
+        raise ValueError(f"measure: the encoder returns blocks {encoder.layers}, the metrics need {blocks}")
     with memory.peak(encoder.device) as used:
         rows = [
             {"model": ckpt.model, "commit": ckpt.commit, "depth": (r["layer"] + 1) / plan.num_blocks, **r}

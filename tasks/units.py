@@ -1,4 +1,5 @@
-"""The Prefect tasks of the layer-by-layer flow (DESIGN §2): record, embed, score, cleanup, merge.
+"""The Prefect tasks of the layer-by-layer flow (DESIGN §2): record, gpu (a checkpoint's embeddings
+and metrics), score, cleanup, merge.
 
 Each is a few lines over `layertime.pipeline`. Cache keys name what determines a result — model,
 commit, task, its dataset revision, layer, the settings that change numbers and CODE_VERSION —
@@ -63,11 +64,14 @@ class Unit:
         )
 
 
+PERMANENT = (SpecError, CheckpointError, FileNotFoundError, FloatingPointError, KeyError, ValueError)
+
+
 def _not_transient(task: Any, task_run: Any, state: Any) -> bool:
     """Retry only what may heal (I/O hiccups, preemption), never a wrong input."""
     try:
         state.result()
-    except (SpecError, CheckpointError, FileNotFoundError, FloatingPointError, KeyError, ValueError):
+    except PERMANENT:
         return False
     except Exception:
         return True
@@ -105,35 +109,84 @@ def record(task_name: str, spec: ExperimentSpec) -> tuple[str, int, int]:
     return found.dataset_revision, len(found.texts), found.requested
 
 
+@dataclass(frozen=True)
+class GpuWork:
+    """One checkpoint's GPU work: embed `units` (each a task of it) and, with `measure`, its metrics."""
+
+    plan: Plan
+    settings: pipeline.Settings
+    checkpoint: Checkpoint
+    units: tuple[Unit, ...]
+    measure: bool
+
+    @property
+    def label(self) -> str:
+        return self.checkpoint.revision
+
+
+@dataclass(frozen=True)
+class GpuDone:
+    """What a checkpoint's GPU work produced: embeddings by task, metric rows, and what failed (by
+    task, or "measure") with the error, for the units that cannot heal by retrying."""
+
+    embeddings: dict[str, str]
+    metrics: list[dict] | None
+    failed: dict[str, str]
+
+
 _ENCODER_LOCK = threading.Lock()
 _ENCODER: dict[str, Any] = {}
 
 
-def _embed(unit: Unit) -> Path:
-    """Embed with this worker's model: one model per worker process, reused across a checkpoint's tasks.
+def _encoder(work: GpuWork) -> Any:
+    """This worker's model of the checkpoint, loaded once for its embedding and its metrics (the
+    previous checkpoint's is freed first). Call with `_ENCODER_LOCK` held."""
+    spec = work.plan.spec
+    blocks = pipeline.gpu_blocks(spec, work.plan)
+    key = (work.checkpoint, tuple(blocks), work.settings, spec.tokens_per_batch, str(spec.hf_cache))
+    if _ENCODER.get("key") != key:
+        _ENCODER.clear()
+        _ENCODER.update(key=key, encoder=pipeline.load_encoder(spec, work.checkpoint, blocks, work.settings))
+    return _ENCODER["encoder"]
 
+
+def _gpu(work: GpuWork) -> GpuDone:
+    """Measure, then embed each unit, with one model load (DESIGN §10: loads, not scoring, idle the GPU).
+
+    A unit whose error cannot heal is reported and the others go on; any other error (a full disk, a
+    lost device) fails the task, whose retry redoes only what is not on disk yet.
     A plain function, so the task pickles it by reference (the lock stays in the worker).
     """
-    texts = pipeline.task_texts(unit.task, unit.run, unit.spec.aggregation, unit.spec.hf_cache).texts
-    key = (unit.checkpoint, unit.blocks, unit.settings, unit.spec.tokens_per_batch, str(unit.spec.hf_cache))
-    with _ENCODER_LOCK:  # one forward pass at a time per worker: the GPU is the bottleneck
-        if _ENCODER.get("key") != key:
-            _ENCODER.clear()  # frees the previous checkpoint's model first
-            _ENCODER.update(
-                key=key,
-                encoder=pipeline.load_encoder(unit.spec, unit.checkpoint, list(unit.blocks), unit.settings),
-            )
-        blocks = list(unit.blocks)
-        return pipeline.embed_unit(
-            _ENCODER["encoder"], unit.run, unit.settings, unit.checkpoint, unit.task, texts, blocks
-        )
+    spec, embeddings, failed, metrics = work.plan.spec, {}, {}, None
+    with _ENCODER_LOCK:  # one checkpoint at a time per worker: the GPU is the bottleneck
+        encoder = _encoder(work)
+        if work.measure:
+            try:
+                run = RunDir.of(spec.run_root, spec.store)
+                metrics = pipeline.measure_unit(
+                    spec, work.plan, run, work.settings, work.checkpoint, encoder=encoder
+                )
+            except PERMANENT as e:
+                failed["measure"] = f"{type(e).__name__}: {e}"
+        for unit in work.units:
+            try:
+                texts = pipeline.task_texts(unit.task, unit.run, spec.aggregation, spec.hf_cache).texts
+                path = pipeline.embed_unit(
+                    encoder, unit.run, unit.settings, unit.checkpoint, unit.task, texts, list(unit.blocks)
+                )
+            except PERMANENT as e:
+                failed[unit.task] = f"{type(e).__name__}: {e}"
+            else:
+                embeddings[unit.task] = str(path)
+    return GpuDone(embeddings, metrics, failed)
 
 
-@task(name="embed", task_run_name="embed[{unit.label}]", retries=2, retry_delay_seconds=[10, 60],
+@task(name="gpu", task_run_name="gpu[{work.label}]", retries=2, retry_delay_seconds=[10, 60],
       retry_condition_fn=_not_transient)  # fmt: skip
-def embed(unit: Unit) -> str:
-    """Embed the unit's texts with every layer (one forward pass per unique text); returns the path."""
-    return str(_embed(unit))
+def gpu(work: GpuWork) -> GpuDone:
+    """A checkpoint's GPU work on one worker: its metrics and every task's embeddings (each unique
+    text once, all layers), from one model load."""
+    return _gpu(work)
 
 
 _POOL: list[ScoringPool] = []  # the flow process's scoring processes (local profile), while it runs
@@ -169,30 +222,6 @@ def score(unit: Unit, layer: int, embeddings: str | None) -> list[dict]:
         unit.spec.digest,
     )  # fmt: skip
     return rows[layer]
-
-
-def _measure_key(context: TaskRunContext, parameters: dict[str, Any]) -> str:
-    plan, settings, ckpt = parameters["plan"], parameters["settings"], parameters["checkpoint"]
-    metrics = pipeline.metrics_key(plan.spec, plan)
-    return "|".join(["measure", CODE_VERSION, settings.id, ckpt.model, ckpt.key, metrics])
-
-
-def measure_policy(store: Path) -> CachePolicy:
-    """Metric rows cached across runs by checkpoint commit and the metrics settings."""
-    return CacheKeyFnPolicy(cache_key_fn=_measure_key).configure(key_storage=store / "prefect" / "keys")
-
-
-def _measure(plan: Plan, settings: pipeline.Settings, checkpoint: Checkpoint) -> list[dict]:
-    run = RunDir.of(plan.spec.run_root, plan.spec.store)
-    with _ENCODER_LOCK:  # shares the worker's GPU with embed
-        return pipeline.measure_unit(plan.spec, plan, run, settings, checkpoint)
-
-
-@task(name="measure", task_run_name="measure[{checkpoint.revision}]", retries=2, retry_delay_seconds=[10, 60],
-      retry_condition_fn=_not_transient, persist_result=True, cache_result_in_memory=False)  # fmt: skip
-def measure(plan: Plan, settings: pipeline.Settings, checkpoint: Checkpoint) -> list[dict]:
-    """Every representation metric of every layer of one checkpoint, from one streamed pass."""
-    return _measure(plan, settings, checkpoint)
 
 
 @task(name="cleanup", task_run_name="cleanup[{unit.label}]")

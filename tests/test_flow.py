@@ -71,16 +71,51 @@ def test_a_failed_unit_fails_the_flow_by_name_and_a_rerun_recomputes_only_it(hub
     state, states = _run(overrides)
     assert state.is_completed()
     executed = sorted(n for n, s in states.items() if s != "Cached")
-    assert executed == ["cleanup[step1000 · DemoSTS]", "embed[step1000 · DemoSTS]", "merge[demo]",
+    assert executed == ["cleanup[step1000 · DemoSTS]", "gpu[step1000]", "merge[demo]",
                         "score[step1000 · DemoSTS · L3]"]  # fmt: skip
-    # the other scores, 2 recordings, 2 measures (one per commit)
-    assert sum(s == "Cached" for s in states.values()) == 2 * 2 * 2 - 1 + 2 + 2
+    # the other scores and 2 recordings; the metrics are read from their records, not measured again
+    assert sum(s == "Cached" for s in states.values()) == 2 * 2 * 2 - 1 + 2
     scores = pl.read_parquet(tmp_path / "demo/tables/scores.parquet")
     assert scores.height == 3 * 2 * 2 and scores["main_score"].is_finite().all()
     layers = pl.read_parquet(tmp_path / "demo/tables/layers.parquet")
     assert layers["average"].is_not_null().all() and layers["lidar"].is_finite().all()
     metrics = pl.read_parquet(tmp_path / "demo/tables/metrics.parquet")
     assert set(metrics["revision"]) == {"step1000", "step3000", "main"} and metrics["value"].is_finite().all()
+
+
+def test_each_checkpoint_is_loaded_once_for_its_metrics_and_embeddings_and_a_bad_unit_fails_alone(
+    hub, tmp_path, monkeypatch
+):
+    overrides = {"run_root": str(tmp_path / "demo"), "hf_cache": str(hub), "checkpoints": ["step1000", "step2000"],
+                 "layers": [1, 3], "tasks": ["DemoSTS", "DemoClassification"]}  # fmt: skip
+    loads, real_load, real_embed = [], pipeline.load_encoder, pipeline.embed_unit
+
+    def counted_load(spec, ckpt, blocks, *args, **kwargs):
+        loads.append((ckpt.revision, list(blocks)))
+        return real_load(spec, ckpt, blocks, *args, **kwargs)
+
+    def embed_but_one(encoder, run, settings, ckpt, task, *args):
+        if (ckpt.revision, task) == ("step2000", "DemoClassification"):
+            raise FloatingPointError("injected NaN embeddings")
+        return real_embed(encoder, run, settings, ckpt, task, *args)
+
+    monkeypatch.setattr(pipeline, "load_encoder", counted_load)
+    monkeypatch.setattr(pipeline, "embed_unit", embed_but_one)
+    state, states = _run(overrides)
+    assert state.is_failed()
+    with pytest.raises(
+        UnitsFailed,
+        match=r"1 unit\(s\) failed:\nembed\[step2000 · DemoClassification\]: FloatingPointError: injected",
+    ):
+        state.result()
+    # one load per checkpoint serves its metrics and both tasks' embeddings
+    assert sorted(loads) == [("step1000", [1, 3]), ("step2000", [1, 3])]
+    assert states["gpu[step1000]"] == states["gpu[step2000]"] == "Completed"  # a bad unit is not retried
+    scores = pl.read_parquet(tmp_path / "demo/tables/scores.parquet")
+    assert scores.select("revision", "task").unique().sort("revision", "task").rows() == [
+        ("step1000", "DemoClassification"), ("step1000", "DemoSTS"), ("step2000", "DemoSTS")]  # fmt: skip
+    metrics = pl.read_parquet(tmp_path / "demo/tables/metrics.parquet")
+    assert set(metrics["revision"]) == {"step1000", "step2000"} and set(metrics["layer"]) == {1, 3}
 
 
 def test_sibling_specs_compute_their_shared_units_once(hub, tmp_path):
@@ -96,7 +131,7 @@ def test_sibling_specs_compute_their_shared_units_once(hub, tmp_path):
         and states["score[step3000 · DemoSTS · L3]"] == "Cached"
     )
     assert states["score[step2000 · DemoSTS · L2]"] == "Completed"
-    assert "embed[step3000 · DemoSTS]" not in states  # nothing left to embed for the shared commit
+    assert "gpu[step3000]" not in states  # nothing left to embed or measure for the shared commit
 
 
 def test_the_flow_refuses_to_start_when_the_cache_misses_a_checkpoint(hub, tmp_path):

@@ -340,7 +340,7 @@ def test_demo_runs_in_slurm_jobs_with_the_scores_of_a_local_run(
     score_jobs = {p.stem.rpartition("-")[2] for p in ci_profile.glob("*-score-*")}
     assert gpu_jobs and score_jobs
     assert all("Task run 'score[" not in jobs[j] for j in gpu_jobs)  # GPU jobs embed and measure
-    assert any("Task run 'embed[" in jobs[j] for j in gpu_jobs)
+    assert any("Task run 'gpu[" in jobs[j] for j in gpu_jobs)
     scored_in = {json.loads(p.read_text())["provenance"]["slurm_job_id"]
                  for p in (tmp_path / "slurm/store/scores").rglob("layer_3.json")}  # fmt: skip
     assert scored_in and scored_in <= score_jobs
@@ -415,7 +415,7 @@ def test_a_worker_job_cancelled_mid_run_is_replaced_and_no_unit_is_lost_or_repea
                              capture_output=True, text=True, timeout=30)  # fmt: skip
         seen["script"] = out.stdout
 
-    state, killed = _run_cancelling_a_job("embed", ci_profile, hub, tmp_path, keep_its_script)
+    state, killed = _run_cancelling_a_job("gpu", ci_profile, hub, tmp_path, keep_its_script)
     assert killed, "the run ended before a worker job could be cancelled"
     assert state.is_completed(), state.message
 
