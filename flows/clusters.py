@@ -2,12 +2,14 @@
 
 - `local` (default): one Dask worker in the flow's process, threads only — a process LocalCluster
   under the embedded Prefect API starts one temporary API server per worker process (DESIGN §6).
-  The worker advertises one `GPU` slot (the GPU when CUDA is present, the CPU otherwise) so embed
-  and measure tasks, annotated with it, run one at a time while scoring uses the other threads.
+  The worker advertises one `GPU` slot (the GPU when CUDA is present, the CPU otherwise); a
+  checkpoint's GPU task takes half of it, so one computes while the next loads, and scoring uses
+  the other threads.
 - `slurm`: Dask workers in SLURM batch jobs (dask-jobqueue's SLURMCluster, adaptive), one worker
-  process per job advertising one `GPU` slot; embedding takes the slot while scoring runs on the
-  job's other threads. Settings come from `deployments/clusters/slurm.yaml`, then environment
-  variables `LAYERTIME_SLURM_<FIELD>`, then per-run overrides (`SlurmSettings` documents each field).
+  process per job advertising one `GPU` slot (two checkpoints' GPU tasks: one computes while the
+  next loads); scoring runs on scoring jobs, or on the GPU job's other threads. Settings come from
+  `deployments/clusters/slurm.yaml`, then environment variables `LAYERTIME_SLURM_<FIELD>`, then
+  per-run overrides (`SlurmSettings` documents each field).
   The scheduler lives in the flow's process; workers must reach it and the Prefect API.
 
 Failures of the SLURM path are surfaced, not waited on (DESIGN §6: a failing `sbatch` under adapt
@@ -39,7 +41,9 @@ from distributed.deploy.adaptive import Adaptive
 from prefect_dask import DaskTaskRunner
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-GPU = {"GPU": 1}  # the resource annotation of GPU tasks
+# The resource annotation of GPU tasks: half a worker's slot, so each GPU worker runs two checkpoints'
+# tasks at once, one reading its model from storage while the other computes (tasks/units.py).
+GPU = {"GPU": 0.5}
 CLUSTERS = Path(__file__).resolve().parents[1] / "deployments" / "clusters"
 ENV_PREFIX = "LAYERTIME_SLURM_"  # LAYERTIME_SLURM_PARTITION=gpu, ..., LAYERTIME_SLURM_CONFIG=path.yaml
 PROFILES = ("local", "slurm")
@@ -291,7 +295,7 @@ class Profile:
                 cluster_kwargs={
                     "n_workers": 1,
                     "processes": False,
-                    "threads_per_worker": max(2, os.cpu_count() or 2) + 1,  # + the GPU slot's thread
+                    "threads_per_worker": max(2, os.cpu_count() or 2) + 2,  # + the two GPU tasks' threads
                     "resources": resources,
                     "dashboard_address": None,
                 },

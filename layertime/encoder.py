@@ -152,7 +152,8 @@ class MultiLayerEncoder:
             )
         except OSError as e:
             raise checkpoints.CheckpointError(f"cannot load {self.name}: {e}") from None
-        self.model.to(self.device).eval()
+        self.model.eval()  # on the device at its first forward pass (`to_device`)
+        self._on_device = False
         self.anatomy = architecture.anatomy(self.model.config)
         L = self.anatomy.num_blocks
         self.layers = list(range(L)) if layers == "all" else [int(b) for b in layers]
@@ -169,6 +170,18 @@ class MultiLayerEncoder:
         self.oom_splits = 0  # batches split after running out of GPU memory
         self.truncated = 0  # texts of the last tokenize() longer than max_length
         self.last_stats: EncodeStats | None = None
+
+    def to_device(self) -> None:
+        """Move the weights to the encoder's device; the first forward pass does it when not done.
+
+        Loading stays in host memory until then, so a GPU worker can read the next checkpoint from
+        storage while the current one computes, and hold only one model on the GPU (DESIGN §10).
+        """
+        if not self._on_device:
+            self.model.to(self.device)
+            if self._norm is not None:
+                self._norm.to(self.device)
+            self._on_device = True
 
     def _pad_id(self) -> int:
         """Decoders pad with EOS (DESIGN §3; Pythia has no pad token of its own), encoders with their pad.
@@ -248,6 +261,7 @@ class MultiLayerEncoder:
         for i, row in enumerate(rows):  # right padding: real tokens keep positions 0..len-1
             input_ids[i, : len(row)] = torch.tensor(row)
             mask[i, : len(row)] = 1
+        self.to_device()
         input_ids, mask = input_ids.to(self.device), mask.to(self.device)
         hidden = self.model(input_ids=input_ids, attention_mask=mask, output_hidden_states=True).hidden_states
         L = self.anatomy.num_blocks

@@ -134,51 +134,60 @@ class GpuDone:
     failed: dict[str, str]
 
 
-_ENCODER_LOCK = threading.Lock()
-_ENCODER: dict[str, Any] = {}
-
-
-def _encoder(work: GpuWork) -> Any:
-    """This worker's model of the checkpoint, loaded once for its embedding and its metrics (the
-    previous checkpoint's is freed first). Call with `_ENCODER_LOCK` held."""
-    spec = work.plan.spec
-    blocks = pipeline.gpu_blocks(spec, work.plan)
-    key = (work.checkpoint, tuple(blocks), work.settings, spec.tokens_per_batch, str(spec.hf_cache))
-    if _ENCODER.get("key") != key:
-        _ENCODER.clear()
-        _ENCODER.update(key=key, encoder=pipeline.load_encoder(spec, work.checkpoint, blocks, work.settings))
-    return _ENCODER["encoder"]
+_GPU_LOCK = threading.Lock()  # one checkpoint computes at a time on a worker's GPU
 
 
 def _gpu(work: GpuWork) -> GpuDone:
-    """Measure, then embed each unit, with one model load (DESIGN §10: loads, not scoring, idle the GPU).
+    """Measure, then embed each unit, from one model load (DESIGN §10: loads, not scoring, idle GPUs).
 
-    A unit whose error cannot heal is reported and the others go on; any other error (a full disk, a
-    lost device) fails the task, whose retry redoes only what is not on disk yet.
+    The model is read from storage outside the lock: a worker runs two checkpoints' tasks at once
+    (clusters.GPU_TASK), so the next one loads while this one computes, and only the one computing
+    holds the GPU. A unit whose error cannot heal is reported and the others go on; any other error
+    (a full disk, a lost device) fails the task, whose retry redoes only what is not on disk yet.
     A plain function, so the task pickles it by reference (the lock stays in the worker).
     """
+    blocks = pipeline.gpu_blocks(work.plan.spec, work.plan)
+    encoder = pipeline.load_encoder(work.plan.spec, work.checkpoint, blocks, work.settings)
+    with _GPU_LOCK:
+        try:
+            encoder.to_device()
+            return _measure_and_embed(work, encoder)
+        finally:
+            del encoder  # this checkpoint's GPU memory is free before the next one moves in
+            _release_gpu_memory()
+
+
+def _measure_and_embed(work: GpuWork, encoder: Any) -> GpuDone:
     spec, embeddings, failed, metrics = work.plan.spec, {}, {}, None
-    with _ENCODER_LOCK:  # one checkpoint at a time per worker: the GPU is the bottleneck
-        encoder = _encoder(work)
-        if work.measure:
-            try:
-                run = RunDir.of(spec.run_root, spec.store)
-                metrics = pipeline.measure_unit(
-                    spec, work.plan, run, work.settings, work.checkpoint, encoder=encoder
-                )
-            except PERMANENT as e:
-                failed["measure"] = f"{type(e).__name__}: {e}"
-        for unit in work.units:
-            try:
-                texts = pipeline.task_texts(unit.task, unit.run, spec.aggregation, spec.hf_cache).texts
-                path = pipeline.embed_unit(
-                    encoder, unit.run, unit.settings, unit.checkpoint, unit.task, texts, list(unit.blocks)
-                )
-            except PERMANENT as e:
-                failed[unit.task] = f"{type(e).__name__}: {e}"
-            else:
-                embeddings[unit.task] = str(path)
+    if work.measure:
+        try:
+            run = RunDir.of(spec.run_root, spec.store)
+            metrics = pipeline.measure_unit(
+                spec, work.plan, run, work.settings, work.checkpoint, encoder=encoder
+            )
+        except PERMANENT as e:
+            failed["measure"] = f"{type(e).__name__}: {e}"
+    for unit in work.units:
+        try:
+            texts = pipeline.task_texts(unit.task, unit.run, spec.aggregation, spec.hf_cache).texts
+            path = pipeline.embed_unit(
+                encoder, unit.run, unit.settings, unit.checkpoint, unit.task, texts, list(unit.blocks)
+            )
+        except PERMANENT as e:
+            failed[unit.task] = f"{type(e).__name__}: {e}"
+        else:
+            embeddings[unit.task] = str(path)
     return GpuDone(embeddings, metrics, failed)
+
+
+def _release_gpu_memory() -> None:
+    import gc
+
+    import torch
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 @task(name="gpu", task_run_name="gpu[{work.label}]", retries=2, retry_delay_seconds=[10, 60],
