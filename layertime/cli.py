@@ -153,8 +153,8 @@ def _echo_costs(c: dict) -> None:
         f"checkpoint × layer), record {h['record']['cpu']:.2f}"
     )
     typer.echo(
-        f"  GPU-hours   embed {h['embed']['gpu']:,.2f}, measure {h['measure']['gpu']:,.2f}, checkpoint loads "
-        f"{h['loads']['gpu']:,.2f} (see 'assumed' below)"
+        f"  GPU-hours   embed {h['embed']['gpu']:,.2f}, measure {h['measure']['gpu']:,.2f}, waiting for "
+        f"checkpoint loads {h['loads']['gpu']:,.2f} (see 'assumed' below)"
     )
     big = ""
     if mem["big_memory_worker"]:
@@ -168,7 +168,8 @@ def _echo_costs(c: dict) -> None:
     typer.echo(
         f"  wall-clock  {_hours(c['wall_hours'])} on {jobs['gpu']} GPU + {jobs['cpu']} CPU"
         + (f" + {jobs['big_memory']} big-memory" if jobs["big_memory"] else "")
-        + f" jobs; GPUs held {_hours(c['gpu_phase_hours'])}, computing {c['gpu_busy']:.0%} of it"
+        + f" jobs; GPU phase {_hours(c['gpu_phase_hours'])}, GPU jobs held {c['gpu_held_hours']:,.2f} GPU-h"
+        + f" in all, computing {c['gpu_busy']:.0%} of it"
     )
     gpu, measure = c["assumptions"][:2]
     typer.echo(f"  assumed     {gpu}")

@@ -18,7 +18,7 @@ from __future__ import annotations
 import csv
 import heapq
 import math
-from collections import defaultdict, deque
+from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import cache
@@ -51,7 +51,9 @@ BIG_MEMORY_TASKS: frozenset[str] = frozenset({"MindSmallReranking"})
 # GPU assumptions (no GPU here to measure on): stated in every output that uses them.
 GPU_FLOPS = 100e12  # achieved FLOP/s: an A100-class GPU in bf16 at ~1/3 of its 312 TFLOP/s peak
 CHARS_PER_TOKEN = 4.0  # English text, GPT-NeoX tokenizer
-CHECKPOINT_LOAD_S = 20.0  # GPU-slot seconds each time a slot loads a checkpoint (0.9 GB from shared storage)
+CHECKPOINT_LOAD_S = 20.0  # seconds to read a checkpoint from shared storage (0.9 GB) into a GPU worker
+# Checkpoints a GPU worker holds at once (flows/clusters.GPU): one computes while the next loads.
+MODELS_PER_GPU = 2
 PADDING = 1.10  # padded / real tokens: the encoder's batches stay under it (benchmarks/encode.py)
 MEASURE_TOKENS_PER_TEXT = 128  # wikitext-103 prompts, truncated
 MEASURE_PROMPTS = 472  # wikitext-103: the first 1000 lines of train, headings and short lines dropped
@@ -219,11 +221,9 @@ def measure_gpu_seconds(views: int, lidar_views: int, params: int, flops: float 
 class EmbedUnit:
     """GPU work that, once done, makes its scoring units available (one per layer).
 
-    `group` is the model the unit runs (the checkpoint): a GPU slot whose last unit ran another group
-    first spends `setup_seconds` loading it (the slot is held, the GPU idle), as a worker keeps one
-    model and reloads when the checkpoint changes (tasks/units.py). A unit without a group always
-    spends its `setup_seconds` and leaves the slot's model as it was: a measure unit (no scoring
-    units) loads a model of its own.
+    `group` is the model the unit runs (the checkpoint): a group's units run together on one GPU slot
+    after one load of `setup_seconds` (its first unit's), as the flow's one GPU task per checkpoint
+    does (tasks/units.py). A unit without a group is a group of its own.
     """
 
     name: str
@@ -239,9 +239,12 @@ class Schedule:
     """What `simulate` found. Times are seconds from the start."""
 
     makespan: float  # last unit done (GPU or CPU)
-    gpu_makespan: float  # last GPU unit done: GPU jobs are held this long (adaptive scaling retires them)
+    gpu_makespan: float  # last GPU unit done
+    gpu_held_seconds: (
+        float  # Σ over GPU slots of when its last unit ended (adaptive scaling retires idle ones)
+    )
     gpu_seconds: float  # GPU compute, without model loads
-    setup_seconds: float  # model loads on the GPU slots
+    setup_seconds: float  # model loads (most of them overlap another checkpoint's compute)
     cpu_seconds: float
     gpu_slots: int
     cpu_slots: int
@@ -249,8 +252,8 @@ class Schedule:
 
     @property
     def gpu_busy(self) -> float:
-        """Computing fraction of the GPU slots while they are held: gpu_seconds / (G · gpu_makespan)."""
-        return self.gpu_seconds / (self.gpu_slots * self.gpu_makespan) if self.gpu_makespan else 0.0
+        """Computing fraction of the GPU slots while they are held: gpu_seconds / Σ_slot held."""
+        return self.gpu_seconds / self.gpu_held_seconds if self.gpu_held_seconds else 0.0
 
     @property
     def gpu_busy_whole_run(self) -> float:
@@ -269,31 +272,33 @@ def simulate(
     gpu_slots: int,
     cpu_slots: int,
     big_memory_slots: int = 0,
-    sticky: bool = False,
+    models_per_gpu: int = MODELS_PER_GPU,
 ) -> Schedule:
     """List-schedule `units` on `gpu_slots` GPU slots and `cpu_slots` one-thread scoring slots.
 
-    GPU: the slot that frees first (ties: lowest slot) takes the next unit in the given order; with
-    `sticky`, the next unit of the group it holds, else the first unit of a group no other slot holds,
-    else the next unit (checkpoint affinity: each GPU works through checkpoints of its own). It first
-    loads the unit's group (`setup_seconds`) unless its last unit had the same group.
+    GPU: each group (a checkpoint) is one job, taken in order by the slot where it can start computing
+    first (ties: lowest slot). A slot holds `models_per_gpu` jobs at once: a job loads
+    (`setup_seconds`) as soon as it has a place, then computes its units one after another once the
+    slot's GPU is free, and gives its place back when done. A slot is held until its last unit ends.
     CPU: when a unit's GPU work ends, its scoring units become ready; ready scoring units start in
     order of readiness (ties: submission order) on the scoring slot that frees first. With
     `big_memory_slots` > 0, scoring units of `big_memory` units run only on those slots and the others
     only on the `cpu_slots`; with none, every scoring unit runs on the `cpu_slots`.
     GPU work never waits for scoring (embeddings go to storage), as in the flow.
     """
-    if gpu_slots < 1 or cpu_slots < 1 or big_memory_slots < 0:
+    if gpu_slots < 1 or cpu_slots < 1 or big_memory_slots < 0 or models_per_gpu < 1:
         raise ValueError(
-            f"need >= 1 GPU and CPU slot, got {gpu_slots} GPU, {cpu_slots} CPU, {big_memory_slots} big"
+            f"need >= 1 GPU and CPU slot and model per GPU, got {gpu_slots} GPU, {cpu_slots} CPU, "
+            f"{big_memory_slots} big, {models_per_gpu} models per GPU"
         )
-    done, gpu_end, setup = _gpu_phase(units, gpu_slots, sticky)
+    done, held, setup = _gpu_phase(units, gpu_slots, models_per_gpu)
     ready: list[tuple[float, int, float, bool]] = []  # (ready time, order, seconds, big memory)
     for unit, at in zip(units, done, strict=True):
         big = unit.big_memory and big_memory_slots > 0
         ready += [(at, len(ready), s, big) for s in unit.score_seconds]
     ready.sort()
     pools = {False: [0.0] * cpu_slots, True: [0.0] * big_memory_slots}
+    gpu_end = max(done, default=0.0)
     end = gpu_end
     for at, _, seconds, big in ready:
         pool = pools[big]
@@ -303,6 +308,7 @@ def simulate(
     return Schedule(
         makespan=end,
         gpu_makespan=gpu_end,
+        gpu_held_seconds=sum(held),
         gpu_seconds=sum(u.gpu_seconds for u in units),
         setup_seconds=setup,
         cpu_seconds=sum(s for u in units for s in u.score_seconds),
@@ -312,45 +318,28 @@ def simulate(
     )
 
 
-def _gpu_phase(units: Sequence[EmbedUnit], gpu_slots: int, sticky: bool) -> tuple[list[float], float, float]:
-    """When each unit's GPU work ends, when the last ends, and the seconds spent loading models."""
-    order: deque[int] = deque(range(len(units)))
-    by_group: dict[str | None, deque[int]] = defaultdict(deque)
+def _gpu_phase(
+    units: Sequence[EmbedUnit], gpu_slots: int, models_per_gpu: int
+) -> tuple[list[float], list[float], float]:
+    """When each unit's GPU work ends, when each slot's last unit ends, and the seconds spent loading."""
+    jobs: dict[object, list[int]] = defaultdict(list)  # group -> its units, in order
     for i, unit in enumerate(units):
-        by_group[unit.group].append(i)
-    taken = [False] * len(units)
-    held: list[str | None] = [None] * gpu_slots  # the group each slot has loaded
-    free = [(0.0, slot) for slot in range(gpu_slots)]  # a min-heap of (free time, slot)
+        jobs[unit.group if unit.group is not None else ("unit", i)].append(i)
+    places = [[0.0] * models_per_gpu for _ in range(gpu_slots)]  # when each place of a slot frees
+    gpu_free = [0.0] * gpu_slots
     done = [0.0] * len(units)
     setup = 0.0
-    for _ in units:
-        now, slot = heapq.heappop(free)
-        if not sticky:
-            i = _next_unit([order], taken)
-        else:  # its own checkpoint, else one no other slot holds, else help the others
-            others = {g for k, g in enumerate(held) if k != slot}
-            fresh = next((j for j in order if not taken[j] and units[j].group not in others), None)
-            mine = by_group[held[slot]] if held[slot] is not None else deque()
-            i = _next_unit([mine, deque([] if fresh is None else [fresh]), order], taken)
-        unit = units[i]
-        load = unit.setup_seconds if unit.group is None or unit.group != held[slot] else 0.0
+    for members in jobs.values():
+        load = units[members[0]].setup_seconds
+        starts = [max(min(places[s]) + load, gpu_free[s]) for s in range(gpu_slots)]
+        slot = min(range(gpu_slots), key=lambda s: (starts[s], s))
+        at = starts[slot]
+        for i in members:
+            at = done[i] = at + units[i].gpu_seconds
+        place = places[slot].index(min(places[slot]))
+        places[slot][place] = gpu_free[slot] = at
         setup += load
-        held[slot] = unit.group if unit.group is not None else held[slot]
-        done[i] = now + load + unit.gpu_seconds
-        heapq.heappush(free, (done[i], slot))
-    return done, max(done, default=0.0), setup
-
-
-def _next_unit(queues: Sequence[deque[int]], taken: list[bool]) -> int:
-    """The first untaken unit of the first queue that has one; marked taken."""
-    for queue in queues:
-        while queue and taken[queue[0]]:
-            queue.popleft()
-        if queue:
-            i = queue.popleft()
-            taken[i] = True
-            return i
-    raise RuntimeError("no unit left to schedule")  # unreachable: called once per unit
+    return done, gpu_free, setup
 
 
 # ---------------------------------------------------------------------------------------------- estimates
@@ -370,14 +359,16 @@ class Grid:
 
 
 def grid_units(grid: Grid, flops: float = GPU_FLOPS, big_memory: bool = True) -> list[EmbedUnit]:
-    """The grid's GPU units in the flow's order: per checkpoint, its measure unit (its own model
-    load), then one embed unit per task (grouped by checkpoint), each with one scoring unit per layer."""
+    """The grid's GPU units in the flow's order: per checkpoint (a group: one model load), its measure
+    unit, then one embed unit per task, each with one scoring unit per layer."""
     params = forward_params(grid.num_blocks, grid.hidden)
     units: list[EmbedUnit] = []
     for c in range(grid.checkpoints):
         if grid.measure_views is not None:
             measure = measure_gpu_seconds(*grid.measure_views, params, flops)
-            units.append(EmbedUnit(f"measure[{c}]", measure, setup_seconds=CHECKPOINT_LOAD_S))
+            units.append(
+                EmbedUnit(f"measure[{c}]", measure, group=f"checkpoint {c}", setup_seconds=CHECKPOINT_LOAD_S)
+            )
         for task in grid.tasks:
             units.append(
                 EmbedUnit(
@@ -399,7 +390,7 @@ def estimate(
     big_memory_jobs: int = 0,
     flops: float = GPU_FLOPS,
     flops_source: str | None = None,
-    sticky: bool = False,
+    models_per_gpu: int = MODELS_PER_GPU,
 ) -> dict:
     """Hours per phase, memory per worker class and the simulated wall-clock time of `grid`.
 
@@ -407,8 +398,9 @@ def estimate(
     - embed (GPU): checkpoints × Σ_task embed_gpu_seconds — at `flops`: ASSUMED, unless `flops_source`
       says where it was measured (`measured_gpu_flops`).
     - measure (GPU): checkpoints × measure_gpu_seconds — at `flops`, likewise.
-    - loads (GPU slots held, GPU idle): CHECKPOINT_LOAD_S each time a slot loads a checkpoint, as
-      simulated (the flow's order; `sticky`: each GPU slot works through checkpoints of its own).
+    - loads (GPU slots held, GPU idle): CHECKPOINT_LOAD_S per checkpoint, read while the worker's
+      other checkpoint computes (`models_per_gpu` 2, as the flow runs; 1: the GPU idles during every
+      load); only the time the GPU waits for a model counts.
     - score (CPU): checkpoints × layers × Σ_task score_cpu_seconds — measured (the cost table).
 
     Memory (whole GB): `gpu_worker` (host RAM of an embedding job), `scoring_worker` (the largest
@@ -420,7 +412,7 @@ def estimate(
     embed = grid.checkpoints * sum(embed_gpu_seconds(t, params, grid.max_length, flops) for t in grid.tasks)
     measure = 0.0 if grid.measure_views is None else measure_gpu_seconds(*grid.measure_views, params, flops)
     schedule = simulate(
-        grid_units(grid, flops, big_memory_jobs > 0), gpu_jobs, cpu_jobs, big_memory_jobs, sticky
+        grid_units(grid, flops, big_memory_jobs > 0), gpu_jobs, cpu_jobs, big_memory_jobs, models_per_gpu
     )
     big = [t for t in grid.tasks if t in BIG_MEMORY_TASKS]
     small = [t for t in grid.tasks if t not in BIG_MEMORY_TASKS]
@@ -428,7 +420,8 @@ def estimate(
         "hours": {
             "record": {"cpu": per_layer / 3600, "gpu": 0.0},  # one recording pass per task
             "embed": {"cpu": 0.0, "gpu": embed / 3600},
-            "loads": {"cpu": 0.0, "gpu": schedule.setup_seconds / 3600},
+            # the GPU waiting for a model: slots held but not computing
+            "loads": {"cpu": 0.0, "gpu": (schedule.gpu_held_seconds - schedule.gpu_seconds) / 3600},
             "measure": {"cpu": 0.0, "gpu": grid.checkpoints * measure / 3600},
             "score": {"cpu": grid.checkpoints * grid.layers * per_layer / 3600, "gpu": 0.0},
         },
@@ -441,7 +434,7 @@ def estimate(
         "jobs": {"gpu": gpu_jobs, "cpu": cpu_jobs, "big_memory": big_memory_jobs},
         "wall_hours": schedule.makespan / 3600,
         "gpu_phase_hours": schedule.gpu_makespan / 3600,
-        "gpu_held_hours": gpu_jobs * schedule.gpu_makespan / 3600,
+        "gpu_held_hours": schedule.gpu_held_seconds / 3600,
         "gpu_busy": schedule.gpu_busy,
         "gpu_busy_whole_run": schedule.gpu_busy_whole_run,
         "assumptions": assumptions(flops, flops_source),
@@ -450,13 +443,14 @@ def estimate(
 
 
 def gpu_worker_memory_gb(grid: Grid) -> int:
-    """Host memory (whole GB) of an embedding worker: the fp32 weights while loading plus the largest
-    task's float32 embeddings of every requested layer, × MEMORY_HEADROOM, + 2 GB (torch, tokenizer).
+    """Host memory (whole GB) of an embedding worker: the fp32 weights of MODELS_PER_GPU checkpoints
+    (the next loads while one computes) plus the largest task's float32 embeddings of every requested
+    layer, × MEMORY_HEADROOM, + 2 GB (torch, tokenizer).
 
-        GB = ceil(MEMORY_HEADROOM · (4 · (params + vocab·d) + 4 · max_unique · layers · d) / 2³⁰ + 2)
+        GB = ceil(MEMORY_HEADROOM · (M · 4 · (params + vocab·d) + 4 · max_unique · layers · d) / 2³⁰ + 2)
     """
     vocab = 50_304  # GPT-NeoX's padded vocabulary: the input embedding lives in host memory too
-    weights = 4 * (forward_params(grid.num_blocks, grid.hidden) + vocab * grid.hidden)
+    weights = MODELS_PER_GPU * 4 * (forward_params(grid.num_blocks, grid.hidden) + vocab * grid.hidden)
     unique = max((_unique_texts(t) for t in grid.tasks), default=0)
     embeddings = 4 * unique * grid.layers * grid.hidden
     return math.ceil(MEMORY_HEADROOM * (weights + embeddings) / 2**30 + 2)
@@ -473,7 +467,7 @@ def assumptions(flops: float = GPU_FLOPS, flops_source: str | None = None) -> li
     return [
         f"GPU time = FLOPs (2 × 12·L·d² per token, {CHARS_PER_TOKEN:g} chars/token, × {PADDING:g} padding) "
         f"at {rate}; "
-        f"{CHECKPOINT_LOAD_S:g} s (ASSUMED) each time a GPU slot loads a checkpoint",
+        f"{CHECKPOINT_LOAD_S:g} s (ASSUMED) to load a checkpoint, while the GPU worker's previous one computes",
         f"metrics pass: {MEASURE_PROMPTS} prompts × (1 + views) × {MEASURE_TOKENS_PER_TEXT} tokens, "
         f"× {MEASURE_OVERHEAD:g} for the metrics (ASSUMED)",
         "CPU time is measured (task_costs.csv, one thread, d=1024, scaled linearly in d)",

@@ -51,40 +51,33 @@ def test_scoring_memory_follows_the_documented_formula_and_defaults(tmp_path, mo
 
 
 def test_simulate_matches_a_hand_computed_schedule():
-    # GPU slots 2, CPU slots 3. GPU: A (4 s) on g0 [0, 4], B (2 s) on g1 [0, 2], C (3 s) on g1 [2, 5].
-    # Ready scoring units: B's 2 × 3 s at 2, A's 5 s at 4, C's 1 s at 5.
-    # CPU: B1 c0 [2, 5], B2 c1 [2, 5], A c2 [4, 9], C on c0 [5, 6]  -> makespan 9.
+    # GPU slots 2 (no loads), CPU slots 3. GPU: A (4 s) on g0 [0, 4]; B (2 s) starts first on g1 [0, 2];
+    # C (3 s) then on g1 [2, 5]. Held: g0 4 s, g1 5 s. Ready scoring units: B's 2 × 3 s at 2, A's 5 s
+    # at 4, C's 1 s at 5. CPU: B1 c0 [2, 5], B2 c1 [2, 5], A c2 [4, 9], C on c0 [5, 6] -> makespan 9.
     units = [EmbedUnit("A", 4, (5,)), EmbedUnit("B", 2, (3, 3)), EmbedUnit("C", 3, (1,))]
     s = simulate(units, gpu_slots=2, cpu_slots=3)
-    assert (s.makespan, s.gpu_makespan, s.gpu_seconds, s.cpu_seconds) == (9, 5, 9, 12)
-    assert s.gpu_busy == pytest.approx(9 / (2 * 5)) and s.gpu_busy_whole_run == pytest.approx(9 / 18)
+    assert (s.makespan, s.gpu_makespan, s.gpu_held_seconds, s.gpu_seconds, s.cpu_seconds) == (9, 5, 9, 9, 12)
+    assert s.gpu_busy == 1.0 and s.gpu_busy_whole_run == pytest.approx(9 / 18)
     # One CPU slot: B1 [2, 5], B2 [5, 8], A [8, 13], C [13, 14].
     assert simulate(units, gpu_slots=2, cpu_slots=1).makespan == 14
 
 
-def test_simulate_charges_a_model_load_whenever_a_gpu_slot_changes_checkpoint():
+def test_simulate_loads_each_checkpoint_once_and_the_next_while_the_current_computes():
     a1, a2 = (EmbedUnit(n, 2, group="a", setup_seconds=1) for n in ("A1", "A2"))
     b1 = EmbedUnit("B1", 2, group="b", setup_seconds=1)
-    # One slot, order A1 B1 A2: load a, A1 [1, 3]; load b, B1 [4, 6]; load a again, A2 [7, 9].
+    # One slot, order A1 B1 A2: checkpoint a is one job (A1 and A2 together), loaded once.
+    # Two models per GPU: load a [0, 1], A1 [1, 3], A2 [3, 5]; b loads [0, 1] beside it, B1 [5, 7].
     s = simulate([a1, b1, a2], gpu_slots=1, cpu_slots=1)
-    assert (s.gpu_makespan, s.setup_seconds, s.gpu_seconds) == (9, 3, 6)
-    assert s.gpu_busy == pytest.approx(6 / 9)
-    # Sticky: the slot finishes checkpoint a first: A1 [1, 3], A2 [3, 5], load b, B1 [6, 8].
-    s = simulate([a1, b1, a2], gpu_slots=1, cpu_slots=1, sticky=True)
-    assert (s.gpu_makespan, s.setup_seconds) == (8, 2)
-    # Two slots, checkpoints a and b in flow order: both slots load a, then both load b. Sticky: each
-    # slot takes a checkpoint of its own: A1 and A2 on slot 0, B1 and B2 on slot 1, one load each.
-    a1, a2, b1, b2 = (EmbedUnit(n, 2, group=n[0], setup_seconds=1) for n in ("a1", "a2", "b1", "b2"))
-    s = simulate([a1, a2, b1, b2], gpu_slots=2, cpu_slots=1)
-    assert (s.gpu_makespan, s.setup_seconds) == (6, 4)
-    s = simulate([a1, a2, b1, b2], gpu_slots=2, cpu_slots=1, sticky=True)
-    assert (s.gpu_makespan, s.setup_seconds) == (5, 2) and s.gpu_busy == pytest.approx(8 / 10)
-    a1, a2 = (EmbedUnit(n, 2, group="a", setup_seconds=1) for n in ("A1", "A2"))
-    # Two slots share checkpoint a: both load it. A unit without a group (measure) always loads its
-    # own model and leaves the slot's as it was: M [0, 2], then A2 on that slot still loads a.
-    m = EmbedUnit("M", 1, setup_seconds=1)
-    s = simulate([a1, m, a2], gpu_slots=2, cpu_slots=1)
-    assert (s.gpu_makespan, s.setup_seconds) == (5, 3)
+    assert (s.gpu_makespan, s.setup_seconds, s.gpu_seconds, s.gpu_held_seconds) == (7, 2, 6, 7)
+    assert s.gpu_busy == pytest.approx(6 / 7)  # only the first load idles the GPU
+    # One model per GPU: b loads after a is done [5, 6], B1 [6, 8].
+    s = simulate([a1, b1, a2], gpu_slots=1, cpu_slots=1, models_per_gpu=1)
+    assert (s.gpu_makespan, s.setup_seconds, s.gpu_busy) == (8, 2, pytest.approx(6 / 8))
+    # Two slots: each takes a checkpoint of its own: a on g0 [1, 5], b on g1 [1, 3]; held 5 + 3.
+    s = simulate([a1, a2, b1], gpu_slots=2, cpu_slots=1)
+    assert (s.gpu_makespan, s.setup_seconds, s.gpu_held_seconds) == (5, 2, 8)
+    with pytest.raises(ValueError, match="model per GPU"):
+        simulate([a1], gpu_slots=1, cpu_slots=1, models_per_gpu=0)
 
 
 def test_simulate_keeps_big_memory_units_on_big_memory_slots():
