@@ -41,9 +41,12 @@ from distributed.deploy.adaptive import Adaptive
 from prefect_dask import DaskTaskRunner
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-# The resource annotation of GPU tasks: half a worker's slot, so each GPU worker runs two checkpoints'
-# tasks at once, one reading its model from storage while the other computes (tasks/units.py).
-GPU = {"GPU": 0.5}
+from layertime.costs import MODELS_PER_GPU
+
+# The resource annotation of GPU tasks: a share of a worker's slot, so each GPU worker runs
+# MODELS_PER_GPU (2) checkpoints' tasks at once, one reading its model while another computes
+# (tasks/units.py); the cost simulation assumes the same.
+GPU = {"GPU": 1 / MODELS_PER_GPU}
 CLUSTERS = Path(__file__).resolve().parents[1] / "deployments" / "clusters"
 ENV_PREFIX = "LAYERTIME_SLURM_"  # LAYERTIME_SLURM_PARTITION=gpu, ..., LAYERTIME_SLURM_CONFIG=path.yaml
 PROFILES = ("local", "slurm")

@@ -141,7 +141,7 @@ def _gpu(work: GpuWork) -> GpuDone:
     """Measure, then embed each unit, from one model load (DESIGN §10: loads, not scoring, idle GPUs).
 
     The model is read from storage outside the lock: a worker runs two checkpoints' tasks at once
-    (clusters.GPU_TASK), so the next one loads while this one computes, and only the one computing
+    (flows/clusters.GPU), so the next one loads while this one computes, and only the one computing
     holds the GPU. A unit whose error cannot heal is reported and the others go on; any other error
     (a full disk, a lost device) fails the task, whose retry redoes only what is not on disk yet.
     A plain function, so the task pickles it by reference (the lock stays in the worker).
