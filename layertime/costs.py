@@ -240,9 +240,7 @@ class Schedule:
 
     makespan: float  # last unit done (GPU or CPU)
     gpu_makespan: float  # last GPU unit done
-    gpu_held_seconds: (
-        float  # Σ over GPU slots of when its last unit ended (adaptive scaling retires idle ones)
-    )
+    gpu_held_seconds: float  # Σ_slot its last unit's end: adaptive scaling retires idle GPU jobs
     gpu_seconds: float  # GPU compute, without model loads
     setup_seconds: float  # model loads (most of them overlap another checkpoint's compute)
     cpu_seconds: float
