@@ -9,7 +9,7 @@
     merge                                  tables of DESIGN §7, then artifacts in the UI
 
 A checkpoint's GPU work is one task, so one worker loads each model once: split per task, Dask spread
-every checkpoint over every GPU and each GPU reloaded every checkpoint (DESIGN §10).
+every checkpoint over every GPU and each GPU reloaded every checkpoint (benchmarks/RESULTS.md).
 
 One failed unit never stops the others: the flow finishes what it can, writes the tables of what
 exists, then fails with a summary naming each failed unit. Re-running recomputes only what failed.
