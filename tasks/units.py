@@ -138,7 +138,8 @@ _GPU_LOCK = threading.Lock()  # one checkpoint computes at a time on a worker's 
 
 
 def _gpu(work: GpuWork) -> GpuDone:
-    """Measure, then embed each unit, from one model load (loads, not scoring, idled the GPUs: benchmarks/RESULTS.md).
+    """Measure, then embed each unit, from one model load (model loads, not scoring, idled the GPUs:
+    benchmarks/RESULTS.md).
 
     The model is read from storage outside the lock: a worker runs two checkpoints' tasks at once
     (flows/clusters.GPU), so the next one loads while this one computes, and only the one computing
