@@ -109,9 +109,7 @@ def unwritable(directory: str | Path) -> str | None:
 
     Checks its nearest existing ancestor without creating anything, so a refused run leaves no trace.
     """
-    p = Path(directory).absolute()
-    while not p.exists() and p != p.parent:
-        p = p.parent
+    p = _nearest_existing(Path(directory).absolute())
     if not p.is_dir():
         return f"{p} is a file, not a directory"
     if os.statvfs(p).f_flag & os.ST_RDONLY:
@@ -173,8 +171,12 @@ def _naming(error: OSError, path: Path) -> OSError:
 
 
 def _free(path: Path) -> str:
-    p = path
-    while not p.exists() and p != p.parent:
-        p = p.parent
-    free = shutil.disk_usage(p).free
+    free = shutil.disk_usage(_nearest_existing(path)).free
     return f"{free / 1e6:.1f} MB" if free >= 1e5 else f"{free} bytes"
+
+
+def _nearest_existing(path: Path) -> Path:
+    """`path`, or its nearest ancestor that exists."""
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return path
