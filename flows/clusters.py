@@ -298,7 +298,7 @@ class Profile:
                 cluster_kwargs={
                     "n_workers": 1,
                     "processes": False,
-                    "threads_per_worker": max(2, os.cpu_count() or 2) + 2,  # + the two GPU tasks' threads
+                    "threads_per_worker": max(2, os.cpu_count() or 2) + MODELS_PER_GPU,  # + GPU tasks
                     "resources": resources,
                     "dashboard_address": None,
                 },

@@ -175,7 +175,7 @@ class MultiLayerEncoder:
         """Move the weights to the encoder's device; the first forward pass does it when not done.
 
         Loading stays in host memory until then, so a GPU worker can read the next checkpoint from
-        storage while the current one computes, and hold only one model on the GPU (DESIGN §10).
+        storage while the current one computes, and hold only one model on the GPU (tasks/units.py).
         """
         if not self._on_device:
             self.model.to(self.device)
