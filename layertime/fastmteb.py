@@ -82,18 +82,34 @@ def mirrored_source_hash() -> str:
     return digest.hexdigest()
 
 
-@functools.cache
+_GUARD_LOCK = threading.Lock()
+
+
 def mteb_unchanged() -> bool:
-    """Whether the installed mteb is the one the fast paths were verified against; warns once if not."""
+    """Whether the installed mteb is the one the fast paths were verified against; warns once if not.
+
+    Computed once per process, under a lock: `inspect.getsource` parses mteb's modules with `ast`,
+    and parsing in several threads at once raised `SystemError: AST constructor recursion depth
+    mismatch` on Python 3.11 (issue 14.3), so no two threads ever compute it.
+    """
+    with _GUARD_LOCK:
+        return _mteb_unchanged()
+
+
+@functools.cache
+def _mteb_unchanged() -> bool:
     if mirrored_source_hash() == MIRRORED_SOURCE_SHA256:
         return True
     warnings.warn(
         "layertime.fastmteb: mteb's retrieval code differs from the version its fast reranking and "
         "metrics were verified against; scoring falls back to mteb's own (slower) code. Re-verify "
         "with tests/test_fastmteb.py and update MIRRORED_SOURCE_SHA256.",
-        stacklevel=2,
+        stacklevel=3,
     )
     return False
+
+
+mteb_unchanged.cache_clear = _mteb_unchanged.cache_clear  # type: ignore[attr-defined]  # tests re-check
 
 
 # ---------------------------------------------------------------------------------------------- search
