@@ -3,8 +3,8 @@
 - `local` (default): one Dask worker in the flow's process, threads only — a process LocalCluster
   under the embedded Prefect API starts one temporary API server per worker process (DESIGN §6).
   The worker advertises one `GPU` slot (the GPU when CUDA is present, the CPU otherwise); a
-  checkpoint's GPU task takes half of it, so one computes while the next loads, and scoring uses
-  the other threads.
+  checkpoint's GPU task takes 1/MODELS_PER_GPU of it, so one computes while the next loads, and
+  scoring uses the other threads.
 - `slurm`: Dask workers in SLURM batch jobs (dask-jobqueue's SLURMCluster, adaptive), one worker
   process per job advertising one `GPU` slot (two checkpoints' GPU tasks: one computes while the
   next loads); scoring runs on scoring jobs, or on the GPU job's other threads. Settings come from
@@ -43,10 +43,11 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from layertime.costs import MODELS_PER_GPU
 
-# The resource annotation of GPU tasks: a share of a worker's slot, so each GPU worker runs
-# MODELS_PER_GPU (2) checkpoints' tasks at once, one reading its model while another computes
-# (tasks/units.py); the cost simulation assumes the same.
-GPU = {"GPU": 1 / MODELS_PER_GPU}
+# The resource annotation of GPU tasks: a share of a worker's one slot (`GPU_SLOT`), so each GPU
+# worker runs MODELS_PER_GPU (2) checkpoints' tasks at once, one reading its model while another
+# computes (layertime.pipeline.checkpoint_gpu_work); the cost simulation assumes the same.
+GPU_SLOT = 1
+GPU = {"GPU": GPU_SLOT / MODELS_PER_GPU}
 CLUSTERS = Path(__file__).resolve().parents[1] / "deployments" / "clusters"
 ENV_PREFIX = "LAYERTIME_SLURM_"  # LAYERTIME_SLURM_PARTITION=gpu, ..., LAYERTIME_SLURM_CONFIG=path.yaml
 PROFILES = ("local", "slurm")
@@ -265,6 +266,13 @@ class Profile:
         found = self.settings.scoring_processes
         return (os.cpu_count() or 1) if found is None else found
 
+    @property
+    def gpu_slots(self) -> int:
+        """GPU slots the profile can have at once: the local worker's one, or one per SLURM GPU job at
+        the adaptive maximum (`max_jobs`). The flow keeps MODELS_PER_GPU checkpoints per slot
+        submitted, so no `gpu` task queues on a worker ahead of scoring."""
+        return self.slurm.max_jobs if self.slurm else 1
+
     def memory_need(self, task: str, dim: int) -> int:
         """MEM_GB one scoring process of `task` takes: the profile's figure, else the cost table's."""
         from layertime import costs
@@ -292,7 +300,7 @@ class Profile:
 
     def task_runner(self) -> DaskTaskRunner:
         if isinstance(self.settings, LocalSettings):
-            resources = {**GPU, "MEM_GB": self.settings.scoring_workers()["local"]}
+            resources = {"GPU": GPU_SLOT, "MEM_GB": self.settings.scoring_workers()["local"]}
             return DaskTaskRunner(
                 cluster_class="distributed.LocalCluster",
                 cluster_kwargs={
@@ -400,7 +408,7 @@ def job_kwargs(settings: SlurmSettings, api_url: str | None, kind: str) -> dict[
         threads = settings.threads or settings.cpus
         gres = ":".join(["gpu", *([settings.gpu_type] if settings.gpu_type else []), str(settings.gpus)])
         directives = [f"--gres={gres}"] if settings.gpus else []
-        resources = ["GPU=1"]  # one embedding slot per job (DESIGN §6), CPU or GPU
+        resources = [f"GPU={GPU_SLOT}"]  # one embedding slot per job (DESIGN §6), CPU or GPU
     else:
         cpus = threads = processes = settings.score_cpus if kind == "score" else 1
         memory = settings.score_memory if kind == "score" else settings.bigmem_memory

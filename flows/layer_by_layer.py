@@ -3,13 +3,20 @@
     gpu(checkpoint)                 [GPU]  one model load: representation metrics of every layer (one
                                            streamed pass), then each task's embeddings (one forward
                                            pass per unique text, all layers)
-    score(checkpoint, task, layer)  [CPU]  mteb.evaluate over stored embeddings (cached across runs),
-                                           submitted as soon as its checkpoint's GPU work is done
+    score(checkpoint, task, layer)  [CPU]  mteb.evaluate over stored embeddings, submitted as soon as
+                                           its checkpoint's GPU work ends
     cleanup(checkpoint, task)              embeddings deleted once every layer is scored
-    merge                                  tables of DESIGN §7, then artifacts in the UI
+    merge                                  tables of DESIGN §7 from the completion records, then
+                                           artifacts in the UI
 
 A checkpoint's GPU work is one task, so one worker loads each model once: split per task, Dask spread
 every checkpoint over every GPU and each GPU reloaded every checkpoint (benchmarks/RESULTS.md).
+
+The completion records under the store are the one truth for "done": the flow reads them before it
+submits anything (a unit with a valid record gets no task at all) and the tables are merged from
+them, so a failure anywhere never drops rows that exist. `gpu` tasks are kept MODELS_PER_GPU per GPU
+slot submitted, the next one as one ends: a `gpu` task never waits in a Dask worker's queue, where
+it would hold back the scoring queued behind it.
 
 One failed unit never stops the others: the flow finishes what it can, writes the tables of what
 exists, then fails with a summary naming each failed unit. Re-running recomputes only what failed.
@@ -17,6 +24,10 @@ exists, then fails with a summary naming each failed unit. Re-running recomputes
 
 from __future__ import annotations
 
+import collections
+import functools
+import queue
+import time
 from pathlib import Path
 from typing import Any
 
@@ -28,10 +39,10 @@ from prefect.artifacts import (
     create_table_artifact,
     update_progress_artifact,
 )
-from prefect.futures import as_completed
 
 from flows.clusters import GPU, profile
-from layertime import pipeline
+from layertime import fastmteb, pipeline
+from layertime.costs import MODELS_PER_GPU
 from layertime.plan import Plan, make_plan
 from layertime.rundir import RunDir
 from layertime.spec import ExperimentSpec, load_spec
@@ -61,22 +72,20 @@ def layer_by_layer(
     pipeline.prepare_world(experiment)
     _verify(experiment, spec)
     plan = make_plan(experiment, strict=True)
+    progress = _Progress(plan)  # in the UI from the start
     needs = where.check_fits(plan.tasks, plan.hidden_size)  # before any GPU work
     settings = pipeline.Settings.of(experiment, where.device)
     run = RunDir.of(experiment.run_root, experiment.store)
+    fastmteb.mteb_unchanged()  # the mteb guard, once, before any task thread asks for it (issue 14.3)
     with run.lock():  # a second run on the same run root is refused, by name
         pipeline.claim_run_root(run, experiment, force)
         pipeline.write_snapshot(plan, run, settings)
-        get_run_logger().info(
-            f"{experiment.name}: {plan.evaluations} evaluations, {len(plan.units())} distinct units "
-            f"(layers are 0-based block indices {plan.blocks})"
-        )
         with where.task_runner() as runner, units.scoring_pool(where.scoring_processes):
-            revisions = _record(runner, experiment, plan)
-            scores, metric_rows, failures = _gpu_and_score(
-                runner, experiment, plan, settings, run, revisions, needs
-            )
-            paths = _merge(runner, plan, settings, scores, metric_rows)
+            revisions, failures = _record(runner, experiment, plan)
+            work = _Units(runner, plan, settings, run, needs, progress, where.gpu_slots * MODELS_PER_GPU)
+            failures += work.run(revisions)
+            paths = runner.submit(units.merge, {"plan": plan, "settings": settings}).result()
+        progress.show(final=True)
         _publish(plan, paths, failures)
     if failures:
         raise UnitsFailed(f"{len(failures)} unit(s) failed:\n" + "\n".join(failures))
@@ -100,104 +109,165 @@ def _verify(spec: ExperimentSpec, spec_path: str) -> None:
     get_run_logger().info(f"verified {len(items)} items offline: checkpoints, task data, metrics corpus")
 
 
-def _cached(task: Any, policy: Any, store: Path) -> Any:
-    """`task` with its results and cache keys kept in the shared store, so they outlive this run."""
-    return task.with_options(cache_policy=policy(store), result_storage=store / "prefect" / "results")
+def _record(runner: Any, spec: ExperimentSpec, plan: Plan) -> tuple[dict[str, str], list[str]]:
+    """The recording pass of every task (CPU, in parallel): task -> dataset revision, and the failed
+    recordings named (their task's units are not computed; the others go on)."""
+    futures = {t: runner.submit(units.record, {"task_name": t, "spec": spec}) for t in plan.tasks}
+    revisions, failures = {}, []
+    for task, future in futures.items():
+        try:
+            revisions[task] = future.result()[0]
+        except Exception as e:  # noqa: BLE001 -- a failed unit is reported, the sweep goes on
+            failures.append(f"record[{task}]: {type(e).__name__}: {e}")
+    return revisions, failures
 
 
-def _record(runner: Any, spec: ExperimentSpec, plan: Plan) -> dict[str, str]:
-    """The recording pass of every task (CPU, in parallel); task -> dataset revision."""
-    store = RunDir.of(spec.run_root, spec.store).store
-    record = _cached(units.record, units.record_policy, store)
-    futures = {t: runner.submit(record, {"task_name": t, "spec": spec}) for t in plan.tasks}
-    return {t: f.result()[0] for t, f in futures.items()}
+class _Progress:
+    """The progress artifact: (checkpoint, task, layer) units scored of the plan's, the failed ones
+    counted as failed, and the (checkpoint, task) embeddings done. Updated at most every few seconds."""
+
+    EVERY_S = 2.0
+
+    def __init__(self, plan: Plan) -> None:
+        self.total = len(plan.units())
+        self.scored = self.failed = self.embedded = self.to_embed = 0
+        self.shown = 0.0
+        self.id = create_progress_artifact(
+            0.0, key="layer-by-layer-progress", description=f"0/{self.total} units scored (starting)"
+        )
+
+    def show(self, final: bool = False) -> None:
+        if not final and time.monotonic() - self.shown < self.EVERY_S:
+            return
+        self.shown = time.monotonic()
+        text = f"{self.scored}/{self.total} units scored, {self.failed} failed"
+        if self.to_embed:
+            text += f"; {self.embedded}/{self.to_embed} (checkpoint, task) embedded"
+        update_progress_artifact(self.id, 100.0 * self.scored / max(1, self.total), description=text)
 
 
-def _gpu_and_score(runner, spec, plan, settings, run, revisions, needs) -> tuple[dict, dict, list[str]]:
-    """Each checkpoint's GPU work on a GPU slot; as each ends, its layers' scoring on workers with the
-    memory their task needs (`needs`: task -> MEM_GB, DESIGN §10). Already scored layers are read back."""
-    score_task = _cached(units.score, units.score_policy, run.store)
-    metric_rows = pipeline.recorded_metrics(plan, run, settings)
-    pending: dict[Any, tuple[units.Unit, int]] = {}
-    cleanups: list[Any] = []
+class _Units:
+    """Each checkpoint's GPU work on a GPU slot, at most `gpu_at_once` submitted (MODELS_PER_GPU per
+    slot), the next as one ends; as each ends, its layers' scoring on workers with the memory their
+    task needs (`needs`: task -> MEM_GB, DESIGN §10). Each task is handled as soon as it finishes.
 
-    def submit_scores(unit: units.Unit, missing: list[int], embeddings: str | None) -> None:
-        with dask.annotate(resources={"MEM_GB": needs[unit.task]}):
-            futures = [
-                runner.submit(
-                    score_task, {"unit": unit, "layer": b, "embeddings": embeddings if b in missing else None}
-                )
-                for b in plan.blocks
-            ]
-        pending.update({f: (unit, b) for f, b in zip(futures, plan.blocks, strict=True)})
-        if embeddings is not None:
-            cleanups.append(runner.submit(units.cleanup, {"unit": unit}, wait_for=futures))
+    Only units without a valid completion record get tasks. Submitting a `gpu` task only when a slot
+    is free keeps it out of the Dask worker's queue of resource-constrained tasks, where a waiting
+    task holds back every one behind it, scoring included (issue 14.4); `gpu` tasks are given
+    priority over the scoring queued before them, so a free slot is taken at once.
+    """
 
-    missing: dict[tuple[str, str], list[int]] = {}  # (checkpoint key, task) -> layers not yet scored
-    gpu_work: dict[Any, units.GpuWork] = {}
-    for ckpt in plan.distinct_checkpoints():
-        to_embed = []
-        for task in plan.tasks:
-            unit = units.Unit(
-                spec, ckpt, task, revisions[task], settings, tuple(plan.blocks), plan.num_blocks
-            )
-            missing[ckpt.key, task] = pipeline.missing_layers(run, settings, ckpt, task, plan.blocks)
-            if missing[ckpt.key, task]:
-                to_embed.append(unit)
-            else:
-                submit_scores(unit, [], None)
-        measure = spec.metrics is not None and ckpt.key not in metric_rows
-        if to_embed or measure:
-            work = units.GpuWork(plan, settings, ckpt, tuple(to_embed), measure)
-            with dask.annotate(resources=GPU):
-                gpu_work[runner.submit(units.gpu, {"work": work})] = work
+    def __init__(
+        self,
+        runner: Any,
+        plan: Plan,
+        settings: pipeline.Settings,
+        run: RunDir,
+        needs: dict[str, int],
+        progress: _Progress,
+        gpu_at_once: int,
+    ) -> None:
+        self.runner, self.plan, self.settings, self.run_dir = runner, plan, settings, run
+        self.needs, self.progress, self.gpu_at_once = needs, progress, gpu_at_once
+        self.waiting: collections.deque[units.GpuWork] = collections.deque()
+        self.missing: dict[tuple[str, str], list[int]] = {}  # (checkpoint key, task) -> layers to score
+        self.gpu_running = 0
+        self.running: dict[Any, Any] = {}  # future -> what to do when it ends
+        self.finished: queue.SimpleQueue = queue.SimpleQueue()
+        self.failures: list[str] = []
+        self.cleanups: list[Any] = []
 
-    failures = []
-    for future in as_completed(list(gpu_work)):
-        work = gpu_work[future]
+    def run(self, revisions: dict[str, str]) -> list[str]:
+        """Run every unit not done; the failed ones, named."""
+        self._plan_work(revisions)
+        get_run_logger().info(
+            f"{self.plan.spec.name}: {self.plan.evaluations} evaluations, {self.progress.total} distinct "
+            f"units, {self.progress.scored} done (completion records), {len(self.waiting)} checkpoint(s) "
+            f"with GPU work (layers are 0-based block indices {self.plan.blocks})"
+        )
+        self.progress.show(final=True)
+        self._submit_gpu()
+        while self.running:
+            future = self.finished.get()
+            self.running.pop(future)(future)
+            self._submit_gpu()
+            self.progress.show()
+        for future in self.cleanups:
+            future.wait()
+        return self.failures
+
+    def _plan_work(self, revisions: dict[str, str]) -> None:
+        """What is not done: the layers without a valid record (a damaged one is removed), and each
+        checkpoint's GPU work for them and its metrics. Units of a task whose recording failed count
+        as failed."""
+        spec, plan = self.plan.spec, self.plan
+        measured = pipeline.recorded_metrics(plan, self.run_dir, self.settings)
+        for ckpt in plan.distinct_checkpoints():
+            todo = []
+            for task in plan.tasks:
+                layers = pipeline.missing_layers(self.run_dir, self.settings, ckpt, task, plan.blocks)
+                self.progress.scored += len(plan.blocks) - len(layers)
+                if layers and task not in revisions:
+                    self.progress.failed += len(layers)
+                elif layers:
+                    self.missing[ckpt.key, task] = layers
+                    todo.append(units.Unit(spec, ckpt, task, revisions[task], self.settings,
+                                           tuple(plan.blocks), plan.num_blocks))  # fmt: skip
+            measure = spec.metrics is not None and ckpt.key not in measured
+            if todo or measure:
+                self.waiting.append(units.GpuWork(plan, self.settings, ckpt, tuple(todo), measure))
+                self.progress.to_embed += len(todo)
+
+    def _watch(self, future: Any, then: Any) -> None:
+        self.running[future] = then
+        future.add_done_callback(self.finished.put)
+
+    def _submit_gpu(self) -> None:
+        while self.waiting and self.gpu_running < self.gpu_at_once:
+            work = self.waiting.popleft()
+            with dask.annotate(resources=GPU, priority=1):
+                future = self.runner.submit(units.gpu, {"work": work})
+            self.gpu_running += 1
+            self._watch(future, functools.partial(self._gpu_done, work))
+
+    def _gpu_done(self, work: units.GpuWork, future: Any) -> None:
+        self.gpu_running -= 1
         try:
             done = future.result()
         except Exception as e:  # noqa: BLE001 -- a failed checkpoint is reported, the sweep goes on
             error = f"{type(e).__name__}: {e}"
-            done = units.GpuDone({}, None, {**{u.task: error for u in work.units}, "measure": error})
-        if done.metrics is not None:
-            metric_rows[work.checkpoint.key] = done.metrics
-        elif work.measure:
-            failures.append(f"measure[{work.label}]: {done.failed.get('measure', 'not measured')}")
+            done = pipeline.CheckpointDone(
+                {}, None, {**{u.task: error for u in work.units}, "measure": error}
+            )
+        if work.measure and done.metrics is None:
+            self.failures.append(f"measure[{work.label}]: {done.failed.get('measure', 'not measured')}")
         for unit in work.units:
             if unit.task in done.embeddings:
-                submit_scores(unit, missing[unit.checkpoint.key, unit.task], done.embeddings[unit.task])
+                self.progress.embedded += 1
+                self._submit_scores(unit, done.embeddings[unit.task])
             else:
-                failures.append(f"embed[{unit.label}]: {done.failed.get(unit.task, 'not embedded')}")
-    scores, score_failures = _collect(pending, cleanups)
-    return scores, metric_rows, failures + score_failures
+                self.failures.append(f"embed[{unit.label}]: {done.failed.get(unit.task, 'not embedded')}")
+                self.progress.failed += len(self.missing[unit.checkpoint.key, unit.task])
 
+    def _submit_scores(self, unit: units.Unit, embeddings: str) -> None:
+        layers = self.missing[unit.checkpoint.key, unit.task]
+        with dask.annotate(resources={"MEM_GB": self.needs[unit.task]}):
+            futures = [
+                self.runner.submit(units.score, {"unit": unit, "layer": b, "embeddings": embeddings})
+                for b in layers
+            ]
+        for future, layer in zip(futures, layers, strict=True):
+            self._watch(future, functools.partial(self._score_done, unit, layer))
+        self.cleanups.append(self.runner.submit(units.cleanup, {"unit": unit}, wait_for=futures))
 
-def _collect(pending: dict, cleanups: list) -> tuple[dict, list[str]]:
-    """Score rows by (checkpoint, task, layer) as units finish, with a progress artifact; failures named."""
-    scores: dict[tuple[str, str, int], list[dict]] = {}
-    failures: list[str] = []
-    progress = create_progress_artifact(0.0, key="layer-by-layer-progress", description="scored units")
-    for done, future in enumerate(as_completed(list(pending)), start=1):
-        unit, layer = pending[future]
+    def _score_done(self, unit: units.Unit, layer: int, future: Any) -> None:
         try:
-            scores[(unit.checkpoint.key, unit.task, layer)] = future.result()
+            future.result()
         except Exception as e:  # noqa: BLE001 -- a failed unit is reported, the sweep goes on
-            failures.append(f"score[{unit.label} · L{layer}]: {type(e).__name__}: {e}")
-        if done % max(1, len(pending) // 50) == 0 or done == len(pending):
-            update_progress_artifact(
-                progress, 100.0 * done / len(pending), description=f"{done}/{len(pending)} units"
-            )
-    for future in cleanups:
-        future.wait()
-    return scores, failures
-
-
-def _merge(
-    runner: Any, plan: Plan, settings: pipeline.Settings, scores: dict, metric_rows: dict
-) -> dict[str, str]:
-    parameters = {"plan": plan, "settings": settings, "rows": scores, "metric_rows": metric_rows}
-    return runner.submit(units.merge, parameters).result()
+            self.failures.append(f"score[{unit.label} · L{layer}]: {type(e).__name__}: {e}")
+            self.progress.failed += 1
+        else:
+            self.progress.scored += 1
 
 
 def _publish(plan: Plan, paths: dict[str, str], failures: list[str]) -> None:

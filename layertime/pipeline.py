@@ -3,19 +3,22 @@
 Each phase reads and writes files under the run root and can be called from a notebook, a test,
 the sequential `run_spec` below, or a Prefect task (tasks/). A (checkpoint, task) unit is done when
 every layer has its completion record; finished layers are skipped on re-runs, so a run resumes
-where it stopped and never computes a unit twice.
+where it stopped and never computes a unit twice. The completion records are the only truth for
+"done": the tables are merged from them, whoever ran the units.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
+import logging
 import os
 import platform
 import shutil
 import subprocess
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
@@ -32,6 +35,9 @@ from layertime.rundir import RunDir, settings_id
 from layertime.spec import ExperimentSpec
 
 Progress = Callable[[str, int, int], None]  # (phase, done, total)
+Logger = logging.Logger | logging.LoggerAdapter  # a Prefect task passes its run logger
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -394,6 +400,97 @@ def measure_unit(
     return rows
 
 
+@dataclass(frozen=True)
+class CheckpointDone:
+    """What a checkpoint's GPU work produced: embeddings by task (their directories), its metric rows
+    (None: not measured) and what failed, by task or "measure", with the error."""
+
+    embeddings: dict[str, str]
+    metrics: list[dict] | None
+    failed: dict[str, str]
+
+
+def checkpoint_gpu_work(
+    spec: ExperimentSpec,
+    plan: Plan,
+    run: RunDir,
+    settings: Settings,
+    ckpt: Checkpoint,
+    tasks: Sequence[str],
+    measure: bool,
+    device: str | None = None,
+    gpu_lock: contextlib.AbstractContextManager | None = None,
+    contain: tuple[type[BaseException], ...] = (),
+    logger: Logger = log,
+) -> CheckpointDone:
+    """A checkpoint's GPU work from ONE model load: its metrics (`measure`), then each of `tasks`'
+    embeddings (one forward pass per unique text, all layers). The flow's `gpu` task and `run_spec`
+    (`--plain`) both run it, so a checkpoint is loaded once either way.
+
+    The model is read from storage before `gpu_lock` is taken: a GPU worker running two checkpoints
+    loads the next while the current one computes, and only the one computing is on the GPU (model
+    loads, not scoring, idled the GPUs: benchmarks/RESULTS.md). An error of a `contain` type fails
+    only its unit and the others go on; any other error (a full disk, a lost device) propagates.
+    """
+    blocks = gpu_blocks(spec, plan)
+    logger.info(f"loading checkpoint {ckpt.model}@{ckpt.revision} ({ckpt.commit}), blocks {blocks}")
+    encoder = load_encoder(spec, ckpt, blocks, settings, device)
+    with gpu_lock if gpu_lock is not None else contextlib.nullcontext():
+        try:
+            encoder.to_device()
+            return _measure_and_embed(
+                spec, plan, run, settings, ckpt, tasks, measure, encoder, contain, logger
+            )
+        finally:
+            del encoder  # this checkpoint's GPU memory is free before the next one moves in
+            release_gpu_memory()
+
+
+def _measure_and_embed(
+    spec: ExperimentSpec,
+    plan: Plan,
+    run: RunDir,
+    settings: Settings,
+    ckpt: Checkpoint,
+    tasks: Sequence[str],
+    measure: bool,
+    encoder: Any,
+    contain: tuple[type[BaseException], ...],
+    logger: Logger,
+) -> CheckpointDone:
+    embeddings, failed, metrics = {}, {}, None
+    if measure:
+        logger.info(
+            f"measuring {ckpt.revision}: representation metrics of blocks {metrics_blocks(spec, plan)}"
+        )
+        try:
+            metrics = measure_unit(spec, plan, run, settings, ckpt, encoder=encoder)
+        except contain as e:
+            failed["measure"] = f"{type(e).__name__}: {e}"
+            logger.error(f"measure[{ckpt.revision}] failed: {failed['measure']}")
+    for task in tasks:
+        try:
+            texts = task_texts(task, run, spec.aggregation, spec.hf_cache).texts
+            logger.info(f"embedding {task} at {ckpt.revision}: {len(texts):,} texts, blocks {plan.blocks}")
+            path = embed_unit(encoder, run, settings, ckpt, task, texts, list(plan.blocks))
+        except contain as e:
+            failed[task] = f"{type(e).__name__}: {e}"
+            logger.error(f"embed[{ckpt.revision} · {task}] failed: {failed[task]}")
+        else:
+            embeddings[task] = str(path)
+    return CheckpointDone(embeddings, metrics, failed)
+
+
+def release_gpu_memory() -> None:
+    import gc
+
+    import torch
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
 def recorded_rows(plan: Plan, run: RunDir, settings: Settings) -> dict[tuple[str, str, int], list[dict]]:
     """Rows of every completion record of the plan, by (checkpoint key, task, layer)."""
     rows = {}
@@ -496,31 +593,30 @@ def run_spec(
 def _run_locked(
     spec: ExperimentSpec, plan: Plan, run: RunDir, progress: Progress | None, device: str | None
 ) -> RunResult:
+    """One checkpoint at a time: its GPU work (`checkpoint_gpu_work`, the flow's `gpu` task), then
+    the scoring of every layer it embedded; any error stops the run (the flow goes on instead)."""
     settings = Settings.of(spec, device)
     write_snapshot(plan, run, settings)
     texts = {t: task_texts(t, run, spec.aggregation, spec.hf_cache) for t in plan.tasks}
-    units = [(c, t) for c in plan.distinct_checkpoints() for t in plan.tasks]
+    measured = recorded_metrics(plan, run, settings)
+    checkpoints = plan.distinct_checkpoints()
     scored = skipped = embedded = 0
-    for i, ckpt in enumerate(plan.distinct_checkpoints()):
-        encoder = None
-        for task in plan.tasks:
-            todo = missing_layers(run, settings, ckpt, task, plan.blocks)
-            skipped += len(plan.blocks) - len(todo)
-            if todo:
-                if encoder is None:  # load a checkpoint only when it has work left
-                    encoder = load_encoder(spec, ckpt, plan.blocks, settings, device)
-                path = embed_unit(encoder, run, settings, ckpt, task, texts[task].texts, plan.blocks)
+    for i, ckpt in enumerate(checkpoints):
+        todo = {t: missing_layers(run, settings, ckpt, t, plan.blocks) for t in plan.tasks}
+        skipped += sum(len(plan.blocks) - len(layers) for layers in todo.values())
+        to_embed = [t for t in plan.tasks if todo[t]]
+        measure = spec.metrics is not None and ckpt.key not in measured
+        if to_embed or measure:  # load a checkpoint only when it has work left
+            done = checkpoint_gpu_work(spec, plan, run, settings, ckpt, to_embed, measure, device)
+            for task in to_embed:
+                path = Path(done.embeddings[task])
                 embedded += len(texts[task].texts)
-                num_blocks = encoder.anatomy.num_blocks
-                score_unit(run, settings, ckpt, task, todo, path, spec.aggregation, num_blocks, spec.hf_cache,
-                           spec.digest)  # fmt: skip
-                scored += len(todo)
+                score_unit(run, settings, ckpt, task, todo[task], path, spec.aggregation, plan.num_blocks,
+                           spec.hf_cache, spec.digest)  # fmt: skip
+                scored += len(todo[task])
                 if not spec.keep_embeddings:
                     shutil.rmtree(path, ignore_errors=True)
-            if progress:
-                progress("units", i * len(plan.tasks) + plan.tasks.index(task) + 1, len(units))
-    if spec.metrics is not None:
-        for ckpt in plan.distinct_checkpoints():
-            measure_unit(spec, plan, run, settings, ckpt, device)
+        if progress:
+            progress("units", (i + 1) * len(plan.tasks), len(checkpoints) * len(plan.tasks))
     paths = merge(plan, run, settings)
     return RunResult(run.root, paths, scored, skipped, sum(v.requested for v in texts.values()), embedded)

@@ -1,10 +1,12 @@
 """The Prefect tasks of the layer-by-layer flow (DESIGN §2): record, gpu (a checkpoint's embeddings
 and metrics), score, cleanup, merge.
 
-Each is a few lines over `layertime.pipeline`. Cache keys name what determines a result — model,
-commit, task, its dataset revision, layer, the settings that change numbers and CODE_VERSION —
-never the task's source, so a comment edit keeps a day of GPU work valid. Errors that cannot heal
-(a bad spec, a missing checkpoint, NaN embeddings, a text that was never embedded) are not retried.
+Each is a few lines over `layertime.pipeline`. Nothing is cached or persisted in Prefect's result
+storage: the completion records under the store are the one truth for "done" (the flow reads them
+before it submits anything, and merges the tables from them), so a damaged record is recomputed, a
+Prefect result can never stand in for a missing one, and a store keeps working wherever it is
+mounted (issue 14). Errors that cannot heal (a bad spec, a missing checkpoint, NaN embeddings, a
+text that was never embedded) are not retried.
 """
 
 from __future__ import annotations
@@ -17,9 +19,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from prefect import task
-from prefect.cache_policies import CacheKeyFnPolicy, CachePolicy
-from prefect.context import TaskRunContext
+from prefect import get_run_logger, task
+from prefect.cache_policies import NO_CACHE
 
 from layertime import CODE_VERSION, pipeline
 from layertime.checkpoints import Checkpoint, CheckpointError
@@ -27,6 +28,9 @@ from layertime.plan import Plan
 from layertime.pool import ScoringPool
 from layertime.rundir import RunDir
 from layertime.spec import ExperimentSpec, SpecError
+
+# Results live in the store's completion records, never in Prefect's result storage (module doc).
+NOT_CACHED = {"cache_policy": NO_CACHE, "persist_result": False}
 
 
 @dataclass(frozen=True)
@@ -67,7 +71,7 @@ class Unit:
 PERMANENT = (SpecError, CheckpointError, FileNotFoundError, FloatingPointError, KeyError, ValueError)
 
 
-def _not_transient(task: Any, task_run: Any, state: Any) -> bool:
+def _may_heal(task: Any, task_run: Any, state: Any) -> bool:
     """Retry only what may heal (I/O hiccups, preemption), never a wrong input."""
     try:
         state.result()
@@ -78,33 +82,16 @@ def _not_transient(task: Any, task_run: Any, state: Any) -> bool:
     return True
 
 
-def _score_key(context: TaskRunContext, parameters: dict[str, Any]) -> str:
-    return f"score|{parameters['unit'].key()}|L{parameters['layer']}"
-
-
-def _record_key(context: TaskRunContext, parameters: dict[str, Any]) -> str:
-    import mteb
-
-    spec = parameters["spec"]
-    return f"record|{CODE_VERSION}|{parameters['task_name']}|{spec.aggregation}|mteb-{mteb.__version__}"
-
-
-def record_policy(store: Path) -> CachePolicy:
-    """Recording passes cached across runs by task, aggregation rule and mteb version."""
-    return CacheKeyFnPolicy(cache_key_fn=_record_key).configure(key_storage=store / "prefect" / "keys")
-
-
-def score_policy(store: Path) -> CachePolicy:
-    """Score results cached across runs by unit and layer, keys kept in the shared store."""
-    return CacheKeyFnPolicy(cache_key_fn=_score_key).configure(key_storage=store / "prefect" / "keys")
-
-
-@task(name="record", task_run_name="record[{task_name}]", retries=1, retry_condition_fn=_not_transient,
-      persist_result=True)  # fmt: skip
+@task(name="record", task_run_name="record[{task_name}]", retries=1, retry_condition_fn=_may_heal,
+      **NOT_CACHED)  # fmt: skip
 def record(task_name: str, spec: ExperimentSpec) -> tuple[str, int, int]:
     """One recording pass of `task_name` (kept in the store): (dataset revision, unique texts, requested)."""
     found = pipeline.task_texts(
         task_name, RunDir.of(spec.run_root, spec.store), spec.aggregation, spec.hf_cache
+    )
+    get_run_logger().info(
+        f"{task_name}: mteb asks for {found.requested:,} texts, {len(found.texts):,} unique "
+        f"(dataset revision {found.dataset_revision})"
     )
     return found.dataset_revision, len(found.texts), found.requested
 
@@ -124,79 +111,29 @@ class GpuWork:
         return self.checkpoint.revision
 
 
-@dataclass(frozen=True)
-class GpuDone:
-    """What a checkpoint's GPU work produced: embeddings by task, metric rows, and what failed (by
-    task, or "measure") with the error, for the units that cannot heal by retrying."""
-
-    embeddings: dict[str, str]
-    metrics: list[dict] | None
-    failed: dict[str, str]
-
-
 _GPU_LOCK = threading.Lock()  # one checkpoint computes at a time on a worker's GPU
 
 
-def _gpu(work: GpuWork) -> GpuDone:
-    """Measure, then embed each unit, from one model load (model loads, not scoring, idled the GPUs:
-    benchmarks/RESULTS.md).
-
-    The model is read from storage outside the lock: a worker runs two checkpoints' tasks at once
-    (flows/clusters.GPU), so the next one loads while this one computes, and only the one computing
-    holds the GPU. A unit whose error cannot heal is reported and the others go on; any other error
-    (a full disk, a lost device) fails the task, whose retry redoes only what is not on disk yet.
-    A plain function, so the task pickles it by reference (the lock stays in the worker).
-    """
-    blocks = pipeline.gpu_blocks(work.plan.spec, work.plan)
-    encoder = pipeline.load_encoder(work.plan.spec, work.checkpoint, blocks, work.settings)
-    with _GPU_LOCK:
-        try:
-            encoder.to_device()
-            return _measure_and_embed(work, encoder)
-        finally:
-            del encoder  # this checkpoint's GPU memory is free before the next one moves in
-            _release_gpu_memory()
-
-
-def _measure_and_embed(work: GpuWork, encoder: Any) -> GpuDone:
-    spec, embeddings, failed, metrics = work.plan.spec, {}, {}, None
-    if work.measure:
-        try:
-            run = RunDir.of(spec.run_root, spec.store)
-            metrics = pipeline.measure_unit(
-                spec, work.plan, run, work.settings, work.checkpoint, encoder=encoder
-            )
-        except PERMANENT as e:
-            failed["measure"] = f"{type(e).__name__}: {e}"
-    for unit in work.units:
-        try:
-            texts = pipeline.task_texts(unit.task, unit.run, spec.aggregation, spec.hf_cache).texts
-            path = pipeline.embed_unit(
-                encoder, unit.run, unit.settings, unit.checkpoint, unit.task, texts, list(unit.blocks)
-            )
-        except PERMANENT as e:
-            failed[unit.task] = f"{type(e).__name__}: {e}"
-        else:
-            embeddings[unit.task] = str(path)
-    return GpuDone(embeddings, metrics, failed)
-
-
-def _release_gpu_memory() -> None:
-    import gc
-
-    import torch
-
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
+def _gpu(work: GpuWork, logger: pipeline.Logger = pipeline.log) -> pipeline.CheckpointDone:
+    """The library's checkpoint GPU work, with this worker's GPU lock: a worker runs MODELS_PER_GPU
+    checkpoints' tasks at once (flows/clusters.GPU), the next loading while this one computes. A
+    unit whose error cannot heal is reported and the others go on; any other error fails the task,
+    whose retry redoes only what is not on disk yet. A plain function, so the task pickles it by
+    reference (the lock stays in the worker)."""
+    spec = work.plan.spec
+    tasks = [u.task for u in work.units]
+    return pipeline.checkpoint_gpu_work(
+        spec, work.plan, RunDir.of(spec.run_root, spec.store), work.settings, work.checkpoint, tasks,
+        work.measure, gpu_lock=_GPU_LOCK, contain=PERMANENT, logger=logger,
+    )  # fmt: skip
 
 
 @task(name="gpu", task_run_name="gpu[{work.label}]", retries=2, retry_delay_seconds=[10, 60],
-      retry_condition_fn=_not_transient)  # fmt: skip
-def gpu(work: GpuWork) -> GpuDone:
+      retry_condition_fn=_may_heal, **NOT_CACHED)  # fmt: skip
+def gpu(work: GpuWork) -> pipeline.CheckpointDone:
     """A checkpoint's GPU work on one worker: its metrics and every task's embeddings (each unique
     text once, all layers), from one model load."""
-    return _gpu(work)
+    return _gpu(work, get_run_logger())
 
 
 _POOL: list[ScoringPool] = []  # the flow process's scoring processes (local profile), while it runs
@@ -222,15 +159,19 @@ def _in_scoring_process(fn: Any, *args: Any) -> Any:
 
 
 @task(name="score", task_run_name="score[{unit.label} · L{layer}]", retries=2, retry_delay_seconds=[5, 30],
-      retry_condition_fn=_not_transient, persist_result=True, cache_result_in_memory=False)  # fmt: skip
+      retry_condition_fn=_may_heal, **NOT_CACHED)  # fmt: skip
 def score(unit: Unit, layer: int, embeddings: str | None) -> list[dict]:
-    """mteb main scores of one (checkpoint, task, layer); a recorded layer is read back."""
+    """mteb main scores of one (checkpoint, task, layer), written to its completion record."""
+    logger = get_run_logger()
+    logger.info(f"scoring {unit.task} layer {layer} of {unit.checkpoint.revision} from {embeddings}")
     rows = _in_scoring_process(
         pipeline.score_unit,
         unit.run, unit.settings, unit.checkpoint, unit.task, [layer],
         Path(embeddings) if embeddings else None, unit.spec.aggregation, unit.num_blocks, unit.spec.hf_cache,
         unit.spec.digest,
     )  # fmt: skip
+    scores = ", ".join(f"{r['subset']}/{r['split']} {r['main_score']:.4f}" for r in rows[layer])
+    logger.info(f"scored {unit.task} layer {layer}: main score {scores}")
     return rows[layer]
 
 
@@ -244,8 +185,9 @@ def cleanup(unit: Unit) -> bool:
     return True
 
 
-@task(name="merge", task_run_name="merge[{plan.spec.name}]")
-def merge(plan: Plan, settings: pipeline.Settings, rows: dict, metric_rows: dict) -> dict[str, str]:
-    """The run's tables from the rows the flow collected (partial runs give partial tables)."""
+@task(name="merge", task_run_name="merge[{plan.spec.name}]", **NOT_CACHED)
+def merge(plan: Plan, settings: pipeline.Settings) -> dict[str, str]:
+    """The run's tables from the completion records: every unit done, by this run or an earlier one
+    (partial runs give the tables of what exists, whatever failed)."""
     run = RunDir.of(plan.spec.run_root, plan.spec.store)
-    return {name: str(path) for name, path in pipeline.merge(plan, run, settings, rows, metric_rows).items()}
+    return {name: str(path) for name, path in pipeline.merge(plan, run, settings).items()}

@@ -1,4 +1,5 @@
-"""A GPU worker's checkpoint tasks (tasks/units.py): the next model loads while the current computes."""
+"""A GPU worker's checkpoint tasks (tasks/units.py over pipeline.checkpoint_gpu_work): the next model
+loads while the current computes."""
 
 import threading
 import time
@@ -41,19 +42,17 @@ class _FakeEncoder:
 
 
 def _work(ckpt: str, tasks: list[str]) -> SimpleNamespace:
-    spec = SimpleNamespace(aggregation="rule-a", hf_cache=None)
-    checkpoint = SimpleNamespace(revision=ckpt)
-    unit = [
-        SimpleNamespace(task=t, run=None, settings=None, checkpoint=checkpoint, blocks=(1,)) for t in tasks
-    ]
-    return SimpleNamespace(plan=SimpleNamespace(spec=spec), settings=None, checkpoint=checkpoint,
+    spec = SimpleNamespace(aggregation="rule-a", hf_cache=None, run_root="/run", store=None)
+    checkpoint = SimpleNamespace(model="m", revision=ckpt, commit=None)
+    unit = [SimpleNamespace(task=t) for t in tasks]
+    return SimpleNamespace(plan=SimpleNamespace(spec=spec, blocks=[1]), settings=None, checkpoint=checkpoint,
                            units=tuple(unit), measure=False, label=ckpt)  # fmt: skip
 
 
 def test_a_worker_loads_the_next_checkpoint_while_the_current_one_computes(monkeypatch):
     trace = _Trace()
 
-    def load(spec, ckpt, blocks, settings):
+    def load(spec, ckpt, blocks, settings, device=None):
         trace.add("load", ckpt.revision)
         time.sleep(LOAD_S)  # reading weights from storage: no GPU held
         trace.add("loaded", ckpt.revision)
