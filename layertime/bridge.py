@@ -200,14 +200,16 @@ def recorded_texts(
     task_name: str, cache_dir: Path, aggregation: str = "rule-a", hf_cache: Path | None = None
 ) -> TaskTexts:
     """The texts `task_name` will ask for; one recording pass, cached per (task, dataset revision, mteb
-    version, aggregation rule, code version).
+    version, code version, aggregation rule).
 
     The cached file is checked before it is used (its fields, and a digest of its texts); a damaged
     one (a crash, a full disk, a stray edit) is recorded again and replaced, never an error.
     """
     task = load_task(task_name, aggregation, hf_cache, load=False)
-    version = f"mteb-{mteb.__version__}__{aggregation}__code-{CODE_VERSION}"
-    key = f"{task_name}__{task.metadata.revision}__{version}"
+    # the rule last: report.texts_info finds a task's texts by `<task>__*__<aggregation>.json`
+    key = (
+        f"{task_name}__{task.metadata.revision}__mteb-{mteb.__version__}__code-{CODE_VERSION}__{aggregation}"
+    )
     path = Path(cache_dir) / f"{key}.json"
     expect = {"task": task_name, "dataset_revision": task.metadata.revision, "mteb_version": mteb.__version__}
     if (found := _read_texts(path, expect)) is not None:

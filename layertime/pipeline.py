@@ -372,7 +372,9 @@ def read_record(path: Path) -> list[dict] | None:
 def _rows_ok(path: Path, rows: Any) -> bool:
     if not isinstance(rows, list) or not rows or not all(isinstance(r, dict) for r in rows):
         return False
-    fields = next((f for kind, f in _ROW_FIELDS.items() if kind in path.parts), {})
+    # <store>/<kind>/<settings>/<model>/<commit>/<task or metrics key>/layer_<b>.json (rundir)
+    kind = path.parts[-6] if len(path.parts) >= 6 else None
+    fields = _ROW_FIELDS.get(kind, {"layer": int})
     if not all(
         isinstance(r.get(k), t) and not isinstance(r.get(k), bool) for r in rows for k, t in fields.items()
     ):
@@ -380,7 +382,7 @@ def _rows_ok(path: Path, rows: Any) -> bool:
     name = path.stem.removeprefix("layer_")
     if path.stem.startswith("layer_") and name.isdigit() and any(r["layer"] != int(name) for r in rows):
         return False
-    return "scores" not in path.parts or all(r["task"] == path.parent.name for r in rows)
+    return kind != "scores" or all(r["task"] == path.parent.name for r in rows)
 
 
 def score_unit(

@@ -11,7 +11,7 @@ Two roots:
 
 Layout (S = `Settings.id`, E = `Settings.encoder_id`, M = `pipeline.metrics_key`, model as `org--name`):
 
-    texts/<task>__<dataset revision>__mteb-<v>__<aggregation>__code-<v>.json   recorded texts
+    texts/<task>__<dataset revision>__mteb-<v>__code-<v>__<aggregation>.json   recorded texts
     embeddings/S/<model>/<commit>/<task>/{texts.json, layer_<b>.npy, done.json}
     scores/S/<model>/<commit>/<task>/layer_<b>.json       completion record of one unit
     metrics/E/<model>/<commit>/M/layer_<b>.json           completion record of one layer's metrics
