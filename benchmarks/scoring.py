@@ -264,7 +264,7 @@ def build(name: str, scale: float, layer: int = 0) -> Built:
     if kind == "Classification":
         recorder = bridge.RecordingEncoder()
         bridge._as_list_columns(task.dataset)  # recording is not what is timed: take the fast path
-        bridge._evaluate(recorder, task, cache=None)
+        bridge._evaluate(recorder, task, None)
         task.dataset = classification_data(task, name)[0]  # fresh lazy columns for the timed run
         label_of = dict(zip(texts, labels, strict=True))
         texts = list(recorder.seen)
@@ -289,7 +289,7 @@ def warm_up(name: str) -> None:
 
     task = demo_task(f"Demo{suite.task_type(name)}")
     task.load_data()
-    bridge._evaluate(bridge.RecordingEncoder(), task, cache=None)
+    bridge._evaluate(bridge.RecordingEncoder(), task, None)
 
 
 def measure_task(name: str, mode: str, scale: float) -> dict[str, Any]:
@@ -308,7 +308,7 @@ def measure_task(name: str, mode: str, scale: float) -> dict[str, Any]:
     )
     wall, cpu = time.perf_counter(), time.process_time()
     # before: mteb as shipped; after: layertime's fastmteb reranking and metrics
-    result = bridge._evaluate(encoder, built.task, cache=None, fast=mode == "after")
+    result = bridge._evaluate(encoder, built.task, None, fast=mode == "after")
     wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
     scores = {f"{s.split}/{s.subset}": s.main_score for s in bridge.subset_scores(result)}
     every = json.dumps(result.scores, sort_keys=True)  # every metric, floats written exactly (repr)
@@ -359,7 +359,7 @@ def pool_unit(name: str, layer: int, scale: float) -> dict[str, Any]:
 
     vectors = built.vectors if layer == 0 else np.roll(built.vectors, layer, axis=1)  # another layer
     encoder = bridge.LookupEncoder(built.texts, vectors, bridge.model_meta("bench/synthetic", "r", DIM, {}))
-    bridge._evaluate(encoder, built.task, cache=None)
+    bridge._evaluate(encoder, built.task, None)
     return {"task": name, "layer": layer, "cpu_s": time.process_time() - cpu0, "pid": os.getpid()}
 
 

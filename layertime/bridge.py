@@ -26,8 +26,8 @@ import numpy as np
 from mteb.models.abs_encoder import AbsEncoder
 from mteb.models.model_meta import ModelMeta, ScoringFunction
 
-from layertime import checkpoints, fastmteb, memory, suite
-from layertime.io import atomic_write_text
+from layertime import CODE_VERSION, checkpoints, fastmteb, memory, suite
+from layertime.io import atomic_write, atomic_write_text
 
 ENCODE_BATCH = 4096  # texts per mteb DataLoader batch; lookups are cheap, so large batches cut overhead
 
@@ -39,7 +39,9 @@ class LookupMiss(KeyError):
 def model_meta(model: str, revision: str, dim: int, experiment: Mapping[str, Any]) -> Any:
     """mteb ModelMeta for one (checkpoint, layer, settings); experiment_kwargs namespace the results.
 
-    Results land in `<cache>/results/<org>__<name>/<revision>/experiments/<experiment>/<Task>.json`.
+    The export of a scored layer lands in
+    `<export>/results/<org>__<name>/<revision>/experiments/<experiment>/<Task>.json`, where mteb names
+    the experiment after every key of `experiment` (the layer and every setting of `Settings`).
     """
     name = model if "/" in model.strip("/") and not Path(model).is_dir() else f"local/{Path(model).name}"
     return ModelMeta.create_empty(
@@ -197,20 +199,53 @@ def load_task(name: str, aggregation: str = "rule-a", hf_cache: Path | None = No
 def recorded_texts(
     task_name: str, cache_dir: Path, aggregation: str = "rule-a", hf_cache: Path | None = None
 ) -> TaskTexts:
-    """The texts `task_name` will ask for; one recording pass, cached per (task, revision, mteb version)."""
+    """The texts `task_name` will ask for; one recording pass, cached per (task, dataset revision, mteb
+    version, code version, aggregation rule).
+
+    The cached file is checked before it is used (its fields, and a digest of its texts); a damaged
+    one (a crash, a full disk, a stray edit) is recorded again and replaced, never an error.
+    """
     task = load_task(task_name, aggregation, hf_cache, load=False)
-    key = f"{task_name}__{task.metadata.revision}__mteb-{mteb.__version__}__{aggregation}"
+    # the rule last: report.texts_info finds a task's texts by `<task>__*__<aggregation>.json`
+    key = (
+        f"{task_name}__{task.metadata.revision}__mteb-{mteb.__version__}__code-{CODE_VERSION}__{aggregation}"
+    )
     path = Path(cache_dir) / f"{key}.json"
-    if path.is_file():
-        data = json.loads(path.read_text())
-        return TaskTexts(**data)
+    expect = {"task": task_name, "dataset_revision": task.metadata.revision, "mteb_version": mteb.__version__}
+    if (found := _read_texts(path, expect)) is not None:
+        return found
     encoder = RecordingEncoder()
-    _evaluate(encoder, task, cache=None)
+    _evaluate(encoder, task, None)
     found = TaskTexts(
         task_name, task.metadata.revision, mteb.__version__, list(encoder.seen), encoder.requested
     )
-    atomic_write_text(path, json.dumps(found.__dict__))
+    atomic_write_text(path, json.dumps({**found.__dict__, "digest": _digest(found.texts)}))
     return found
+
+
+def _digest(texts: list[str]) -> str:
+    return hashlib.sha256(json.dumps(texts).encode()).hexdigest()
+
+
+def _read_texts(path: Path, expect: Mapping[str, str]) -> TaskTexts | None:
+    """The recorded texts at `path` if the file is whole and is the one asked for, else None."""
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):  # none, unreadable, not UTF-8, not JSON
+        return None
+    if not isinstance(data, dict) or set(data) != {*TaskTexts.__dataclass_fields__, "digest"}:
+        return None
+    digest, texts, requested = data.pop("digest"), data["texts"], data["requested"]
+    whole = (
+        isinstance(texts, list)
+        and len(texts) > 0
+        and all(isinstance(t, str) for t in texts)
+        and isinstance(requested, int)
+        and requested >= len(texts)
+        and all(data[k] == v for k, v in expect.items())
+        and digest == _digest(texts)
+    )
+    return TaskTexts(**data) if whole else None
 
 
 def reseed(task: Any) -> Any:
@@ -221,22 +256,41 @@ def reseed(task: Any) -> Any:
     return task
 
 
-def _evaluate(encoder: Any, task: Any, cache: Path | None, fast: bool = True) -> Any:
-    """`mteb.evaluate` of one task; `fast`: through `fastmteb`'s bit-identical reranking and metrics.
+def _evaluate(encoder: Any, task: Any, export: Path | None, fast: bool = True) -> Any:
+    """`mteb.evaluate` of one task, always computed; `fast`: through `fastmteb`'s bit-identical
+    reranking and metrics (`fast=False` is mteb as shipped: the benchmark's "before", tests' reference).
 
-    `fast=False` is mteb as shipped (the benchmark's "before", and tests' reference).
+    mteb never reads its result cache here: a cached result came back whole (every subset scored
+    into the folder before, not only those asked for) and rounded to 6 decimals, and mteb wrote it in
+    place (a full disk left empty files that failed every later run). Our completion records are the
+    one truth. With `export`, the result is also written there in mteb's format for people (atomically;
+    it is never read back).
     """
     model = fastmteb.search_model(encoder, task) if fast else encoder
     with fastmteb.installed() if fast else contextlib.nullcontext():
         result = mteb.evaluate(
             model,
             reseed(task),
-            cache=mteb.ResultCache(cache_path=cache) if cache is not None else None,
-            overwrite_strategy="only-missing",
+            cache=None,
             show_progress_bar=False,
             encode_kwargs={"batch_size": ENCODE_BATCH, "show_progress_bar": False},
+        ).task_results[0]
+    _check_asked(task, result)
+    if export is not None:
+        meta = encoder.mteb_model_meta
+        path = mteb.ResultCache(cache_path=export).get_task_result_path(task.metadata.name, meta)
+        atomic_write(path, result.to_disk)
+    return result
+
+
+def _check_asked(task: Any, result: Any) -> None:
+    """A result holds exactly the splits and subsets the task asks for (no more, no fewer)."""
+    asked = {(split, subset) for split in task.eval_splits for subset in task.hf_subsets}
+    got = {(split, s["hf_subset"]) for split, scores in result.scores.items() for s in scores}
+    if got != asked:
+        raise ValueError(
+            f"{task.metadata.name}: mteb returned splits/subsets {sorted(got)}, the task asks for {sorted(asked)}"
         )
-    return result.task_results[0]
 
 
 @dataclass(frozen=True)
@@ -321,7 +375,8 @@ def score_layers(
     """Score each layer's embeddings on one task: data loaded once, a reseeded evaluation per layer.
 
     `layers` maps block -> (texts, vectors); `meta_for_layer(block)` gives its mteb ModelMeta.
-    Results also go to mteb's result cache under `results_dir` (one experiment per layer).
+    Results are also exported in mteb's format under `results_dir` (one experiment per layer and
+    settings), never read back.
     """
     prepare_scoring_process()
     task, lock = _LOADED.get(task_name, aggregation, hf_cache)

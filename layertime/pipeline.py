@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import hashlib
 import json
 import logging
 import os
@@ -31,7 +32,7 @@ from layertime import CODE_VERSION, memory, suite
 from layertime.checkpoints import Checkpoint
 from layertime.io import atomic_write, atomic_write_dir, atomic_write_text, save_array
 from layertime.plan import Plan, make_plan
-from layertime.rundir import RunDir, settings_id
+from layertime.rundir import RunDir, read_cost, settings_id
 from layertime.spec import ExperimentSpec
 
 Progress = Callable[[str, int, int], None]  # (phase, done, total)
@@ -42,13 +43,25 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class Settings:
-    """What changes numbers, beside the checkpoint, task and layer."""
+    """Everything that changes a number beside the checkpoint, task and layer: a unit's identity.
+
+    Embedding: final norm, pooling, normalisation, max length, the resolved dtype, the token budget
+    (it sets the batches, and a batch's shape moves float32 results by ~1e-7) and the device type
+    (float32 on a GPU gives other bits than on a CPU). Scoring: the aggregation rule (the subsets
+    scored) and the mteb version (its tasks' dataset revisions, subsets, splits and scoring code).
+    Both: our code version. `tests/test_keys.py` places every spec field: a new one fails it until
+    it is either in here or in the unit's path.
+    """
 
     final_norm: str
     pooling: str
     normalize: bool
     max_length: int
     dtype: str  # resolved: 'float32' on CPU for 'auto'
+    tokens_per_batch: int
+    device: str  # 'cpu' or 'cuda': where the embeddings are computed
+    aggregation: str  # 'rule-a' or 'mteb-v1': which subsets are scored
+    mteb: str  # mteb's version
     code_version: str = CODE_VERSION  # a new code version never reads an older one's records
 
     @classmethod
@@ -59,14 +72,21 @@ class Settings:
 
         dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         dtype = str(resolve_dtype(spec.dtype, dev)).removeprefix("torch.")
-        return cls(spec.final_norm, spec.pooling, spec.normalize, spec.max_length, dtype, CODE_VERSION)
+        return cls(spec.final_norm, spec.pooling, spec.normalize, spec.max_length, dtype, spec.tokens_per_batch,
+                   dev.type, spec.aggregation, _packages()["mteb"] or "none", CODE_VERSION)  # fmt: skip
 
     def as_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
 
     @property
     def id(self) -> str:
+        """Scores, embeddings (their texts depend on the subsets) and costs are stored under it."""
         return settings_id(self.as_dict())
+
+    @property
+    def encoder_id(self) -> str:
+        """What decides a vector: metrics are stored under it (they never see mteb or the subsets)."""
+        return settings_id({k: v for k, v in self.as_dict().items() if k not in ("aggregation", "mteb")})
 
 
 def prepare_world(spec: ExperimentSpec) -> None:
@@ -104,14 +124,18 @@ class IncompatibleRun(RuntimeError):
 RUN_STAMP = "layertime-run.json"  # which code version writes this run root's tables
 
 
-def claim_run_root(run: RunDir, spec: ExperimentSpec, force: bool = False) -> dict:
-    """Stamp the run root with this code and mteb version, refusing one that another version wrote.
+def claim_run_root(run: RunDir, spec: ExperimentSpec, force: bool = False, plan: Plan | None = None) -> dict:
+    """Stamp the run root with this code and mteb version and the spec's grid, refusing a run root that
+    another version or another grid wrote.
 
     Records live under a settings id that includes CODE_VERSION, so versions never share a record;
-    the stamp keeps one run root's tables and report from silently switching to other numbers.
-    `force` re-stamps it: the tables are then rebuilt from this version's results only.
+    the stamp keeps one run root's tables and report from silently switching to other numbers, or to
+    another grid: a spec (or a flow's `overrides`) that drops revisions, layers or tasks, or changes a
+    setting, is refused with the fix; one that only adds to the grid goes ahead (its tables grow).
+    `force` re-stamps it: the tables are then rebuilt from this version's results and this grid only.
     """
     path = run.root / RUN_STAMP
+    grid = _grid(spec, plan or make_plan(spec, resolve=False))
     mine = {"code_version": CODE_VERSION, "mteb": _packages()["mteb"], "layertime": _packages()["layertime"]}
     try:
         theirs = json.loads(path.read_text())
@@ -119,6 +143,8 @@ def claim_run_root(run: RunDir, spec: ExperimentSpec, force: bool = False) -> di
         theirs = None
     except (OSError, ValueError) as e:
         raise IncompatibleRun(f"run root {run.root}: cannot read {path}: {e}; fix or remove it") from e
+    if theirs is not None and not isinstance(theirs, dict):
+        raise IncompatibleRun(f"run root {run.root}: {path} is not a run stamp; fix or remove it")
     differs = [k for k in ("code_version", "mteb") if theirs.get(k) != mine[k]] if theirs is not None else []
     if differs and not force:
         found = ", ".join(f"{k} {theirs.get(k)}" for k in differs)
@@ -128,11 +154,64 @@ def claim_run_root(run: RunDir, spec: ExperimentSpec, force: bool = False) -> di
             f"differ. Give this run another run_root, or pass --force to recompute every unit "
             f"here with this version (the tables then hold this version's results only)"
         )
+    changes = _grid_changes(theirs.get("grid"), grid) if theirs is not None and not differs else []
+    if changes and not force:
+        raise IncompatibleRun(
+            f"run root {run.root} holds another grid: {'; '.join(changes)}. Running here would replace "
+            f"its tables and spec.yaml. Give this run a run_root of its own (the spec's run_root, or "
+            f'the flow\'s overrides {{"run_root": "{run.root}-{settings_id(grid)[:6]}"}}): units already '
+            f"in the store are reused, not computed again. Or pass --force (flow parameter force=true) "
+            f"to replace this run root's tables with this spec's"
+        )
     same = theirs is not None and not differs
     since = theirs.get("since") if same else time.strftime("%Y-%m-%dT%H:%M:%S%z")
-    stamp = {**mine, "spec": spec.digest, "since": since}
+    stamp = {**mine, "spec": spec.digest, "since": since, "grid": grid}
     atomic_write_text(path, json.dumps(stamp, indent=2))
     return stamp
+
+
+_GROWS = ("checkpoints", "layers", "tasks")  # a spec may add rows to a run root's tables, never drop any
+_MEANING = (
+    "model",
+    "final_norm",
+    "pooling",
+    "normalize",
+    "max_length",
+    "dtype",
+    "tokens_per_batch",
+    "aggregation",
+)
+
+
+def _grid(spec: ExperimentSpec, plan: Plan) -> dict[str, Any]:
+    """What a run root's tables hold: their rows (revisions, blocks, tasks) and what each number means."""
+    return {
+        "checkpoints": list(spec.checkpoints),
+        "layers": list(plan.blocks),
+        "tasks": list(spec.tasks),
+        **{k: getattr(spec, k) for k in _MEANING},
+        "metrics": spec.metrics.model_dump() if spec.metrics is not None else None,
+    }
+
+
+def _grid_changes(theirs: dict[str, Any] | None, mine: dict[str, Any]) -> list[str]:
+    """How `mine` departs from the grid a run root holds, beyond adding rows (none for an older stamp)."""
+    if not isinstance(theirs, dict):
+        return []
+    changes = []
+    for k, want in mine.items():
+        held = theirs.get(k)
+        if k in _GROWS:
+            grows = isinstance(held, list) and set(held) <= set(want)
+        else:
+            grows = held == want or (k == "metrics" and held is None)  # metrics added: the tables gain them
+        if not grows:
+            changes.append(f"it holds {k} {_show(held)}, this spec asks for {k} {_show(want)}")
+    return changes
+
+
+def _show(value: Any) -> str:
+    return json.dumps(value) if isinstance(value, dict | str) else str(value)
 
 
 def provenance(spec_digest: str) -> dict[str, Any]:
@@ -186,12 +265,15 @@ def missing_layers(
 def load_encoder(
     spec: ExperimentSpec, ckpt: Checkpoint, blocks: list[int], settings: Settings, device: str | None = None
 ) -> Any:
-    """The checkpoint's MultiLayerEncoder with the spec's settings, loaded by commit when known."""
+    """The checkpoint's MultiLayerEncoder with the spec's settings, loaded by commit when known.
+
+    On the settings' device type and token budget: they are part of the key its embeddings are kept
+    under, so a worker cannot file numbers of another device under it."""
     from layertime.encoder import MultiLayerEncoder
 
     return MultiLayerEncoder(
         spec.model, ckpt.commit or ckpt.revision, blocks, settings.final_norm, settings.pooling,
-        settings.normalize, settings.max_length, settings.dtype, device, spec.tokens_per_batch,
+        settings.normalize, settings.max_length, settings.dtype, device or settings.device, settings.tokens_per_batch,
         str(spec.hf_cache) if spec.hf_cache else None,
     )  # fmt: skip
 
@@ -214,7 +296,7 @@ def embed_unit(
     target = run.embeddings(settings.id, ckpt, task)
     cost_record = run.cost_record(settings.id, ckpt, f"embed__{task}")
     if embeddings_ok(target, blocks):
-        if not cost_record.is_file():  # killed between the two writes: the manifest holds the cost
+        if read_cost(cost_record) is None:  # killed between the two writes, or damaged: the manifest has it
             manifest = json.loads((target / "done.json").read_text())
             atomic_write_text(cost_record, json.dumps({k: v for k, v in manifest.items() if k != "files"}))
         return target
@@ -237,32 +319,76 @@ def embed_unit(
 
 
 def embeddings_ok(path: Path, blocks: list[int]) -> bool:
-    """True when the unit's manifest (done.json, written last) lists every file at its size."""
+    """True when the unit's manifest (done.json, written last) lists every file at its size, the texts
+    read back as a list of texts and each layer's array header is a float32 matrix with a row per text.
+
+    Checked, not trusted: a file of the right size with a damaged header would fail its unit at
+    scoring on every run; here it only sends the unit back to be embedded.
+    """
     try:
         files = json.loads((path / "done.json").read_text())["files"]
-        return all(
+        if not all(
             (path / name).stat().st_size == files[name]
             for name in ["texts.json", *(f"layer_{b}.npy" for b in blocks)]
-        )
-    except (OSError, ValueError, KeyError, TypeError):
+        ):
+            return False
+        texts = json.loads((path / "texts.json").read_text())
+        if not isinstance(texts, list) or not all(isinstance(t, str) for t in texts):
+            return False
+        for b in blocks:
+            array = np.load(path / f"layer_{b}.npy", mmap_mode="r", allow_pickle=False)
+            if array.dtype != np.float32 or array.ndim != 2 or array.shape[0] != len(texts):
+                return False
+    except (OSError, ValueError, KeyError, TypeError, EOFError):
         return False
+    return True
 
 
 def load_embeddings(path: Path, block: int) -> tuple[list[str], np.ndarray]:
     return json.loads((path / "texts.json").read_text()), np.load(path / f"layer_{block}.npy")
 
 
+_ROW_FIELDS = {
+    "scores": {"layer": int, "task": str, "subset": str, "split": str, "main_score": float | int},
+    "metrics": {"layer": int, "metric": str, "normalization": str, "value": float | int},
+}
+
+
 def read_record(path: Path) -> list[dict] | None:
     """The rows of a completion record; None when there is none, or it is damaged (then it is removed,
-    so the unit is computed again instead of merged half-read)."""
+    so the unit is computed again instead of merged half-read).
+
+    Checked, not trusted: a JSON object whose `rows` are a non-empty list of rows with the fields of
+    their kind (scores or metrics, by the record's place in the store), of the layer its name says
+    (`layer_<b>.json`) and, for scores, of the task its folder names.
+    """
     try:
-        rows = json.loads(path.read_text())["rows"]
+        record = json.loads(path.read_text())
     except FileNotFoundError:
         return None
-    except (OSError, ValueError, KeyError, TypeError):
-        path.unlink(missing_ok=True)
-        return None
-    return rows if isinstance(rows, list) else None
+    except (OSError, ValueError):
+        record = None
+    rows = record.get("rows") if isinstance(record, dict) else None
+    if _rows_ok(path, rows):
+        return rows
+    path.unlink(missing_ok=True)
+    return None
+
+
+def _rows_ok(path: Path, rows: Any) -> bool:
+    if not isinstance(rows, list) or not rows or not all(isinstance(r, dict) for r in rows):
+        return False
+    # <store>/<kind>/<settings>/<model>/<commit>/<task or metrics key>/layer_<b>.json (rundir)
+    kind = path.parts[-6] if len(path.parts) >= 6 else None
+    fields = _ROW_FIELDS.get(kind, {"layer": int})
+    if not all(
+        isinstance(r.get(k), t) and not isinstance(r.get(k), bool) for r in rows for k, t in fields.items()
+    ):
+        return False
+    name = path.stem.removeprefix("layer_")
+    if path.stem.startswith("layer_") and name.isdigit() and any(r["layer"] != int(name) for r in rows):
+        return False
+    return kind != "scores" or all(r["task"] == path.parent.name for r in rows)
 
 
 def score_unit(
@@ -356,9 +482,20 @@ def gpu_blocks(spec: ExperimentSpec, plan: Plan) -> list[int]:
     return metrics_blocks(spec, plan) if spec.metrics is not None else list(plan.blocks)
 
 
-def metrics_key(spec: ExperimentSpec, plan: Plan) -> str:
-    """What decides a checkpoint's metric values besides its commit and settings: metrics spec, layers."""
-    return settings_id({**spec.metrics.model_dump(), "blocks": metrics_blocks(spec, plan)})
+def metrics_key(spec: ExperimentSpec, plan: Plan | None = None) -> str:
+    """What decides a layer's metric values besides its commit and encoder settings: the prompts (the
+    corpus: for `tasks`, which tasks under which rule and mteb version; for a file, its content) and
+    the views. Not the layer list: each layer's metrics are recorded on their own (`measure_unit`)."""
+    m = spec.metrics
+    corpus: dict[str, Any] = {"corpus": m.corpus, "seed": m.seed}
+    if m.corpus == "wikitext-103":
+        corpus["lines"] = m.lines
+    elif m.corpus == "tasks":
+        corpus.update(sample=m.sample, tasks=list(spec.tasks), aggregation=spec.aggregation,
+                      mteb=_packages()["mteb"])  # fmt: skip
+    elif Path(m.corpus).is_file():
+        corpus["sha256"] = hashlib.sha256(Path(m.corpus).read_bytes()).hexdigest()
+    return settings_id({**corpus, "views": m.views, "lidar_views": m.lidar_views})
 
 
 def measure_unit(
@@ -370,23 +507,27 @@ def measure_unit(
     device: str | None = None,
     encoder: Any = None,
 ) -> list[dict]:
-    """Metric rows of one checkpoint, all its layers from one streamed pass; recorded, so done once.
+    """Metric rows of one checkpoint's layers, from one streamed pass over the layers not yet recorded.
 
-    `encoder`: a loaded model of this checkpoint to reuse (`gpu_blocks`); else one is loaded here.
+    Each layer's rows are a completion record of their own, so a layer measured for any layer list
+    (another spec, an override) is reused. `encoder`: a loaded model of this checkpoint to reuse
+    (`gpu_blocks`); else one is loaded here with the missing layers only.
     """
     from layertime.measure import measure
 
     m = spec.metrics
     blocks = metrics_blocks(spec, plan)
-    record = run.metrics_record(settings.id, ckpt, metrics_key(spec, plan))
-    if (rows := read_record(record)) is not None:
-        return rows
+    key = metrics_key(spec, plan)
+    found = {b: read_record(run.metrics_record(settings.encoder_id, ckpt, key, b)) for b in blocks}
+    missing = [b for b in blocks if found[b] is None]
+    if not missing:
+        return [row for b in blocks for row in found[b]]
     corpus, prompts = metrics_prompts(spec, run)
     start = time.perf_counter()
     if encoder is None:
-        encoder = load_encoder(spec, ckpt, blocks, settings, device)
-    elif encoder.layers != blocks:
-        raise ValueError(f"measure: the encoder returns blocks {encoder.layers}, the metrics need {blocks}")
+        encoder = load_encoder(spec, ckpt, missing, settings, device)
+    elif not set(missing) <= set(encoder.layers):
+        raise ValueError(f"measure: the encoder returns blocks {encoder.layers}, the metrics need {missing}")
     with memory.peak(encoder.device) as used:
         rows = [
             {"model": ckpt.model, "commit": ckpt.commit, "depth": (r["layer"] + 1) / plan.num_blocks, **r}
@@ -395,9 +536,14 @@ def measure_unit(
     cost = {"phase": "measure", "task": None, "seconds": time.perf_counter() - start, "device": str(encoder.device),
             "texts": len(prompts) * (1 + max(m.views, m.lidar_views)), **used}  # fmt: skip
     atomic_write_text(run.cost_record(settings.id, ckpt, "measure"), json.dumps(cost))
-    stamp = {"settings": settings.as_dict(), "metrics": m.model_dump(), "provenance": provenance(spec.digest)}
-    atomic_write_text(record, json.dumps({**stamp, "rows": rows}))
-    return rows
+    stamp = {"settings": settings.as_dict(), "metrics": m.model_dump(), "metrics_key": key,
+             "provenance": provenance(spec.digest)}  # fmt: skip
+    for b in missing:
+        found[b] = [r for r in rows if r["layer"] == b]
+        atomic_write_text(
+            run.metrics_record(settings.encoder_id, ckpt, key, b), json.dumps({**stamp, "rows": found[b]})
+        )
+    return [row for b in blocks for row in found[b]]
 
 
 @dataclass(frozen=True)
@@ -504,16 +650,19 @@ def recorded_rows(plan: Plan, run: RunDir, settings: Settings) -> dict[tuple[str
 
 
 def recorded_metrics(plan: Plan, run: RunDir, settings: Settings) -> dict[str, list[dict]]:
-    """Metric rows of every checkpoint of the plan measured so far, by checkpoint key."""
+    """Metric rows of every checkpoint of the plan whose layers are all measured, by checkpoint key."""
     spec = plan.spec
     if spec.metrics is None:
         return {}
     key = metrics_key(spec, plan)
     found = {}
     for ckpt in plan.distinct_checkpoints():
-        record = run.metrics_record(settings.id, ckpt, key)
-        if (rows := read_record(record)) is not None:
-            found[ckpt.key] = rows
+        layers = [
+            read_record(run.metrics_record(settings.encoder_id, ckpt, key, b))
+            for b in metrics_blocks(spec, plan)
+        ]
+        if all(rows is not None for rows in layers):
+            found[ckpt.key] = [row for rows in layers for row in rows]
     return found
 
 

@@ -3,9 +3,20 @@
 Two roots:
 - the **run root** (one per experiment): the spec snapshot, the environment, the tables;
 - the **store** (shared by experiments, default `<run root>/../store`): everything computed per unit —
-  recorded texts, embeddings, completion records and mteb's result cache — keyed by model, commit,
-  task, layer and the settings that change numbers. exp1 and exp2 side by side under `runs/` share
-  one store, so `main` = `step143000` is computed once for both.
+  recorded texts, embeddings, completion records, costs and an mteb-format export of the scores —
+  keyed by model, commit, task, layer and every setting that changes a number (`pipeline.Settings`:
+  aggregation rule, mteb and code version, embedding settings). exp1 and exp2 side by side under
+  `runs/` share one store, so `main` = `step143000` is computed once for both; experiments whose
+  settings differ share the store but no unit.
+
+Layout (S = `Settings.id`, E = `Settings.encoder_id`, M = `pipeline.metrics_key`, model as `org--name`):
+
+    texts/<task>__<dataset revision>__mteb-<v>__code-<v>__<aggregation>.json   recorded texts
+    embeddings/S/<model>/<commit>/<task>/{texts.json, layer_<b>.npy, done.json}
+    scores/S/<model>/<commit>/<task>/layer_<b>.json       completion record of one unit
+    metrics/E/<model>/<commit>/M/layer_<b>.json           completion record of one layer's metrics
+    costs/S/<model>/<commit>/{embed__<task>, measure}.json
+    mteb/results/<org>__<name>/<commit>/experiments/<layer and settings>/<task>.json   export only
 """
 
 from __future__ import annotations
@@ -22,6 +33,25 @@ from pathlib import Path
 from typing import Any
 
 from layertime.checkpoints import Checkpoint
+
+
+def read_cost(path: Path) -> dict | None:
+    """A cost record (a JSON object with its phase and seconds), or None when there is none or it is
+    damaged (then it is removed)."""
+    try:
+        cost = json.loads(path.read_text())
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError):
+        cost = None
+    if (
+        isinstance(cost, dict)
+        and isinstance(cost.get("phase"), str)
+        and isinstance(cost.get("seconds"), float | int)
+    ):
+        return cost
+    path.unlink(missing_ok=True)
+    return None
 
 
 class RunInUse(RuntimeError):
@@ -85,7 +115,8 @@ class RunDir:
 
     @property
     def mteb_results(self) -> Path:
-        """mteb's own result cache: results/<org>__<name>/<commit>/experiments/<layer, settings>/."""
+        """mteb-format results for people, results/<org>__<name>/<commit>/experiments/<layer, settings>/:
+        an export, never read back (bridge._evaluate)."""
         return self.store / "mteb"
 
     @property
@@ -104,15 +135,21 @@ class RunDir:
         return self._unit("costs", settings, ckpt, name).with_suffix(".json")
 
     def cost_records(self, settings: str, ckpt: Checkpoint) -> list[Path]:
-        return sorted(
+        """The checkpoint's cost records that read back as records; a damaged one is removed (a cost is
+        measured while the work is done: the table then lacks its row, and a unit whose embeddings are
+        kept writes it again from their manifest)."""
+        found = sorted(
             (self.store / "costs" / settings / ckpt.model.replace("/", "--") / ckpt.key).glob("*.json")
         )
+        return [p for p in found if read_cost(p) is not None]
 
-    def metrics_record(self, settings: str, ckpt: Checkpoint, metrics: str) -> Path:
-        """Completion record of one checkpoint's metrics (all layers), keyed by the metrics settings."""
-        return (
-            self.store / "metrics" / settings / ckpt.model.replace("/", "--") / ckpt.key / f"{metrics}.json"
-        )
+    def metrics_record(self, settings: str, ckpt: Checkpoint, metrics: str, layer: int) -> Path:
+        """Completion record of one layer's metrics, keyed by the encoder settings and the metrics key.
+
+        Per layer: a layer's metrics do not depend on the other layers measured with it, so another
+        layer list reuses every layer already measured."""
+        model = ckpt.model.replace("/", "--")
+        return self.store / "metrics" / settings / model / ckpt.key / metrics / f"layer_{layer}.json"
 
     def score_record(self, settings: str, ckpt: Checkpoint, task: str, layer: int) -> Path:
         """Completion record of one (checkpoint, task, layer): its subset scores, written last."""

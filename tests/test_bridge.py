@@ -65,12 +65,17 @@ def test_bridge_scores_equal_mteb_run_directly(task_name, encoder, tmp_path):
     assert stored == ["layer_1", "layer_3"]
 
 
-def test_recorded_texts_are_cached_per_task_revision_and_mteb_version(tmp_path):
+def test_recorded_texts_are_cached_per_task_revision_mteb_and_code_version(tmp_path):
+    from layertime import CODE_VERSION
+
     first = recorded_texts("DemoSTS", tmp_path)
     files = list(tmp_path.glob("DemoSTS__*.json"))
-    assert len(files) == 1 and mteb.__version__ in files[0].name
+    assert len(files) == 1 and mteb.__version__ in files[0].name and f"code-{CODE_VERSION}" in files[0].name
+    written = files[0].stat().st_mtime_ns
+    assert recorded_texts("DemoSTS", tmp_path) == first
+    assert files[0].stat().st_mtime_ns == written  # read back, not recorded again
     files[0].write_text(files[0].read_text().replace(first.texts[0], "EDITED"))
-    assert recorded_texts("DemoSTS", tmp_path).texts[0] == "EDITED"  # read back, not recomputed
+    assert recorded_texts("DemoSTS", tmp_path) == first  # an edited copy fails its digest: recorded again
 
 
 def test_a_text_that_was_not_embedded_is_an_error(tmp_path):

@@ -81,8 +81,8 @@ def test_revisions_sharing_a_commit_are_scored_once(spec, first):
     ]
     assert m_main.to_list() == m_last.to_list()
     assert (
-        len(list((Path(spec.run_root).parent / "store" / "metrics").rglob("*.json"))) == 2
-    )  # one per commit
+        len(list((Path(spec.run_root).parent / "store" / "metrics").rglob("*.json"))) == 2 * 2
+    )  # one per commit and layer
     assert not list(
         (Path(spec.run_root).parent / "store" / "embeddings").rglob("*.npy")
     )  # deleted after scoring
