@@ -1,10 +1,10 @@
 """Atomic file writes: a reader sees the old file or the new one, never half of one (DESIGN §7).
 
 A write goes to a temp file (or directory) beside its target, named `.<target>.<host>.<pid>.<rand>.tmp`,
-then is renamed over the target (a directory's files are renamed into it). A writer that dies (SIGKILL, a node lost) leaves its temp behind:
-the next write of the same target removes the temps of writers that are gone (same host, pid no
-longer running) or that are older than a day (another host's, which cannot be asked), so a crashed
-run never keeps eating disk. A failed write removes its own temp and says which path it was writing.
+then is renamed over the target (a temp directory's files are renamed into it). A writer that dies
+(SIGKILL, a node lost) leaves its temp behind: the next write of the same target removes the temps
+of writers that are gone (same host, pid no longer running) or that are older than a day (another
+host's, which cannot be asked), so a crashed run never keeps eating disk. A failed write removes its own temp and says which path it was writing.
 """
 
 from __future__ import annotations
