@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import resource
 import shutil
 import threading
 from collections.abc import Iterator
@@ -41,11 +42,14 @@ class Claims:
     """The claims this process holds, by unit directory; as a context manager, released at its end.
 
     `take` waits only while another run deletes the unit (a deletion holds the lock exclusively).
+    Each claim keeps a file open: a flow claims every unit it will embed up front (exp2: 1,600), so
+    the process's soft limit on open files is raised to its hard limit (often 1,024 vs 4,096+).
     """
 
     def __init__(self) -> None:
         self._held: dict[Path, IO[str]] = {}
         self._lock = threading.Lock()
+        _raise_open_files_limit()
 
     def take(self, unit: Path) -> None:
         unit = Path(unit)
@@ -122,6 +126,14 @@ def writing(unit: Path) -> Iterator[None]:
     with local, _open(lock_file(unit, "write")) as handle:
         fcntl.flock(handle, fcntl.LOCK_EX)
         yield
+
+
+def _raise_open_files_limit() -> None:
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    # Linux refuses an infinite limit on open files: take 65,536 where the hard limit is infinite.
+    target = 1 << 16 if hard == resource.RLIM_INFINITY else hard
+    if soft != resource.RLIM_INFINITY and soft < target:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
 
 
 def _open(path: Path) -> IO[str]:

@@ -11,6 +11,7 @@ a run deletes embeddings only when no other run holds a claim on them (layertime
 from __future__ import annotations
 
 import os
+import resource
 import subprocess
 import sys
 import time
@@ -156,3 +157,26 @@ def test_an_embed_adds_the_layers_it_lacks_beside_the_files_another_run_reads(hu
     assert pipeline.embeddings_ok(unit, [0, 1, 2, 3])
     assert sorted(pipeline.valid_files(unit)) == ["layer_0.npy", "layer_1.npy", "layer_2.npy", "layer_3.npy",
                                                   "texts.json"]  # fmt: skip
+
+
+MANY_CLAIMS = """
+import resource, sys
+from pathlib import Path
+from layertime import claims
+
+soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+resource.setrlimit(resource.RLIMIT_NOFILE, (256, hard))  # a login node's usual soft limit is 1,024
+with claims.Claims() as held:
+    for i in range(1600):  # exp2: 50 checkpoints x 32 tasks, claimed up front by the flow
+        held.take(Path(sys.argv[1]) / f"unit{i}")
+    print(len(held.held()))
+"""
+
+
+def test_a_run_can_claim_every_unit_of_exp2_at_once(tmp_path):
+    if resource.getrlimit(resource.RLIMIT_NOFILE)[1] < 2048:
+        pytest.skip("this machine's hard limit on open files is below 2,048")
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    out = subprocess.run([sys.executable, "-c", MANY_CLAIMS, str(tmp_path)], env=env, capture_output=True,
+                         text=True, timeout=120)  # fmt: skip
+    assert out.returncode == 0 and out.stdout.strip() == "1600", out.stderr[-2000:]
