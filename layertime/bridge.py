@@ -343,8 +343,8 @@ def prepare_scoring_process(dedicated: bool = False) -> None:
       and k-means' sums (OpenMP); with one, every executor (local pool, SLURM jobs, --plain) gives
       the same scores, and one process per core does not oversubscribe the cores. Kept, not a
       context: scoring threads overlap, and a context left by one would lift the limit under another.
-      A `dedicated` scoring process (the local pool's) also keeps torch to one thread; a process
-      that embeds too keeps torch's threads for its forward passes.
+      A `dedicated` scoring process (the local pool's) also keeps torch to one thread; in a process
+      that embeds too, CPU forward passes use one thread anyway (encoder.CPU_THREADS).
     - No GPU: where CUDA is visible (the local profile on a GPU node) mteb would move every cos_sim to
       the GPU, and torch.compile it, competing with embedding. Its device choice is pinned to the
       inputs' device (our embeddings are CPU arrays); tests/test_bridge.py checks the hook exists.

@@ -20,6 +20,14 @@ from torch import nn
 
 from layertime import architecture, checkpoints
 
+# CPU forward passes run on this many torch threads, whatever the process set before: BLAS splits
+# sums by thread, so the thread count changes the last bits (up to 3.6e-7 on the demo, enough to move
+# a classification score by 8e-4), and scoring in the same process (`--plain`, SLURM GPU jobs that
+# score) pins BLAS/OpenMP to one thread (bridge.prepare_scoring_process). One, so a unit embedded
+# before or after scoring, in the flow or `--plain`, on any core count, gives the same bits (on one
+# CPU type and library build: BLAS picks its kernels by instruction set).
+CPU_THREADS = 1
+
 
 class EncoderOutOfMemory(MemoryError):
     """A text that does not fit in GPU memory even in a batch of its own."""
@@ -43,6 +51,7 @@ class EncodeStats:
     padded_tokens: int
     batches: int
     truncated: int = 0  # unique texts longer than max_length, cut to it
+    oom_splits: int = 0  # batches split after running out of GPU memory (their bits may differ)
 
 
 def token_budget_batches(
@@ -167,7 +176,7 @@ class MultiLayerEncoder:
         self.max_length, self.tokens_per_batch = max_length, tokens_per_batch
         self.pad_id = self._pad_id()
         self.progress = progress
-        self.oom_splits = 0  # batches split after running out of GPU memory
+        self.oom_splits = 0  # batches split after running out of GPU memory, all calls
         self.truncated = 0  # texts of the last tokenize() longer than max_length
         self.last_stats: EncodeStats | None = None
 
@@ -218,7 +227,14 @@ class MultiLayerEncoder:
         ]
 
     def encode(self, texts: Sequence[str]) -> dict[int, np.ndarray]:
-        """{block: float32 [len(texts), d]}: each unique text is forwarded once, all layers at once."""
+        """{block: float32 [len(texts), d]}: each unique text is forwarded once, all layers at once.
+
+        The numbers depend only on `texts` and the encoder's settings, never on earlier calls: the
+        batch plan is a function of the texts' token lengths and the configured `tokens_per_batch`
+        (a text's last bits depend on its batch-mates), and CPU passes use `CPU_THREADS` threads. A
+        batch split after running out of GPU memory is the one exception (`last_stats.oom_splits`).
+        """
+        splits_before = self.oom_splits
         unique = list(dict.fromkeys(texts))
         row_of = {t: i for i, t in enumerate(unique)}
         ids = self.tokenize(unique)
@@ -233,8 +249,9 @@ class MultiLayerEncoder:
             if self.progress:
                 self.progress(len(batch))
         self.last_stats = EncodeStats(
-            len(texts), len(unique), sum(map(len, ids)), padded, len(batches), self.truncated
-        )
+            len(texts), len(unique), sum(map(len, ids)), padded, len(batches), self.truncated,
+            self.oom_splits - splits_before,
+        )  # fmt: skip
         order = np.fromiter((row_of[t] for t in texts), dtype=np.int64, count=len(texts))
         return {
             b: (m if len(unique) == len(texts) and _is_identity(order) else m[order]) for b, m in out.items()
@@ -262,6 +279,7 @@ class MultiLayerEncoder:
             input_ids[i, : len(row)] = torch.tensor(row)
             mask[i, : len(row)] = 1
         self.to_device()
+        self._pin_cpu_threads()
         input_ids, mask = input_ids.to(self.device), mask.to(self.device)
         hidden = self.model(input_ids=input_ids, attention_mask=mask, output_hidden_states=True).hidden_states
         L = self.anatomy.num_blocks
@@ -273,11 +291,23 @@ class MultiLayerEncoder:
             states[b] = h
         return mask, states
 
+    def _pin_cpu_threads(self) -> None:
+        """Run this thread's CPU forward passes on `CPU_THREADS` torch threads (see there).
+
+        Set before every pass, in the thread that runs it (a Dask worker thread has its own OpenMP
+        setting), and not restored afterwards: a restore could lift the one-thread limit that
+        scoring in another thread of this process relies on.
+        """
+        if self.device.type == "cpu" and torch.get_num_threads() != CPU_THREADS:
+            torch.set_num_threads(CPU_THREADS)
+
     def _forward_fitting(self, rows: list[list[int]]) -> dict[int, np.ndarray]:
         """`_forward`, splitting a batch in halves while it runs out of GPU memory.
 
-        Later batches get half the token budget each time; a single text that does not fit alone
-        is an error that says what to change.
+        Only this batch is split: the token budget of later batches and later calls stays as
+        configured, so one out-of-memory moment never changes the batch plan (and with it the last
+        bits) of other units. A single text that does not fit alone is an error that says what to
+        change.
         """
         try:
             return self._forward(rows)
@@ -289,7 +319,6 @@ class MultiLayerEncoder:
                     f"{self.name}: one text of {len(rows[0])} tokens does not fit in GPU memory even alone; "
                     f"lower max_length (now {self.max_length}) or use a GPU with more memory"
                 ) from None
-        self.tokens_per_batch = max(1, self.tokens_per_batch // 2)
         self.oom_splits += 1
         half = len(rows) // 2
         first, second = self._forward_fitting(rows[:half]), self._forward_fitting(rows[half:])

@@ -1,10 +1,10 @@
 """Atomic file writes: a reader sees the old file or the new one, never half of one (DESIGN §7).
 
 A write goes to a temp file (or directory) beside its target, named `.<target>.<host>.<pid>.<rand>.tmp`,
-then is renamed over the target. A writer that dies (SIGKILL, a node lost) leaves its temp behind:
-the next write of the same target removes the temps of writers that are gone (same host, pid no
-longer running) or that are older than a day (another host's, which cannot be asked), so a crashed
-run never keeps eating disk. A failed write removes its own temp and says which path it was writing.
+then is renamed over the target (a temp directory's files are renamed into it). A writer that dies
+(SIGKILL, a node lost) leaves its temp behind: the next write of the same target removes the temps
+of writers that are gone (same host, pid no longer running) or that are older than a day (another
+host's, which cannot be asked), so a crashed run never keeps eating disk. A failed write removes its own temp and says which path it was writing.
 """
 
 from __future__ import annotations
@@ -43,11 +43,16 @@ def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
     return path
 
 
-def atomic_write_dir(path: str | Path, write: Callable[[Path], None]) -> Path:
-    """Call `write(tmp)` on an empty temp directory beside `path`, then put it in place of `path`.
+def atomic_add_files(path: str | Path, write: Callable[[Path], None]) -> dict[str, int]:
+    """Call `write(tmp)` on an empty temp directory beside `path`, then rename each file it wrote
+    into `path` (created when missing); returns {file name: size}.
 
-    The directory appears whole or not at all; on failure (a full disk) the temp directory is
-    removed, so it does not keep the space it took, and the error names `path`.
+    Files already in `path` that `write` does not produce are left alone, so another process reading
+    them is never disturbed (the directory is never replaced or removed); a file of the same name is
+    replaced by one rename (a reader that opened the old one reads it to its end). On failure (a full
+    disk) the temp directory is removed, so it does not keep the space it took, and the error names
+    `path`. Callers write a manifest last: a writer killed between two renames leaves files no
+    manifest lists yet.
     """
     path = Path(path)
     _mkdir(path.parent)
@@ -55,14 +60,17 @@ def atomic_write_dir(path: str | Path, write: Callable[[Path], None]) -> Path:
     tmp = _new_temp(path, directory=True)
     try:
         write(tmp)
-        shutil.rmtree(path, ignore_errors=True)  # an older, damaged copy
-        os.replace(tmp, path)
+        sizes = {p.name: p.stat().st_size for p in tmp.iterdir()}
+        _mkdir(path)
+        for name in sizes:
+            os.replace(tmp / name, path / name)
+        tmp.rmdir()
     except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
         if isinstance(e, OSError):
             raise _naming(e, path) from e
         raise
-    return path
+    return sizes
 
 
 def atomic_write_text(path: str | Path, text: str) -> Path:

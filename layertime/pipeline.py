@@ -16,7 +16,6 @@ import json
 import logging
 import os
 import platform
-import shutil
 import subprocess
 import time
 from collections.abc import Callable, Sequence
@@ -28,9 +27,9 @@ from typing import Any
 import numpy as np
 import yaml
 
-from layertime import CODE_VERSION, memory, suite
+from layertime import CODE_VERSION, claims, memory, suite
 from layertime.checkpoints import Checkpoint
-from layertime.io import atomic_write, atomic_write_dir, atomic_write_text, save_array
+from layertime.io import atomic_add_files, atomic_write, atomic_write_text, save_array
 from layertime.plan import Plan, make_plan
 from layertime.rundir import RunDir, read_cost, settings_id
 from layertime.spec import ExperimentSpec
@@ -289,17 +288,33 @@ def embed_unit(
 ) -> Path:
     """Embed one (checkpoint, task) unit with every requested layer; write texts.json + layer_<b>.npy.
 
-    The unit's directory appears whole or not at all (io.atomic_write_dir): a write that fails (a full
-    disk) removes its temp directory and names the path, and the temp of a writer killed earlier is
-    removed by the next one.
+    The store is shared: another run may be reading this unit's files. So the layers it lacks are
+    added beside the valid ones, which are never replaced (io.atomic_add_files), and the manifest
+    (done.json, listing every valid file) is rewritten last; writers of one unit take turns
+    (claims.writing), and a unit written meanwhile by another run is not embedded again. A write
+    that fails (a full disk) removes its temp directory and names the path; the temp of a writer
+    killed earlier is removed by the next one. The caller holds a claim on the unit when other runs
+    may delete it (layertime/claims.py).
     """
     target = run.embeddings(settings.id, ckpt, task)
     cost_record = run.cost_record(settings.id, ckpt, f"embed__{task}")
-    if embeddings_ok(target, blocks):
-        if read_cost(cost_record) is None:  # killed between the two writes, or damaged: the manifest has it
-            manifest = json.loads((target / "done.json").read_text())
-            atomic_write_text(cost_record, json.dumps({k: v for k, v in manifest.items() if k != "files"}))
-        return target
+    if not embeddings_ok(target, blocks):
+        with claims.writing(target):
+            if not embeddings_ok(target, blocks):  # another run may have written them meanwhile
+                cost = _embed_beside(encoder, target, task, texts, blocks)
+                atomic_write_text(cost_record, json.dumps(cost))  # outlives cleanup
+                return target
+    if read_cost(cost_record) is None:  # killed between the two writes, or damaged: the manifest has it
+        manifest = json.loads((target / "done.json").read_text())
+        atomic_write_text(cost_record, json.dumps({k: v for k, v in manifest.items() if k != "files"}))
+    return target
+
+
+def _embed_beside(encoder: Any, target: Path, task: str, texts: list[str], blocks: list[int]) -> dict:
+    """Encode `texts` and write the files of `blocks` that `target` lacks, then the manifest; the cost."""
+    valid = valid_files(target)
+    if not _same_texts(target / "texts.json", texts):
+        valid = {}  # another text set under this key: every file is rewritten
     start = time.perf_counter()
     with memory.peak(encoder.device) as used:
         vectors = encoder.encode(texts)
@@ -307,15 +322,39 @@ def embed_unit(
             **used, **(encoder.last_stats.__dict__ if encoder.last_stats else {})}  # fmt: skip
 
     def write(tmp: Path) -> None:
-        (tmp / "texts.json").write_text(json.dumps(texts))
+        if "texts.json" not in valid:
+            (tmp / "texts.json").write_text(json.dumps(texts))
         for b in blocks:
-            save_array(tmp / f"layer_{b}.npy", vectors[b])  # a full disk says ENOSPC
-        sizes = {p.name: p.stat().st_size for p in tmp.iterdir()}
-        (tmp / "done.json").write_text(json.dumps({**cost, "files": sizes}))  # the manifest, written last
+            if f"layer_{b}.npy" not in valid:
+                save_array(tmp / f"layer_{b}.npy", vectors[b])  # a full disk says ENOSPC
 
-    atomic_write_dir(target, write)
-    atomic_write_text(cost_record, json.dumps(cost))  # outlives cleanup
-    return target
+    added = atomic_add_files(target, write)
+    atomic_write_text(target / "done.json", json.dumps({**cost, "files": {**valid, **added}}))  # last
+    return cost
+
+
+def valid_files(path: Path) -> dict[str, int]:
+    """{name: size} of the files the unit's manifest (done.json, written last) lists that are on disk
+    at that size; {} without a readable manifest."""
+    try:
+        files = dict(json.loads((path / "done.json").read_text())["files"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return {}
+    return {name: size for name, size in files.items() if _size(path / name) == size}
+
+
+def _size(path: Path) -> int | None:
+    try:
+        return path.stat().st_size
+    except OSError:
+        return None
+
+
+def _same_texts(path: Path, texts: list[str]) -> bool:
+    try:
+        return json.loads(path.read_text()) == texts
+    except (OSError, ValueError):
+        return False
 
 
 def embeddings_ok(path: Path, blocks: list[int]) -> bool:
@@ -325,13 +364,10 @@ def embeddings_ok(path: Path, blocks: list[int]) -> bool:
     Checked, not trusted: a file of the right size with a damaged header would fail its unit at
     scoring on every run; here it only sends the unit back to be embedded.
     """
+    valid = valid_files(path)
+    if not all(name in valid for name in ["texts.json", *(f"layer_{b}.npy" for b in blocks)]):
+        return False
     try:
-        files = json.loads((path / "done.json").read_text())["files"]
-        if not all(
-            (path / name).stat().st_size == files[name]
-            for name in ["texts.json", *(f"layer_{b}.npy" for b in blocks)]
-        ):
-            return False
         texts = json.loads((path / "texts.json").read_text())
         if not isinstance(texts, list) or not all(isinstance(t, str) for t in texts):
             return False
@@ -728,7 +764,8 @@ def run_spec(
     """Run a whole spec in this process: plan, record texts, embed and score each unit, merge.
 
     Resumable: units with completion records are skipped; embeddings are deleted once every layer
-    of their unit is scored, unless `keep_embeddings`. A run root another code version wrote is
+    of their unit is scored, unless `keep_embeddings` or another run on the store still claims them
+    (layertime/claims.py). A run root another code version wrote is
     refused unless `force` (`claim_run_root`).
     """
     prepare_world(spec)
@@ -756,15 +793,20 @@ def _run_locked(
         to_embed = [t for t in plan.tasks if todo[t]]
         measure = spec.metrics is not None and ckpt.key not in measured
         if to_embed or measure:  # load a checkpoint only when it has work left
-            done = checkpoint_gpu_work(spec, plan, run, settings, ckpt, to_embed, measure, device)
-            for task in to_embed:
-                path = Path(done.embeddings[task])
-                embedded += len(texts[task].texts)
-                score_unit(run, settings, ckpt, task, todo[task], path, spec.aggregation, plan.num_blocks,
-                           spec.hf_cache, spec.digest)  # fmt: skip
-                scored += len(todo[task])
-                if not spec.keep_embeddings:
-                    shutil.rmtree(path, ignore_errors=True)
+            # Claimed while embedded and scored: another run on this store deletes nothing we need.
+            with claims.Claims() as held:
+                for task in to_embed:
+                    held.take(run.embeddings(settings.id, ckpt, task))
+                done = checkpoint_gpu_work(spec, plan, run, settings, ckpt, to_embed, measure, device)
+                for task in to_embed:
+                    path = Path(done.embeddings[task])
+                    embedded += len(texts[task].texts)
+                    score_unit(run, settings, ckpt, task, todo[task], path, spec.aggregation, plan.num_blocks,
+                               spec.hf_cache, spec.digest)  # fmt: skip
+                    scored += len(todo[task])
+                    held.release(path)
+                    if not spec.keep_embeddings:
+                        claims.delete_unclaimed(path)  # the last run that needs them deletes them
         if progress:
             progress("units", (i + 1) * len(plan.tasks), len(checkpoints) * len(plan.tasks))
     paths = merge(plan, run, settings)

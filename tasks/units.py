@@ -12,7 +12,6 @@ text that was never embedded) are not retried.
 from __future__ import annotations
 
 import contextlib
-import shutil
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -22,7 +21,7 @@ from typing import Any
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
-from layertime import CODE_VERSION, pipeline
+from layertime import CODE_VERSION, claims, pipeline
 from layertime.checkpoints import Checkpoint, CheckpointError
 from layertime.plan import Plan
 from layertime.pool import ScoringPool
@@ -177,12 +176,11 @@ def score(unit: Unit, layer: int, embeddings: str | None) -> list[dict]:
 
 @task(name="cleanup", task_run_name="cleanup[{unit.label}]")
 def cleanup(unit: Unit) -> bool:
-    """Delete the unit's embeddings once every layer is scored (unless the spec keeps them)."""
-    path = unit.run.embeddings(unit.settings.id, unit.checkpoint, unit.task)
-    if unit.spec.keep_embeddings or not path.exists():
+    """Delete the unit's embeddings once every layer is scored, unless the spec keeps them or a run
+    on the store still claims them (the last one to need them deletes them): True when deleted."""
+    if unit.spec.keep_embeddings:
         return False
-    shutil.rmtree(path, ignore_errors=True)
-    return True
+    return claims.delete_unclaimed(unit.run.embeddings(unit.settings.id, unit.checkpoint, unit.task))
 
 
 @task(name="merge", task_run_name="merge[{plan.spec.name}]", **NOT_CACHED)
