@@ -41,7 +41,7 @@ from prefect.artifacts import (
 )
 
 from flows.clusters import GPU, profile
-from layertime import fastmteb, pipeline
+from layertime import claims, fastmteb, pipeline
 from layertime.costs import MODELS_PER_GPU
 from layertime.plan import Plan, make_plan
 from layertime.rundir import RunDir
@@ -176,6 +176,8 @@ class _Units:
         self.finished: queue.SimpleQueue = queue.SimpleQueue()
         self.failures: list[str] = []
         self.cleanups: list[Any] = []
+        self.left: dict[tuple[str, str], int] = {}  # (checkpoint key, task) -> layers still scoring
+        self.claims = claims.Claims()  # the embeddings this run needs, kept from other runs' cleanup
 
     def run(self, revisions: dict[str, str]) -> list[str]:
         """Run every unit not done; the failed ones, named."""
@@ -186,15 +188,19 @@ class _Units:
             f"with GPU work (layers are 0-based block indices {self.plan.blocks})"
         )
         self.progress.show(final=True)
-        self._submit_gpu()
-        while self.running:
-            future = self.finished.get()
-            self.running.pop(future)(future)
+        with self.claims:
             self._submit_gpu()
-            self.progress.show()
+            while self.running:
+                future = self.finished.get()
+                self.running.pop(future)(future)
+                self._submit_gpu()
+                self.progress.show()
         for future in self.cleanups:
             future.wait()
         return self.failures
+
+    def _embeddings(self, unit: units.Unit) -> Path:
+        return self.run_dir.embeddings(self.settings.id, unit.checkpoint, unit.task)
 
     def _plan_work(self, revisions: dict[str, str]) -> None:
         """What is not done: the layers without a valid record (a damaged one is removed), and each
@@ -213,6 +219,7 @@ class _Units:
                     self.missing[ckpt.key, task] = layers
                     todo.append(units.Unit(spec, ckpt, task, revisions[task], self.settings,
                                            tuple(plan.blocks), plan.num_blocks))  # fmt: skip
+                    self.claims.take(self._embeddings(todo[-1]))  # before any GPU work looks at the store
             measure = spec.metrics is not None and ckpt.key not in measured
             if todo or measure:
                 self.waiting.append(units.GpuWork(plan, self.settings, ckpt, tuple(todo), measure))
@@ -246,6 +253,7 @@ class _Units:
                 self.progress.embedded += 1
                 self._submit_scores(unit, done.embeddings[unit.task])
             else:
+                self.claims.release(self._embeddings(unit))
                 self.failures.append(f"embed[{unit.label}]: {done.failed.get(unit.task, 'not embedded')}")
                 self.progress.failed += len(self.missing[unit.checkpoint.key, unit.task])
 
@@ -256,9 +264,9 @@ class _Units:
                 self.runner.submit(units.score, {"unit": unit, "layer": b, "embeddings": embeddings})
                 for b in layers
             ]
+        self.left[unit.checkpoint.key, unit.task] = len(layers)
         for future, layer in zip(futures, layers, strict=True):
             self._watch(future, functools.partial(self._score_done, unit, layer))
-        self.cleanups.append(self.runner.submit(units.cleanup, {"unit": unit}, wait_for=futures))
 
     def _score_done(self, unit: units.Unit, layer: int, future: Any) -> None:
         try:
@@ -268,6 +276,11 @@ class _Units:
             self.progress.failed += 1
         else:
             self.progress.scored += 1
+        self.left[unit.checkpoint.key, unit.task] -= 1
+        if not self.left[unit.checkpoint.key, unit.task]:
+            # Released first: the cleanup deletes the embeddings only if no run (this one included) claims them.
+            self.claims.release(self._embeddings(unit))
+            self.cleanups.append(self.runner.submit(units.cleanup, {"unit": unit}))
 
 
 def _publish(plan: Plan, paths: dict[str, str], failures: list[str]) -> None:
