@@ -8,8 +8,11 @@ the commands that use them, so `layertime plan` stays quick.
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import logging
+import shutil
+import tempfile
 from pathlib import Path
 from typing import Annotated
 
@@ -45,7 +48,7 @@ def run(
 
     logging.getLogger("distributed").setLevel(logging.WARNING)  # the task runs are the progress to watch
 
-    with _embedded_prefect(spec.run_root):
+    with _embedded_prefect():
         state = layer_by_layer(str(spec_path), cluster=cluster, force=force, return_state=True)
     if not state.is_completed():
         cli.fail(f"the run did not complete ({state.name}): {state.message}")
@@ -55,20 +58,22 @@ def run(
 EMBEDDED_STARTUP_TIMEOUT_S = 600  # Prefect's 20 s was not enough on a loaded 2-core machine (issue 14.9)
 
 
-def _embedded_prefect(run_root: Path) -> contextlib.AbstractContextManager:
-    """Settings for Prefect's embedded server when no API URL is configured: a database of the run's
-    own under the run root, and a startup timeout a busy machine can meet.
+def _embedded_prefect() -> contextlib.AbstractContextManager:
+    """Settings for Prefect's embedded server when no API URL is configured: a database of this run's
+    own, and a startup timeout a busy machine can meet. Settings the user gave are kept.
 
-    By default every embedded run shares `~/.prefect/prefect.db`: two runs at once on one machine
-    then fail with `database is locked`. One run root holds one run at a time (its lock), so a
-    database there is never shared. Settings the user gave (a database URL, a timeout) are kept.
+    By default every embedded run shares `~/.prefect/prefect.db`, and two runs at once on one machine
+    fail with `database is locked`. The database goes to a temporary directory on local disk (TMPDIR),
+    not the run root: run roots often live on cluster file systems where SQLite's locks are unreliable,
+    and a run's truth is its store (completion records), not Prefect's history.
     """
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
     if PREFECT_API_URL.value():
         return contextlib.nullcontext()
-    home = Path(run_root) / "prefect"
-    home.mkdir(parents=True, exist_ok=True)
+    home = Path(tempfile.mkdtemp(prefix="layertime-prefect-"))
+    # Registered before the server starts, so it runs after Prefect's own exit handler stops it (LIFO).
+    atexit.register(shutil.rmtree, home, ignore_errors=True)
     return temporary_settings(
         set_defaults={
             "server.database.connection_url": f"sqlite+aiosqlite:///{home / 'prefect.db'}",
@@ -89,7 +94,8 @@ def submit(
         ),
     ] = None,
 ) -> None:
-    """Start a run of deployment layer-by-layer/NAME on the Prefect server and print its UI link."""
+    """Start a run of deployment layer-by-layer/NAME on the Prefect server; print its UI link (without
+    PREFECT_API_URL, the commands that follow it)."""
     from prefect.client.orchestration import get_client
     from prefect.deployments import run_deployment
     from prefect.settings import PREFECT_API_URL, PREFECT_UI_URL

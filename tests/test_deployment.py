@@ -88,7 +88,7 @@ def deployed(server):
 
 def _submit(env: dict, *args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "flows.commands", "submit", *args], env=env, cwd=ROOT,
-                          capture_output=True, text=True, timeout=300)  # fmt: skip
+                          capture_output=True, text=True, timeout=600)  # fmt: skip
 
 
 def _flow_runs(env: dict) -> int:
@@ -152,3 +152,18 @@ def test_submit_refuses_bad_overrides_before_submitting(deployed, overrides, nam
     assert out.returncode == 2, out.stdout + out.stderr
     assert named in out.stderr and "--overrides" in out.stderr
     assert _flow_runs(deployed) == before
+
+
+def test_submit_without_a_server_prints_no_link_but_how_to_follow_the_run(tmp_path):
+    """Without PREFECT_API_URL, Prefect uses a local database (PREFECT_HOME) and there is no UI to link to."""
+    env = {**{k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}, "PREFECT_HOME": str(tmp_path),
+           "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "600"}  # fmt: skip
+    # Each command starts a temporary server of its own: minutes on a loaded machine.
+    _prefect(env, "work-pool", "create", "layertime", "--type", "process", timeout=600)
+    _prefect(env, "--no-prompt", "deploy", "--name", "demo", timeout=600)
+    out = _submit(env, "demo")
+    assert out.returncode == 0, out.stdout + out.stderr
+    run_id = out.stdout.split("(", 1)[1].split(")", 1)[0]
+    assert "/runs/flow-run/" not in out.stdout and "http" not in out.stdout
+    assert f"prefect flow-run inspect {run_id}" in out.stdout
+    assert "Scheduled" in _prefect(env, "flow-run", "inspect", run_id, timeout=600).stdout  # the run named

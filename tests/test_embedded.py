@@ -45,7 +45,8 @@ def test_two_runs_at_once_with_a_slow_embedded_server_both_complete(hub, demo_re
     slow.mkdir()
     (slow / "sitecustomize.py").write_text(_SLOW_SERVER)
     clean = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_") and k != "MTEB_CACHE"}
-    env = {**clean, "HF_HUB_OFFLINE": "1", "PREFECT_HOME": str(tmp_path / "shared-home"),
+    (tmp_path / "tmp").mkdir()
+    env = {**clean, "HF_HUB_OFFLINE": "1", "PREFECT_HOME": str(tmp_path / "shared-home"), "TMPDIR": str(tmp_path / "tmp"),
            "PYTHONPATH": os.pathsep.join([str(ROOT), str(slow)])}  # fmt: skip
     specs = [_spec(tmp_path / name, hub, demo_repo) for name in ("one", "two")]
     runs = []
@@ -64,3 +65,4 @@ def test_two_runs_at_once_with_a_slow_embedded_server_both_complete(hub, demo_re
         scores = pl.read_parquet(spec.parent / "run/tables/scores.parquet")
         units = set(scores.select("revision", "layer", "task").iter_rows())
         assert units == {("step1000", b, t) for b in (1, 3) for t in ("DemoSTS", "DemoClassification")}
+    assert list((tmp_path / "tmp").glob("layertime-prefect-*")) == []  # each run's database removed at exit
