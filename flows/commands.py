@@ -8,7 +8,12 @@ the commands that use them, so `layertime plan` stays quick.
 
 from __future__ import annotations
 
+import atexit
+import contextlib
 import logging
+import shutil
+import tempfile
+from pathlib import Path
 from typing import Annotated
 
 import typer
@@ -43,37 +48,131 @@ def run(
 
     logging.getLogger("distributed").setLevel(logging.WARNING)  # the task runs are the progress to watch
 
-    state = layer_by_layer(str(spec_path), cluster=cluster, force=force, return_state=True)
+    with _embedded_prefect():
+        state = layer_by_layer(str(spec_path), cluster=cluster, force=force, return_state=True)
     if not state.is_completed():
         cli.fail(f"the run did not complete ({state.name}): {state.message}")
     cli.print_tables(spec.run_root, state.result())
+
+
+EMBEDDED_STARTUP_TIMEOUT_S = 600  # Prefect's 20 s was not enough on a loaded 2-core machine (issue 14.9)
+
+
+def _embedded_prefect() -> contextlib.AbstractContextManager:
+    """Settings for Prefect's embedded server when no API URL is configured: a database of this run's
+    own, and a startup timeout a busy machine can meet. Settings the user gave are kept.
+
+    By default every embedded run shares `~/.prefect/prefect.db`, and two runs at once on one machine
+    fail with `database is locked`. The database goes to a temporary directory on local disk (TMPDIR),
+    not the run root: run roots often live on cluster file systems where SQLite's locks are unreliable,
+    and a run's truth is its store (completion records), not Prefect's history.
+    """
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    if PREFECT_API_URL.value():
+        return contextlib.nullcontext()
+    home = Path(tempfile.mkdtemp(prefix="layertime-prefect-"))
+    # Registered before the server starts, so it runs after Prefect's own exit handler stops it (LIFO).
+    atexit.register(shutil.rmtree, home, ignore_errors=True)
+    return temporary_settings(
+        set_defaults={
+            "server.database.connection_url": f"sqlite+aiosqlite:///{home / 'prefect.db'}",
+            "server.memo_store_path": home / "memo_store.toml",
+            "server.ephemeral.startup_timeout_seconds": EMBEDDED_STARTUP_TIMEOUT_S,
+        }
+    )
 
 
 @app.command()
 def submit(
     name: Annotated[str, typer.Argument(help="deployment of flow layer-by-layer: exp1, exp2 or demo")],
     cluster: Annotated[str | None, typer.Option(help="override the deployment's cluster profile")] = None,
+    overrides: Annotated[
+        str | None,
+        typer.Option(
+            help='spec fields for this run, as JSON: \'{"layers": "20..23"}\' (checked before submitting)'
+        ),
+    ] = None,
 ) -> None:
-    """Start a run of deployment layer-by-layer/NAME on the Prefect server and print its UI link."""
+    """Start a run of deployment layer-by-layer/NAME on the Prefect server; print its UI link (without
+    PREFECT_API_URL, the commands that follow it)."""
+    from prefect.client.orchestration import get_client
     from prefect.deployments import run_deployment
     from prefect.settings import PREFECT_API_URL, PREFECT_UI_URL
 
     from flows.clusters import profile
 
-    parameters = {}
+    parameters: dict = {}
     if cluster:
         try:
             profile(cluster)
         except ValueError as e:
             cli.fail(str(e))
         parameters["cluster"] = cluster
+    api = PREFECT_API_URL.value()
+    with get_client(sync_client=True) as client:
+        deployment = _deployment(client, name, api)
+    if overrides is not None:
+        parameters["overrides"] = _checked_overrides(overrides, deployment)
     try:
-        flow_run = run_deployment(f"layer-by-layer/{name}", parameters=parameters, timeout=0)
+        flow_run = run_deployment(deployment.id, parameters=parameters, timeout=0)
     except Exception as e:  # noqa: BLE001 -- the server's answer, shown as one line
-        cli.fail(f"could not start layer-by-layer/{name} on {PREFECT_API_URL.value()}: {e}")
-    ui = PREFECT_UI_URL.value() or "(no UI URL: set PREFECT_UI_URL)"
-    typer.echo(f"started flow run {flow_run.name} ({flow_run.id})")
-    typer.echo(f"{ui}/runs/flow-run/{flow_run.id}")
+        cli.fail(f"could not start layer-by-layer/{name} on {api or 'the local Prefect database'}: {e}")
+    typer.echo(f"started flow run {flow_run.name} ({flow_run.id}) of layer-by-layer/{name}")
+    ui = PREFECT_UI_URL.value() if api else None  # without a server, Prefect's UI URL leads nowhere
+    if ui:
+        typer.echo(f"{ui}/runs/flow-run/{flow_run.id}")
+    else:
+        typer.echo(
+            f"no Prefect UI is known here (PREFECT_API_URL is not set); follow the run with "
+            f"`prefect flow-run inspect {flow_run.id}` and `prefect flow-run logs {flow_run.id}`"
+        )
+
+
+def _deployment(client, name: str, api: str | None):
+    """Deployment layer-by-layer/NAME, or exit 2 naming it, the server and the deployments it has."""
+    from prefect.client.schemas.filters import FlowFilter, FlowFilterName
+    from prefect.exceptions import ObjectNotFound
+
+    where = api or "the local Prefect database (PREFECT_API_URL is not set)"
+    try:
+        return client.read_deployment_by_name(f"layer-by-layer/{name}")
+    except ObjectNotFound:
+        known = client.read_deployments(flow_filter=FlowFilter(name=FlowFilterName(any_=["layer-by-layer"])))
+    except Exception as e:  # noqa: BLE001 -- no server there: one line naming it
+        cli.fail(f"could not reach the Prefect API at {where}: {type(e).__name__}: {e}")
+    names = ", ".join(sorted(d.name for d in known)) or "none"
+    hint = "" if api else "; set PREFECT_API_URL to the server you deployed to (http://HOST:4200/api)"
+    cli.fail(
+        f"deployment: no layer-by-layer/{name} on {where}; it has: {names} "
+        f"(`prefect deploy --all` in the repository creates exp1, exp2 and demo){hint}"
+    )
+
+
+def _checked_overrides(text: str, deployment) -> dict:
+    """--overrides as a mapping of spec fields, validated against the deployment's spec; exit 2 if bad."""
+    import json
+
+    from layertime.spec import SpecError, load_spec
+
+    try:
+        fields = json.loads(text)
+    except json.JSONDecodeError as e:
+        cli.fail(f"--overrides: not JSON ({e}): {text!r}")
+    if not isinstance(fields, dict):
+        cli.fail(f"--overrides: expected a JSON object of spec fields, got {text!r}")
+    spec = Path(deployment.parameters.get("spec", "deployments/demo.yaml"))
+    workdir = Path(deployment.path) if deployment.path and Path(deployment.path).is_dir() else Path.cwd()
+    spec = spec if spec.is_absolute() else workdir / spec
+    if not spec.is_file():
+        cli.fail(
+            f"--overrides: cannot check them: the deployment's spec {spec} is not here (submit from the repository)"
+        )
+    try:
+        load_spec(spec, **fields)
+    except SpecError as e:
+        cli.fail(f"--overrides: {e}")
+    return fields
 
 
 @app.command("slurm-script")

@@ -3,14 +3,24 @@
 Revisions that resolve to the same commit (Pythia's `main` and `step143000`) are one unit of
 work; everything downstream is keyed by the commit. `HF_HUB_OFFLINE=1` is honoured: offline, a
 revision must already be in the cache (run `layertime prefetch` on a login node).
+
+The cache comes first whoever launches the run: a revision the cache holds resolves from its ref and
+loads from its snapshot by commit with `local_files_only` (`from_cache_first`), so a cached spec never
+touches the network even without HF_HUB_OFFLINE (a deployment's worker: issue 14.7). Without that,
+transformers asks the hub on every load (the commit of a revision name, the tokenizer's chat
+templates) and, with the hub unreachable, retries each file 5 times: minutes per checkpoint.
 """
 
 from __future__ import annotations
 
 import os
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, TypeVar
+
+T = TypeVar("T")
 
 _COMMIT = re.compile(r"^[0-9a-f]{40}$")
 
@@ -93,18 +103,50 @@ def resolve(
 
 
 def load_config(model: str, revision: str | None, cache_dir: str | Path | None = None):
-    """The model's transformers config (from the cache when offline)."""
+    """The model's transformers config (from the cache when it holds the revision)."""
     from transformers import AutoConfig
 
     if revision is not None and is_offline() and not Path(model).is_dir():
         resolve(model, revision, cache_dir)  # a revision missing offline: our message, not the network's
     try:
-        return AutoConfig.from_pretrained(
-            model, revision=revision, cache_dir=_cache_arg(cache_dir), local_files_only=is_offline()
-        )
+        return from_cache_first(AutoConfig.from_pretrained, model, revision, cache_dir)
     except OSError as e:
         raise CheckpointError(f"cannot load the config of {model}@{revision}: {e}") from None
 
 
-def _cache_arg(cache_dir: str | Path | None) -> str | None:
-    return str(cache_dir) if cache_dir is not None else None
+def cached_snapshot(model: str, revision: str | None, cache_dir: str | Path | None = None) -> Path | None:
+    """The snapshot folder of `revision` (a name or a commit; None: main) in the cache, when it holds
+    the checkpoint's config; None otherwise."""
+    commit = cached_commit(model, revision or "main", cache_dir)
+    if commit is None:
+        return None
+    snapshot = hub_cache(cache_dir) / f"models--{model.replace('/', '--')}" / "snapshots" / commit
+    return snapshot if (snapshot / "config.json").is_file() else None
+
+
+def from_cache_first(
+    load: Callable[..., T],
+    model: str,
+    revision: str | None,
+    cache_dir: str | Path | None = None,
+    **kwargs: Any,
+) -> T:
+    """`load(model, revision=..., cache_dir=..., local_files_only=..., **kwargs)` (a transformers
+    `from_pretrained`), from the cache alone when it holds the revision's snapshot.
+
+    By commit with `local_files_only`: no request for the revision's commit, for optional files
+    (chat templates, generation config) or for updates. Only when that load lacks a file does it go to
+    the hub, and never under HF_HUB_OFFLINE. A local model path is loaded as it is.
+    """
+    cache = str(cache_dir) if cache_dir is not None else None
+    if Path(model).is_dir():
+        return load(model, revision=revision, cache_dir=cache, local_files_only=is_offline(), **kwargs)
+    snapshot = cached_snapshot(model, revision, cache_dir)
+    if snapshot is not None:
+        try:
+            return load(model, revision=snapshot.name, cache_dir=cache, local_files_only=True, **kwargs)
+        except OSError:
+            if is_offline():
+                raise
+            # an incomplete snapshot (a weight or tokenizer file missing): the hub completes it
+    return load(model, revision=revision, cache_dir=cache, local_files_only=is_offline(), **kwargs)

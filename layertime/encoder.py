@@ -151,13 +151,12 @@ class MultiLayerEncoder:
         self.name = f"{model}@{revision or 'main'}"
         self.device = check_device(device)
         self.dtype = resolve_dtype(dtype, self.device)
-        local = checkpoints.is_offline()
-        try:
-            self.tokenizer = AutoTokenizer.from_pretrained(
-                model, revision=revision, cache_dir=cache_dir, local_files_only=local
+        try:  # from the cache alone when it holds the checkpoint, whatever HF_HUB_OFFLINE says
+            self.tokenizer = checkpoints.from_cache_first(
+                AutoTokenizer.from_pretrained, model, revision, cache_dir
             )
-            self.model = AutoModel.from_pretrained(
-                model, revision=revision, cache_dir=cache_dir, dtype=self.dtype, local_files_only=local
+            self.model = checkpoints.from_cache_first(
+                AutoModel.from_pretrained, model, revision, cache_dir, dtype=self.dtype
             )
         except OSError as e:
             raise checkpoints.CheckpointError(f"cannot load {self.name}: {e}") from None

@@ -6,6 +6,10 @@ and moved scores. The pool runs as many processes as asked (the local profile: o
 prepared once by `bridge.prepare_scoring_process` (one BLAS thread, no GPU) and keeping its own loaded
 tasks. Processes are spawned, not forked: the parent holds threads (Dask, Prefect, torch) that a fork
 would copy mid-flight.
+
+Each process is a slot of its own (a one-process executor), and a unit runs in a free slot. One
+`ProcessPoolExecutor` of N processes would not do: when one of its processes dies, the executor is
+broken and every unit running in the others fails with it (issue 14.5).
 """
 
 from __future__ import annotations
@@ -31,47 +35,77 @@ def _prepare() -> None:
 
 
 class ScoringPool:
-    """`run(fn, *args)` in one of `processes` one-thread scoring processes, started on first use."""
+    """`run(fn, *args)` in one of `processes` one-thread scoring processes, each started on first use."""
 
     def __init__(self, processes: int) -> None:
         if processes < 1:
             raise ValueError(f"scoring processes: {processes} (need at least 1)")
         self.processes = processes
-        self._lock = threading.Lock()
-        self._executor: ProcessPoolExecutor | None = None
+        self._free = threading.Condition()
+        self._idle = list(range(processes))  # slots no unit runs in
+        self._slots: list[ProcessPoolExecutor | None] = [None] * processes
+        self._closed = False
 
     def run(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
-        """`fn(*args, **kwargs)` in a scoring process; waits for it. A dead process fails only the
-        units it held (ScoringProcessDied); the next call starts a fresh pool."""
-        executor = self._get()
+        """`fn(*args, **kwargs)` in a free scoring process; waits for a free one, then for the result.
+        A process that dies fails only the unit it held (ScoringProcessDied); a fresh process takes
+        its slot's next unit."""
+        slot = self._take()
         try:
-            return executor.submit(fn, *args, **kwargs).result()
+            return self._run_in(slot, fn, *args, **kwargs)
+        finally:
+            self._give_back(slot)
+
+    def _run_in(self, slot: int, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        try:
+            future = self._executor(slot).submit(fn, *args, **kwargs)
+        except BrokenProcessPool:  # the process died while idle: this unit never ran in it
+            self._discard(slot)
+            future = self._executor(slot).submit(fn, *args, **kwargs)
+        try:
+            return future.result()
         except BrokenProcessPool as e:
-            self._discard(executor)
+            self._discard(slot)
             raise ScoringProcessDied(
                 f"a scoring process died while scoring ({e}); killed, or out of memory? "
                 "The unit is retried in a new process"
             ) from None
 
-    def _get(self) -> ProcessPoolExecutor:
-        with self._lock:
-            if self._executor is None:
-                self._executor = ProcessPoolExecutor(
-                    self.processes, mp_context=multiprocessing.get_context("spawn"), initializer=_prepare
-                )
-            return self._executor
+    def _take(self) -> int:
+        with self._free:
+            self._free.wait_for(lambda: self._idle or self._closed)
+            if self._closed:
+                raise RuntimeError("the scoring pool is closed")
+            return self._idle.pop()
 
-    def _discard(self, executor: ProcessPoolExecutor) -> None:
-        with self._lock:
-            if self._executor is executor:
-                self._executor = None
-        executor.shutdown(wait=False, cancel_futures=True)
+    def _give_back(self, slot: int) -> None:
+        with self._free:
+            self._idle.append(slot)
+            self._free.notify()
+
+    def _executor(self, slot: int) -> ProcessPoolExecutor:
+        # Only the thread holding `slot` reads or replaces it, so no lock is needed here.
+        if self._slots[slot] is None:
+            self._slots[slot] = ProcessPoolExecutor(
+                1, mp_context=multiprocessing.get_context("spawn"), initializer=_prepare
+            )
+        return self._slots[slot]
+
+    def _discard(self, slot: int) -> None:
+        executor, self._slots[slot] = self._slots[slot], None
+        if executor is not None:
+            executor.shutdown(wait=False, cancel_futures=True)
 
     def close(self) -> None:
-        with self._lock:
-            executor, self._executor = self._executor, None
-        if executor is not None:
-            executor.shutdown(wait=True, cancel_futures=True)
+        """Wait for the running units, then end every process."""
+        with self._free:
+            self._free.wait_for(lambda: len(self._idle) == self.processes)
+            self._closed = True
+            self._free.notify_all()
+            executors, self._slots = self._slots, [None] * self.processes
+        for executor in executors:
+            if executor is not None:
+                executor.shutdown(wait=True, cancel_futures=True)
 
     def __enter__(self) -> ScoringPool:
         return self

@@ -1,5 +1,8 @@
 """The user's whole path on a real Prefect server on loopback: work pool, `prefect deploy --all`,
-a process worker, `prefect deployment run 'layer-by-layer/demo'`, tables on disk."""
+a process worker, `prefect deployment run 'layer-by-layer/demo'`, tables on disk; `layertime submit`.
+
+The shell is a user's who never set HF_HUB_OFFLINE, with the hub at a counting server on loopback:
+a deployment of a spec whose checkpoints are cached must not send it one request (issue 14.7)."""
 
 import json
 import os
@@ -12,6 +15,7 @@ from pathlib import Path
 import httpx
 import polars as pl
 import pytest
+from hubserver import FakeHub  # tests/ is on sys.path (rootdir conftest, prepend import mode)
 
 ROOT = Path(__file__).resolve().parents[1]
 PREFECT = str(Path(sys.executable).parent / "prefect")
@@ -25,15 +29,23 @@ def _free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory):
+def counter():
+    """The hub, as far as the deployment knows: a server on loopback that counts every request."""
+    with FakeHub() as fake:
+        yield fake
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory, counter):
+    """A Prefect server, and the shell of a user who never set HF_HUB_OFFLINE (issue 14.7)."""
     home = tmp_path_factory.mktemp("prefect-home")
     port = _free_port()
     env = {
-        **os.environ,
+        **{k: v for k, v in os.environ.items() if k != "HF_HUB_OFFLINE"},
         "PREFECT_HOME": str(home),
         "PREFECT_API_URL": f"http://127.0.0.1:{port}/api",
         "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-        "HF_HUB_OFFLINE": "1",
+        "HF_ENDPOINT": counter.endpoint,
     }
     log = open(home / "server.log", "w")  # noqa: SIM115 -- closed at teardown
     proc = subprocess.Popen([PREFECT, "server", "start", "--host", "127.0.0.1", "--port", str(port)],
@@ -66,9 +78,25 @@ def _prefect(env: dict, *args: str, timeout: float = 120) -> subprocess.Complete
     return out
 
 
-def test_deployment_run_through_a_worker_completes(server, hub, tmp_path):
+@pytest.fixture(scope="module")
+def deployed(server):
+    """The work pool and the three deployments of prefect.yaml, as the README's path creates them."""
     _prefect(server, "work-pool", "create", "layertime", "--type", "process")
     _prefect(server, "--no-prompt", "deploy", "--all")
+    return server
+
+
+def _submit(env: dict, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "flows.commands", "submit", *args], env=env, cwd=ROOT,
+                          capture_output=True, text=True, timeout=600)  # fmt: skip
+
+
+def _flow_runs(env: dict) -> int:
+    return httpx.post(f"{env['PREFECT_API_URL']}/flow_runs/count", json={}, timeout=30).json()
+
+
+def test_deployment_run_through_a_worker_completes_without_asking_the_hub(deployed, counter, hub, tmp_path):
+    server = deployed
     listed = _prefect(server, "deployment", "ls").stdout
     for name in ("exp1", "exp2", "demo"):
         assert name in listed
@@ -85,3 +113,57 @@ def test_deployment_run_through_a_worker_completes(server, hub, tmp_path):
         worker.wait(timeout=60)
     scores = pl.read_parquet(tmp_path / "demo/tables/scores.parquet")
     assert sorted(set(scores["revision"])) == ["main", "step1000"] and scores.height == 2 * 2
+    assert dict(counter.requests) == {}  # every checkpoint is in the cache: not one request to the hub
+
+
+def test_submit_an_unknown_deployment_names_it_and_what_exists_exit_2(deployed):
+    before = _flow_runs(deployed)
+    out = _submit(deployed, "exp3")
+    assert out.returncode == 2, out.stdout + out.stderr
+    assert "no layer-by-layer/exp3 on " + deployed["PREFECT_API_URL"] in out.stderr
+    assert "it has: demo, exp1, exp2" in out.stderr and "None" not in out.stdout + out.stderr
+    assert _flow_runs(deployed) == before
+
+
+def test_submit_passes_overrides_to_the_run_and_prints_its_ui_link(deployed, tmp_path):
+    fields = {"layers": [1, 2], "run_root": str(tmp_path / "demo-12")}
+    out = _submit(deployed, "demo", "--overrides", json.dumps(fields))
+    assert out.returncode == 0, out.stdout + out.stderr
+    ui = deployed["PREFECT_API_URL"].removesuffix("/api")
+    link = next(line for line in out.stdout.splitlines() if line.startswith("http"))
+    assert link.startswith(f"{ui}/runs/flow-run/")
+    run_id = link.rsplit("/", 1)[1]
+    flow_run = httpx.get(f"{deployed['PREFECT_API_URL']}/flow_runs/{run_id}", timeout=30).json()
+    try:
+        assert flow_run["parameters"]["overrides"] == fields
+        assert flow_run["parameters"]["spec"] == "deployments/demo.yaml"  # the deployment's own
+    finally:  # never picked up by the worker of another test
+        httpx.delete(f"{deployed['PREFECT_API_URL']}/flow_runs/{run_id}", timeout=30).raise_for_status()
+
+
+@pytest.mark.parametrize(
+    ("overrides", "named"),
+    [("{layers: 1}", "--overrides: not JSON"), ("[1, 2]", "--overrides: expected a JSON object"),
+     ('{"layerz": [1]}', "layerz"), ('{"layers": "3..1"}', "layers")],
+)  # fmt: skip
+def test_submit_refuses_bad_overrides_before_submitting(deployed, overrides, named):
+    before = _flow_runs(deployed)
+    out = _submit(deployed, "demo", "--overrides", overrides)
+    assert out.returncode == 2, out.stdout + out.stderr
+    assert named in out.stderr and "--overrides" in out.stderr
+    assert _flow_runs(deployed) == before
+
+
+def test_submit_without_a_server_prints_no_link_but_how_to_follow_the_run(tmp_path):
+    """Without PREFECT_API_URL, Prefect uses a local database (PREFECT_HOME) and there is no UI to link to."""
+    env = {**{k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}, "PREFECT_HOME": str(tmp_path),
+           "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "600"}  # fmt: skip
+    # Each command starts a temporary server of its own: minutes on a loaded machine.
+    _prefect(env, "work-pool", "create", "layertime", "--type", "process", timeout=600)
+    _prefect(env, "--no-prompt", "deploy", "--name", "demo", timeout=600)
+    out = _submit(env, "demo")
+    assert out.returncode == 0, out.stdout + out.stderr
+    run_id = out.stdout.split("(", 1)[1].split(")", 1)[0]
+    assert "/runs/flow-run/" not in out.stdout and "http" not in out.stdout
+    assert f"prefect flow-run inspect {run_id}" in out.stdout
+    assert "Scheduled" in _prefect(env, "flow-run", "inspect", run_id, timeout=600).stdout  # the run named
