@@ -9,9 +9,11 @@ from __future__ import annotations
 import errno
 import json
 import os
+import shlex
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, TypeVar
 
 import typer
 
@@ -28,6 +30,8 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     rich_markup_mode=None,
 )
+
+T = TypeVar("T")
 
 SpecPath = Annotated[Path, typer.Argument(help="experiment spec (YAML), e.g. deployments/exp2.yaml")]
 
@@ -217,8 +221,41 @@ def _check_checkpoints(spec) -> None:
         fail(str(e))
 
 
-def run_plain(spec, device: str | None, force: bool = False) -> None:
-    """`run --plain`: the phases without Prefect, with a progress bar; prints where the tables are."""
+def resume_command(
+    spec_path: Path, cluster: str = "local", plain: bool = False, device: str | None = None
+) -> str:
+    """The command that resumes a stopped run (never --force: that would recompute what is finished)."""
+    args = ["layertime", "run", str(spec_path)]
+    args += ["--plain"] if plain else ([] if cluster == "local" else ["--cluster", cluster])
+    args += ["--device", device] if plain and device else []
+    return shlex.join(args)
+
+
+def until_stopped(spec, device: str | None, resume: str, work: Callable[[], T]) -> T:
+    """`work()` (the run), ended within seconds by SIGINT or SIGTERM with one line: how many units are
+    scored, where they are kept and the command that resumes; exit 130 or 143 (layertime/stopping.py)."""
+    from layertime.pipeline import Settings
+    from layertime.plan import make_plan
+    from layertime.stopping import run_stoppably
+
+    units = make_plan(spec, strict=True).units()  # prepare_run checked it resolves
+    settings, run = Settings.of(spec, device), RunDir.of(spec.run_root, spec.store)
+
+    def finished() -> str:
+        # Completion records are written last, so one that exists is a finished unit. Not read back:
+        # 6,400 of them on a shared file system would keep the user waiting for the stop.
+        done = sum(run.score_record(settings.id, u.checkpoint, u.task, u.layer).is_file() for u in units)
+        return (
+            f"{done} of {len(units)} (checkpoint, task, layer) units are scored and kept in {run.store}; "
+            f"`{resume}` computes the other {len(units) - done}"
+        )
+
+    return run_stoppably(work, finished)
+
+
+def run_plain(spec, device: str | None, force: bool = False, resume: str | None = None) -> None:
+    """`run --plain`: the phases without Prefect, with a progress bar; prints where the tables are.
+    SIGINT or SIGTERM stop it within seconds, with one line naming `resume` (the command that resumes)."""
     from tqdm import tqdm
 
     from layertime.pipeline import IncompatibleRun, run_spec
@@ -233,8 +270,13 @@ def run_plain(spec, device: str | None, force: bool = False) -> None:
 
     from layertime.rundir import RunInUse
 
+    def work():
+        return run_spec(spec, progress=progress, device=device, force=force)
+
     try:
-        result = run_spec(spec, progress=progress, device=device, force=force)
+        result = until_stopped(
+            spec, device, resume or resume_command(Path("SPEC"), plain=True, device=device), work
+        )
     except (RunInUse, IncompatibleRun) as e:
         bar.close()
         fail(str(e))
