@@ -11,11 +11,14 @@ would copy mid-flight.
 from __future__ import annotations
 
 import multiprocessing
+import signal
 import threading
 from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from typing import Any, TypeVar
+
+from layertime.stopping import stopping
 
 T = TypeVar("T")
 
@@ -25,6 +28,9 @@ class ScoringProcessDied(RuntimeError):
 
 
 def _prepare() -> None:
+    # A Ctrl-C reaches the whole process group: the flow's process stops the run and kills us
+    # (layertime/stopping.py), so a scoring process ignores it rather than print its own traceback.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     from layertime.bridge import prepare_scoring_process
 
     prepare_scoring_process(dedicated=True)
@@ -55,6 +61,8 @@ class ScoringPool:
 
     def _get(self) -> ProcessPoolExecutor:
         with self._lock:
+            if stopping():  # a signal stops the run: a process started now would outlive it
+                raise RuntimeError("the run is stopping: no scoring process is started")
             if self._executor is None:
                 self._executor = ProcessPoolExecutor(
                     self.processes, mp_context=multiprocessing.get_context("spawn"), initializer=_prepare

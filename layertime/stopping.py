@@ -12,10 +12,10 @@ pid alone left the server, the scoring processes and multiprocessing's resource 
   by our handler, whatever the work is doing (a forward pass, a wait on Dask). Prefect installs its
   own SIGTERM handler only when the flow runs in the main thread, so ours stays in place;
 - installs handlers for SIGINT and SIGTERM whatever was inherited (a background job's SIG_IGN);
-- blocks SIGINT in the work's thread before it starts anything: every thread and process it starts
-  inherits the block, so a Ctrl-C to the process group reaches only this process (no traceback from
-  each child). SIGTERM is left alone: Prefect stops its server, and the pool a broken scoring
-  process, with SIGTERM;
+- leaves the children's signals alone: the scoring processes ignore SIGINT themselves (pool.py),
+  Prefect's temporary server ends quietly on it, and SIGTERM is how Prefect stops its server and
+  the pool a broken scoring process. (Blocking SIGINT in the parent would not reach them: Python
+  clears the signal mask of every process it starts.)
 - on a signal: output of this process goes to /dev/null (what other threads print now is only the
   fallout of the stop), every descendant process is killed (SIGKILL, repeated until none is left,
   so a process started meanwhile goes too) and reaped, multiprocessing's named semaphores are
@@ -40,6 +40,7 @@ from typing import TypeVar
 T = TypeVar("T")
 
 SIGNALS = (signal.SIGINT, signal.SIGTERM)
+_STOPPING = threading.Event()  # set once a stop begins: nothing starts a new process after it
 KILL_WITHIN_S = 5.0  # descendants that keep appearing (a pool restarting its processes) are killed this long
 
 
@@ -54,7 +55,6 @@ def run_stoppably(work: Callable[[], T], describe: Callable[[], str]) -> T:
     outcome: dict[str, object] = {}
 
     def target() -> None:
-        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})  # inherited by all it starts
         try:
             outcome["result"] = work()
         except BaseException as e:  # noqa: BLE001 -- re-raised in the main thread below
@@ -83,6 +83,7 @@ class _Stopper:
     def handle(self, signum: int, frame: object) -> None:
         if not self.lock.acquire(blocking=False):
             return  # a second signal while stopping: the first stop exits in a moment
+        _STOPPING.set()
         try:
             _silence()
             kill_descendants()
@@ -108,6 +109,12 @@ def _at_line_start(fd: int) -> bool:
         return end == 0 or (f.seek(end - 1), f.read(1))[1] == b"\n"
 
 
+def stopping() -> bool:
+    """Whether this process is stopping on a signal: whoever starts processes (the scoring pool)
+    starts none then, else one could appear after the last sweep and outlive the run."""
+    return _STOPPING.is_set()
+
+
 def _silence() -> None:
     devnull = os.open(os.devnull, os.O_WRONLY)
     for fd in (1, 2):
@@ -119,11 +126,10 @@ def kill_descendants(within_s: float = KILL_WITHIN_S) -> int:
     """SIGKILL every process below this one until none is left (or `within_s` passed); reap ours.
     Returns how many were killed."""
     killed: set[int] = set()
-    deadline = time.monotonic() + within_s
-    while time.monotonic() < deadline:
+    deadline, quiet = time.monotonic() + within_s, 0
+    while time.monotonic() < deadline and quiet < 3:  # three empty sweeps: none was being started
         found = descendants(os.getpid())
-        if not found:
-            break
+        quiet = 0 if found else quiet + 1
         for pid in found:
             try:
                 os.kill(pid, signal.SIGKILL)
