@@ -356,7 +356,8 @@ def verify(
     rehash: Annotated[bool, typer.Option(help="hash every weight file again")] = False,
 ) -> None:
     """Offline: check that everything the spec needs is in the cache; one row per item, with the command
-    that fixes each problem. Exit 0 when all is ready, 1 when anything is missing or corrupt."""
+    that fixes each problem. Exit 0 when all is ready, 1 when anything is missing or corrupt,
+    2 for a spec that cannot run (a block the model lacks). Writes nothing."""
     spec = load(spec_path)
     _check_blocks(spec, spec_path)
     mteb_cache = RunDir.of(spec.run_root, spec.store).mteb_results

@@ -86,7 +86,7 @@ BAD = {
         {"layers": "0..999999999999"},
         ["layers: range '0..999999999999' names 1,000,000,000,000 blocks"],
     ),
-    "a range past the model's blocks": ({"layers": "2..9"}, ["block 9 is outside the model's 4 blocks"]),
+    "a range past the model's blocks": ({"layers": "2..9"}, ["is outside the model's 4 blocks"]),
     "spec not UTF-8": ({"bytes": NOT_UTF8}, ["spec.yaml: not UTF-8 text", "b'\\xe9' at offset 7"]),
     "spec path is a directory": ({"directory": True}, ["is a directory, not a YAML file"]),
 }
