@@ -84,15 +84,16 @@ class _Stopper:
         if not self.lock.acquire(blocking=False):
             return  # a second signal while stopping: the first stop exits in a moment
         _STOPPING.set()
+        lead = "\n"
         try:
             _silence()
             kill_descendants()
             _unlink_semaphores()
             line = self.describe()
+            lead = "" if _at_line_start(self.stderr) else "\n"  # below a progress bar, not on it
         except Exception as e:  # noqa: BLE001 -- the stop goes on: the line says what went wrong
             line = f"the stop went wrong ({type(e).__name__}: {e}); check for processes left running"
         name = signal.Signals(signum).name
-        lead = "" if _at_line_start(self.stderr) else "\n"  # below a progress bar, not on it
         os.write(self.stderr, f"{lead}layertime: stopped by {name}; {line}\n".encode())
         os._exit(128 + signum)
 
