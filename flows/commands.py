@@ -41,15 +41,26 @@ def run(
     """Run a spec now, from this terminal: the layer-by-layer flow on Prefect's embedded default
     (no server needed), or with --plain the same phases without Prefect. Finished units are reused."""
     spec = cli.prepare_run(spec_path)
+    resume = cli.resume_command(spec_path, cluster, plain, device)
     if plain:
-        cli.run_plain(spec, device, force)
+        cli.run_plain(spec, device, force, resume)
         return
+    from flows.clusters import profile
     from flows.layer_by_layer import layer_by_layer
 
     logging.getLogger("distributed").setLevel(logging.WARNING)  # the task runs are the progress to watch
 
-    with _embedded_prefect():
-        state = layer_by_layer(str(spec_path), cluster=cluster, force=force, return_state=True)
+    try:
+        where = profile(cluster)
+    except ValueError as e:  # an unknown profile, or a bad field of it: before any work
+        cli.fail(str(e))
+
+    def work():
+        # Entered in the run's own thread: Prefect's temporary settings live in a context variable.
+        with _embedded_prefect():
+            return layer_by_layer(str(spec_path), cluster=cluster, force=force, return_state=True)
+
+    state = cli.until_stopped(spec, where.device, resume, work)  # SIGINT/SIGTERM: one line, exit 130/143
     if not state.is_completed():
         cli.fail(f"the run did not complete ({state.name}): {state.message}")
     cli.print_tables(spec.run_root, state.result())

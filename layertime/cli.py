@@ -9,9 +9,12 @@ from __future__ import annotations
 import errno
 import json
 import os
+import shlex
 import sys
+import tempfile
+from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, TypeVar
 
 import typer
 
@@ -28,6 +31,8 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     rich_markup_mode=None,
 )
+
+T = TypeVar("T")
 
 SpecPath = Annotated[Path, typer.Argument(help="experiment spec (YAML), e.g. deployments/exp2.yaml")]
 
@@ -201,6 +206,15 @@ def _check_writable(spec) -> None:
     for field, path in (("run_root", run.root), ("store", run.store)):
         if (problem := unwritable(path)) is not None:
             fail(f"{field}: cannot write {path}: {problem}")
+    # Directories a finished run wrote: permission bits do not show an immutable one (chattr +i,
+    # EPERM even for root), so each is tried with an unnamed temp file, which leaves no trace.
+    for field, path in (("run_root", run.root), ("run_root", run.tables), ("run_root", run.root / "report"),
+                        ("store", run.store)):  # fmt: skip
+        if path.is_dir():
+            try:
+                tempfile.TemporaryFile(dir=path).close()
+            except OSError as e:
+                fail(f"{field}: cannot write {path}: {e.strerror}")
 
 
 def _check_checkpoints(spec) -> None:
@@ -217,8 +231,41 @@ def _check_checkpoints(spec) -> None:
         fail(str(e))
 
 
-def run_plain(spec, device: str | None, force: bool = False) -> None:
-    """`run --plain`: the phases without Prefect, with a progress bar; prints where the tables are."""
+def resume_command(
+    spec_path: Path, cluster: str = "local", plain: bool = False, device: str | None = None
+) -> str:
+    """The command that resumes a stopped run (never --force: that would recompute what is finished)."""
+    args = ["layertime", "run", str(spec_path)]
+    args += ["--plain"] if plain else ([] if cluster == "local" else ["--cluster", cluster])
+    args += ["--device", device] if plain and device else []
+    return shlex.join(args)
+
+
+def until_stopped(spec, device: str | None, resume: str, work: Callable[[], T]) -> T:
+    """`work()` (the run), ended within seconds by SIGINT or SIGTERM with one line: how many units are
+    scored, where they are kept and the command that resumes; exit 130 or 143 (layertime/stopping.py)."""
+    from layertime.pipeline import Settings
+    from layertime.plan import make_plan
+    from layertime.stopping import run_stoppably
+
+    units = make_plan(spec, strict=True).units()  # prepare_run checked it resolves
+    settings, run = Settings.of(spec, device), RunDir.of(spec.run_root, spec.store)
+
+    def finished() -> str:
+        # Completion records are written last, so one that exists is a finished unit. Not read back:
+        # 6,400 of them on a shared file system would keep the user waiting for the stop.
+        done = sum(run.score_record(settings.id, u.checkpoint, u.task, u.layer).is_file() for u in units)
+        return (
+            f"{done} of {len(units)} (checkpoint, task, layer) units are scored and kept in {run.store}; "
+            f"`{resume}` computes the other {len(units) - done}"
+        )
+
+    return run_stoppably(work, finished)
+
+
+def run_plain(spec, device: str | None, force: bool = False, resume: str | None = None) -> None:
+    """`run --plain`: the phases without Prefect, with a progress bar; prints where the tables are.
+    SIGINT or SIGTERM stop it within seconds, with one line naming `resume` (the command that resumes)."""
     from tqdm import tqdm
 
     from layertime.pipeline import IncompatibleRun, run_spec
@@ -233,8 +280,13 @@ def run_plain(spec, device: str | None, force: bool = False) -> None:
 
     from layertime.rundir import RunInUse
 
+    def work():
+        return run_spec(spec, progress=progress, device=device, force=force)
+
     try:
-        result = run_spec(spec, progress=progress, device=device, force=force)
+        result = until_stopped(
+            spec, device, resume or resume_command(Path("SPEC"), plain=True, device=device), work
+        )
     except (RunInUse, IncompatibleRun) as e:
         bar.close()
         fail(str(e))
@@ -251,7 +303,7 @@ def run_plain(spec, device: str | None, force: bool = False) -> None:
     print_tables(spec.run_root, result.tables)
 
 
-_DISK_ERRORS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES}
+_DISK_ERRORS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM}
 
 
 def _check_device(device: str | None) -> None:
@@ -304,12 +356,29 @@ def verify(
     rehash: Annotated[bool, typer.Option(help="hash every weight file again")] = False,
 ) -> None:
     """Offline: check that everything the spec needs is in the cache; one row per item, with the command
-    that fixes each problem. Exit 0 when all is ready, 1 when anything is missing or corrupt."""
+    that fixes each problem. Exit 0 when all is ready, 1 when anything is missing or corrupt,
+    2 for a spec that cannot run (a block the model lacks). Writes nothing."""
     spec = load(spec_path)
-    os.environ.setdefault("MTEB_CACHE", str(RunDir.of(spec.run_root, spec.store).mteb_results))
-    from layertime import verify as checking
+    _check_blocks(spec, spec_path)
+    mteb_cache = RunDir.of(spec.run_root, spec.store).mteb_results
+    with tempfile.TemporaryDirectory(prefix="layertime-verify-") as scratch:
+        # `import mteb` creates its cache directory: a check must not create the store as it looks.
+        os.environ.setdefault("MTEB_CACHE", str(mteb_cache if mteb_cache.is_dir() else scratch))
+        from layertime import verify as checking
 
-    raise typer.Exit(checking.main(spec_path, load_tasks=load_tasks, rehash=rehash))
+        code = checking.main(spec_path, load_tasks=load_tasks, rehash=rehash)
+    raise typer.Exit(code)
+
+
+def _check_blocks(spec, spec_path: Path) -> None:
+    """The spec's layers against the model's config where the cache has it (`run` refuses the same)."""
+    from layertime.plan import make_plan
+    from layertime.spec import SpecError
+
+    try:
+        make_plan(spec)
+    except SpecError as e:
+        fail(f"{spec_path}: {e}")
 
 
 @app.command()
@@ -320,11 +389,42 @@ def report(
     """Write RUN/report/report.html (PNG figures beside it) and summary.md from the run's tables."""
     from layertime.report import write_report
 
+    run_root = Path(os.path.expanduser(str(run_root)))
     if not (run_root / "tables").is_dir():
         fail(f"{run_root}: no tables/ yet (run `layertime run SPEC` first)")
+    _check_tables(run_root)
     paths = write_report(run_root, out)
     typer.echo(paths.markdown)
     typer.echo(f"report: {paths.html}")
+
+
+def _check_tables(run_root: Path) -> None:
+    """Each table the report reads is one layertime wrote (readable, with its columns), else one
+    message naming the file and the fix, not polars' traceback."""
+    import polars as pl
+
+    from layertime import tables
+
+    expected = {"scores": tables.SCORE_SCHEMA, "metrics": tables.METRIC_SCHEMA, "costs": tables.COST_SCHEMA}
+    for name, schema in expected.items():
+        path = run_root / "tables" / f"{name}.parquet"
+        if not path.is_file():
+            continue  # the report says what is missing
+        try:
+            columns = pl.read_parquet(path).columns
+        except (pl.exceptions.PolarsError, OSError) as e:
+            reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+            fail(f"{path}: not a table layertime wrote ({reason}); `layertime run SPEC` writes it again")
+        if missing := [c for c in schema if c not in columns]:
+            fail(
+                f"{path}: not a {name} table: no column {', '.join(missing)}; `layertime run SPEC` writes it again"
+            )
+    environment = run_root / "environment.json"
+    if environment.is_file():
+        try:
+            json.loads(environment.read_text())
+        except (ValueError, OSError) as e:
+            fail(f"{environment}: not JSON ({e}); `layertime run SPEC` writes it again")
 
 
 def _quiet_libraries() -> None:

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 
 from layertime import architecture, checkpoints, costs
 from layertime.checkpoints import Checkpoint
-from layertime.spec import ExperimentSpec, SpecError
+from layertime.spec import ExperimentSpec, NeedsConfig, SpecError
 
 
 @dataclass(frozen=True)
@@ -113,9 +113,11 @@ def make_plan(spec: ExperimentSpec, resolve: bool = True, strict: bool = False) 
     it could not check. `strict` (before a run): every revision must resolve, else CheckpointError.
     """
     notes: list[str] = []
-    num_blocks, hidden_size = _model_shape(spec, notes, strict)
+    num_blocks, hidden_size, unreadable = _model_shape(spec, notes, strict)
     try:
         blocks = spec.blocks(num_blocks)
+    except NeedsConfig as e:  # 'all' or {last: N}: the checkpoint without a config is the problem
+        raise SpecError(f"{spec.name}: checkpoints: {unreadable}; {e}") from None
     except SpecError as e:
         raise SpecError(f"{spec.name}: {e}") from None
     ckpts, resolved = [], resolve
@@ -139,16 +141,19 @@ def make_plan(spec: ExperimentSpec, resolve: bool = True, strict: bool = False) 
     return Plan(spec, ckpts, blocks, num_blocks, resolved, notes, hidden_size)
 
 
-def _model_shape(spec: ExperimentSpec, notes: list[str], strict: bool) -> tuple[int | None, int | None]:
-    """Blocks and width of the model (config of the first revision), or Nones with a note when unavailable."""
+def _model_shape(
+    spec: ExperimentSpec, notes: list[str], strict: bool
+) -> tuple[int | None, int | None, str | None]:
+    """Blocks and width of the model (config of the first revision), or Nones with a note and the
+    reason when unavailable."""
     try:
         config = checkpoints.load_config(spec.model, spec.checkpoints[0], spec.hf_cache)
-    except checkpoints.CheckpointError:
+    except checkpoints.CheckpointError as e:
         if strict:
             raise
         notes.append(f"model config of {spec.model} not available offline: block range not checked")
-        return None, None
-    return architecture.num_blocks(config), architecture.hidden_size(config)
+        return None, None, str(e)
+    return architecture.num_blocks(config), architecture.hidden_size(config), None
 
 
 def combined(plans: Sequence[Plan]) -> dict:

@@ -15,11 +15,14 @@ broken and every unit running in the others fails with it (issue 14.5).
 from __future__ import annotations
 
 import multiprocessing
+import signal
 import threading
 from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from typing import Any, TypeVar
+
+from layertime.stopping import stopping
 
 T = TypeVar("T")
 
@@ -29,6 +32,9 @@ class ScoringProcessDied(RuntimeError):
 
 
 def _prepare() -> None:
+    # A Ctrl-C reaches the whole process group: the flow's process stops the run and kills us
+    # (layertime/stopping.py), so a scoring process ignores it rather than print its own traceback.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     from layertime.bridge import prepare_scoring_process
 
     prepare_scoring_process(dedicated=True)
@@ -86,6 +92,8 @@ class ScoringPool:
     def _executor(self, slot: int) -> ProcessPoolExecutor:
         # Only the thread holding `slot` reads or replaces it, so no lock is needed here.
         if self._slots[slot] is None:
+            if stopping():  # a signal stops the run: a process started now would outlive it
+                raise RuntimeError("the run is stopping: no scoring process is started")
             self._slots[slot] = ProcessPoolExecutor(
                 1, mp_context=multiprocessing.get_context("spawn"), initializer=_prepare
             )

@@ -9,12 +9,21 @@ Layers are **block indices**, 0-based: block b's output is `hidden_states[b + 1]
 from __future__ import annotations
 
 import hashlib
+import os
 import re
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 from layertime import suite
 
@@ -23,11 +32,16 @@ class SpecError(ValueError):
     """A spec that cannot run; the message names the field and the bad value."""
 
 
+class NeedsConfig(SpecError):
+    """`layers` names blocks relative to the model's depth ('all', {last: N}) and the config is unknown."""
+
+
 _REVISION = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._\-/]*$")
 _RANGE = re.compile(
     r"^(?P<prefix>[A-Za-z_\-]*)(?P<start>\d+)\.\.(?P<prefix2>[A-Za-z_\-]*)(?P<stop>\d+)(?:/(?P<stride>\d+))?$"
 )
 _LAYER_RANGE = re.compile(r"^(?P<start>-?\d+)\s*\.\.\s*(?P<stop>-?\d+)$")
+MAX_BLOCKS = 10_000  # a range this long is a typo, not a model (the largest have ~130 blocks)
 
 
 def expand_checkpoints(items: list[str]) -> list[str]:
@@ -83,7 +97,7 @@ def resolve_layers(layers: LayerSpec, num_blocks: int | None) -> list[int]:
     """
     if isinstance(layers, LastLayers) or layers == "all":
         if num_blocks is None:
-            raise SpecError(
+            raise NeedsConfig(
                 f"layers: {_show(layers)} needs the model's config to know how many blocks it has"
             )
         n = num_blocks if layers == "all" else layers.last
@@ -97,16 +111,28 @@ def resolve_layers(layers: LayerSpec, num_blocks: int | None) -> list[int]:
         start, stop = int(m["start"]), int(m["stop"])
         if stop < start:
             raise SpecError(f"layers: range {layers!r} is empty")
+        # Checked before it is expanded: "0..999999999999" would take minutes and gigabytes to list.
+        _check_block(start, num_blocks)
+        _check_block(stop, num_blocks)
+        if num_blocks is None and stop - start >= MAX_BLOCKS:
+            raise SpecError(
+                f"layers: range {layers!r} names {stop - start + 1:,} blocks; no model has more than "
+                f"{MAX_BLOCKS:,} (layers are 0-based block indices)"
+            )
         blocks = list(range(start, stop + 1))
     else:
         blocks = list(dict.fromkeys(layers))
     if not blocks:
         raise SpecError("layers: the list is empty; name at least one block")
-    bad = [b for b in blocks if b < 0 or (num_blocks is not None and b >= num_blocks)]
-    if bad:
-        limit = f"the model's {num_blocks} blocks (0..{num_blocks - 1})" if num_blocks else "blocks (>= 0)"
-        raise SpecError(f"layers: block {bad[0]} is outside {limit}; layers are 0-based block indices")
+    for b in blocks:
+        _check_block(b, num_blocks)
     return blocks
+
+
+def _check_block(b: int, num_blocks: int | None) -> None:
+    if b < 0 or (num_blocks is not None and b >= num_blocks):
+        limit = f"the model's {num_blocks} blocks (0..{num_blocks - 1})" if num_blocks else "blocks (>= 0)"
+        raise SpecError(f"layers: block {b} is outside {limit}; layers are 0-based block indices")
 
 
 def parse_layers(layers: Any) -> LayerSpec:
@@ -133,6 +159,28 @@ def _show(layers: LayerSpec) -> str:
     return f"{{last: {layers.last}}}" if isinstance(layers, LastLayers) else repr(layers)
 
 
+_UNSET_VARIABLE = re.compile(r"\$(\w+|\{[^}]*\})")
+
+
+def expand_path(value: Any, field: str) -> Any:
+    """A path as the shell would read it: `~` and `$VARIABLES` expanded, or a SpecError naming `field`.
+
+    Read literally, `run_root: ~/x` made a directory named `~` in the working directory, and the run
+    failed only at the merge, after all the work; `run_root: ""` wrote into the working directory.
+    """
+    if value is None or not isinstance(value, (str, Path)):
+        return value  # None where allowed; any other type is pydantic's to name
+    text = str(value)
+    if not text.strip():
+        raise SpecError(f"{field}: {text!r} is empty; give a directory")
+    expanded = os.path.expandvars(os.path.expanduser(text))
+    if expanded.startswith("~"):
+        raise SpecError(f"{field}: {text!r}: no user {expanded[1:].split('/')[0]!r} to expand '~' for")
+    if unset := _UNSET_VARIABLE.search(expanded):
+        raise SpecError(f"{field}: {text!r}: environment variable {unset[0]} is not set")
+    return Path(expanded)
+
+
 class MetricsSpec(BaseModel):
     """The representation metrics of DESIGN §5: which corpus, how many views, which layers."""
 
@@ -151,6 +199,13 @@ class MetricsSpec(BaseModel):
     views: Literal[0, 2] = Field(2, description="augmented views for InfoNCE and DiME (0: skip them)")
     lidar_views: int = Field(16, ge=0, description="augmented views for LiDAR (0: skip it)")
     all_layers: bool = Field(False, description="measure every block, not only the spec's layers")
+
+    @field_validator("corpus")
+    @classmethod
+    def _corpus(cls, corpus: str) -> str:
+        if corpus in ("wikitext-103", "tasks"):
+            return corpus
+        return str(expand_path(corpus, "metrics.corpus"))  # a text file
 
     @field_validator("lidar_views")
     @classmethod
@@ -227,6 +282,11 @@ class ExperimentSpec(BaseModel):
                 )
         return list(dict.fromkeys(tasks))
 
+    @field_validator("run_root", "store", "hf_cache", mode="before")
+    @classmethod
+    def _expand(cls, value: Any, info: ValidationInfo) -> Any:
+        return expand_path(value, info.field_name)
+
     @field_validator("layers", mode="before")
     @classmethod
     def _layers(cls, layers: Any) -> LayerSpec:
@@ -251,13 +311,22 @@ class ExperimentSpec(BaseModel):
 
 def load_spec(path: str | Path, **overrides: Any) -> ExperimentSpec:
     """Read and validate a spec file; relative `run_root`/`hf_cache` resolve against the working dir."""
-    path = Path(path)
+    path = Path(os.path.expanduser(str(path)))
+    if path.is_dir():
+        raise SpecError(f"spec file {str(path)!r} is a directory, not a YAML file")
     if not path.is_file():
         raise SpecError(f"spec file {str(path)!r} does not exist")
     try:
-        data = yaml.safe_load(path.read_text())
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
     except yaml.YAMLError as e:
         raise SpecError(f"{path}: not valid YAML: {e}") from None
+    except UnicodeDecodeError as e:
+        raise SpecError(
+            f"{path}: not UTF-8 text (byte {e.object[e.start : e.start + 1]!r} at offset {e.start}); "
+            "save the spec as UTF-8"
+        ) from None
+    except OSError as e:
+        raise SpecError(f"spec file {str(path)!r} cannot be read: {e.strerror}") from None
     if not isinstance(data, dict):
         raise SpecError(f"{path}: expected a mapping of fields, got {type(data).__name__}")
     return parse_spec({**data, **overrides}, source=str(path))
