@@ -6,7 +6,7 @@
     score(checkpoint, task, layer)  [CPU]  mteb.evaluate over stored embeddings (cached across runs),
                                            submitted as soon as its checkpoint's GPU work is done
     cleanup(checkpoint, task)              embeddings deleted once every layer is scored
-    merge                                  tables of DESIGN §7, then artifacts in the UI
+    merge                                  tables of docs/design.md §7, then artifacts in the UI
 
 A checkpoint's GPU work is one task, so one worker loads each model once: split per task, Dask spread
 every checkpoint over every GPU and each GPU reloaded every checkpoint (benchmarks/RESULTS.md).
@@ -115,7 +115,7 @@ def _record(runner: Any, spec: ExperimentSpec, plan: Plan) -> dict[str, str]:
 
 def _gpu_and_score(runner, spec, plan, settings, run, revisions, needs) -> tuple[dict, dict, list[str]]:
     """Each checkpoint's GPU work on a GPU slot; as each ends, its layers' scoring on workers with the
-    memory their task needs (`needs`: task -> MEM_GB, DESIGN §10). Already scored layers are read back."""
+    memory their task needs (`needs`: task -> MEM_GB, docs/design.md §10). Already scored layers are read back."""
     score_task = _cached(units.score, units.score_policy, run.store)
     metric_rows = pipeline.recorded_metrics(plan, run, settings)
     pending: dict[Any, tuple[units.Unit, int]] = {}

@@ -1,6 +1,6 @@
 """A fabricated Hugging Face hub cache, written in the exact on-disk layout huggingface_hub uses.
 
-Nothing here can reach the hub (DESIGN §9), so tests and the demo write their models straight into a
+Nothing here can reach the hub (docs/design.md §9), so tests and the demo write their models straight into a
 cache directory and load them back by repo id and revision with ``HF_HUB_OFFLINE=1``, through the same
 code paths a user takes against the real hub. The layout, as huggingface_hub 2.x reads it::
 

@@ -1,4 +1,4 @@
-"""Fill the HF cache on a machine with internet, so compute nodes can run offline (DESIGN §8).
+"""Fill the HF cache on a machine with internet, so compute nodes can run offline (docs/design.md §8).
 
 `prefetch(spec)` downloads, into the spec's hub cache (`hf_cache`, else ``HF_HUB_CACHE``):
 
@@ -6,7 +6,7 @@
   ``config.json``, ``generation_config.json``, the weights (``model*.safetensors`` when the revision has
   them, else ``pytorch_model*.bin``, with their index) and the tokenizer files;
 - the dataset of every real MTEB task at the revision mteb pins (the whole dataset repo, as a local
-  snapshot: offline, reranking tasks must be loaded from it, see `use_local_snapshot` and DESIGN §4);
+  snapshot: offline, reranking tasks must be loaded from it, see `use_local_snapshot` and docs/design.md §4);
 - the metrics corpus when it is wikitext-103 (into the HF datasets cache, the way `metrics_corpus` reads it).
 
 It first asks the hub for every file's size, estimates what is still missing (blobs are shared between
@@ -149,7 +149,7 @@ def use_local_snapshot(task: Any, cache_dir: str | Path | None = None) -> Any:
     """Point mteb task `task` at its dataset's local snapshot, so `task.load_data()` reads it offline.
 
     Offline, `datasets.load_dataset(repo_id)` falls back to the datasets cache, where reranking tasks
-    silently lose their per-query candidate lists (DESIGN §4); loading the snapshot folder keeps every
+    silently lose their per-query candidate lists (docs/design.md §4); loading the snapshot folder keeps every
     config. Demo tasks (data in memory) are returned unchanged. MissingDatasetError when not cached.
     """
     name = task.metadata.name

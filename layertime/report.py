@@ -1,6 +1,6 @@
 """The run's report: what a researcher opens a run for (issue 7).
 
-`write_report(run_root)` reads the merged tables (DESIGN §7) and writes `<run_root>/report/`:
+`write_report(run_root)` reads the merged tables (docs/design.md §7) and writes `<run_root>/report/`:
 `report.html` (self-contained, PNG figures beside it) and `summary.md` (also the flow's artifact).
 
 The numbers come from pure functions on polars frames, callable from a notebook or a test:
@@ -37,7 +37,7 @@ from scipy import stats
 from layertime import suite, tables
 from layertime.io import atomic_write_dir
 
-# The paper's results for Pythia-410m `main` (rule a), by its layer index = our hidden_state (DESIGN §4).
+# The paper's results for Pythia-410m `main` (rule a), by its layer index = our hidden_state (docs/design.md §4).
 PAPER_MODEL = "EleutherAI/pythia-410m"
 PAPER_REVISIONS = ("main", "step143000")
 PAPER_REFERENCE = {15: 0.5086, 17: 0.5192, 20: 0.5097, 23: 0.4923, 24: 0.4682}

@@ -1,4 +1,4 @@
-"""Offline verification: is everything a spec needs in the caches, complete and loadable? (DESIGN §8)
+"""Offline verification: is everything a spec needs in the caches, complete and loadable? (docs/design.md §8)
 
 `verify(spec)` runs with the hub switched off (whatever the environment says) and returns one `Item`
 per thing checked, each with the exact shell command that fixes it when it is not ok:

@@ -1,4 +1,4 @@
-"""The offline test world (DESIGN §9): a fabricated HF hub cache with the tiny demo model and
+"""The offline test world (docs/design.md §9): a fabricated HF hub cache with the tiny demo model and
 config-only Pythia-410m revisions, loaded by repo id and revision with HF_HUB_OFFLINE=1."""
 
 from __future__ import annotations
