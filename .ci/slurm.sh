@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# A single-node SLURM on this machine, for the tests of the `slurm` cluster profile (DESIGN §6).
+# A single-node SLURM on this machine, for the tests of the `slurm` cluster profile (docs/design.md §6).
 #
 #   bash .ci/slurm.sh start    install (Debian packages, only if missing), configure, start, check
 #   bash .ci/slurm.sh stop     cancel every job, stop the daemons this script started

@@ -584,7 +584,7 @@ def task_count(name: str) -> TaskCount:
         requested, unique, basis = clustering_count(name)
     if name in DESIGN_MEASURED:
         req, uniq = DESIGN_MEASURED[name]
-        basis += f"; DESIGN §4 measured {req} / {uniq}"
+        basis += f"; docs/design.md §4 measured {req} / {uniq}"
     return TaskCount(name, kind, subsets, requested, unique, basis)
 
 

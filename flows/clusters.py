@@ -1,7 +1,7 @@
 """Cluster profiles: where the tasks run. A profile becomes the flow's Dask task runner.
 
 - `local` (default): one Dask worker in the flow's process, threads only — a process LocalCluster
-  under the embedded Prefect API starts one temporary API server per worker process (DESIGN §6).
+  under the embedded Prefect API starts one temporary API server per worker process (docs/design.md §6).
   The worker advertises one `GPU` slot (the GPU when CUDA is present, the CPU otherwise); a
   checkpoint's GPU task takes 1/MODELS_PER_GPU of it, so one computes while the next loads, and
   scoring uses the other threads.
@@ -12,7 +12,7 @@
   per-run overrides (`SlurmSettings` documents each field).
   The scheduler lives in the flow's process; workers must reach it and the Prefect API.
 
-Failures of the SLURM path are surfaced, not waited on (DESIGN §6: a failing `sbatch` under adapt
+Failures of the SLURM path are surfaced, not waited on (docs/design.md §6: a failing `sbatch` under adapt
 hangs a flow): the job script is checked with `sbatch --test-only` before the cluster starts, and a
 submission that SLURM rejects later fails the pending tasks with SLURM's own message when no worker
 is left to run them. A worker job that dies (walltime, preemption, `scancel`) is replaced, and the
@@ -391,7 +391,7 @@ def cluster_kwargs(settings: SlurmSettings, api_url: str | None) -> dict[str, An
 
 
 def job_kwargs(settings: SlurmSettings, api_url: str | None, kind: str) -> dict[str, Any]:
-    """dask-jobqueue job arguments of one kind of worker job (DESIGN §6, §10).
+    """dask-jobqueue job arguments of one kind of worker job (docs/design.md §6, §10).
 
     - `gpu`: one worker process, `cpus` threads, one GPU slot (embedding, metrics); it also offers
       MEM_GB to scoring when the profile has no scoring jobs;
@@ -408,7 +408,7 @@ def job_kwargs(settings: SlurmSettings, api_url: str | None, kind: str) -> dict[
         threads = settings.threads or settings.cpus
         gres = ":".join(["gpu", *([settings.gpu_type] if settings.gpu_type else []), str(settings.gpus)])
         directives = [f"--gres={gres}"] if settings.gpus else []
-        resources = [f"GPU={GPU_SLOT}"]  # one embedding slot per job (DESIGN §6), CPU or GPU
+        resources = [f"GPU={GPU_SLOT}"]  # one embedding slot per job (docs/design.md §6), CPU or GPU
     else:
         cpus = threads = processes = settings.score_cpus if kind == "score" else 1
         memory = settings.score_memory if kind == "score" else settings.bigmem_memory

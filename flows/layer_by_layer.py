@@ -6,7 +6,7 @@
     score(checkpoint, task, layer)  [CPU]  mteb.evaluate over stored embeddings, submitted as soon as
                                            its checkpoint's GPU work ends
     cleanup(checkpoint, task)              embeddings deleted once every layer is scored
-    merge                                  tables of DESIGN §7 from the completion records, then
+    merge                                  tables of docs/design.md §7 from the completion records, then
                                            artifacts in the UI
 
 A checkpoint's GPU work is one task, so one worker loads each model once: split per task, Dask spread
@@ -149,7 +149,7 @@ class _Progress:
 class _Units:
     """Each checkpoint's GPU work on a GPU slot, at most `gpu_at_once` submitted (MODELS_PER_GPU per
     slot), the next as one ends; as each ends, its layers' scoring on workers with the memory their
-    task needs (`needs`: task -> MEM_GB, DESIGN §10). Each task is handled as soon as it finishes.
+    task needs (`needs`: task -> MEM_GB, docs/design.md §10). Each task is handled as soon as it finishes.
 
     Only units without a valid completion record get tasks. Submitting a `gpu` task only when a slot
     is free keeps it out of the Dask worker's queue of resource-constrained tasks, where a waiting

@@ -1,4 +1,4 @@
-"""Where a model's blocks and final norm live, and what `hidden_states[i]` means (DESIGN §3).
+"""Where a model's blocks and final norm live, and what `hidden_states[i]` means (docs/design.md §3).
 
 All architecture knowledge is here. For the supported families, `output_hidden_states=True`
 returns num_blocks + 1 tensors: index 0 the token embeddings, index b + 1 the residual stream
@@ -13,7 +13,7 @@ from torch import nn
 
 # model_type -> (attribute of the base model holding the final norm, add BOS/EOS-like special tokens?)
 _FAMILIES: dict[str, tuple[str | None, bool]] = {
-    "gpt_neox": ("final_layer_norm", False),  # Pythia: no BOS/EOS added (DESIGN §3)
+    "gpt_neox": ("final_layer_norm", False),  # Pythia: no BOS/EOS added (docs/design.md §3)
     "llama": ("norm", False),
     "mistral": ("norm", False),
     "qwen2": ("norm", False),

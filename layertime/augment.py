@@ -1,4 +1,4 @@
-"""Seeded text augmentations: the views behind InfoNCE, DiME and LiDAR (DESIGN §5).
+"""Seeded text augmentations: the views behind InfoNCE, DiME and LiDAR (docs/design.md §5).
 
 The paper made views with nlpaug (``SplitAug`` then ``RandomCharAug`` then ``KeyboardAug``), unseeded.
 Here the same two kinds of noise are deterministic: the same (text, view, seed) always gives the same

@@ -1,4 +1,4 @@
-"""The mteb bridge: score precomputed embeddings with `mteb.evaluate`, never loading a model (DESIGN §4).
+"""The mteb bridge: score precomputed embeddings with `mteb.evaluate`, never loading a model (docs/design.md §4).
 
 Two encoders that mteb drives like any model:
 - `RecordingEncoder` returns cheap deterministic vectors and records every text mteb asks for.
@@ -153,7 +153,7 @@ class _ListColumns(datasets.Dataset):
     """A Dataset whose `ds["col"]` is a list, as in datasets 3.x, read in one batch.
 
     datasets >= 4 returns a lazy Column that sklearn and mteb's sampling read row by row: scoring a
-    classification task took 10-80x longer (DESIGN §10) for the same numbers. `select` keeps the
+    classification task took 10-80x longer (docs/design.md §10) for the same numbers. `select` keeps the
     class, since mteb scores the undersampled training split it selects.
     """
 
@@ -183,7 +183,7 @@ def load_task(name: str, aggregation: str = "rule-a", hf_cache: Path | None = No
     """A fresh task of the suite with its data loaded.
 
     Offline, real tasks read their dataset's local snapshot in the HF cache: through the datasets
-    cache, reranking tasks silently lose their per-query candidate lists (DESIGN §4).
+    cache, reranking tasks silently lose their per-query candidate lists (docs/design.md §4).
     """
     task = suite.build_task(name, aggregation)
     if checkpoints.is_offline():
@@ -249,7 +249,7 @@ def _read_texts(path: Path, expect: Mapping[str, str]) -> TaskTexts | None:
 
 
 def reseed(task: Any) -> Any:
-    """Reset a task's RNGs to its seed, exactly as a fresh instance has them (DESIGN §4)."""
+    """Reset a task's RNGs to its seed, exactly as a fresh instance has them (docs/design.md §4)."""
     from mteb._set_seed import _set_seed
 
     task.rng_state, task.np_rng = _set_seed(task.seed)
@@ -337,7 +337,7 @@ _PINNED: list[Any] = []
 
 
 def prepare_scoring_process(dedicated: bool = False) -> None:
-    """Score on the CPU with one BLAS and OpenMP thread, for this process's life (DESIGN §10).
+    """Score on the CPU with one BLAS and OpenMP thread, for this process's life (docs/design.md §10).
 
     - One thread: more made scoring slower and moved classification accuracies by up to 2e-3 (BLAS)
       and k-means' sums (OpenMP); with one, every executor (local pool, SLURM jobs, --plain) gives

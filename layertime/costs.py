@@ -24,6 +24,8 @@ from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
 
+from layertime.io import atomic_write
+
 TABLE = Path(__file__).with_name("task_costs.csv")
 COLUMNS: tuple[str, ...] = (
     "task",
@@ -113,14 +115,15 @@ def read_table(path: Path | str) -> dict[str, TaskCost]:
 
 
 def write_table(rows: Sequence[TaskCost], path: Path | str = TABLE) -> None:
-    """Write the cost table atomically (temp file + rename), rows in the given order."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w", newline="", encoding="utf-8") as f:
-        writer = csv.DictWriter(f, fieldnames=COLUMNS, lineterminator="\n")
-        writer.writeheader()
-        writer.writerows(r.row() for r in rows)
-    tmp.replace(path)
+    """Write the cost table atomically (io.atomic_write: temp file + rename), rows in the given order."""
+
+    def write(tmp: Path) -> None:
+        with open(tmp, "w", newline="", encoding="utf-8") as f:
+            writer = csv.DictWriter(f, fieldnames=COLUMNS, lineterminator="\n")
+            writer.writeheader()
+            writer.writerows(r.row() for r in rows)
+
+    atomic_write(path, write)
 
 
 @cache

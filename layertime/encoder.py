@@ -1,4 +1,4 @@
-"""One forward pass per unique text, pooled embeddings for every requested layer (DESIGN §3).
+"""One forward pass per unique text, pooled embeddings for every requested layer (docs/design.md §3).
 
 Layer convention: a layer is a 0-based **block index** b; its states are `hidden_states[b + 1]`.
 With `final_norm="all"` (the paper's way: the model truncated to b + 1 blocks) every layer gets
@@ -192,7 +192,7 @@ class MultiLayerEncoder:
             self._on_device = True
 
     def _pad_id(self) -> int:
-        """Decoders pad with EOS (DESIGN §3; Pythia has no pad token of its own), encoders with their pad.
+        """Decoders pad with EOS (docs/design.md §3; Pythia has no pad token of its own), encoders with their pad.
 
         Right padding under a causal mask cannot change a real token's state, and pads are
         excluded from pooling, so this choice never changes a number.

@@ -1,4 +1,4 @@
-"""mteb's reranking scores from stored embeddings, computed faster and bit-identically (DESIGN §10).
+"""mteb's reranking scores from stored embeddings, computed faster and bit-identically (docs/design.md §10).
 
 MindSmallReranking is most of the scoring CPU (2.36M sub-queries of ~41 candidates each). mteb 2.26
 spends it on per-sub-query overhead (normalising the same vectors again and again, Python loops) and on

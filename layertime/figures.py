@@ -16,6 +16,8 @@ from matplotlib.colors import Normalize
 from matplotlib.figure import Figure
 from matplotlib.patches import Rectangle
 
+from layertime.io import atomic_write
+
 if TYPE_CHECKING:
     from layertime.report import Analysis
 
@@ -61,8 +63,8 @@ def _figure(width: float, height: float) -> tuple[Figure, object]:
 
 
 def _save(fig: Figure, path: Path) -> Path:
-    fig.savefig(path, format="png", dpi=DPI)
-    return path
+    """Atomically (temp file + rename): a figure drawn alone, from a notebook, is never seen half-written."""
+    return atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=DPI))
 
 
 def _layer_ticks(ax, layers: list[int]) -> None:

@@ -1,6 +1,6 @@
 """A fabricated Hugging Face hub cache, written in the exact on-disk layout huggingface_hub uses.
 
-Nothing here can reach the hub (DESIGN §9), so tests and the demo write their models straight into a
+Nothing here can reach the hub (docs/design.md §9), so tests and the demo write their models straight into a
 cache directory and load them back by repo id and revision with ``HF_HUB_OFFLINE=1``, through the same
 code paths a user takes against the real hub. The layout, as huggingface_hub 2.x reads it::
 
@@ -13,8 +13,8 @@ Two details matter to the readers: ``refs/<revision>`` is read with ``f.read()``
 ``hf_hub_download``, so it must hold exactly 40 hex characters; and a revision that looks like a commit
 hash is looked up in ``snapshots/`` directly, never in ``refs/``.
 
-Every write is atomic (temp file + ``os.replace``), so a reader never sees half a blob or half a ref,
-and rewriting the same snapshot is a no-op.
+Every write is atomic (``layertime.io``: temp file + rename; a symlink: temp link + rename), so a
+reader never sees half a blob or half a ref, and rewriting the same snapshot is a no-op.
 """
 
 from __future__ import annotations
@@ -22,8 +22,9 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 from pathlib import Path
+
+from layertime.io import atomic_write_bytes
 
 # config.json of EleutherAI/pythia-410m as published (transformers 4.x field names; GPTNeoXConfig in
 # transformers 5 still accepts them and maps rotary_pct/rotary_emb_base into `rope_parameters`).
@@ -80,19 +81,6 @@ def blob_etag(filename: str, content: bytes) -> str:
     return hashlib.sha1(b"blob %d\0" % len(content) + content).hexdigest()
 
 
-def _atomic_write(path: Path, content: bytes) -> None:
-    """Write `content` to `path` so that readers see the old file or the new one, never a mix."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(content)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def _atomic_symlink(target: str, link: Path) -> None:
     """Point `link` at `target` (relative), replacing whatever is there, atomically."""
     if link.is_symlink() and os.readlink(link) == target:
@@ -107,7 +95,7 @@ def _write_blob(repo: Path, filename: str, content: bytes) -> Path:
     """Store `content` under ``blobs/`` (once: blobs are content-addressed) and return its path."""
     blob = repo / "blobs" / blob_etag(filename, content)
     if not blob.exists():
-        _atomic_write(blob, content)
+        atomic_write_bytes(blob, content)
     return blob
 
 
@@ -116,7 +104,7 @@ def _write_ref(repo: Path, revision: str, commit: str) -> None:
     ref = repo / "refs" / revision
     if ref.is_file() and ref.read_text() == commit:
         return
-    _atomic_write(ref, commit.encode())
+    atomic_write_bytes(ref, commit.encode())
 
 
 def default_commit(repo_id: str, files: dict[str, bytes]) -> str:

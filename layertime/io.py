@@ -1,4 +1,4 @@
-"""Atomic file writes: a reader sees the old file or the new one, never half of one (DESIGN §7).
+"""Atomic file writes: a reader sees the old file or the new one, never half of one (docs/design.md §7).
 
 A write goes to a temp file (or directory) beside its target, named `.<target>.<host>.<pid>.<rand>.tmp`,
 then is renamed over the target (a temp directory's files are renamed into it). A writer that dies

@@ -1,4 +1,4 @@
-"""Representation metrics of every layer of one checkpoint, streamed from the encoder (DESIGN §5).
+"""Representation metrics of every layer of one checkpoint, streamed from the encoder (docs/design.md §5).
 
 `measure(encoder, prompts)` makes one pass over the prompts and one over their augmented views:
 
@@ -11,7 +11,7 @@
   prompts; InfoNCE and DiME from views 0 and 1; LiDAR from views 0..lidar_views-1 (the 2-view set
   is the start of the LiDAR set, so the view pass costs max(n_views, lidar_views) forwards).
 
-The token states are the encoder's: its final-norm setting applies (DESIGN §3: by default every layer
+The token states are the encoder's: its final-norm setting applies (docs/design.md §3: by default every layer
 gets the final norm). Pooled embeddings are made as the encoder pools for scoring (mean over real
 tokens by default, L2-normalised only if the encoder is), in float32, so the metrics describe the
 embeddings that are scored. Pooled embeddings stay on the encoder's device

@@ -1,4 +1,4 @@
-"""Label-free representation metrics of a layer (DESIGN §5): the paper's seven, with its bugs fixed.
+"""Label-free representation metrics of a layer (docs/design.md §5): the paper's seven, with its bugs fixed.
 
 Every function takes raw hidden states or pooled embeddings and normalises them itself:
 

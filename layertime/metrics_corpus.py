@@ -1,4 +1,4 @@
-"""Corpora the representation metrics run on (DESIGN §5).
+"""Corpora the representation metrics run on (docs/design.md §5).
 
 Default, as in the paper: the first 1000 lines of wikitext-103's train split, headings and lines
 under 10 characters dropped — 472 prompts, by the issue's count (not verifiable offline here). The

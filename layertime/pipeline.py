@@ -487,7 +487,7 @@ def score_unit(
 
 
 def metrics_prompts(spec: ExperimentSpec, run: RunDir) -> tuple[str, list[str]]:
-    """(corpus label, prompts) of the spec's metrics corpus (DESIGN §5)."""
+    """(corpus label, prompts) of the spec's metrics corpus (docs/design.md §5)."""
     from layertime import metrics_corpus
 
     m = spec.metrics

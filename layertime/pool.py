@@ -1,4 +1,4 @@
-"""A pool of one-thread scoring processes: mteb scoring in parallel without sharing a GIL (DESIGN §10).
+"""A pool of one-thread scoring processes: mteb scoring in parallel without sharing a GIL (docs/design.md §10).
 
 mteb's scoring is CPU work that is partly pure Python (MindSmallReranking loops over 2.36M
 sub-queries), so threads of one process do not scale; more BLAS threads per process made it slower

@@ -1,4 +1,4 @@
-"""Fill the HF cache on a machine with internet, so compute nodes can run offline (DESIGN §8).
+"""Fill the HF cache on a machine with internet, so compute nodes can run offline (docs/design.md §8).
 
 `prefetch(spec)` downloads, into the spec's hub cache (`hf_cache`, else ``HF_HUB_CACHE``):
 
@@ -6,7 +6,7 @@
   ``config.json``, ``generation_config.json``, the weights (``model*.safetensors`` when the revision has
   them, else ``pytorch_model*.bin``, with their index) and the tokenizer files;
 - the dataset of every real MTEB task at the revision mteb pins (the whole dataset repo, as a local
-  snapshot: offline, reranking tasks must be loaded from it, see `use_local_snapshot` and DESIGN §4);
+  snapshot: offline, reranking tasks must be loaded from it, see `use_local_snapshot` and docs/design.md §4);
 - the metrics corpus when it is wikitext-103 (into the HF datasets cache, the way `metrics_corpus` reads it).
 
 It first asks the hub for every file's size, estimates what is still missing (blobs are shared between
@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from layertime import checkpoints, suite
+from layertime.messages import first_line
 from layertime.spec import ExperimentSpec
 
 CONFIG_FILES = ("config.json", "generation_config.json")
@@ -148,7 +149,7 @@ def use_local_snapshot(task: Any, cache_dir: str | Path | None = None) -> Any:
     """Point mteb task `task` at its dataset's local snapshot, so `task.load_data()` reads it offline.
 
     Offline, `datasets.load_dataset(repo_id)` falls back to the datasets cache, where reranking tasks
-    silently lose their per-query candidate lists (DESIGN §4); loading the snapshot folder keeps every
+    silently lose their per-query candidate lists (docs/design.md §4); loading the snapshot folder keeps every
     config. Demo tasks (data in memory) are returned unchanged. MissingDatasetError when not cached.
     """
     name = task.metadata.name
@@ -324,16 +325,14 @@ def _remote_files(api: Any, repo_id: str, revision: str, repo_type: str) -> tupl
     try:
         info = api.repo_info(repo_id, repo_type=repo_type, revision=revision, files_metadata=True)
     except (RepositoryNotFoundError, RevisionNotFoundError) as e:
-        raise PrefetchError(f"{what} does not exist on the hub: {_first_line(e)}") from None
+        raise PrefetchError(f"{what} does not exist on the hub: {first_line(e)}") from None
     except OfflineModeIsEnabled:
         raise PrefetchError(
             f"{what}: HF_HUB_OFFLINE is set, and prefetch needs the hub: run it where there is internet "
             "(a login node) without HF_HUB_OFFLINE"
         ) from None
     except Exception as e:  # HTTP errors, connection errors (httpx's are not OSErrors), timeouts
-        raise PrefetchError(
-            f"cannot reach the hub for {what}: {type(e).__name__}: {_first_line(e)}"
-        ) from None
+        raise PrefetchError(f"cannot reach the hub for {what}: {type(e).__name__}: {first_line(e)}") from None
     files = {
         s.rfilename: RemoteFile(s.rfilename, s.size or 0, s.blob_id or "", s.lfs.sha256 if s.lfs else None)
         for s in info.siblings or []
@@ -341,15 +340,10 @@ def _remote_files(api: Any, repo_id: str, revision: str, repo_type: str) -> tupl
     return info.sha, files
 
 
-def _first_line(error: BaseException) -> str:
-    return (str(error).strip().splitlines() or [type(error).__name__])[0]
-
-
 def _wikitext_cached(spec: ExperimentSpec) -> bool:
     from layertime import metrics_corpus
-    from layertime.verify import offline
 
-    with offline():
+    with checkpoints.offline():
         try:
             metrics_corpus.wikitext_lines(spec.metrics.lines if spec.metrics else 1)
         except metrics_corpus.CorpusError:
@@ -497,7 +491,7 @@ def _download_all(plan: FetchPlan, endpoint: str | None, workers: int, bar: Any,
                 future.result()
             except Exception as e:  # report every failure, not only the first
                 failures.append(
-                    f"{fetch.label} ({fetch.repo_id}@{fetch.revision}): {type(e).__name__}: {_first_line(e)}"
+                    f"{fetch.label} ({fetch.repo_id}@{fetch.revision}): {type(e).__name__}: {first_line(e)}"
                 )
     if failures:
         raise PrefetchError("could not fetch:\n  " + "\n  ".join(failures))

@@ -1,6 +1,6 @@
 """The run's report: what a researcher opens a run for (issue 7).
 
-`write_report(run_root)` reads the merged tables (DESIGN §7) and writes `<run_root>/report/`:
+`write_report(run_root)` reads the merged tables (docs/design.md §7) and writes `<run_root>/report/`:
 `report.html` (self-contained, PNG figures beside it) and `summary.md` (also the flow's artifact).
 
 The numbers come from pure functions on polars frames, callable from a notebook or a test:
@@ -23,8 +23,6 @@ import json
 import math
 import os
 import re
-import shutil
-import tempfile
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -37,8 +35,9 @@ import polars as pl
 from scipy import stats
 
 from layertime import suite, tables
+from layertime.io import atomic_write_dir
 
-# The paper's results for Pythia-410m `main` (rule a), by its layer index = our hidden_state (DESIGN §4).
+# The paper's results for Pythia-410m `main` (rule a), by its layer index = our hidden_state (docs/design.md §4).
 PAPER_MODEL = "EleutherAI/pythia-410m"
 PAPER_REVISIONS = ("main", "step143000")
 PAPER_REFERENCE = {15: 0.5086, 17: 0.5192, 20: 0.5097, 23: 0.4923, 24: 0.4682}
@@ -530,33 +529,20 @@ def write_report(run_root: Path, out_dir: Path | None = None, failures: Sequence
     run_root = Path(run_root)
     out = Path(out_dir) if out_dir is not None else run_root / "report"
     analysis = analyze(load_run(run_root), failures)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
-    try:
-        made = figures.draw_all(analysis, tmp)
-        markdown, table = summary_markdown(analysis, out / "report.html")
-        (tmp / "summary.md").write_text(markdown)
+    written: dict[str, Any] = {}
+
+    def write(tmp: Path) -> None:
+        written["made"] = made = figures.draw_all(analysis, tmp)
+        written["markdown"], written["table"] = summary_markdown(analysis, out / "report.html")
+        (tmp / "summary.md").write_text(written["markdown"])  # inside the temp directory: swapped in whole
         (tmp / "report.html").write_text(render_html(analysis, made, out))
-        _swap_in(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+
+    atomic_write_dir(out, write)
     gaps = analysis.coverage.filter(~pl.col("present")).height
-    paths = {name: out / p.name for name, p in made.items()}
-    return ReportPaths(out, out / "report.html", out / "summary.md", paths, markdown, table, gaps)
-
-
-def _swap_in(tmp: Path, out: Path) -> None:
-    """Replace directory `out` by `tmp` (two renames; the old one is deleted afterwards)."""
-    tmp.chmod(0o755)
-    old = None
-    if out.exists():
-        old = out.with_name(f".{out.name}.old.{os.getpid()}")
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(out, old)
-    os.replace(tmp, out)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
+    paths = {name: out / p.name for name, p in written["made"].items()}
+    return ReportPaths(
+        out, out / "report.html", out / "summary.md", paths, written["markdown"], written["table"], gaps
+    )
 
 
 # ----------------------------------------------------------------------------------- summary.md

@@ -1,4 +1,4 @@
-"""Where a run keeps its files (DESIGN §7). Every write is atomic.
+"""Where a run keeps its files (docs/design.md §7). Every write is atomic.
 
 Two roots:
 - the **run root** (one per experiment): the spec snapshot, the environment, the tables;

@@ -1,9 +1,9 @@
-"""Experiment specs: what to run, validated before anything touches a GPU (DESIGN §1, §3).
+"""Experiment specs: what to run, validated before anything touches a GPU (docs/design.md §1, §3).
 
 A spec is a YAML file (see `deployments/`). Every mistake is reported as one `SpecError` naming
 the field and the bad value; unknown keys are rejected.
 
-Layers are **block indices**, 0-based: block b's output is `hidden_states[b + 1]` (DESIGN §3).
+Layers are **block indices**, 0-based: block b's output is `hidden_states[b + 1]` (docs/design.md §3).
 """
 
 from __future__ import annotations
@@ -182,7 +182,7 @@ def expand_path(value: Any, field: str) -> Any:
 
 
 class MetricsSpec(BaseModel):
-    """The representation metrics of DESIGN §5: which corpus, how many views, which layers."""
+    """The representation metrics of docs/design.md §5: which corpus, how many views, which layers."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 

@@ -1,4 +1,4 @@
-"""The task suites: which MTEB tasks a spec names, with their types, subsets and splits (DESIGN §4).
+"""The task suites: which MTEB tasks a spec names, with their types, subsets and splits (docs/design.md §4).
 
 The 32 tasks of the paper's Table 1 are kept here as plain names so that planning and spec
 validation never import mteb; mteb task objects are built only when a task is scored.
@@ -79,7 +79,7 @@ def is_demo_task(name: str) -> bool:
 def build_task(name: str, aggregation: str = "rule-a") -> Any:
     """A fresh mteb task object for `name`, restricted to the test split and the suite's subsets.
 
-    Fresh on every call: `.v2` clustering tasks advance an RNG per evaluation (DESIGN §4), so
+    Fresh on every call: `.v2` clustering tasks advance an RNG per evaluation (docs/design.md §4), so
     one instance must never be evaluated twice.
     """
     if is_demo_task(name):

@@ -1,4 +1,4 @@
-"""The run's tables, built with polars from the completion records (DESIGN §7).
+"""The run's tables, built with polars from the completion records (docs/design.md §7).
 
 - `scores`: one row per (checkpoint revision, layer, task, split, subset), mteb's main score (0-1).
 - `layers`: one row per (checkpoint revision, layer): the rule-a average over tasks (a task's score

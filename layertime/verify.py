@@ -1,4 +1,4 @@
-"""Offline verification: is everything a spec needs in the caches, complete and loadable? (DESIGN §8)
+"""Offline verification: is everything a spec needs in the caches, complete and loadable? (docs/design.md §8)
 
 `verify(spec)` runs with the hub switched off (whatever the environment says) and returns one `Item`
 per thing checked, each with the exact shell command that fixes it when it is not ok:
@@ -22,19 +22,19 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
-import os
 import re
 import struct
 import sys
 import threading
-from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from layertime import checkpoints, prefetch, suite
-from layertime.prefetch import RemoteFile, _first_line, download_command, human, storage_folder
+from layertime.checkpoints import offline
+from layertime.messages import first_line
+from layertime.prefetch import RemoteFile, download_command, human, storage_folder
 from layertime.spec import ExperimentSpec
 
 OK, MISSING, CORRUPT = "ok", "missing", "corrupt"
@@ -58,31 +58,6 @@ class Item:
     @property
     def ok(self) -> bool:
         return self.status == OK
-
-
-@contextlib.contextmanager
-def offline() -> Iterator[None]:
-    """Switch huggingface_hub and datasets to offline mode for the duration (they read it at import)."""
-    from huggingface_hub import constants
-
-    saved_env, saved = os.environ.get("HF_HUB_OFFLINE"), constants.HF_HUB_OFFLINE
-    os.environ["HF_HUB_OFFLINE"] = "1"
-    constants.HF_HUB_OFFLINE = True
-    ds_config = sys.modules.get("datasets.config")
-    ds_saved = (ds_config.HF_HUB_OFFLINE, ds_config.HF_DATASETS_OFFLINE) if ds_config else (saved, saved)
-    if ds_config:
-        ds_config.HF_HUB_OFFLINE = ds_config.HF_DATASETS_OFFLINE = True
-    try:
-        yield
-    finally:
-        if saved_env is None:
-            os.environ.pop("HF_HUB_OFFLINE", None)
-        else:
-            os.environ["HF_HUB_OFFLINE"] = saved_env
-        constants.HF_HUB_OFFLINE = saved
-        # datasets may have been imported inside the block, reading the offline env: restore it too.
-        if ds_config := sys.modules.get("datasets.config"):
-            ds_config.HF_HUB_OFFLINE, ds_config.HF_DATASETS_OFFLINE = ds_saved
 
 
 def verify(
@@ -285,7 +260,7 @@ class _Checker:
             task.load_data()
             problem = _candidates_problem(task) if reranking else None
         except Exception as e:  # whatever loading raises, the row says it and the run would fail the same way
-            problem = f"does not load: {type(e).__name__}: {_first_line(e)}"
+            problem = f"does not load: {type(e).__name__}: {first_line(e)}"
         if problem:
             return Item(label, "task", CORRUPT, None, self.prefetch_cmd, problem)
         return Item(

@@ -1,4 +1,4 @@
-"""The Prefect tasks of the layer-by-layer flow (DESIGN §2): record, gpu (a checkpoint's embeddings
+"""The Prefect tasks of the layer-by-layer flow (docs/design.md §2): record, gpu (a checkpoint's embeddings
 and metrics), score, cleanup, merge.
 
 Each is a few lines over `layertime.pipeline`. Nothing is cached or persisted in Prefect's result

@@ -1,4 +1,4 @@
-"""The bridge scores stored embeddings exactly as mteb scores a model that computes them (DESIGN §4)."""
+"""The bridge scores stored embeddings exactly as mteb scores a model that computes them (docs/design.md §4)."""
 
 import mteb
 import numpy as np

@@ -20,7 +20,7 @@ def test_the_shipped_table_covers_every_suite_task_with_plausible_figures():
         assert row.score_cpu_s > 0 and row.peak_memory_gb > 0 and row.dim == costs.REFERENCE_DIM
         assert 0 < row.unique_texts <= row.requested_texts and row.mean_text_chars > 0
         assert row.machine and row.mteb_version and row.measured_on
-    # MindSmallReranking is the one that needs a big-memory worker (DESIGN §10).
+    # MindSmallReranking is the one that needs a big-memory worker (docs/design.md §10).
     mind = costs.scoring_memory_gb("MindSmallReranking")
     assert mind == max(costs.scoring_memory_gb(t) for t in suite.LAYER_BY_LAYER_32)
 

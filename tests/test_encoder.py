@@ -1,4 +1,4 @@
-"""The multi-layer encoder against the paper's way of computing each layer (DESIGN §3)."""
+"""The multi-layer encoder against the paper's way of computing each layer (docs/design.md §3)."""
 
 import copy
 

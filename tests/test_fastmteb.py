@@ -1,4 +1,4 @@
-"""layertime.fastmteb gives every score mteb writes bit-identically, only faster (DESIGN §10)."""
+"""layertime.fastmteb gives every score mteb writes bit-identically, only faster (docs/design.md §10)."""
 
 import json
 

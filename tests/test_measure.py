@@ -120,7 +120,7 @@ def _encoder(hub: Path, repo: str, **kw) -> MultiLayerEncoder:
 
 
 def _direct_states(hub: Path, repo: str, texts: list[str]) -> list[list[torch.Tensor]]:
-    """Per text, per block b: the full (T, D) states, one text at a time (no padding), final norm per DESIGN §3."""
+    """Per text, per block b: the full (T, D) states, one text at a time (no padding), final norm per docs/design.md §3."""
     model = AutoModel.from_pretrained(repo, revision=REVISION, cache_dir=str(hub), dtype=torch.float32).eval()
     tok = AutoTokenizer.from_pretrained(repo, revision=REVISION, cache_dir=str(hub))
     L = model.config.num_hidden_layers

@@ -12,7 +12,7 @@ RTOL = 1e-6  # float64 math against float64 numpy
 
 
 # ------------------------------------------------------------------------------------ numpy reference
-# Written from DESIGN §5 alone, the literal way (always the N×N Gram, arccos, Σ_w^{-1/2} by eigh),
+# Written from docs/design.md §5 alone, the literal way (always the N×N Gram, arccos, Σ_w^{-1/2} by eigh),
 # sharing no code with layertime.metrics.
 
 

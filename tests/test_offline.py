@@ -1,4 +1,4 @@
-"""Offline clusters (DESIGN §8, issue 6): prefetch against a stand-in hub, then verify offline.
+"""Offline clusters (docs/design.md §8, issue 6): prefetch against a stand-in hub, then verify offline.
 
 The real download code runs (`snapshot_download`, `hf download`) against `tests/hubserver.py` on
 loopback, in subprocesses whose environment points ``HF_ENDPOINT`` at it (huggingface_hub reads its

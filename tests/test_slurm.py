@@ -1,4 +1,4 @@
-"""The `slurm` cluster profile against a real single-node SLURM (`bash .ci/slurm.sh start`, DESIGN §6).
+"""The `slurm` cluster profile against a real single-node SLURM (`bash .ci/slurm.sh start`, docs/design.md §6).
 
 The demo spec runs through real `sbatch` jobs whose Dask workers run the tasks; the tables must equal
 a local run's. A bad request fails the flow fast with SLURM's own words, a worker job cancelled
@@ -281,7 +281,7 @@ def _run_cancelling_a_job(kind: str, logs: Path, hub: Path, tmp_path: Path, befo
 
 
 def _one_blas_thread():
-    """The slurm profile pins BLAS to one thread (DESIGN §10): the local reference does the same."""
+    """The slurm profile pins BLAS to one thread (docs/design.md §10): the local reference does the same."""
     import contextlib
 
     import torch

@@ -1,6 +1,6 @@
 """Five small local mteb tasks, one of each type the suite scores, built in code from the demo corpus.
 
-The real suite (DESIGN §4) scores a layer on Classification, Clustering, PairClassification,
+The real suite (docs/design.md §4) scores a layer on Classification, Clustering, PairClassification,
 Reranking and STS tasks from `MTEB(eng, v1)`. Tests cannot reach the Hugging Face hub, so this module
 gives one task of each type whose data are generated in memory by `layertime.demo.corpus`:
 

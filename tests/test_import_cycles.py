@@ -1,0 +1,94 @@
+"""How the library's modules import each other (issue 16): no module reaches into another's private
+names, and no new import cycle appears.
+
+Imports inside functions count: they are how the cycles of `layertime/` hide (an edge at call time is
+still an edge a reader has to follow). The cycles that exist today are listed in KNOWN_CYCLE_EDGES; the
+package moves of issue 16 remove them, and this list shrinks with them (to nothing).
+"""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+LIBRARY = Path(__file__).resolve().parents[1] / "layertime"
+
+# Edges (importer, imported) inside an import cycle today. A new one fails the test below.
+KNOWN_CYCLE_EDGES = {
+    ("bridge", "prefetch"),  # use_local_snapshot: the offline dataset snapshots
+    ("prefetch", "verify"),  # prefetch's command verifies after downloading
+    ("verify", "prefetch"),  # the cache layout and download commands verify names in its fixes
+    ("verify", "pipeline"),  # prepare_world: the demo model built before it is checked
+    ("pipeline", "bridge"),  # the phases score through the bridge
+    ("figures", "report"),  # draw_all reads the report's analysis
+    ("report", "figures"),  # write_report draws the figures
+}
+
+
+def _module(path: Path) -> str:
+    parts = path.relative_to(LIBRARY).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def _imports(path: Path) -> list[tuple[str, list[str]]]:
+    """(imported layertime module, names taken from it) for every import in the file, functions included."""
+    found = []
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom) and node.module and node.module.split(".")[0] == "layertime":
+            names = [a.name for a in node.names]
+            if node.module == "layertime":  # `from layertime import bridge, suite`
+                found += [(n, []) for n in names if (LIBRARY / f"{n}.py").is_file() or (LIBRARY / n).is_dir()]
+            else:
+                found.append((node.module.removeprefix("layertime."), names))
+        elif isinstance(node, ast.Import):
+            found += [
+                (a.name.removeprefix("layertime."), []) for a in node.names if a.name.startswith("layertime.")
+            ]
+    return found
+
+
+def _graph() -> dict[str, set[str]]:
+    modules = {_module(p): p for p in LIBRARY.rglob("*.py")}
+    return {
+        name: {m for m, _ in _imports(path) if m in modules and m != name} for name, path in modules.items()
+    }
+
+
+def _cycle_edges(graph: dict[str, set[str]]) -> set[tuple[str, str]]:
+    """Edges whose two ends reach each other: the edges inside the graph's strongly connected parts."""
+
+    def reach(start: str) -> set[str]:
+        seen, todo = set(), [start]
+        while todo:
+            for nxt in graph.get(todo.pop(), ()):
+                if nxt not in seen:
+                    seen.add(nxt)
+                    todo.append(nxt)
+        return seen
+
+    reachable = {m: reach(m) for m in graph}
+    return {(a, b) for a, targets in graph.items() for b in targets if a in reachable[b]}
+
+
+def test_no_module_imports_another_modules_private_names():
+    private = [
+        f"{_module(path)} imports {module}.{name}"
+        for path in LIBRARY.rglob("*.py")
+        for module, names in _imports(path)
+        for name in names
+        if name.startswith("_") and module != "__future__"
+    ]
+    assert private == [], "make it public where it belongs, or give it a small module of its own"
+
+
+def test_no_new_import_cycle_in_the_library():
+    cycles = _cycle_edges(_graph())
+    new = sorted(cycles - KNOWN_CYCLE_EDGES)
+    assert new == [], f"new import cycle edges (importer, imported): {new}"
+    gone = sorted(KNOWN_CYCLE_EDGES - cycles)
+    assert gone == [], f"these cycle edges are gone: remove them from KNOWN_CYCLE_EDGES: {gone}"
+
+
+def test_the_cycle_finder_finds_a_cycle_and_only_its_edges():
+    graph = {"a": {"b"}, "b": {"c"}, "c": {"a", "d"}, "d": set()}
+    assert _cycle_edges(graph) == {("a", "b"), ("b", "c"), ("c", "a")}
