@@ -13,9 +13,11 @@ templates) and, with the hub unreachable, retries each file 5 times: minutes per
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
-from collections.abc import Callable
+import sys
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
@@ -61,6 +63,31 @@ def hub_cache(cache_dir: str | Path | None = None) -> Path:
 def is_offline() -> bool:
     """True when HF_HUB_OFFLINE asks for no network (read at call time, not import time)."""
     return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in {"1", "true", "yes", "on"}
+
+
+@contextlib.contextmanager
+def offline() -> Iterator[None]:
+    """Switch huggingface_hub and datasets to offline mode for the duration (they read it at import)."""
+    from huggingface_hub import constants
+
+    saved_env, saved = os.environ.get("HF_HUB_OFFLINE"), constants.HF_HUB_OFFLINE
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    constants.HF_HUB_OFFLINE = True
+    ds_config = sys.modules.get("datasets.config")
+    ds_saved = (ds_config.HF_HUB_OFFLINE, ds_config.HF_DATASETS_OFFLINE) if ds_config else (saved, saved)
+    if ds_config:
+        ds_config.HF_HUB_OFFLINE = ds_config.HF_DATASETS_OFFLINE = True
+    try:
+        yield
+    finally:
+        if saved_env is None:
+            os.environ.pop("HF_HUB_OFFLINE", None)
+        else:
+            os.environ["HF_HUB_OFFLINE"] = saved_env
+        constants.HF_HUB_OFFLINE = saved
+        # datasets may have been imported inside the block, reading the offline env: restore it too.
+        if ds_config := sys.modules.get("datasets.config"):
+            ds_config.HF_HUB_OFFLINE, ds_config.HF_DATASETS_OFFLINE = ds_saved
 
 
 def cached_commit(model: str, revision: str, cache_dir: str | Path | None = None) -> str | None:
