@@ -73,6 +73,29 @@ def atomic_add_files(path: str | Path, write: Callable[[Path], None]) -> dict[st
     return sizes
 
 
+def atomic_write_dir(path: str | Path, write: Callable[[Path], None]) -> Path:
+    """Call `write(tmp)` on an empty temp directory beside `path`, then put it in place of `path`.
+
+    The directory appears whole or not at all (the report's folder; a unit's embeddings gain files
+    through `atomic_add_files` instead, never replaced while another run reads them); on failure (a full disk) the temp directory is
+    removed, so it does not keep the space it took, and the error names `path`.
+    """
+    path = Path(path)
+    _mkdir(path.parent)
+    remove_stale_temps(path)
+    tmp = _new_temp(path, directory=True)
+    try:
+        write(tmp)
+        shutil.rmtree(path, ignore_errors=True)  # an older, damaged copy
+        os.replace(tmp, path)
+    except BaseException as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(e, OSError):
+            raise _naming(e, path) from e
+        raise
+    return path
+
+
 def atomic_write_text(path: str | Path, text: str) -> Path:
     return atomic_write(path, lambda tmp: tmp.write_text(text))
 
