@@ -41,7 +41,7 @@ from layertime.rundir import RunDir
 hub, work, out, scenario = sys.argv[1:5]
 TASK, OTHER_TASK = {task!r}, {other!r}
 run = RunDir.of(Path(work) / "run", Path(work) / "store")
-settings = pipeline.Settings("all", "mean", False, 128, "float32")
+settings = pipeline.Settings("all", "mean", False, 128, "float32", 16384, "cpu", "rule-a", "test")
 texts = pipeline.task_texts(TASK, run, "rule-a").texts
 other = pipeline.task_texts(OTHER_TASK, run, "rule-a").texts
 

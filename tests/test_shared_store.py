@@ -136,7 +136,7 @@ def test_a_claimed_unit_is_deleted_only_by_the_last_run_that_needs_it(tmp_path):
 
 def test_an_embed_adds_the_layers_it_lacks_beside_the_files_another_run_reads(hub, demo_repo, tmp_path):
     run = RunDir.of(tmp_path / "run", tmp_path / "store")
-    settings = pipeline.Settings("all", "mean", False, 128, "float32")
+    settings = pipeline.Settings("all", "mean", False, 128, "float32", 16384, "cpu", "rule-a", "test")
     ckpt = Checkpoint(demo_repo, "step1000", None)
     texts = ["The team won the match last week.", "Rain.", "", "A short one."]
 
