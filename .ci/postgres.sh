@@ -13,7 +13,8 @@
 # started with `pg_ctl` on 127.0.0.1:$LAYERTIME_PG_PORT (default 5433, so it never meets a system
 # PostgreSQL on 5432), socket and log in the state directory. `start` is idempotent and takes
 # seconds: a running server is left as it is; a stale pid file (the server died) is cleared by pg_ctl.
-# It creates the role and database `prefect` (password `prefect`, loopback only) if missing.
+# It creates the role and database `prefect` (password `prefect`, loopback only) if missing; the role
+# may create databases, so a test or benchmark can give each Prefect server a fresh one.
 set -euo pipefail
 
 STATE=${LAYERTIME_PG_STATE:-/var/lib/layertime-postgres}
@@ -80,7 +81,7 @@ EOF
 
 create_role_and_db() {
   psql_admin <<EOF
-SELECT 'CREATE ROLE $DB LOGIN PASSWORD ''$PASSWORD''' WHERE NOT EXISTS (SELECT FROM pg_roles WHERE rolname = '$DB')\gexec
+SELECT 'CREATE ROLE $DB LOGIN CREATEDB PASSWORD ''$PASSWORD''' WHERE NOT EXISTS (SELECT FROM pg_roles WHERE rolname = '$DB')\gexec
 SELECT 'CREATE DATABASE $DB OWNER $DB' WHERE NOT EXISTS (SELECT FROM pg_database WHERE datname = '$DB')\gexec
 EOF
 }
