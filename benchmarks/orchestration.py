@@ -303,16 +303,16 @@ def task_runs(server: Server, flow_run: str) -> list[dict]:
                 return runs
 
 
-def flow_run_logs(server: Server, flow_run: str) -> list[str]:
-    """Every log message of `flow_run` (its flow's and its task runs') stored by the server."""
-    messages: list[str] = []
+def flow_run_logs(server: Server, flow_run: str) -> list[dict]:
+    """Every log of `flow_run` stored by the server: message and task_run_id (None: the flow's own)."""
+    messages: list[dict] = []
     with httpx.Client(base_url=server.api, timeout=120) as client:
         while True:
             page = client.post("/logs/filter", json={
                 "logs": {"flow_run_id": {"any_": [flow_run]}}, "sort": "TIMESTAMP_ASC", "limit": 200,
                 "offset": len(messages)})  # fmt: skip
             page.raise_for_status()
-            batch = [r["message"] for r in page.json()]
+            batch = [{"message": r["message"], "task_run_id": r.get("task_run_id")} for r in page.json()]
             messages += batch
             if len(batch) < 200:
                 return messages
@@ -427,7 +427,7 @@ def run_backend(database: str, checkpoints: int, processes: int, work: Path, por
         "server log": log_errors(server.log),
         "flow log": log_errors(work / "worker.log"),
         "run log lines": len(logs),  # what the UI's Logs tab holds for the run
-        "finished-in-state lines": sum(1 for m in logs if m.startswith("Finished in state")),
+        "finished-in-state lines": sum(1 for m in logs if m["message"].startswith("Finished in state")),
         "ui": {name: _percentiles(v) for name, v in seen.latencies.items()},
         "ui errors": seen.ui_errors[:10],
         "flow peak rss GB": seen.flow_rss / 2**30,
