@@ -41,12 +41,15 @@ from prefect.artifacts import (
 )
 
 from flows.clusters import GPU, profile
+from flows.logs import quiet_finished_task_runs
 from layertime import claims, fastmteb, pipeline
 from layertime.costs import MODELS_PER_GPU
 from layertime.plan import Plan, make_plan
 from layertime.rundir import RunDir
 from layertime.spec import ExperimentSpec, load_spec
 from tasks import units
+
+quiet_finished_task_runs()  # exp2's ~8,100 "Finished in state Completed()" lines would bury the run's log
 
 
 class UnitsFailed(RuntimeError):

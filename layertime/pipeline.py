@@ -89,12 +89,15 @@ class Settings:
 
 
 def prepare_world(spec: ExperimentSpec) -> None:
-    """Build the offline demo model into the spec's HF cache when the spec asks for it."""
+    """Build the offline demo (or scale world) model into the spec's HF cache when the spec asks for it."""
     from layertime.checkpoints import hub_cache
     from layertime.demo.model import DEMO_REPO, ensure_demo_model
+    from layertime.demo.scale_model import SCALE_REPO, ensure_scale_model
 
     if spec.model == DEMO_REPO:
         ensure_demo_model(hub_cache(spec.hf_cache))
+    elif spec.model == SCALE_REPO:
+        ensure_scale_model(hub_cache(spec.hf_cache))
 
 
 def write_snapshot(plan: Plan, run: RunDir, settings: Settings) -> None:

@@ -65,6 +65,7 @@ FreeSpace = Callable[[Path], int]
 DEMO_REPO = (
     "layertime/tiny-neox"  # = layertime.demo.model.DEMO_REPO, built locally (importing it loads torch)
 )
+SCALE_REPO = "layertime/tiny-neox-scale"  # = layertime.demo.scale_model.SCALE_REPO, built locally too
 
 
 class PrefetchError(RuntimeError):
@@ -314,7 +315,7 @@ def plan_fetch(spec: ExperimentSpec, endpoint: str | None = None, api: Any = Non
 
 
 def _is_local_model(spec: ExperimentSpec) -> bool:
-    return spec.model == DEMO_REPO or Path(spec.model).is_dir()
+    return spec.model in (DEMO_REPO, SCALE_REPO) or Path(spec.model).is_dir()
 
 
 def _remote_files(api: Any, repo_id: str, revision: str, repo_type: str) -> tuple[str, dict[str, RemoteFile]]:
@@ -418,10 +419,9 @@ def prefetch(
     """
     log = log or (lambda message: print(message, file=sys.stderr))
     if _is_local_model(spec):
-        from layertime.demo.model import ensure_demo_model
+        from layertime.pipeline import prepare_world
 
-        if spec.model == DEMO_REPO:
-            ensure_demo_model(checkpoints.hub_cache(spec.hf_cache))
+        prepare_world(spec)  # builds the demo or scale world model; a local path is left alone
     plan = plan_fetch(spec, endpoint)
     missing = plan.missing_bytes
     log(

@@ -10,6 +10,7 @@ from typing import Any
 
 SUITE_32 = "layer-by-layer-32"
 SUITE_DEMO = "demo-5"
+SUITE_SCALE = "scale-32"
 
 TASK_TYPES: dict[str, list[str]] = {
     "Classification": [
@@ -46,7 +47,16 @@ DEMO_TASK_TYPES: dict[str, str] = {
     "DemoSTS": "STS",
 }
 
-SUITES: dict[str, tuple[str, ...]] = {SUITE_32: LAYER_BY_LAYER_32, SUITE_DEMO: tuple(DEMO_TASK_TYPES)}
+# The scale world (layertime/demo/scale_tasks.py): one tiny local task per suite task, of its type.
+SCALE_TASK_TYPES: dict[str, str] = {
+    f"Scale{name}": kind for kind, names in TASK_TYPES.items() for name in names
+}
+
+SUITES: dict[str, tuple[str, ...]] = {
+    SUITE_32: LAYER_BY_LAYER_32,
+    SUITE_DEMO: tuple(DEMO_TASK_TYPES),
+    SUITE_SCALE: tuple(SCALE_TASK_TYPES),
+}
 
 # Rule (a) of the paper: these tasks are scored on other subsets than MTEB(eng, v1) pins.
 RULE_A_SUBSETS: dict[str, tuple[str, ...]] = {
@@ -59,8 +69,8 @@ SPLIT = "test"
 
 def task_type(name: str) -> str:
     """The MTEB task type of a suite task ('Classification', 'STS', ...)."""
-    if name in DEMO_TASK_TYPES:
-        return DEMO_TASK_TYPES[name]
+    if name in DEMO_TASK_TYPES or name in SCALE_TASK_TYPES:
+        return {**DEMO_TASK_TYPES, **SCALE_TASK_TYPES}[name]
     for kind, names in TASK_TYPES.items():
         if name in names:
             return kind
@@ -69,11 +79,12 @@ def task_type(name: str) -> str:
 
 def known_tasks() -> set[str]:
     """Every task name a spec may list without importing mteb."""
-    return set(LAYER_BY_LAYER_32) | set(DEMO_TASK_TYPES)
+    return set(LAYER_BY_LAYER_32) | set(DEMO_TASK_TYPES) | set(SCALE_TASK_TYPES)
 
 
 def is_demo_task(name: str) -> bool:
-    return name in DEMO_TASK_TYPES
+    """A task built in memory (the demo's or the scale world's): no dataset to fetch."""
+    return name in DEMO_TASK_TYPES or name in SCALE_TASK_TYPES
 
 
 def build_task(name: str, aggregation: str = "rule-a") -> Any:
@@ -82,6 +93,10 @@ def build_task(name: str, aggregation: str = "rule-a") -> Any:
     Fresh on every call: `.v2` clustering tasks advance an RNG per evaluation (docs/design.md §4), so
     one instance must never be evaluated twice.
     """
+    if name in SCALE_TASK_TYPES:
+        from layertime.demo.scale_tasks import scale_task
+
+        return scale_task(name).filter_eval_splits([SPLIT])
     if is_demo_task(name):
         from layertime.demo.tasks import demo_task
 

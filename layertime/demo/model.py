@@ -169,9 +169,14 @@ def _weight_files(model: GPTNeoXForCausalLM) -> dict[str, bytes]:
 
 
 def train_checkpoints(
-    tokenizer: Tokenizer, texts: list[str], seed: int = TRAIN_SEED
+    tokenizer: Tokenizer,
+    texts: list[str],
+    seed: int = TRAIN_SEED,
+    steps: tuple[int, ...] = DEMO_STEPS,
+    label_scale: int = STEP_LABEL_SCALE,
 ) -> dict[int, dict[str, bytes]]:
-    """Train the tiny model on `texts`, returning the saved files at every step label in DEMO_STEPS."""
+    """Train the tiny model on `texts`, returning the saved files at every step label in `steps`
+    (label ``N`` = ``N // label_scale`` optimizer steps; `steps` ascending)."""
     eos_id = tokenizer.token_to_id(EOS_TOKEN)
     encoded = [encoding.ids for encoding in tokenizer.encode_batch(texts)]
     order = random.Random(seed)  # batch order, independent of torch's RNG
@@ -180,14 +185,14 @@ def train_checkpoints(
         model = GPTNeoXForCausalLM(tiny_config(tokenizer.get_vocab_size()))
         optimizer = torch.optim.AdamW(model.parameters(), lr=LEARNING_RATE, weight_decay=0.01)
         done = 0
-        for step in DEMO_STEPS:
+        for step in steps:
             model.train()
-            for _ in range(step // STEP_LABEL_SCALE - done):
+            for _ in range(step // label_scale - done):
                 loss = model(**_batch(order.sample(encoded, BATCH_SIZE), eos_id)).loss
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
-            done = step // STEP_LABEL_SCALE
+            done = step // label_scale
             model.eval()
             checkpoints[step] = _weight_files(model)
     return checkpoints

@@ -1,0 +1,540 @@
+"""Benchmark of orchestration at exp2's size: the scale world through a real Prefect server (issue 15).
+
+Runs `deployments/scale.yaml` (exp2's shape: 50 checkpoints × 4 layers × 32 tasks, every unit real but
+tiny) the way users run exp2: `prefect server start`, a process work pool, `prefect deploy` of the
+`scale` deployment, one `prefect worker`, `prefect deployment run 'layer-by-layer/scale'` — once with
+the server on SQLite (Prefect's default) and once on PostgreSQL (`.ci/postgres.sh`), side by side.
+Each backend gets a fresh Prefect home, a fresh database and its own run root, so neither reuses the
+other's results. It records, per backend:
+
+- wall time from `deployment run` to the flow run's final state;
+- compute: the units' own measured seconds, summed from the tables (`scores.seconds`: scoring;
+  `costs.seconds`: embedding and metrics);
+- orchestration overhead per task run: (flow run's running time − compute / slots) / task runs,
+  `slots` = the scoring processes that run at once (min(processes, cores)); it includes the flow's
+  fixed costs (imports, offline verification, recording, merge and report);
+- errors in the server's and the worker's (flow's) logs: `database is locked`, HTTP 5xx answers,
+  client retries ("retryable"), tracebacks;
+- task runs by final state from the API against the plan (lost, duplicated, left Pending/Running);
+- peak memory (RSS) of the flow-run process and of its whole process tree (scoring processes too);
+- latency of the queries the UI's flow-run page makes (task-run list and count, graph, artifacts,
+  logs), sampled every few seconds during the run: p50 and p95;
+- the Prefect database's size afterwards.
+
+Usage (PostgreSQL must be up: `bash .ci/postgres.sh start`; root only for that script):
+
+    python benchmarks/orchestration.py --checkpoints 50          # the full 6,400 units (exp2's size)
+    python benchmarks/orchestration.py --checkpoints 8 --no-write # 1,024 units, print only
+
+Figures go to `benchmarks/RESULTS.md` (a section per run, machine and load named). The functions
+(server, deploy, worker, run, states, errors) are reused by `tests/test_scale.py`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+ROOT = Path(__file__).resolve().parents[1]
+PREFECT = str(Path(sys.executable).parent / "prefect")
+SPEC = ROOT / "deployments" / "scale.yaml"
+DEPLOYMENT = "layer-by-layer/scale"
+POOL = "layertime"  # prefect.yaml's work pool
+FINAL = {"COMPLETED", "FAILED", "CRASHED", "CANCELLED"}
+
+# What counts as an error in a log, by kind.
+LOG_PATTERNS: dict[str, str] = {
+    "database is locked": r"database is locked",
+    "HTTP 5xx": r"(?:status code|HTTP/1\.1\"?|Server error '?)\s*5\d\d\b|Internal Server Error|Service Unavailable",
+    "client retries": r"retryable (?:status code|exception)",
+    "tracebacks": r"^Traceback \(most recent call last\)",
+}
+
+
+# ------------------------------------------------------------------------------------- the server
+
+
+@dataclass
+class Server:
+    """A `prefect server start` on loopback with its own home; `env` is what clients need."""
+
+    env: dict[str, str]
+    proc: subprocess.Popen
+    log: Path
+    database: str  # "sqlite" or the PostgreSQL URL
+
+    @property
+    def api(self) -> str:
+        return self.env["PREFECT_API_URL"]
+
+
+def free_port() -> int:
+    """A TCP port free on loopback now."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def fresh_postgres_database(base_url: str, name: str) -> str:
+    """Drop and create database `name` on the server of `base_url` (postgresql+asyncpg://u:p@h:port/db);
+    returns its URL. The role must be allowed to create databases (.ci/postgres.sh gives `prefect` that)."""
+    m = re.fullmatch(r"postgresql\+asyncpg://([^:]+):([^@]+)@([^:/]+):(\d+)/(\w+)", base_url)
+    if m is None:
+        raise ValueError(f"not a postgresql+asyncpg://user:password@host:port/db URL: {base_url!r}")
+    user, password, host, port, db = m.groups()
+    env = {**os.environ, "PGPASSWORD": password}
+    for sql in (f"DROP DATABASE IF EXISTS {name} WITH (FORCE)", f"CREATE DATABASE {name}"):
+        subprocess.run(["psql", "-X", "-q", "-h", host, "-p", port, "-U", user, "-d", db, "-c", sql],
+                       env=env, check=True, capture_output=True, text=True, timeout=60)  # fmt: skip
+    return f"postgresql+asyncpg://{user}:{password}@{host}:{port}/{name}"
+
+
+def database_size(server: Server) -> int:
+    """Bytes of the server's database: the SQLite file (and its WAL) or pg_database_size."""
+    if server.database == "sqlite":
+        home = Path(server.env["PREFECT_HOME"])
+        return sum(p.stat().st_size for p in home.glob("prefect.db*"))
+    m = re.fullmatch(r"postgresql\+asyncpg://([^:]+):([^@]+)@([^:/]+):(\d+)/(\w+)", server.database)
+    assert m is not None
+    user, password, host, port, db = m.groups()
+    out = subprocess.run(["psql", "-X", "-At", "-h", host, "-p", port, "-U", user, "-d", db, "-c",
+                          "SELECT pg_database_size(current_database())"], env={**os.environ, "PGPASSWORD": password},
+                         check=True, capture_output=True, text=True, timeout=60)  # fmt: skip
+    return int(out.stdout.strip())
+
+
+def start_server(home: Path, port: int, database_url: str | None, timeout: float = 240) -> Server:
+    """`prefect server start` with PREFECT_HOME=`home` on 127.0.0.1:`port`; SQLite in `home` unless
+    `database_url` (PREFECT_API_DATABASE_CONNECTION_URL) names a PostgreSQL database."""
+    home.mkdir(parents=True, exist_ok=True)
+    env = {
+        **os.environ,
+        "PREFECT_HOME": str(home),
+        "PREFECT_API_URL": f"http://127.0.0.1:{port}/api",
+        "PREFECT_SERVER_API_PORT": str(port),
+        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+        "PREFECT_UI_ENABLED": "false",  # the API the UI calls is what is measured; no static files to serve
+        "HF_HUB_OFFLINE": "1",
+    }
+    env.pop("PREFECT_API_DATABASE_CONNECTION_URL", None)
+    if database_url:
+        env["PREFECT_API_DATABASE_CONNECTION_URL"] = database_url
+    log = home / "server.log"
+    with open(log, "w") as out:
+        proc = subprocess.Popen([PREFECT, "server", "start", "--host", "127.0.0.1", "--port", str(port)],
+                                env=env, stdout=out, stderr=subprocess.STDOUT, cwd=home)  # fmt: skip
+    server = Server(env, proc, log, database_url or "sqlite")
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"prefect server exited ({proc.returncode}):\n{log.read_text()[-3000:]}")
+        try:
+            if httpx.get(f"{server.api}/health", timeout=5).status_code == 200:
+                return server
+        except httpx.HTTPError:
+            pass
+        time.sleep(1)
+    stop(proc)
+    raise TimeoutError(f"prefect server not healthy after {timeout} s:\n{log.read_text()[-3000:]}")
+
+
+def stop(proc: subprocess.Popen, timeout: float = 60) -> None:
+    """SIGTERM, then SIGKILL if it does not exit within `timeout`."""
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=timeout)
+
+
+def prefect(env: dict, *args: str, timeout: float = 300, cwd: Path = ROOT) -> str:
+    """Run the `prefect` CLI; its stdout, or RuntimeError with both streams."""
+    out = subprocess.run([PREFECT, *args], env=env, cwd=cwd, capture_output=True, text=True, timeout=timeout)
+    if out.returncode != 0:
+        raise RuntimeError(f"prefect {' '.join(args)} failed:\n{out.stdout[-3000:]}\n{out.stderr[-3000:]}")
+    return out.stdout
+
+
+def deploy(server: Server) -> None:
+    """The work pool and the `scale` deployment of prefect.yaml, as the README's path does."""
+    prefect(server.env, "work-pool", "create", POOL, "--type", "process")
+    prefect(server.env, "--no-prompt", "deploy", "--name", "scale")
+
+
+def start_worker(server: Server, log: Path) -> subprocess.Popen:
+    """One process worker on the pool (one flow run at a time); its output (the flow's logs) to `log`."""
+    with open(log, "w") as out:
+        return subprocess.Popen([PREFECT, "worker", "start", "--pool", POOL, "--limit", "1"], env=server.env,
+                                cwd=ROOT, stdout=out, stderr=subprocess.STDOUT)  # fmt: skip
+
+
+def run_deployment(server: Server, overrides: dict, cluster_overrides: dict) -> str:
+    """`prefect deployment run 'layer-by-layer/scale'` with these parameters; the flow run's id."""
+    out = prefect(server.env, "deployment", "run", DEPLOYMENT, "--param", f"overrides={json.dumps(overrides)}",
+                  "--param", f"cluster_overrides={json.dumps(cluster_overrides)}")  # fmt: skip
+    m = re.search(r"UUID:\s*([0-9a-f-]{36})", out)
+    if m is None:
+        raise RuntimeError(f"no flow run id in the output of prefect deployment run:\n{out}")
+    return m.group(1)
+
+
+# ------------------------------------------------------------------------------------- watching
+
+
+UI_QUERIES: dict[str, tuple[str, str, Any]] = {
+    # name: (method, path, body), the calls the UI's flow-run page makes ({id}: the flow run)
+    "task runs list": ("POST", "/task_runs/filter",
+                       {"flow_runs": {"id": {"any_": ["{id}"]}}, "sort": "EXPECTED_START_TIME_DESC", "limit": 200}),
+    "task runs count": ("POST", "/task_runs/count", {"flow_runs": {"id": {"any_": ["{id}"]}}}),
+    "graph": ("GET", "/flow_runs/{id}/graph-v2", None),
+    "artifacts": ("POST", "/artifacts/filter", {"artifacts": {"flow_run_id": {"any_": ["{id}"]}}, "limit": 200}),
+    "logs": ("POST", "/logs/filter", {"logs": {"flow_run_id": {"any_": ["{id}"]}}, "sort": "TIMESTAMP_ASC",
+                                      "limit": 200}),
+}  # fmt: skip
+
+
+def _fill(body: Any, flow_run: str) -> Any:
+    return json.loads(json.dumps(body).replace("{id}", flow_run)) if body is not None else None
+
+
+@dataclass
+class Watch:
+    """What was seen while the flow ran: final state, UI latencies (s) per query, peak memory (bytes)."""
+
+    state: str = ""
+    message: str = ""
+    queued_s: float = 0.0  # deployment run -> flow run started (worker pick-up, process start)
+    running_s: float = 0.0  # flow run start -> end, from the API
+    latencies: dict[str, list[float]] = field(default_factory=dict)
+    ui_errors: list[str] = field(default_factory=list)
+    flow_rss: int = 0
+    tree_rss: int = 0
+
+
+def _rss(worker: subprocess.Popen) -> tuple[int, int]:
+    """RSS of the worker's flow-run child (largest direct child) and of everything under the worker."""
+    import psutil
+
+    try:
+        children = psutil.Process(worker.pid).children()
+    except psutil.Error:
+        return 0, 0
+    flow, tree = 0, 0
+    for child in children:
+        try:
+            own = child.memory_info().rss
+            below = sum(p.memory_info().rss for p in child.children(recursive=True))
+        except psutil.Error:
+            continue
+        flow, tree = max(flow, own), tree + own + below
+    return flow, tree
+
+
+def watch(
+    server: Server, flow_run: str, worker: subprocess.Popen, timeout: float, every: float = 5.0
+) -> Watch:
+    """Poll the flow run until it is final, timing the UI's queries and sampling memory meanwhile."""
+    seen = Watch(latencies={name: [] for name in UI_QUERIES})
+    deadline = time.monotonic() + timeout
+    with httpx.Client(base_url=server.api, timeout=120) as client:
+        while time.monotonic() < deadline:
+            flow, tree = _rss(worker)
+            seen.flow_rss, seen.tree_rss = max(seen.flow_rss, flow), max(seen.tree_rss, tree)
+            run = client.get(f"/flow_runs/{flow_run}").json()
+            state = run.get("state") or {}
+            if state.get("type") in FINAL:
+                seen.state, seen.message = state["type"], state.get("message") or ""
+                seen.queued_s, seen.running_s = _seconds(run["created"], run["start_time"], run["end_time"])
+                return seen
+            if state.get("type") == "RUNNING":
+                for name, (method, path, body) in UI_QUERIES.items():
+                    t0 = time.perf_counter()
+                    answer = client.request(
+                        method, path.replace("{id}", flow_run), json=_fill(body, flow_run)
+                    )
+                    seen.latencies[name].append(time.perf_counter() - t0)
+                    if answer.status_code >= 400:
+                        seen.ui_errors.append(f"{name}: HTTP {answer.status_code}")
+            if worker.poll() is not None:
+                raise RuntimeError(f"the worker exited ({worker.returncode}) before the flow run ended")
+            time.sleep(every)
+    raise TimeoutError(f"flow run {flow_run} not final after {timeout} s")
+
+
+def _seconds(created: str, start: str | None, end: str | None) -> tuple[float, float]:
+    """(created -> start, start -> end) in seconds from the API's ISO timestamps."""
+    import datetime as dt
+
+    t = [dt.datetime.fromisoformat(x) if x else None for x in (created, start, end)]
+    if t[1] is None or t[2] is None:
+        return 0.0, 0.0
+    return (t[1] - t[0]).total_seconds(), (t[2] - t[1]).total_seconds()
+
+
+def task_runs(server: Server, flow_run: str) -> list[dict]:
+    """Every task run of `flow_run` from the API (name, state type), page by page."""
+    runs: list[dict] = []
+    with httpx.Client(base_url=server.api, timeout=120) as client:
+        while True:
+            page = client.post("/task_runs/filter", json={
+                "flow_runs": {"id": {"any_": [flow_run]}}, "sort": "ID_DESC", "limit": 200, "offset": len(runs)})  # fmt: skip
+            page.raise_for_status()
+            batch = page.json()
+            runs += [{"name": r["name"], "state": (r.get("state") or {}).get("type")} for r in batch]
+            if len(batch) < 200:
+                return runs
+
+
+def flow_run_logs(server: Server, flow_run: str) -> list[dict]:
+    """Every log of `flow_run` stored by the server: message and task_run_id (None: the flow's own)."""
+    messages: list[dict] = []
+    with httpx.Client(base_url=server.api, timeout=120) as client:
+        while True:
+            page = client.post("/logs/filter", json={
+                "logs": {"flow_run_id": {"any_": [flow_run]}}, "sort": "TIMESTAMP_ASC", "limit": 200,
+                "offset": len(messages)})  # fmt: skip
+            page.raise_for_status()
+            batch = [{"message": r["message"], "task_run_id": r.get("task_run_id")} for r in page.json()]
+            messages += batch
+            if len(batch) < 200:
+                return messages
+
+
+def expected_task_runs(plan: Any) -> Counter:
+    """How many task runs of each kind the flow makes for `plan` on a fresh run root."""
+    ckpts, tasks = len(plan.distinct_checkpoints()), len(plan.tasks)
+    return Counter(
+        {"record": tasks, "gpu": ckpts, "score": plan.evaluations, "cleanup": ckpts * tasks, "merge": 1}
+    )
+
+
+def state_check(runs: list[dict], plan: Any) -> dict[str, Any]:
+    """Task runs by final state against the plan: per kind counts, duplicates by name, not final."""
+    kinds = Counter(r["name"].split("[", 1)[0] for r in runs)
+    names = Counter(r["name"] for r in runs)
+    expected = expected_task_runs(plan)
+    return {
+        "task runs": len(runs),
+        "expected": sum(expected.values()),
+        "by state": dict(Counter(r["state"] for r in runs)),
+        "by kind": dict(kinds),
+        "lost": {k: n - kinds.get(k, 0) for k, n in expected.items() if kinds.get(k, 0) < n},
+        "duplicated": sorted(name for name, n in names.items() if n > 1)[:10],
+        "not final": sum(1 for r in runs if r["state"] not in FINAL),
+    }
+
+
+def log_errors(*logs: Path) -> dict[str, int]:
+    """Count of each LOG_PATTERNS kind over the given log files."""
+    text = "\n".join(p.read_text(errors="replace") for p in logs if p.exists())
+    return {
+        kind: len(re.findall(pattern, text, flags=re.MULTILINE)) for kind, pattern in LOG_PATTERNS.items()
+    }
+
+
+# ------------------------------------------------------------------------------------- one run
+
+
+def scale_overrides(checkpoints: int, work: Path) -> dict:
+    """Spec overrides: the first `checkpoints` of exp2's revisions, a run root and store under `work`."""
+    last = 94000 + 1000 * (checkpoints - 1)
+    return {
+        "checkpoints": [f"step94000..step{last}/1000"] if checkpoints > 1 else ["step94000"],
+        "run_root": str(work / "run"),
+        "store": str(work / "store"),
+        "hf_cache": str(ROOT / ".cache" / "scale-hub"),
+    }
+
+
+def table_check(run_root: Path, plan: Any) -> dict[str, Any]:
+    """Every unit exactly once in the scores table; compute seconds from the tables."""
+    import polars as pl
+
+    scores = pl.read_parquet(run_root / "tables" / "scores.parquet")
+    costs = pl.read_parquet(run_root / "tables" / "costs.parquet")
+    keys = scores.select("revision", "task", "layer")
+    return {
+        "score rows": scores.height,
+        "distinct units": keys.unique().height,
+        "units twice": keys.height - keys.unique().height,
+        "score seconds": float(scores["seconds"].sum()),
+        "gpu seconds": float(costs["seconds"].sum()),
+        "expected units": plan.evaluations,
+    }
+
+
+def run_backend(database: str, checkpoints: int, processes: int, work: Path, port: int, pg_url: str | None,
+                timeout: float) -> dict[str, Any]:  # fmt: skip
+    """One whole run on `database` ("sqlite" or "postgres"): fresh home, database and run root."""
+    from layertime.plan import make_plan
+    from layertime.spec import load_spec
+
+    work.mkdir(parents=True, exist_ok=True)
+    overrides = scale_overrides(checkpoints, work)
+    plan = make_plan(load_spec(SPEC, **overrides))
+    url = fresh_postgres_database(pg_url, f"bench_{database}_{port}") if database == "postgres" else None
+    server = start_server(work / "prefect-home", port, url)
+    worker = None
+    try:
+        deploy(server)
+        worker = start_worker(server, work / "worker.log")
+        t0 = time.monotonic()
+        flow_run = run_deployment(server, overrides, {"scoring_processes": processes})
+        seen = watch(server, flow_run, worker, timeout)
+        wall = time.monotonic() - t0
+        runs = task_runs(server, flow_run)
+        logs = flow_run_logs(server, flow_run)
+        size = database_size(server)
+    finally:
+        if worker is not None:
+            stop(worker)
+        stop(server.proc)
+    tables = table_check(Path(overrides["run_root"]), plan) if seen.state == "COMPLETED" else {}
+    compute = tables.get("score seconds", 0.0) + tables.get("gpu seconds", 0.0)
+    states = state_check(runs, plan)
+    slots = max(1, min(processes or 1, os.cpu_count() or 1))
+    return {
+        "database": database,
+        "state": seen.state,
+        "message": seen.message[:300],
+        "evaluations": plan.evaluations,
+        "wall s": wall,
+        "queued s": seen.queued_s,
+        "flow running s": seen.running_s,
+        "compute s": compute,
+        # The flow's own running time beyond its units' compute, spread over the slots, per task run.
+        "overhead ms per task run": 1000 * (seen.running_s - compute / slots) / max(1, states["task runs"]),
+        "states": states,
+        "tables": tables,
+        "server log": log_errors(server.log),
+        "flow log": log_errors(work / "worker.log"),
+        "run log lines": len(logs),  # what the UI's Logs tab holds for the run
+        "finished-in-state lines": sum(1 for m in logs if m["message"].startswith("Finished in state")),
+        "ui": {name: _percentiles(v) for name, v in seen.latencies.items()},
+        "ui errors": seen.ui_errors[:10],
+        "flow peak rss GB": seen.flow_rss / 2**30,
+        "tree peak rss GB": seen.tree_rss / 2**30,
+        "db MB": size / 2**20,
+    }
+
+
+def _percentiles(values: list[float]) -> dict[str, float]:
+    if not values:
+        return {"n": 0}
+    ordered = sorted(values)
+    p95 = ordered[min(len(ordered) - 1, round(0.95 * (len(ordered) - 1)))]
+    return {"n": len(values), "p50": statistics.median(ordered), "p95": p95, "max": ordered[-1]}
+
+
+# ------------------------------------------------------------------------------------- report
+
+
+def _uptime() -> str:
+    """The 1, 5 and 15-minute load averages, as `uptime` prints them."""
+    return " ".join(Path("/proc/loadavg").read_text().split()[:3])
+
+
+def markdown(results: list[dict], args: argparse.Namespace, loads: dict[str, str], started: str) -> str:
+    from machine import cpu_model  # benchmarks/ is on sys.path
+
+    rows = [
+        ("final state", lambda r: r["state"]),
+        ("wall time (deployment run → final state)", lambda r: f"{r['wall s']:.0f} s"),
+        ("flow run: queued / running (API)", lambda r: f"{r['queued s']:.0f} s / {r['flow running s']:.0f} s"),
+        ("compute (units' measured seconds)", lambda r: f"{r['compute s']:.0f} s"),
+        ("orchestration overhead per task run", lambda r: f"{r['overhead ms per task run']:.0f} ms"),
+        ("task runs (expected)", lambda r: f"{r['states']['task runs']} ({r['states']['expected']})"),
+        ("by final state", lambda r: ", ".join(f"{k} {v}" for k, v in r["states"]["by state"].items())),
+        ("lost / duplicated / not final", lambda r: f"{sum(r['states']['lost'].values())} / "
+                                                    f"{len(r['states']['duplicated'])} / {r['states']['not final']}"),
+        ("units in the tables (twice)", lambda r: f"{r['tables'].get('distinct units', '-')} "
+                                                  f"({r['tables'].get('units twice', '-')})"),
+        ("server log: locked / 5xx / retries / tracebacks", lambda r: " / ".join(map(str, r["server log"].values()))),
+        ("flow log: locked / 5xx / retries / tracebacks", lambda r: " / ".join(map(str, r["flow log"].values()))),
+        ("the run's log in the UI: lines (\"Finished in state\" lines)",
+         lambda r: f"{r['run log lines']} ({r['finished-in-state lines']})"),
+        ("flow process peak RSS (whole tree)", lambda r: f"{r['flow peak rss GB']:.2f} GB ({r['tree peak rss GB']:.2f} GB)"),
+        *[(f"UI {name}: p50 / p95 (n)", lambda r, name=name: _latency(r["ui"][name])) for name in UI_QUERIES],
+        ("Prefect database after", lambda r: f"{r['db MB']:.0f} MB"),
+    ]  # fmt: skip
+    head = "| | " + " | ".join(r["database"] for r in results) + " |"
+    lines = [
+        f"## Orchestration at scale — {started} — {cpu_model()}, {os.cpu_count()} cores",
+        "",
+        f"`python benchmarks/orchestration.py --checkpoints {args.checkpoints} --processes {args.processes}`: "
+        f"the scale world ({results[0]['evaluations']} evaluations = {args.checkpoints} checkpoints × 4 layers × "
+        f"32 tasks) through `prefect server start` + process work pool + `prefect deployment run`, local "
+        f"profile with {args.processes} scoring processes, one backend after the other.",
+        f"Machine load (1/5/15-min load averages): {loads}. Shared with other work: timings are upper bounds.",
+        "",
+        head,
+        "|---|" + "---|" * len(results),
+        *[f"| {label} | " + " | ".join(fn(r) for r in results) + " |" for label, fn in rows],
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def _latency(q: dict) -> str:
+    if not q.get("n"):
+        return "not sampled"
+    return f"{1000 * q['p50']:.0f} / {1000 * q['p95']:.0f} ms ({q['n']})"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--checkpoints", type=int, default=50, help="of exp2's 50 (50: 6,400 evaluations)")
+    parser.add_argument("--processes", type=int, default=2, help="scoring processes of the local profile")
+    parser.add_argument("--databases", default="sqlite,postgres", help="comma-separated: sqlite, postgres")
+    parser.add_argument("--port", type=int, default=4350, help="first server port (one per backend)")
+    parser.add_argument("--timeout", type=float, default=7200, help="per backend, seconds")
+    parser.add_argument("--work", type=Path, default=None, help="working directory (default: a temp dir)")
+    parser.add_argument("--no-write", action="store_true", help="print, do not append to RESULTS.md")
+    args = parser.parse_args()
+    pg_url = os.environ.get("LAYERTIME_PG_URL")
+    if "postgres" in args.databases and not pg_url:
+        out = subprocess.run(
+            ["bash", str(ROOT / ".ci" / "postgres.sh"), "url"], capture_output=True, text=True
+        )
+        pg_url = out.stdout.strip()
+    from layertime.demo.scale_model import ensure_scale_model
+
+    ensure_scale_model(ROOT / ".cache" / "scale-hub")  # built once, outside the timed runs
+    work = args.work or Path(tempfile.mkdtemp(prefix="layertime-orchestration-"))
+    started = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+    loads = {"before": _uptime()}
+    results = []
+    for i, database in enumerate(args.databases.split(",")):
+        shutil.rmtree(work / database, ignore_errors=True)
+        result = run_backend(database, args.checkpoints, args.processes, work / database, args.port + i, pg_url,
+                             args.timeout)  # fmt: skip
+        loads[f"after {database}"] = _uptime()
+        print(json.dumps(result, indent=1), flush=True)
+        results.append(result)
+    text = markdown(results, args, loads, started)
+    print(text)
+    if not args.no_write:
+        with open(ROOT / "benchmarks" / "RESULTS.md", "a") as out:
+            out.write("\n" + text)
+
+
+if __name__ == "__main__":
+    main()
