@@ -91,7 +91,7 @@ def plan(
     """
     from layertime import costs
     from layertime import plan as planning
-    from layertime.pipeline import prepare_world
+    from layertime.demo.world import prepare_world
     from layertime.spec import SpecError
 
     plans = []
@@ -220,7 +220,7 @@ def _check_writable(spec) -> None:
 def _check_checkpoints(spec) -> None:
     """Fail before any work when a checkpoint or the model config cannot be found."""
     from layertime.checkpoints import CheckpointError
-    from layertime.pipeline import prepare_world
+    from layertime.demo.world import prepare_world
     from layertime.plan import make_plan
     from layertime.spec import SpecError
 

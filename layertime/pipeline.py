@@ -29,6 +29,7 @@ import yaml
 
 from layertime import CODE_VERSION, claims, memory, suite
 from layertime.checkpoints import Checkpoint
+from layertime.demo.world import prepare_world
 from layertime.io import atomic_add_files, atomic_write, atomic_write_text, save_array
 from layertime.plan import Plan, make_plan
 from layertime.rundir import RunDir, read_cost, settings_id
@@ -86,18 +87,6 @@ class Settings:
     def encoder_id(self) -> str:
         """What decides a vector: metrics are stored under it (they never see mteb or the subsets)."""
         return settings_id({k: v for k, v in self.as_dict().items() if k not in ("aggregation", "mteb")})
-
-
-def prepare_world(spec: ExperimentSpec) -> None:
-    """Build the offline demo (or scale world) model into the spec's HF cache when the spec asks for it."""
-    from layertime.checkpoints import hub_cache
-    from layertime.demo.model import DEMO_REPO, ensure_demo_model
-    from layertime.demo.scale_model import SCALE_REPO, ensure_scale_model
-
-    if spec.model == DEMO_REPO:
-        ensure_demo_model(hub_cache(spec.hf_cache))
-    elif spec.model == SCALE_REPO:
-        ensure_scale_model(hub_cache(spec.hf_cache))
 
 
 def write_snapshot(plan: Plan, run: RunDir, settings: Settings) -> None:

@@ -419,7 +419,7 @@ def prefetch(
     """
     log = log or (lambda message: print(message, file=sys.stderr))
     if _is_local_model(spec):
-        from layertime.pipeline import prepare_world
+        from layertime.demo.world import prepare_world
 
         prepare_world(spec)  # builds the demo or scale world model; a local path is left alone
     plan = plan_fetch(spec, endpoint)

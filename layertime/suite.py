@@ -96,7 +96,7 @@ def build_task(name: str, aggregation: str = "rule-a") -> Any:
     if name in SCALE_TASK_TYPES:
         from layertime.demo.scale_tasks import scale_task
 
-        return scale_task(name).filter_eval_splits([SPLIT])
+        return scale_task(name, SCALE_TASK_TYPES[name]).filter_eval_splits([SPLIT])
     if is_demo_task(name):
         from layertime.demo.tasks import demo_task
 

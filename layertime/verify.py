@@ -104,7 +104,7 @@ class _Checker:
         spec = self.spec
         if Path(spec.model).is_dir():
             return self._loads(spec.model, None, spec.model, None, {})
-        from layertime.pipeline import prepare_world
+        from layertime.demo.world import prepare_world
 
         prepare_world(spec)  # the demo model is built locally, never downloaded
         items: list[Item] = []

@@ -218,7 +218,7 @@ def read_refs(cache_dir: Path) -> dict[str, str] | None:
 
 
 @contextlib.contextmanager
-def _build_lock(cache_dir: Path) -> Iterator[None]:
+def build_lock(cache_dir: Path) -> Iterator[None]:
     """An exclusive lock on the demo build in `cache_dir`, held across processes."""
     lock_path = Path(cache_dir) / ".locks" / "layertime-demo-build.lock"
     lock_path.parent.mkdir(parents=True, exist_ok=True)
@@ -264,5 +264,5 @@ def ensure_demo_model(cache_dir: Path) -> dict[str, str]:
     if commits is not None:
         return commits
     cache_dir.mkdir(parents=True, exist_ok=True)
-    with _build_lock(cache_dir):
+    with build_lock(cache_dir):
         return read_refs(cache_dir) or build_demo_model(cache_dir)

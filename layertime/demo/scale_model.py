@@ -18,7 +18,7 @@ from layertime.demo.model import (
     TRAIN_SEED,
     TRAIN_SENTENCES,
     WEIGHT_FILES,
-    _build_lock,
+    build_lock,
     revision_name,
     tokenizer_files,
     train_checkpoints,
@@ -83,5 +83,5 @@ def ensure_scale_model(cache_dir: Path) -> dict[str, str]:
     if commits is not None:
         return commits
     cache_dir.mkdir(parents=True, exist_ok=True)
-    with _build_lock(cache_dir):
+    with build_lock(cache_dir):
         return read_scale_refs(cache_dir) or build_scale_model(cache_dir)

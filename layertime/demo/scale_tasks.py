@@ -10,9 +10,9 @@ of two. Every unit is real: recorded, embedded by the model, scored by mteb, mer
 
 from __future__ import annotations
 
+import functools
 from typing import TYPE_CHECKING, Any
 
-from layertime import suite
 from layertime.demo import tasks as demo
 
 if TYPE_CHECKING:
@@ -48,9 +48,10 @@ class _OneSet:
 _CHEAPER: dict[str, tuple[type, ...]] = {"Classification": (_OneExperiment,), "Clustering": (_OneSet,)}
 
 
-def _task_class(name: str) -> type:
-    """The class of scale task `name`: its type's demo task under the new name and dataset revision."""
-    kind = suite.task_type(name)
+@functools.cache
+def _task_class(name: str, kind: str) -> type:
+    """The class of scale task `name` of type `kind`: that type's demo task under the new name and
+    dataset revision. The suite (layertime/suite.py) names the tasks and their types."""
     base = _BASES[kind]
     slug = name.removeprefix("Scale").lower()
     metadata = base.metadata.model_copy(
@@ -63,15 +64,9 @@ def _task_class(name: str) -> type:
     return type(name.replace("-", "_"), (*_CHEAPER.get(kind, ()), base), {"metadata": metadata})
 
 
-_TASK_CLASSES: dict[str, type] = {name: _task_class(name) for name in suite.SCALE_TASK_TYPES}
-
-
-def scale_task(name: str) -> AbsTask:
-    """A fresh instance of scale task `name` (fresh: mteb tasks keep state between evaluations)."""
-    try:
-        cls = _TASK_CLASSES[name]
-    except KeyError:
-        raise KeyError(
-            f"unknown scale task {name!r}; the scale tasks are {', '.join(_TASK_CLASSES)}"
-        ) from None
-    return cls()
+def scale_task(name: str, kind: str) -> AbsTask:
+    """A fresh instance of scale task `name` of type `kind` (fresh: mteb tasks keep state between
+    evaluations)."""
+    if not name.startswith("Scale") or kind not in _BASES:
+        raise KeyError(f"unknown scale task {name!r} of type {kind!r}")
+    return _task_class(name, kind)()
