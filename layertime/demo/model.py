@@ -201,11 +201,14 @@ def train_checkpoints(
 # --- the cache -----------------------------------------------------------------------------------------
 
 
-def read_refs(cache_dir: Path) -> dict[str, str] | None:
-    """revision -> commit of the demo repo, or None unless every revision and its files are in place."""
-    repo = repo_dir(cache_dir, DEMO_REPO)
+def read_refs(
+    cache_dir: Path, repo_id: str = DEMO_REPO, revisions: list[str] | None = None
+) -> dict[str, str] | None:
+    """revision -> commit of a built repo (default: the demo's), or None unless every revision
+    (default: the demo's) and its files are in place."""
+    repo = repo_dir(cache_dir, repo_id)
     commits: dict[str, str] = {}
-    for revision in demo_revisions():
+    for revision in demo_revisions() if revisions is None else revisions:
         ref = repo / "refs" / revision
         if not ref.is_file():
             return None

@@ -14,17 +14,16 @@ from pathlib import Path
 
 from layertime.demo.corpus import labelled_sentences
 from layertime.demo.model import (
-    TOKENIZER_FILES,
     TRAIN_SEED,
     TRAIN_SENTENCES,
-    WEIGHT_FILES,
     build_lock,
+    read_refs,
     revision_name,
     tokenizer_files,
     train_checkpoints,
     train_tokenizer,
 )
-from layertime.hubcache import fake_commit, repo_dir, write_snapshot
+from layertime.hubcache import fake_commit, write_snapshot
 
 SCALE_REPO = "layertime/tiny-neox-scale"
 SCALE_STEPS: tuple[int, ...] = tuple(range(94000, 143001, 1000))  # exp2's revisions
@@ -39,18 +38,7 @@ def scale_revisions() -> list[str]:
 
 def read_scale_refs(cache_dir: Path) -> dict[str, str] | None:
     """revision -> commit of the scale repo, or None unless every revision and its files are in place."""
-    repo = repo_dir(cache_dir, SCALE_REPO)
-    commits: dict[str, str] = {}
-    for revision in scale_revisions():
-        ref = repo / "refs" / revision
-        if not ref.is_file():
-            return None
-        commit = ref.read_text()
-        snapshot = repo / "snapshots" / commit
-        if not all((snapshot / name).is_file() for name in WEIGHT_FILES + TOKENIZER_FILES):
-            return None
-        commits[revision] = commit
-    return commits
+    return read_refs(cache_dir, SCALE_REPO, scale_revisions())
 
 
 def build_scale_model(cache_dir: Path) -> dict[str, str]:
