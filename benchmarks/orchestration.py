@@ -298,7 +298,9 @@ def task_runs(server: Server, flow_run: str) -> list[dict]:
                 "flow_runs": {"id": {"any_": [flow_run]}}, "sort": "ID_DESC", "limit": 200, "offset": len(runs)})  # fmt: skip
             page.raise_for_status()
             batch = page.json()
-            runs += [{"name": r["name"], "state": (r.get("state") or {}).get("type")} for r in batch]
+            runs += [
+                {"id": r["id"], "name": r["name"], "state": (r.get("state") or {}).get("type")} for r in batch
+            ]
             if len(batch) < 200:
                 return runs
 

@@ -162,7 +162,8 @@ def _in_scoring_process(fn: Any, *args: Any) -> Any:
 def score(unit: Unit, layer: int, embeddings: str | None) -> list[dict]:
     """mteb main scores of one (checkpoint, task, layer), written to its completion record."""
     logger = get_run_logger()
-    logger.info(f"scoring {unit.task} layer {layer} of {unit.checkpoint.revision} from {embeddings}")
+    # One INFO line per score task (exp2: 6,400 of them), with the number; its start is in DEBUG.
+    logger.debug(f"scoring {unit.task} layer {layer} of {unit.checkpoint.revision} from {embeddings}")
     rows = _in_scoring_process(
         pipeline.score_unit,
         unit.run, unit.settings, unit.checkpoint, unit.task, [layer],

@@ -8,6 +8,7 @@ plan must hold exactly in the tables and in the API, the server log must be clea
 readable. The same functions drive `benchmarks/orchestration.py` at full size.
 """
 
+import collections
 import os
 import sys
 from pathlib import Path
@@ -107,4 +108,10 @@ def test_the_runs_log_stays_readable_at_hundreds_of_task_runs(scale_run):
     finished = [m for m in logs if m["task_run_id"] and m["message"].startswith("Finished in state")]
     assert len(runs) > 600
     assert finished == [], f"{len(finished)} task runs' 'Finished in state' lines of {len(logs)} lines"
-    assert len(logs) < 100, [m["message"] for m in logs[:20]]
+    # A score task run (one per unit) logs one line, its score; a gpu task what it does (loading,
+    # measuring, one line per task it embeds); a recording pass one line; the flow a few of its own.
+    score = {r["id"] for r in runs if r["name"].startswith("score[")}
+    per_score = collections.Counter(m["task_run_id"] for m in logs if m["task_run_id"] in score)
+    assert set(per_score.values()) <= {1}, per_score.most_common(3)
+    gpu, record = (sum(r["name"].startswith(kind) for r in runs) for kind in ("gpu[", "record["))
+    assert len(logs) <= 50 + gpu * (3 + record) + record + len(score), [m["message"] for m in logs[:20]]
