@@ -307,6 +307,10 @@ def _embed_beside(encoder: Any, target: Path, task: str, texts: list[str], block
     valid = valid_files(target)
     if not _same_texts(target / "texts.json", texts):
         valid = {}  # another text set under this key: every file is rewritten
+    # A layer file of the right size with a damaged header is rewritten too.
+    valid = {
+        n: size for n, size in valid.items() if not n.endswith(".npy") or _array_ok(target / n, len(texts))
+    }
     start = time.perf_counter()
     with memory.peak(encoder.device) as used:
         vectors = encoder.encode(texts)
@@ -363,13 +367,18 @@ def embeddings_ok(path: Path, blocks: list[int]) -> bool:
         texts = json.loads((path / "texts.json").read_text())
         if not isinstance(texts, list) or not all(isinstance(t, str) for t in texts):
             return False
-        for b in blocks:
-            array = np.load(path / f"layer_{b}.npy", mmap_mode="r", allow_pickle=False)
-            if array.dtype != np.float32 or array.ndim != 2 or array.shape[0] != len(texts):
-                return False
-    except (OSError, ValueError, KeyError, TypeError, EOFError):
+    except (OSError, ValueError):
         return False
-    return True
+    return all(_array_ok(path / f"layer_{b}.npy", len(texts)) for b in blocks)
+
+
+def _array_ok(path: Path, rows: int) -> bool:
+    """True when `path` reads back as a float32 matrix of `rows` rows (its header, memory-mapped)."""
+    try:
+        array = np.load(path, mmap_mode="r", allow_pickle=False)
+    except (OSError, ValueError, EOFError):
+        return False
+    return array.dtype == np.float32 and array.ndim == 2 and array.shape[0] == rows
 
 
 def load_embeddings(path: Path, block: int) -> tuple[list[str], np.ndarray]:

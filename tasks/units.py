@@ -189,4 +189,6 @@ def merge(plan: Plan, settings: pipeline.Settings) -> dict[str, str]:
     """The run's tables from the completion records: every unit done, by this run or an earlier one
     (partial runs give the tables of what exists, whatever failed)."""
     run = RunDir.of(plan.spec.run_root, plan.spec.store)
-    return {name: str(path) for name, path in pipeline.merge(plan, run, settings).items()}
+    paths = {name: str(path) for name, path in pipeline.merge(plan, run, settings).items()}
+    get_run_logger().info(f"tables written: {run.tables}")
+    return paths
