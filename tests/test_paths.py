@@ -13,27 +13,10 @@ from pathlib import Path
 
 import polars as pl
 import pytest
-import yaml
-from typer.testing import CliRunner
-
-from flows.commands import app
 
 ROOT = Path(__file__).resolve().parents[1]
-DEMO = yaml.safe_load((ROOT / "deployments/demo.yaml").read_text())
-
-
-def _spec_file(tmp_path: Path, hub: Path, name: str = "spec.yaml", **fields) -> Path:
-    """The demo spec, small (one checkpoint, two blocks, one task, no metrics); `fields` replace its fields."""
-    data = {**DEMO, "run_root": str(tmp_path / "run/demo"), "hf_cache": str(hub), "checkpoints": ["step1000"],
-            "layers": [1, 3], "tasks": ["DemoSTS"], "metrics": None}  # fmt: skip
-    data.update(fields)
-    path = tmp_path / name
-    path.write_text(yaml.safe_dump(data, sort_keys=False))
-    return path
-
-
-def _cli(*args: str):
-    return CliRunner().invoke(app, list(args))
+# The small demo spec file and the in-process CLI of the bad-input tests beside this one.
+from test_faults import _cli, _spec_file  # noqa: E402
 
 
 def _written(tmp_path: Path) -> list[Path]:
