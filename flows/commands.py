@@ -11,6 +11,7 @@ from __future__ import annotations
 import atexit
 import contextlib
 import logging
+import random
 import shutil
 import tempfile
 from pathlib import Path
@@ -82,6 +83,12 @@ def _embedded_prefect() -> contextlib.AbstractContextManager:
 
     if PREFECT_API_URL.value():
         return contextlib.nullcontext()
+    # Importing mteb seeds Python's global `random` with 42 (mteb/_set_seed.py: its tasks seed when
+    # created), and Prefect draws the temporary server's port from it: every run picked 8654, and of
+    # two runs at once the second could talk to the first's server, failing when the first finished.
+    # Reseeding from the OS gives each run its own draw; scores never read this generator (mteb
+    # reseeds its evaluators, and scoring runs in processes of its own).
+    random.seed()
     home = Path(tempfile.mkdtemp(prefix="layertime-prefect-"))
     # Registered before the server starts, so it runs after Prefect's own exit handler stops it (LIFO).
     atexit.register(shutil.rmtree, home, ignore_errors=True)
