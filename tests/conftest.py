@@ -40,9 +40,9 @@ def demo_repo(hub: Path) -> str:
 
 
 # --- a guarantee test that skips fails the run under CI=true ---------------------------------------
-# The README's Guarantees table names the test that proves each guarantee; some need a real SLURM, root
-# or Chromium and skip without them. Locally a skip is fine; in CI (CI=true) it would be a guarantee
-# silently unproved, so it is reported as a failure instead.
+# The Guarantees table (docs/guarantees.md) names the test that proves each guarantee; some need a real
+# SLURM, root or Chromium and skip without them. Locally a skip is fine; in CI (CI=true) it would be a
+# guarantee silently unproved, so it is reported as a failure instead.
 
 
 @pytest.hookimpl(hookwrapper=True)
@@ -50,17 +50,19 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo):
     outcome = yield
     report = outcome.get_result()
     if report.skipped and os.environ.get("CI") == "true" and _proves_a_guarantee(item):
+        from guarantees import GUARANTEES  # tests/guarantees.py (on sys.path, like hubserver)
+
         reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else str(report.longrepr)
         reason = reason.removeprefix("Skipped: ")
         report.outcome = "failed"
         report.longrepr = (
-            f"{item.nodeid} proves a guarantee of README.md and must run in CI; it skipped: {reason}"
+            f"{item.nodeid} proves a guarantee of {GUARANTEES} and must run in CI; it skipped: {reason}"
         )
 
 
 def _proves_a_guarantee(item: pytest.Item) -> bool:
-    from guarantees import guarantee_tests  # tests/guarantees.py (tests/ is on sys.path, like hubserver)
+    from guarantees import GUARANTEES, guarantee_tests  # tests/guarantees.py (on sys.path, like hubserver)
 
-    named = guarantee_tests(item.config.rootpath / "README.md")
+    named = guarantee_tests(item.config.rootpath / GUARANTEES)
     where = item.path.relative_to(item.config.rootpath).as_posix()
     return (where, getattr(item, "originalname", item.name)) in named

@@ -1,4 +1,4 @@
-"""The README's Guarantees table, read as data: which test proves each guarantee.
+"""The Guarantees table (`docs/guarantees.md`), read as data: which test proves each guarantee.
 
 Used by `tests/test_guarantees.py` (every named test exists) and by the hook in `conftest.py` (under
 `CI=true`, a guarantee test that skips fails the run instead of passing silently).
@@ -15,7 +15,9 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-HEADING = "## Guarantees"
+GUARANTEES = "docs/guarantees.md"  # the page that holds the table, relative to the repository
+HEADING = "Guarantees"  # the table is the first one after a heading (any level) that starts so
+_HEADING = re.compile(rf"#+ {HEADING}")
 _TEST = re.compile(r"(tests/[\w/]+\.py)?::(\w+)(\[[^\]]*\])?")
 
 
@@ -25,15 +27,15 @@ class Guarantee:
     tests: tuple[tuple[str, str], ...]  # (file relative to the repository, test function name)
 
 
-def read_table(readme: Path) -> list[Guarantee]:
+def read_table(page: Path) -> list[Guarantee]:
     """The table's rows, in order; raises ValueError naming a row whose test cell cannot be read."""
-    rows = _table_lines(Path(readme).read_text())
+    rows = _table_lines(Path(page).read_text())
     return [_row(line) for line in rows]
 
 
-def guarantee_tests(readme: Path) -> set[tuple[str, str]]:
+def guarantee_tests(page: Path) -> set[tuple[str, str]]:
     """Every (file, test name) the table names."""
-    return {t for g in read_table(readme) for t in g.tests}
+    return {t for g in read_table(page) for t in g.tests}
 
 
 def defined_tests(path: Path) -> set[str]:
@@ -53,9 +55,9 @@ def _table_lines(text: str) -> list[str]:
     """The body rows of the first table after the Guarantees heading (header and rule skipped)."""
     lines = text.splitlines()
     try:
-        start = next(i for i, line in enumerate(lines) if line.startswith(HEADING))
+        start = next(i for i, line in enumerate(lines) if _HEADING.match(line))
     except StopIteration:
-        raise ValueError(f"README has no '{HEADING}' section") from None
+        raise ValueError(f"no '{HEADING}' heading") from None
     table = []
     for line in lines[start + 1 :]:
         if line.startswith("|"):

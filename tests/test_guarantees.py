@@ -1,6 +1,7 @@
-"""The README's Guarantees table is executable: each row names tests that exist, a guarantee test that
-skips fails the run in CI, and the promises the table makes without a test of their own are tested here
-(exit 2 for a malformed spec from every command, the mteb-version branch of the run-root stamp)."""
+"""The Guarantees table (docs/guarantees.md) is executable: each row names tests that exist, a guarantee
+test that skips fails the run in CI, and the promises the table makes without a test of their own are
+tested here (exit 2 for a malformed spec from every command, the mteb-version branch of the run-root
+stamp)."""
 
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from guarantees import defined_tests, guarantee_tests, read_table  # tests/guarantees.py
+from guarantees import GUARANTEES, defined_tests, guarantee_tests, read_table  # tests/guarantees.py
 from typer.testing import CliRunner
 
 from flows.commands import app
@@ -25,7 +26,7 @@ TESTS = Path(__file__).resolve().parent
 
 
 def test_every_test_the_guarantees_table_names_exists():
-    rows = read_table(ROOT / "README.md")
+    rows = read_table(ROOT / GUARANTEES)
     assert len(rows) >= 20  # the table was found and read, not an empty section
     missing = [
         f"{situation}: {file}::{name}"
@@ -37,21 +38,25 @@ def test_every_test_the_guarantees_table_names_exists():
 
 
 def test_the_table_reader_takes_tests_by_name_and_refuses_a_file_alone(tmp_path):
-    readme = tmp_path / "README.md"
+    page = tmp_path / "guarantees.md"
     good = "| a | b | `tests/test_x.py::test_one`, `::test_two[p1]`, `tests/test_y.py::test_three` |"
-    readme.write_text(
+    page.write_text(
         f"# x\n\n## Guarantees (each proved)\n\n| what | does | test |\n|---|---|---|\n{good}\n\nafter\n"
     )
-    assert guarantee_tests(readme) == {
+    assert guarantee_tests(page) == {
         ("tests/test_x.py", "test_one"),
         ("tests/test_x.py", "test_two"),
         ("tests/test_y.py", "test_three"),
     }
-    readme.write_text(readme.read_text().replace("`tests/test_y.py::test_three`", "`tests/test_y.py`"))
+    page.write_text(page.read_text().replace("`tests/test_y.py::test_three`", "`tests/test_y.py`"))
     with pytest.raises(
         ValueError, match=r"guarantee 'a': 'tests/test_y.py' is not `tests/<file>.py::<test>`"
     ):
-        read_table(readme)
+        read_table(page)
+    page.write_text(
+        f"# Guarantees (each proved by a test)\n\n| what | does | test |\n|---|---|---|\n{good}\n"
+    )
+    assert len(read_table(page)) == 1  # the page's own title heads the table too
 
 
 def _project(tmp_path: Path) -> Path:
@@ -72,7 +77,8 @@ def _project(tmp_path: Path) -> Path:
         f"| {what} | held | `tests/test_x.py::{name}` |"
         for what, name in (("slurm", "test_needs_slurm"), ("root", "test_needs_root"), ("ok", "test_runs"))
     )
-    (tmp_path / "README.md").write_text(f"## Guarantees\n\n| what | does | test |\n|---|---|---|\n{rows}\n")
+    (tmp_path / GUARANTEES).parent.mkdir(parents=True)
+    (tmp_path / GUARANTEES).write_text(f"# Guarantees\n\n| what | does | test |\n|---|---|---|\n{rows}\n")
     return tmp_path
 
 
@@ -94,7 +100,7 @@ def test_a_guarantee_test_that_skips_fails_the_run_under_ci(tmp_path):
     assert ci.returncode == 1, ci.stdout[-3000:]
     for name, reason in (("test_needs_slurm", "no SLURM here"), ("test_needs_root", "not root")):
         assert (
-            f"tests/test_x.py::{name} proves a guarantee of README.md and must run in CI; it skipped: {reason}"
+            f"tests/test_x.py::{name} proves a guarantee of {GUARANTEES} and must run in CI; it skipped: {reason}"
             in ci.stdout
         )
     assert "SKIPPED [1] tests/test_x.py" in ci.stdout and "a skip the table does not care about" in ci.stdout
