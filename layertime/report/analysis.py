@@ -1,15 +1,15 @@
-"""The run's report: what a researcher opens a run for (issue 7).
+"""The report's numbers (issue 7): pure functions on polars frames, callable from a notebook or a test.
 
-`write_report(run_root)` reads the merged tables (docs/design.md §7) and writes `<run_root>/report/`:
-`report.html` (self-contained, PNG figures beside it) and `summary.md` (also the flow's artifact).
-
-The numbers come from pure functions on polars frames, callable from a notebook or a test:
+No files and no drawing here: `load.py` reads a run into `RunData`, `analyze` turns it into an
+`Analysis`, and `figures.py`, `markdown.py` and `html.py` render that (`write.py` writes them).
 - `task_table` / `arm_table`: one score per (revision, layer, task); one row per arm (checkpoint, layer)
-  with the rule-a `average` (null unless every task is in), strict per-type averages and metric columns;
+  with the rule-a `average` and `avg_<Type>` of `tables.rule_a_average` (each null unless every task it
+  averages is in), `n_tasks` and metric columns;
 - `correlations` / `correlation_table`: Spearman and Kendall (scipy.stats) of metrics against scores;
 - `layer_choice`: per checkpoint, the layer a metric ranks best, its score, regret and hit rate, beside
   always-the-last-layer and a uniformly random layer (its expected value, not a draw);
-- `coverage`: which evaluations of the spec's grid are present; `scoring_seconds`: where CPU time went.
+- `coverage`: which evaluations of the spec's grid are present; `scoring_seconds`: where CPU time went;
+- `profile_frame`, `reference_comparison`, `key_numbers`, ...: the views the figures and pages share.
 
 Layers are 0-based block indices b (`hidden_state` = b + 1 = the paper's layer index). Scores are
 stored in 0-1 and shown ×100, as the paper does. Revisions sharing a commit (`main` = `step3000`) are
@@ -18,15 +18,10 @@ one checkpoint in cross-checkpoint analyses, so no arm is counted twice.
 
 from __future__ import annotations
 
-import html
-import json
 import math
-import os
-import re
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -34,8 +29,7 @@ import numpy as np
 import polars as pl
 from scipy import stats
 
-from layertime import suite, tables
-from layertime.io import atomic_write_dir
+from layertime import tables
 
 # The paper's results for Pythia-410m `main` (rule a), by its layer index = our hidden_state (docs/design.md §4).
 PAPER_MODEL = "EleutherAI/pythia-410m"
@@ -50,12 +44,12 @@ CHOICE_SCHEMA = {
 }  # fmt: skip
 
 
-# ---------------------------------------------------------------------------------------------- loading
+# ------------------------------------------------------------------------------------------- the run
 
 
 @dataclass
 class RunData:
-    """A run's tables and snapshot, as the report reads them (any part may be missing)."""
+    """A run's tables and snapshot, as `load.load_run` read them (any part may be missing)."""
 
     root: Path
     scores: pl.DataFrame
@@ -63,34 +57,9 @@ class RunData:
     spec: Any | None  # ExperimentSpec, None when spec.yaml is missing or unreadable
     environment: dict
     notes: list[str] = field(default_factory=list)
-
-
-def load_run(run_root: Path) -> RunData:
-    """Read `tables/scores`, `tables/metrics`, `spec.yaml` and `environment.json` of a run root."""
-    root = Path(run_root)
-    notes: list[str] = []
-    scores = _read_table(root / "tables" / "scores.parquet", tables.scores_frame([]), notes)
-    metrics = _read_table(root / "tables" / "metrics.parquet", tables.metrics_frame([]), notes)
-    spec = None
-    if (root / "spec.yaml").is_file():
-        from layertime.spec import SpecError, load_spec
-
-        try:
-            spec = load_spec(root / "spec.yaml")
-        except SpecError as e:
-            notes.append(f"spec.yaml could not be read ({e}); the expected grid is what the tables hold")
-    else:
-        notes.append("no spec.yaml: the expected grid is what the tables hold")
-    env_path = root / "environment.json"
-    environment = json.loads(env_path.read_text()) if env_path.is_file() else {}
-    return RunData(root, scores, metrics, spec, environment, notes)
-
-
-def _read_table(path: Path, empty: pl.DataFrame, notes: list[str]) -> pl.DataFrame:
-    if not path.is_file():
-        notes.append(f"{path.name} is missing: nothing of it is reported")
-        return empty
-    return pl.read_parquet(path)
+    costs: pl.DataFrame | None = None  # tables/costs, None when the run's tables have none
+    texts: pl.DataFrame = field(default_factory=pl.DataFrame)  # per task: texts requested, unique
+    csv_tables: list[Path] = field(default_factory=list)  # tables/*.csv, for the page's links
 
 
 @dataclass(frozen=True)
@@ -108,9 +77,9 @@ def expected_grid(run: RunData) -> Grid:
     """The spec's grid; layers like `all` resolve with the block count the tables imply (L = hs / depth)."""
     observed = pl.concat([run.scores.select(_GRID_COLS), run.metrics.select(_GRID_COLS)])
     if run.spec is None:
-        revisions = _unique(observed["revision"])
-        layers = sorted(_unique(observed["layer"]))
-        return Grid(_first(observed["model"]), revisions, layers, _unique(run.scores["task"]), layers)
+        revisions = unique_values(observed["revision"])
+        layers = sorted(unique_values(observed["layer"]))
+        return Grid(_first(observed["model"]), revisions, layers, unique_values(run.scores["task"]), layers)
     spec = run.spec
     layers = _spec_layers(spec, observed)
     metric_layers = []
@@ -130,7 +99,7 @@ def _spec_layers(spec: Any, observed: pl.DataFrame) -> list[int]:
     try:
         return spec.blocks(num_blocks(observed))
     except SpecError:  # no rows yet: the layers that are in (none), rather than asking the hub
-        return sorted(_unique(observed["layer"]))
+        return sorted(unique_values(observed["layer"]))
 
 
 def num_blocks(frame: pl.DataFrame) -> int | None:
@@ -139,12 +108,12 @@ def num_blocks(frame: pl.DataFrame) -> int | None:
     return round(rows["hidden_state"][0] / rows["depth"][0]) if rows.height else None
 
 
-def _unique(series: pl.Series) -> list:
+def unique_values(series: pl.Series) -> list:
     return list(dict.fromkeys(series.drop_nulls().to_list()))
 
 
 def _first(series: pl.Series) -> str:
-    values = _unique(series)
+    values = unique_values(series)
     return values[0] if values else ""
 
 
@@ -193,38 +162,17 @@ def task_table(scores: pl.DataFrame) -> pl.DataFrame:
 def arm_table(
     task_scores: pl.DataFrame, metrics: pl.DataFrame, tasks: list[str], index: pl.DataFrame
 ) -> pl.DataFrame:
-    """One row per distinct arm (checkpoint, layer): `average` over `tasks` (null unless all are in),
-    `avg_<Type>` (null unless all of that type's tasks are in), `n_tasks`, and one column per metric."""
-    types = {t: _task_type(t) for t in tasks}
+    """One row per distinct arm (checkpoint, layer): `n_tasks`, `average` and `avg_<Type>` over `tasks`
+    (`tables.rule_a_average`: each null unless every task it averages is in), one column per metric."""
     per_task = (
         task_scores.filter(pl.col("task").is_in(tasks)).drop("step", "commit").join(index, on="revision")
     )
     per_task = per_task.unique(subset=["checkpoint", "layer", "task"], keep="first")
-    arms = per_task.group_by(ARM_KEYS).agg(
-        pl.len().alias("n_tasks"),
-        pl.when(pl.len() == len(tasks)).then(pl.col("score").mean()).alias("average"),
-        *[
-            _type_average(kind, [t for t in tasks if types[t] == kind])
-            for kind in dict.fromkeys(types.values())
-        ],
-    )
+    arms = tables.rule_a_average(per_task, tasks, ARM_KEYS)
     wide = metric_columns(metrics, index)
     if wide.height:
         arms = arms.join(wide, on=ARM_KEYS, how="full", coalesce=True, nulls_equal=True)  # main: step is null
     return arms.with_columns(pl.col("n_tasks").fill_null(0)).sort(["step", "label", "layer"], nulls_last=True)
-
-
-def _type_average(kind: str, names: list[str]) -> pl.Expr:
-    of_type = pl.col("task").is_in(names)
-    complete = of_type.sum() == len(names)
-    return pl.when(complete).then(pl.col("score").filter(of_type).mean()).alias(f"avg_{kind}")
-
-
-def _task_type(task: str) -> str:
-    try:
-        return suite.task_type(task)
-    except KeyError:
-        return "Other"
 
 
 def metric_columns(metrics: pl.DataFrame, index: pl.DataFrame) -> pl.DataFrame:
@@ -305,30 +253,6 @@ def scoring_seconds(scores: pl.DataFrame) -> pl.DataFrame:
     )
 
 
-def texts_info(run: RunData) -> pl.DataFrame:
-    """Per task: texts mteb asks for per evaluation and unique texts forwarded, from the store's records."""
-    store = _store(run)
-    rows = []
-    if store is None or run.spec is None:
-        return pl.DataFrame()
-    for task in run.spec.tasks:
-        found = sorted(
-            (store / "texts").glob(f"{task}__*__{run.spec.aggregation}.json"), key=os.path.getmtime
-        )
-        if found:
-            data = json.loads(found[-1].read_text())
-            rows.append({"task": task, "requested": data["requested"], "unique": len(data["texts"])})
-    return pl.DataFrame(rows)
-
-
-def _store(run: RunData) -> Path | None:
-    spec = run.spec
-    candidates = [run.root.parent / "store"]
-    if spec is not None and spec.store is not None:
-        candidates = [Path(spec.store), run.root.parent / Path(spec.store).name, *candidates]
-    return next((p for p in candidates if (p / "texts").is_dir()), None)
-
-
 # --------------------------------------------------------------------------------------- correlations
 
 
@@ -378,7 +302,7 @@ def layer_choice(
     scored by its expected value (mean score; hit = share of layers at the best).
     `regret` = best score − chosen score; `hit` = 1 when the chosen layer scores the best.
     """
-    layers = sorted(layers or _unique(arms["layer"]))
+    layers = sorted(layers or unique_values(arms["layer"]))
     metrics = [m for m in metrics if m in arms.columns]
     groups = _complete_checkpoints(arms, [score, *metrics], layers)
     rows = []
@@ -442,20 +366,7 @@ def summarize_choices(choices: pl.DataFrame) -> pl.DataFrame:
     )
 
 
-# ------------------------------------------------------------------------------------------ the report
-
-
-@dataclass
-class ReportPaths:
-    """What `write_report` wrote, and the summary for a Prefect markdown/table artifact."""
-
-    directory: Path
-    html: Path
-    summary_md: Path
-    figures: dict[str, Path]  # figure name -> PNG beside report.html
-    markdown: str  # the text of summary.md
-    table: list[dict]  # key numbers per checkpoint (for create_table_artifact)
-    gaps: int  # evaluations of the spec's grid without a score
+# ------------------------------------------------------------------------------------------ the analysis
 
 
 @dataclass
@@ -517,35 +428,7 @@ def _gap_notes(cov: pl.DataFrame, run: RunData, grid: Grid) -> list[str]:
     return notes
 
 
-def write_report(run_root: Path, out_dir: Path | None = None, failures: Sequence[str] = ()) -> ReportPaths:
-    """Write `report.html`, its PNG figures and `summary.md` into `out_dir` (default `<run_root>/report`).
-
-    `failures` (e.g. the flow's `score[step1000 · DemoSTS · L3]: ValueError: ...` lines) are listed in
-    the report. The directory is built aside and swapped in whole: a reader sees the old report or the
-    new one, never a mix.
-    """
-    from layertime import figures
-
-    run_root = Path(run_root)
-    out = Path(out_dir) if out_dir is not None else run_root / "report"
-    analysis = analyze(load_run(run_root), failures)
-    written: dict[str, Any] = {}
-
-    def write(tmp: Path) -> None:
-        written["made"] = made = figures.draw_all(analysis, tmp)
-        written["markdown"], written["table"] = summary_markdown(analysis, out / "report.html")
-        (tmp / "summary.md").write_text(written["markdown"])  # inside the temp directory: swapped in whole
-        (tmp / "report.html").write_text(render_html(analysis, made, out))
-
-    atomic_write_dir(out, write)
-    gaps = analysis.coverage.filter(~pl.col("present")).height
-    paths = {name: out / p.name for name, p in written["made"].items()}
-    return ReportPaths(
-        out, out / "report.html", out / "summary.md", paths, written["markdown"], written["table"], gaps
-    )
-
-
-# ----------------------------------------------------------------------------------- summary.md
+# ------------------------------------------------------------------------------- key numbers
 
 
 def key_numbers(a: Analysis) -> list[dict]:
@@ -557,10 +440,10 @@ def key_numbers(a: Analysis) -> list[dict]:
         row = {"checkpoint": group["label"][0], "step": group["step"][0]}
         if scored.height:
             best = scored.row(int(np.argmax(scored["average"].to_numpy())), named=True)
-            row |= {"best_layer": best["layer"], "best_average": _x100(best["average"])}
+            row |= {"best_layer": best["layer"], "best_average": x100(best["average"])}
         at_last = scored.filter(pl.col("layer") == last)["average"]
-        row["last_layer_average"] = _x100(at_last[0]) if at_last.len() else None
-        row["oracle_average"] = _x100(
+        row["last_layer_average"] = x100(at_last[0]) if at_last.len() else None
+        row["oracle_average"] = x100(
             oracle_average(a.tasks.filter(pl.col("checkpoint") == ckpt), a.grid.tasks)
         )
         row["tasks_scored"] = f"{int(group['n_tasks'].sum())}/{len(a.grid.tasks) * len(a.grid.layers)}"
@@ -574,110 +457,11 @@ def oracle_average(per_task: pl.DataFrame, tasks: list[str]) -> float | None:
     return float(best["score"].mean()) if best.height == len(tasks) and tasks else None
 
 
-def _x100(value: float | None) -> float | None:
+def x100(value: float | None) -> float | None:
     """A 0-1 score as the paper shows it (×100, 2 decimals); None stays None."""
     if value is None or math.isnan(value):
         return None
     return round(100 * value, 2)
-
-
-MD_CHECKPOINTS = 12  # rows of the per-checkpoint table in summary.md
-MD_FAILURES = 20
-
-
-def summary_markdown(a: Analysis, html_path: Path | None = None) -> tuple[str, list[dict]]:
-    """The markdown summary (headline numbers, key table, layer choice, gaps) and the key-number rows."""
-    table = key_numbers(a)
-    done = a.coverage["present"].sum()
-    lines = [f"# {_title(a)}", "", _facts_line(a), "",
-             f"**Progress**: {done}/{a.coverage.height} evaluations scored."]  # fmt: skip
-    lines += ["", *_profile_lines(a)]
-    if table:
-        shown = table[-MD_CHECKPOINTS:]
-        lines += ["", "## Per checkpoint (average main score ×100, rule a)", "", *_md_table(shown)]
-        if len(shown) < len(table):
-            lines += ["", f"(the last {len(shown)} of {len(table)} checkpoints; all in report.html)"]
-    if a.choice_summary.height:
-        rows = [_choice_row(r) for r in _top_choices(a.choice_summary).iter_rows(named=True)]
-        lines += ["", "## Label-free layer choice", "", *_md_table(rows)]
-    if a.notes:
-        lines += ["", "## Notes", "", *[f"- {n}" for n in a.notes]]
-    if a.failures:
-        lines += ["", "## Failed units", "", *[f"- `{f}`" for f in a.failures[:MD_FAILURES]]]
-        lines += [f"- … and {len(a.failures) - MD_FAILURES} more"] if len(a.failures) > MD_FAILURES else []
-    if html_path is not None:
-        lines += ["", f"Full report (figures, per-task tables, correlations): `{html_path.resolve()}`"]
-    return "\n".join(lines) + "\n", table
-
-
-def _title(a: Analysis) -> str:
-    name = a.run.spec.name if a.run.spec is not None else a.run.root.name
-    return f"{name}: {a.grid.model}"
-
-
-def _facts_line(a: Analysis) -> str:
-    g = a.grid
-    layers = _ranges(g.layers) or "(known once a row is in)"
-    plural = "s" if len(g.revisions) != 1 else ""
-    return (
-        f"{len(g.revisions)} checkpoint{plural}, layers (0-based blocks) {layers}, {len(g.tasks)} tasks; "
-        "layer b = hidden_states[b + 1] = the paper's layer index b + 1."
-    )
-
-
-def _ranges(values: list[int]) -> str:
-    if values and values == list(range(values[0], values[-1] + 1)) and len(values) > 1:
-        return f"{values[0]}..{values[-1]}"
-    return ", ".join(map(str, values))
-
-
-def _profile_lines(a: Analysis) -> list[str]:
-    prof = profile_frame(a)
-    if prof is None or prof.drop_nulls("average").height == 0:
-        return [f"No layer of `{a.final}` has all its tasks yet." if a.final else "No scores yet."]
-    scored = prof.drop_nulls("average")
-    best = scored.row(int(np.argmax(scored["average"].to_numpy())), named=True)
-    last = scored.filter(pl.col("layer") == a.grid.layers[-1])
-    text = [f"`{a.final}`: best layer **{best['layer']}** (hidden state {best['hidden_state']}) at "
-            f"**{100 * best['average']:.2f}**"]  # fmt: skip
-    if last.height:
-        text.append(f"last layer {a.grid.layers[-1]} at {100 * last['average'][0]:.2f}")
-    lines = ["; ".join(text) + "."]
-    ref = reference_comparison(a)
-    if ref is not None and ref.height:
-        pairs = ", ".join(
-            f"L{r['paper_layer']}: ours {_fmt(r['ours'])} vs paper {_fmt(r['paper'])}"
-            for r in ref.iter_rows(named=True)
-        )
-        lines.append(f"Paper's Pythia-410m `main` (×100, paper layer L = hidden state): {pairs}.")
-    return lines
-
-
-def _top_choices(summary: pl.DataFrame) -> pl.DataFrame:
-    baselines = summary.filter(pl.col("kind") == "baseline")
-    metrics = summary.filter(pl.col("kind") == "metric").head(5)
-    return pl.concat([metrics, baselines])
-
-
-def _choice_row(r: dict) -> dict:
-    return {"strategy": r["strategy"], "checkpoints": r["n"], "picks best": f"{100 * r['hit_rate']:.0f}%",
-            "mean score": _fmt(100 * r["mean_score"]), "mean regret": _fmt(100 * r["mean_regret"]),
-            "max regret": _fmt(100 * r["max_regret"])}  # fmt: skip
-
-
-def _md_table(rows: list[dict]) -> list[str]:
-    heads = list(rows[0])
-    out = ["| " + " | ".join(heads) + " |", "|" + "---|" * len(heads)]
-    out += ["| " + " | ".join(_fmt(r.get(h)) for h in heads) + " |" for r in rows]
-    return out
-
-
-def _fmt(value: Any, digits: int = 2) -> str:
-    if value is None or (isinstance(value, float) and math.isnan(value)):
-        return "—"
-    if isinstance(value, float):
-        return f"{value:.{digits}f}"
-    return str(value)
 
 
 # ---------------------------------------------------------------------------------- shared views
@@ -711,7 +495,7 @@ def reference_comparison(a: Analysis) -> pl.DataFrame | None:
     for hs, paper in sorted(PAPER_REFERENCE.items()):
         ours = prof.filter(pl.col("hidden_state") == hs)["average"]
         if ours.len():
-            value = _x100(ours[0])
+            value = x100(ours[0])
             diff = None if value is None else round(value - 100 * paper, 2)
             rows.append(
                 {"paper_layer": hs, "block": hs - 1, "ours": value, "paper": 100 * paper, "diff": diff}
@@ -730,317 +514,6 @@ def distinct_checkpoints(a: Analysis) -> pl.DataFrame:
     )
 
 
-# ------------------------------------------------------------------------------------------- HTML
-
-CSS = """
-body { font: 15px/1.45 system-ui, -apple-system, "Segoe UI", Roboto, sans-serif; color: #1d1d1f;
-       max-width: 1180px; margin: 0 auto; padding: 24px 28px 60px; background: #fff; }
-h1 { font-size: 26px; margin: 0 0 4px; } h2 { margin-top: 40px; border-bottom: 2px solid #e5e5ea;
-     padding-bottom: 4px; } h3 { margin-top: 26px; }
-.facts { color: #444; } .facts td { padding: 1px 14px 1px 0; vertical-align: top; }
-.convention { background: #eef4fb; border-left: 4px solid #4575b4; padding: 8px 12px; margin: 14px 0; }
-.notes { background: #fff6e0; border-left: 4px solid #e08214; padding: 8px 12px; margin: 14px 0; }
-.notes li { margin: 2px 0; }
-figure { margin: 14px 0; } figure img { max-width: 100%; height: auto; border: 1px solid #eee; }
-figcaption { color: #555; font-size: 13px; max-width: 900px; }
-.grid { display: grid; grid-template-columns: repeat(auto-fill, minmax(520px, 1fr)); gap: 8px 18px; }
-table.data { border-collapse: collapse; font-size: 13px; margin: 10px 0; }
-table.data th, table.data td { border: 1px solid #e0e0e6; padding: 3px 8px; }
-table.data th { background: #f4f4f7; text-align: left; }
-table.data td.num { text-align: right; font-variant-numeric: tabular-nums; }
-table.data td.best { font-weight: 700; background: #e3f1e3; }
-table.data td.gap { color: #999; background: repeating-linear-gradient(45deg, #fafafa, #fafafa 4px,
-                    #f0f0f0 4px, #f0f0f0 8px); text-align: center; }
-table.data tr.foot td { border-top: 2px solid #bbb; font-weight: 600; }
-table.data td small { color: #666; }
-details { margin: 6px 0; } summary { cursor: pointer; color: #1f4e8c; }
-nav a { margin-right: 14px; } a { color: #1f4e8c; }
-.muted { color: #666; font-size: 13px; }
-"""
-
-
-def render_html(a: Analysis, made: dict[str, Path], out: Path) -> str:
-    """The self-contained report page (inline CSS, no scripts); figures are `<img>` beside it."""
-    sections = [
-        ("profile", "Layer profile", _html_profile(a, made)),
-        ("training", "Across training", _html_training(a, made)),
-        ("tasks", "Per-task scores", _html_tasks(a)),
-        ("metrics", "Metrics vs score", _html_metrics(a, made)),
-        ("choice", "Label-free layer choice", _html_choice(a, made)),
-        ("progress", "Progress and cost", _html_progress(a, made, out)),
-    ]
-    sections = [(key, title, body) for key, title, body in sections if body]
-    nav = " ".join(f'<a href="#{key}">{esc(title)}</a>' for key, title, _ in sections)
-    body = "".join(f'<h2 id="{key}">{esc(title)}</h2>{content}' for key, title, content in sections)
-    return (
-        f'<!DOCTYPE html><html lang="en"><head><meta charset="utf-8"><title>{esc(_title(a))}</title>'
-        f'<meta name="viewport" content="width=device-width, initial-scale=1"><style>{CSS}</style></head>'
-        f"<body>{_html_header(a)}{_html_notes(a)}<nav>{nav}</nav>{body}"
-        f'<p class="muted">Generated {now()} by layertime.report.</p></body></html>\n'
-    )
-
-
-CONVENTION = (
-    "<div class='convention'><b>Layers</b> are 0-based block indices <i>b</i>: block <i>b</i>'s output "
-    "is <code>hidden_states[b + 1]</code>, which the paper (Skean et al., 2025) calls layer "
-    "L = <i>b</i> + 1. <b>Scores</b> are mteb main scores ×100; a layer's <b>average</b> is rule (a): "
-    "the unweighted mean over the tasks, empty until every task is in. Revisions sharing a commit are "
-    "one checkpoint (e.g. <code>step143000 = main</code>).</div>"
-)
-
-
-def _html_header(a: Analysis) -> str:
-    env, g = a.run.environment, a.grid
-    facts = [
-        ("model", g.model),
-        ("checkpoints", f"{len(g.revisions)}: {_short_list(g.revisions)}"),
-        ("layers", f"{len(g.layers)}: blocks {_ranges(g.layers)}"),
-        ("tasks", f"{len(g.tasks)}"),
-        ("settings", ", ".join(f"{k}={v}" for k, v in env.get("settings", {}).items()) or "—"),
-        ("mteb", ", ".join(_unique(a.run.scores["mteb_version"])) or "—"),
-        ("code", env.get("git_commit") or "—"),
-        ("run root", str(a.run.root)),
-    ]
-    rows = "".join(f"<tr><td>{esc(k)}</td><td>{esc(v)}</td></tr>" for k, v in facts)
-    return f"<h1>{esc(_title(a))}</h1><table class='facts'>{rows}</table>{CONVENTION}"
-
-
-def _short_list(values: list[str], limit: int = 8) -> str:
-    if len(values) <= limit:
-        return ", ".join(values)
-    return f"{', '.join(values[:3])}, …, {', '.join(values[-2:])}"
-
-
-def _html_notes(a: Analysis) -> str:
-    if not a.notes:
-        return ""
-    items = "".join(f"<li>{esc(n)}</li>" for n in a.notes)
-    return f"<div class='notes'><b>Gaps and notes</b><ul>{items}</ul></div>"
-
-
-def _img(made: dict[str, Path], name: str, caption: str) -> str:
-    if name not in made:
-        return ""
-    file = made[name].name
-    return f'<figure><img src="{esc(file)}" alt="{esc(name)}"><figcaption>{caption}</figcaption></figure>'
-
-
-def _html_profile(a: Analysis, made: dict[str, Path]) -> str:
-    if a.final is None:
-        return "<p>No scores yet.</p>"
-    ref = reference_comparison(a)
-    caption = f"Rule-a average per layer of <code>{esc(a.final)}</code>. Circled: the best layer."
-    if ref is not None:
-        caption += " Red diamonds: the paper's Pythia-410m <code>main</code> values, at block b = L − 1."
-    parts = [
-        "".join(f"<p>{_md_inline(line)}</p>" for line in _profile_lines(a)),
-        _img(made, "profile", caption),
-    ]
-    if ref is not None:
-        parts.append(_reference_html(ref))
-    caption = "Mean main score per task type and layer (empty until all of the type's tasks are in)."
-    parts.append(_img(made, "profile_types", caption))
-    return "".join(parts)
-
-
-def _reference_html(ref: pl.DataFrame) -> str:
-    head = ["paper layer L", "block b", "ours", "paper", "ours − paper"]
-    body = [
-        [r["paper_layer"], r["block"], r["ours"], r["paper"], r["diff"]] for r in ref.iter_rows(named=True)
-    ]
-    out = "<h3>Against the paper (Pythia-410m main, ×100)</h3>" + _html_table(head, body)
-    missing = sorted(set(PAPER_REFERENCE) - set(ref["paper_layer"].to_list()))
-    if missing:
-        out += f"<p class='muted'>Paper layers not in this run: {', '.join(f'L{m}' for m in missing)}.</p>"
-    return out
-
-
-def _html_training(a: Analysis, made: dict[str, Path]) -> str:
-    if distinct_checkpoints(a).height < 2:
-        return ""
-    head = [
-        "checkpoint",
-        "step",
-        "best layer",
-        "best average",
-        "last layer",
-        "oracle average",
-        "tasks scored",
-    ]
-    keys = ["checkpoint", "step", "best_layer", "best_average", "last_layer_average", "oracle_average"]
-    body = [[r.get(k) for k in keys] + [r["tasks_scored"]] for r in key_numbers(a)]
-    heatmap = (
-        "Rule-a average per checkpoint and layer. White outline: each checkpoint's best layer (only where "
-        "every layer is in). Hatched: not all tasks scored yet."
-    )
-    steps = "The same numbers over training steps; circles mark each complete checkpoint's best layer."
-    oracle = (
-        "<p class='muted'>Oracle average: the mean over tasks of each task's best layer (an upper bound "
-        "no single layer reaches).</p>"
-    )
-    tables_ = "<h3>Per checkpoint</h3>" + _html_table(head, body) + oracle
-    return _img(made, "heatmap", heatmap) + _img(made, "steps", steps) + tables_
-
-
-def _html_tasks(a: Analysis) -> str:
-    if a.tasks.height == 0:
-        return "<p>No task scores yet.</p>"
-    ckpts = distinct_checkpoints(a)
-    blocks = []
-    for i, (ckpt, label) in enumerate(ckpts.select("checkpoint", "label").iter_rows()):
-        table = _task_matrix(a.tasks.filter(pl.col("checkpoint") == ckpt), a.grid.layers, a.grid.tasks)
-        opened = " open" if i == ckpts.height - 1 else ""
-        blocks.append(f"<details{opened}><summary>{esc(label)}</summary>{table}</details>")
-    intro = (
-        "<p>Main score ×100 per task and layer; bold: the task's best layer. Footer: the rule-a average "
-        "per layer and, under <i>best layer</i>, the oracle average (each task at its best layer).</p>"
-    )
-    return intro + "".join(blocks)
-
-
-def _task_matrix(rows: pl.DataFrame, layers: list[int], tasks: list[str]) -> str:
-    score = {(r["task"], r["layer"]): r["score"] for r in rows.iter_rows(named=True)}
-    head = ["task", "type", *[f"block {b} (L{b + 1})" for b in layers], "best layer"]
-    body = [_task_row(task, [score.get((task, b)) for b in layers], layers) for task in _by_type(tasks)]
-    averages = "".join(_cell(_rule_a(score, tasks, b), False) for b in layers)
-    oracle = _cell(oracle_average(rows, tasks), False, "oracle ")
-    body.append(f"<tr class='foot'><td>average (rule a)</td><td></td>{averages}{oracle}</tr>")
-    return _html_table(head, body, raw_rows=True)
-
-
-def _by_type(tasks: list[str]) -> list[str]:
-    return sorted(tasks, key=lambda t: (_task_type(t), t))
-
-
-def _task_row(task: str, values: list[float | None], layers: list[int]) -> str:
-    present = [v for v in values if v is not None]
-    best = max(present) if present else None
-    cells = "".join(_cell(v, v is not None and v == best) for v in values)
-    best_layer = layers[values.index(best)] if best is not None else None
-    kind = _task_type(task)
-    return f"<tr><td>{esc(task)}</td><td>{esc(kind)}</td>{cells}<td class='num'>{esc(best_layer)}</td></tr>"
-
-
-def _rule_a(score: dict, tasks: list[str], layer: int) -> float | None:
-    values = [score.get((t, layer)) for t in tasks]
-    return None if not values or any(v is None for v in values) else float(np.mean(values))
-
-
-def _cell(value: float | None, best: bool, prefix: str = "") -> str:
-    if value is None:
-        return "<td class='gap'>—</td>"
-    return f"<td class='num{' best' if best else ''}'>{esc(prefix)}{100 * value:.2f}</td>"
-
-
-def _html_metrics(a: Analysis, made: dict[str, Path]) -> str:
-    if a.correlations.height == 0:
-        return "<p>No representation metrics in this run.</p>"
-    figures_ = "".join(_img(made, name, "") for name in made if name.startswith("metric_"))
-    complete = a.arms.drop_nulls("average").height
-    intro = (
-        f"<p>Each point is one arm (checkpoint, layer); {complete} arms have a complete average. Spearman ρ "
-        "and Kendall τ (τ-b) with two-sided p-values (scipy.stats); the table also correlates each metric "
-        "with each task type's mean. Bold: Spearman p &lt; 0.05.</p>"
-    )
-    table = _corr_html(a.correlations)
-    return f"{intro}<div class='grid'>{figures_}</div><h3>Correlations per task type</h3>{table}"
-
-
-def _corr_html(corr: pl.DataFrame) -> str:
-    targets = list(dict.fromkeys(corr["target"]))
-    cells = {(r["metric"], r["target"]): _corr_cell(r) for r in corr.iter_rows(named=True)}
-    body = [
-        f"<tr><td>{esc(metric)}</td>{''.join(cells[(metric, t)] for t in targets)}</tr>"
-        for metric in dict.fromkeys(corr["metric"])
-    ]
-    return _html_table(["metric", *[t.removeprefix("avg_") for t in targets]], body, raw_rows=True)
-
-
-def _corr_cell(c: dict) -> str:
-    if c["spearman"] is None:
-        return f"<td class='gap' title='too few pairs or a constant side'>— <small>n={c['n']}</small></td>"
-    rho = c["spearman"]
-    style = f"background: hsl({10 if rho < 0 else 215}, 70%, {97 - 30 * abs(rho):.0f}%)"
-    style += "; font-weight: 700" if c["spearman_p"] < 0.05 else ""
-    spearman = f"ρ {rho:+.2f} <small>p {c['spearman_p']:.2g}</small>"
-    kendall = f"τ {c['kendall']:+.2f} <small>p {c['kendall_p']:.2g}</small>"
-    return f"<td class='num' style='{style}'>{spearman}<br>{kendall}</td>"
-
-
-def _html_choice(a: Analysis, made: dict[str, Path]) -> str:
-    if a.choice_summary.height == 0:
-        return "<p>No checkpoint has every layer scored (and measured) yet: nothing to choose from.</p>"
-    head = ["strategy", "checkpoints", "picks best", "mean score", "mean regret", "max regret"]
-    body = [
-        [r["strategy"], r["n"], f"{100 * r['hit_rate']:.0f}%", 100 * r["mean_score"],
-         100 * r["mean_regret"], 100 * r["max_regret"]]
-        for r in a.choice_summary.iter_rows(named=True)
-    ]  # fmt: skip
-    judged, total = a.choices["checkpoint"].n_unique(), distinct_checkpoints(a).height
-    explain = (
-        f"<p>Judged on <b>{judged} of {total}</b> checkpoints: those with every layer scored and measured. "
-        "For each, every strategy picks one layer without labels: a metric picks the layer where it is "
-        f"highest or lowest (both signs shown), <i>last layer</i> takes block {a.grid.layers[-1]}, "
-        "<i>random layer</i> is the expected value of a uniform choice. Regret = the best layer's average "
-        "− the chosen layer's (×100). Choosing a metric's sign after seeing this table is itself a use "
-        "of labels: fix the sign in advance (e.g. from another run) for an honest test.</p>"
-    )
-    caption = "Mean regret per strategy; text: share of checkpoints where it picked the best layer."
-    return explain + _img(made, "layer_choice", caption) + _html_table(head, body)
-
-
-def _html_progress(a: Analysis, made: dict[str, Path], out: Path) -> str:
-    cost = _img(made, "cost", "mteb scoring time per task (CPU seconds, all arms).")
-    parts = [_failures_html(a.failures), _coverage_html(a), _missing_html(a.coverage), _cost_html(a), cost]
-    return "".join([*parts, _texts_html(a), _links_html(a.run.root, out)])
-
-
-def _failures_html(failures: list[str]) -> str:
-    if not failures:
-        return ""
-    items = "".join(f"<li><code>{esc(f)}</code></li>" for f in failures)
-    return f"<h3>Failed units ({len(failures)})</h3><ul>{items}</ul>"
-
-
-def _coverage_html(a: Analysis) -> str:
-    cov = a.coverage.group_by("revision", maintain_order=True).agg(
-        pl.col("present").sum(), pl.len().alias("n")
-    )
-    complete = (
-        a.coverage.group_by("revision", "layer")
-        .agg(pl.col("present").all())
-        .group_by("revision")
-        .agg(pl.col("present").sum().alias("complete"))
-    )
-    measured = (
-        a.run.metrics.select("revision", "layer")
-        .unique()
-        .group_by("revision")
-        .agg(pl.len().alias("measured"))
-    )
-    table = cov.join(complete, on="revision", how="left").join(measured, on="revision", how="left")
-    n_l, n_m = len(a.grid.layers), len(a.grid.metric_layers)
-    head = ["revision", "evaluations scored", "layers complete", "metric layers measured"]
-    body = [
-        [r["revision"], f"{r['present']}/{r['n']}", f"{r['complete'] or 0}/{n_l}",
-         f"{r['measured'] or 0}/{n_m}" if n_m else "—"]
-        for r in table.iter_rows(named=True)
-    ]  # fmt: skip
-    done = int(a.coverage["present"].sum())
-    return f"<p><b>{done}/{a.coverage.height}</b> evaluations scored.</p>" + _html_table(head, body)
-
-
-def _missing_html(cov: pl.DataFrame, limit: int = 300) -> str:
-    missing = cov.filter(~pl.col("present"))
-    if missing.height == 0:
-        return "<p>Nothing missing: every evaluation of the spec's grid has a score.</p>"
-    rows = missing.head(limit).iter_rows()
-    items = "".join(f"<li>{esc(rev)} · {esc(task)} · block {b}</li>" for rev, b, task, _ in rows)
-    more = f"<li>… and {missing.height - limit} more</li>" if missing.height > limit else ""
-    summary = f"{missing.height} evaluations without a score (failed or not run yet)"
-    return f"<details><summary>{summary}</summary><ul>{items}{more}</ul></details>"
-
-
 def gpu_seconds(costs: pl.DataFrame) -> pl.DataFrame:
     """Per GPU phase (embed, measure): units, seconds, texts forwarded, real and padded tokens."""
     return (
@@ -1055,76 +528,3 @@ def gpu_seconds(costs: pl.DataFrame) -> pl.DataFrame:
         )
         .sort("phase")
     )
-
-
-def _cost_html(a: Analysis) -> str:
-    per_task = scoring_seconds(a.run.scores)
-    total, rows = per_task["seconds"].sum(), per_task["rows"].sum()
-    text = (
-        f"<p>Scoring (CPU, <code>mteb.evaluate</code>): <b>{total:,.1f} s</b> over {rows} subset scores "
-        "computed (a commit named twice, like main = step3000, counted once).</p>"
-    )
-    path = a.run.root / "tables" / "costs.parquet"
-    if not path.is_file():
-        return text + "<p>Embedding and metric passes: not timed in this run's tables.</p>"
-    gpu = gpu_seconds(pl.read_parquet(path))
-    items = "".join(
-        f"<li>{esc(r['phase'])} ({esc(r['device'])}): <b>{r['seconds']:,.1f} s</b> over {r['units']} units"
-        + (f", {r['unique_texts']:,} texts forwarded, {r['real_tokens']:,} real / {r['padded_tokens']:,} "
-           "padded tokens" if r["phase"] == "embed" and r["unique_texts"] else "")
-        + "</li>"
-        for r in gpu.iter_rows(named=True)
-    )  # fmt: skip
-    return text + f"<p>Forward passes (the GPU phases, timed when they ran):</p><ul>{items}</ul>"
-
-
-def _texts_html(a: Analysis) -> str:
-    info = texts_info(a.run)
-    if info.height == 0:
-        return ""
-    n_ckpt, n_rev, n_l = distinct_checkpoints(a).height, len(a.grid.revisions), len(a.grid.layers)
-    requested, unique = int(info["requested"].sum()), int(info["unique"].sum())
-    head = ["task", "texts mteb asks for (one evaluation)", "unique texts (forwarded once per checkpoint)"]
-    body = [[r["task"], r["requested"], r["unique"]] for r in info.iter_rows(named=True)]
-    body.append(["all tasks", requested, unique])
-    text = (
-        f"<p>mteb asks for {requested:,} texts per (checkpoint, layer) evaluation of all tasks; the run "
-        "forwards each unique text once per checkpoint for all layers: "
-        f"{unique * n_ckpt:,} forward texts for the grid, against {requested * n_rev * n_l:,} if every "
-        "evaluation encoded its own.</p>"
-    )
-    return "<h3>Texts</h3>" + text + _html_table(head, body)
-
-
-def _links_html(run_root: Path, out: Path) -> str:
-    found = sorted((run_root / "tables").glob("*.csv"))
-    if not found:
-        return ""
-    links = " · ".join(f'<a href="{esc(os.path.relpath(p, out))}">{esc(p.name)}</a>' for p in found)
-    return f"<h3>Tables</h3><p>{links}</p>"
-
-
-def _html_table(head: list[str], body: list, raw_rows: bool = False) -> str:
-    """A table; `body` holds value lists (escaped, numbers right-aligned) or, with raw_rows, `<tr>` HTML."""
-    thead = "".join(f"<th>{esc(h)}</th>" for h in head)
-    rows = "".join(body) if raw_rows else "".join(f"<tr>{''.join(map(_td, row))}</tr>" for row in body)
-    return f"<table class='data'><thead><tr>{thead}</tr></thead><tbody>{rows}</tbody></table>"
-
-
-def _td(value: Any) -> str:
-    numeric = isinstance(value, (int, float)) and not isinstance(value, bool)
-    return f"<td class='num'>{esc(value)}</td>" if numeric else f"<td>{esc(value)}</td>"
-
-
-def now() -> str:
-    return datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
-
-
-def _md_inline(text: str) -> str:
-    """HTML of one markdown line that uses only **bold** and `code`."""
-    out = re.sub(r"\*\*(.+?)\*\*", r"<b>\1</b>", html.escape(text))
-    return re.sub(r"`(.+?)`", r"<code>\1</code>", out)
-
-
-def esc(value: Any) -> str:
-    return html.escape(value if isinstance(value, str) else _fmt(value))
