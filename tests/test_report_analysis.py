@@ -4,6 +4,9 @@ the value an independent float64 computation gives."""
 
 from __future__ import annotations
 
+import ast
+from pathlib import Path
+
 import numpy as np
 import polars as pl
 import pytest
@@ -79,3 +82,25 @@ def test_tasks_outside_the_spec_do_not_enter_the_average():
     layers = _by_layer(tables.layers_frame(scores, ["STS12"]))
     assert layers[0]["n_tasks"] == 1
     assert layers[0]["average"] == pytest.approx(layers[0]["avg_STS"]) and "avg_Reranking" not in layers[0]
+
+
+def _imported(module: str) -> set[str]:
+    """Modules a file of layertime/report imports (functions included)."""
+    path = Path(report.__file__).parent / f"{module}.py"
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom) and node.module:
+            found |= {node.module} | {f"{node.module}.{a.name}" for a in node.names}
+        elif isinstance(node, ast.Import):
+            found |= {a.name for a in node.names}
+    return found
+
+
+def test_the_analysis_is_apart_from_rendering():
+    rendering = {"layertime.report.markdown", "layertime.report.html", "layertime.report.write"}
+    assert not _imported("figures") & rendering, "figures draw an Analysis: they import the analysis only"
+    analysis = _imported("analysis")
+    assert not {m for m in analysis if m.startswith(("layertime.report", "matplotlib"))}, analysis
+    assert not {m for m in analysis if m.split(".")[0] in ("os", "json", "shutil")}, (
+        "no files in the analysis"
+    )
