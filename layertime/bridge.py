@@ -206,7 +206,7 @@ def recorded_texts(
     one (a crash, a full disk, a stray edit) is recorded again and replaced, never an error.
     """
     task = load_task(task_name, aggregation, hf_cache, load=False)
-    # the rule last: report.texts_info finds a task's texts by `<task>__*__<aggregation>.json`
+    # the rule last: report.load.texts_info finds a task's texts by `<task>__*__<aggregation>.json`
     key = (
         f"{task_name}__{task.metadata.revision}__mteb-{mteb.__version__}__code-{CODE_VERSION}__{aggregation}"
     )

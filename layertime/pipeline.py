@@ -742,7 +742,7 @@ def merge(
         for p in run.cost_records(settings.id, ckpt)
     ]
     out["costs"] = tables.write_table(tables.costs_frame(costs), run.tables, "costs")[0]
-    layers = tables.with_metrics(tables.layers_frame(scores, len(plan.tasks)), measured)
+    layers = tables.with_metrics(tables.layers_frame(scores, plan.tasks), measured)
     out["layers"] = tables.write_table(layers, run.tables, "layers")[0]
     summary = tables.summary_frame(scores, str(run.root))
     out["summary"] = atomic_write(run.tables / "summary.csv", lambda tmp: summary.write_csv(tmp))

@@ -3,7 +3,8 @@
 - `scores`: one row per (checkpoint revision, layer, task, split, subset), mteb's main score (0-1).
 - `layers`: one row per (checkpoint revision, layer): the rule-a average over tasks (a task's score
   is the mean of its subsets' main scores: AmazonCounterfactual = mean(en, en-ext), STS17 = en-en),
-  the per-type averages and how many tasks it covers.
+  the per-type averages and how many tasks it covers. `rule_a_average` is the one place these
+  averages are computed (the report's arms use it too).
 - `summary.csv`: the old scripts' columns, for people migrating.
 Rows carry `layer` (0-based block index), `hidden_state` (= layer + 1) and `depth` ((layer + 1) / L).
 """
@@ -16,6 +17,7 @@ from pathlib import Path
 
 import polars as pl
 
+from layertime import suite
 from layertime.io import atomic_write
 
 SCORE_SCHEMA = {
@@ -43,22 +45,49 @@ def task_scores(scores: pl.DataFrame) -> pl.DataFrame:
     return scores.group_by(keys, maintain_order=True).agg(pl.col("main_score").mean().alias("score"))
 
 
-def layers_frame(scores: pl.DataFrame, n_tasks: int) -> pl.DataFrame:
-    """Per (revision, layer): rule-a `average` (null unless all `n_tasks` tasks are present), per type."""
-    per_task = task_scores(scores)
+def layers_frame(scores: pl.DataFrame, tasks: Sequence[str]) -> pl.DataFrame:
+    """Per (revision, layer): `n_tasks`, the rule-a `average` and `avg_<Type>` over the spec's `tasks`."""
     keys = ["model", "revision", "commit", "step", "layer", "hidden_state", "depth"]
-    overall = per_task.group_by(keys, maintain_order=True).agg(
-        pl.col("score").mean().alias("mean_present"), pl.len().alias("n_tasks")
+    layers = rule_a_average(task_scores(scores), tasks, keys)
+    return layers.sort(["step", "revision", "layer"], nulls_last=True)
+
+
+def rule_a_average(per_task: pl.DataFrame, tasks: Sequence[str], keys: Sequence[str]) -> pl.DataFrame:
+    """Per group of `keys` of one-score-per-task rows (`task`, `score`), the columns after `keys`:
+
+    - `n_tasks`: how many of `tasks` have a score;
+    - `average`: the unweighted mean over `tasks` (rule a), null unless every one has a score;
+    - `avg_<Type>` per task type of `tasks` (types in alphabetical order): the mean over that type's
+      tasks, null unless every one has a score. A mean over the tasks present would compare different
+      task sets across layers and checkpoints without saying so; `n_tasks` tells how far an arm is.
+    """
+    types = task_types(tasks)
+    by_type = {kind: [t for t in tasks if types[t] == kind] for kind in sorted(set(types.values()))}
+    rows = per_task.filter(pl.col("task").is_in(list(tasks)))
+    return rows.group_by(list(keys), maintain_order=True).agg(
+        pl.len().alias("n_tasks"),
+        _complete_mean("average", list(tasks)),
+        *[_complete_mean(f"avg_{kind}", names) for kind, names in by_type.items()],
     )
-    overall = overall.with_columns(
-        pl.when(pl.col("n_tasks") == n_tasks).then(pl.col("mean_present")).otherwise(None).alias("average")
-    ).drop("mean_present")
-    by_type = per_task.group_by([*keys, "task_type"]).agg(pl.col("score").mean())
-    if by_type.height:
-        wide = by_type.pivot(on="task_type", index=keys, values="score")
-        wide = wide.rename({c: f"avg_{c}" for c in wide.columns if c not in keys})
-        overall = overall.join(wide, on=keys, how="left", nulls_equal=True)
-    return overall.sort(["step", "revision", "layer"], nulls_last=True)
+
+
+def _complete_mean(name: str, tasks: list[str]) -> pl.Expr:
+    """The mean score over `tasks`, null unless each of them is in the group (once, as task_scores gives)."""
+    of = pl.col("task").is_in(tasks)
+    return pl.when(of.sum() == len(tasks)).then(pl.col("score").filter(of).mean()).alias(name)
+
+
+def task_types(tasks: Sequence[str]) -> dict[str, str]:
+    """Each task's MTEB type from the suites (what the pipeline writes in `task_type`)."""
+    return {t: task_type(t) for t in tasks}
+
+
+def task_type(task: str) -> str:
+    """`suite.task_type`, or 'Other' for a task outside the suites (hand-made tables, old runs)."""
+    try:
+        return suite.task_type(task)
+    except KeyError:
+        return "Other"
 
 
 METRIC_SCHEMA = {

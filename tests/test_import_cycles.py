@@ -17,8 +17,6 @@ LIBRARY = Path(__file__).resolve().parents[1] / "layertime"
 KNOWN_CYCLE_EDGES = {
     ("prefetch", "verify"),  # prefetch's command verifies after downloading
     ("verify", "prefetch"),  # the cache layout and download commands verify names in its fixes
-    ("figures", "report"),  # draw_all reads the report's analysis
-    ("report", "figures"),  # write_report draws the figures
 }
 
 
@@ -27,16 +25,23 @@ def _module(path: Path) -> str:
     return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
 
 
+def _is_module(path: Path) -> bool:
+    return path.with_suffix(".py").is_file() or path.is_dir()
+
+
 def _imports(path: Path) -> list[tuple[str, list[str]]]:
     """(imported layertime module, names taken from it) for every import in the file, functions included."""
     found = []
     for node in ast.walk(ast.parse(path.read_text())):
         if isinstance(node, ast.ImportFrom) and node.module and node.module.split(".")[0] == "layertime":
-            names = [a.name for a in node.names]
-            if node.module == "layertime":  # `from layertime import bridge, suite`
-                found += [(n, []) for n in names if (LIBRARY / f"{n}.py").is_file() or (LIBRARY / n).is_dir()]
-            else:
-                found.append((node.module.removeprefix("layertime."), names))
+            package = node.module.removeprefix("layertime").removeprefix(".")
+            folder = LIBRARY.joinpath(*package.split(".")) if package else LIBRARY
+            # `from layertime import bridge` and `from layertime.report import figures` import modules
+            modules = [a.name for a in node.names if _is_module(folder / a.name)]
+            names = [a.name for a in node.names if a.name not in modules]
+            found += [(f"{package}.{m}" if package else m, []) for m in modules]
+            if package and names:
+                found.append((package, names))
         elif isinstance(node, ast.Import):
             found += [
                 (a.name.removeprefix("layertime."), []) for a in node.names if a.name.startswith("layertime.")

@@ -8,7 +8,8 @@ import numpy as np
 import polars as pl
 import pytest
 
-from layertime import costs, figures, hubcache, io, tables
+from layertime import costs, hubcache, io, tables
+from layertime.report import figures
 
 
 def _row(task, task_type, subset, score, layer=1, revision="main"):
@@ -29,7 +30,8 @@ ROWS = [
 
 
 def test_rule_a_averages_subsets_within_a_task_then_tasks():
-    layers = tables.layers_frame(tables.scores_frame(ROWS), n_tasks=3)
+    tasks = ["AmazonCounterfactualClassification", "STS17", "SciDocsRR"]
+    layers = tables.layers_frame(tables.scores_frame(ROWS), tasks)
     row = layers.row(0, named=True)
     assert row["n_tasks"] == 3
     assert row["average"] == pytest.approx((0.65 + 0.80 + 0.50) / 3)
@@ -38,7 +40,8 @@ def test_rule_a_averages_subsets_within_a_task_then_tasks():
 
 
 def test_incomplete_layers_have_no_average():
-    layers = tables.layers_frame(tables.scores_frame(ROWS[:3]), n_tasks=3)
+    tasks = ["AmazonCounterfactualClassification", "STS17", "SciDocsRR"]
+    layers = tables.layers_frame(tables.scores_frame(ROWS[:3]), tasks)
     assert layers["n_tasks"][0] == 2 and layers["average"][0] is None
 
 

@@ -8,7 +8,6 @@ with the paper's layer index L = b + 1 (= hidden_states[b + 1]) beneath.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import numpy as np
 import polars as pl
@@ -17,9 +16,17 @@ from matplotlib.figure import Figure
 from matplotlib.patches import Rectangle
 
 from layertime.io import atomic_write
-
-if TYPE_CHECKING:
-    from layertime.report import Analysis
+from layertime.report.analysis import (
+    Analysis,
+    correlations,
+    distinct_checkpoints,
+    metric_names,
+    preferred_metrics,
+    profile_frame,
+    reference_comparison,
+    score_columns,
+    scoring_seconds,
+)
 
 DPI = 110
 TYPE_COLORS = {"Classification": "#1f77b4", "Clustering": "#ff7f0e", "PairClassification": "#2ca02c",
@@ -30,28 +37,24 @@ SCORE_AXIS = "average main score ×100 (rule a)"
 
 def draw_all(a: Analysis, directory: Path) -> dict[str, Path]:
     """Every figure that applies to the run, by name -> PNG path in `directory`."""
-    from layertime import report
-
     made: dict[str, Path] = {}
-    prof = report.profile_frame(a)
+    prof = profile_frame(a)
     if prof is not None and prof.drop_nulls("average").height:
-        made["profile"] = profile_average(
-            prof, report.reference_comparison(a), a.final, directory / "profile.png"
-        )
-    types = [c for c in report.score_columns(a.arms) if c.startswith("avg_")]
+        made["profile"] = profile_average(prof, reference_comparison(a), a.final, directory / "profile.png")
+    types = [c for c in score_columns(a.arms) if c.startswith("avg_")]
     if prof is not None and any(prof[c].drop_nulls().len() for c in types if c in prof.columns):
         made["profile_types"] = profile_types(prof, types, a.final, directory / "profile_types.png")
-    ckpts = report.distinct_checkpoints(a)
+    ckpts = distinct_checkpoints(a)
     if ckpts.height > 1:
         made["heatmap"] = heatmap(a.arms, ckpts, a.grid.layers, len(a.grid.tasks), directory / "heatmap.png")
         if ckpts["step"].drop_nulls().len() > 1:
             made["steps"] = steps_lines(a.arms, a.grid.layers, directory / "steps.png")
-    for column in report.preferred_metrics(report.metric_names(a.arms)):
+    for column in preferred_metrics(metric_names(a.arms)):
         if a.arms.drop_nulls([column, "average"]).height:
             made[f"metric_{column}"] = metric_scatter(a.arms, column, directory / f"metric_{column}.png")
     if a.choice_summary.height:
         made["layer_choice"] = choice_regret(a.choice_summary, directory / "layer_choice.png")
-    seconds = report.scoring_seconds(a.run.scores)
+    seconds = scoring_seconds(a.run.scores)
     if seconds.height:
         made["cost"] = cost(seconds, directory / "cost.png")
     return made
@@ -214,8 +217,6 @@ def _best_per_checkpoint(arms: pl.DataFrame) -> pl.DataFrame:
 
 def metric_scatter(arms: pl.DataFrame, column: str, path: Path) -> Path:
     """One metric against the average score over all arms, coloured by layer, with ρ and τ."""
-    from layertime.report import correlations
-
     fig, ax = _figure(5.6, 4.3)
     rows = arms.drop_nulls([column, "average"])
     layers = sorted(rows["layer"].unique().to_list())
