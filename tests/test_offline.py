@@ -153,6 +153,17 @@ def test_prefetch_fills_the_cache_and_a_second_prefetch_transfers_nothing(served
 
 
 @pytest.mark.slow
+def test_the_prefetch_command_verifies_what_it_fetched(served, copy: Path) -> None:
+    """`layertime prefetch SPEC` (the one CLI; verifying is its default) ends with `layertime verify`'s table."""
+    done = _online(
+        served, copy.parent / "hf-home", sys.executable, "-m", "flows.commands", "prefetch", str(copy)
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "fetched 0 B (0 of 5 repo revisions)" in done.stdout
+    assert f"{REPO}@step1000 model.safetensors" in done.stdout and "ready for an offline run" in done.stdout
+
+
+@pytest.mark.slow
 def test_prefetch_refuses_before_downloading_when_the_disk_is_full(served, tmp_path: Path) -> None:
     spec_path = _spec_file(tmp_path, tmp_path / "hub")
     code = (
