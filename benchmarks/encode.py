@@ -231,10 +231,10 @@ def pythia_random_model(cache: Path) -> tuple[str, str]:
     from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
 
     from layertime.demo.model import DEMO_REPO, TOKENIZER_FILES
-    from layertime.hubcache import PYTHIA_410M_CONFIG, repo_dir, write_snapshot
+    from layertime.hub.cache import cached_commit, snapshot_dir
+    from layertime.hub.fake import PYTHIA_410M_CONFIG, write_snapshot
 
-    demo = repo_dir(cache, DEMO_REPO)
-    snapshot = demo / "snapshots" / (demo / "refs" / "main").read_text()
+    snapshot = snapshot_dir(DEMO_REPO, cached_commit(DEMO_REPO, "main", cache), cache)
     files = {name: (snapshot / name).read_bytes() for name in TOKENIZER_FILES}
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(SEED)

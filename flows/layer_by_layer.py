@@ -44,6 +44,7 @@ from flows.clusters import GPU, profile
 from flows.logs import quiet_finished_task_runs
 from layertime import claims, fastmteb, pipeline
 from layertime.costs import MODELS_PER_GPU
+from layertime.demo.world import prepare_world
 from layertime.plan import Plan, make_plan
 from layertime.rundir import RunDir
 from layertime.spec import ExperimentSpec, load_spec
@@ -72,7 +73,7 @@ def layer_by_layer(
     """
     experiment = load_spec(spec, **(overrides or {}))
     where = profile(cluster, cluster_overrides)
-    pipeline.prepare_world(experiment)
+    prepare_world(experiment)
     _verify(experiment, spec)
     plan = make_plan(experiment, strict=True)
     progress = _Progress(plan)  # in the UI from the start
@@ -102,7 +103,7 @@ class NotReady(RuntimeError):
 def _verify(spec: ExperimentSpec, spec_path: str) -> None:
     """The checks of `layertime verify` (task data not loaded: snapshots are checked); no GPU work
     starts while anything is missing or corrupt."""
-    from layertime import verify
+    from layertime.hub import verify
 
     items = verify.verify(spec, spec_path=spec_path, load_tasks=False)
     if verify.failed(items):

@@ -26,7 +26,8 @@ import numpy as np
 from mteb.models.abs_encoder import AbsEncoder
 from mteb.models.model_meta import ModelMeta, ScoringFunction
 
-from layertime import CODE_VERSION, checkpoints, fastmteb, memory, suite
+from layertime import CODE_VERSION, fastmteb, memory, suite
+from layertime.hub.cache import is_offline, use_local_snapshot
 from layertime.io import atomic_write, atomic_write_text
 
 ENCODE_BATCH = 4096  # texts per mteb DataLoader batch; lookups are cheap, so large batches cut overhead
@@ -186,9 +187,7 @@ def load_task(name: str, aggregation: str = "rule-a", hf_cache: Path | None = No
     cache, reranking tasks silently lose their per-query candidate lists (docs/design.md §4).
     """
     task = suite.build_task(name, aggregation)
-    if checkpoints.is_offline():
-        from layertime.prefetch import use_local_snapshot
-
+    if is_offline():
         use_local_snapshot(task, hf_cache)
     if load:
         task.load_data()

@@ -318,7 +318,7 @@ def _check_device(device: str | None) -> None:
 
 def _check_cache(spec) -> None:
     """What the flow checks before any GPU work (layertime verify, task data not loaded), for --plain."""
-    from layertime import verify
+    from layertime.hub import verify
 
     problems = verify.failed(verify.verify(spec, load_tasks=False))
     if problems:
@@ -344,9 +344,20 @@ def prefetch(
     needs into the HF cache, after checking free space; resumable. Exit 0 ready, 1 failed, 3 disk too small."""
     spec = load(spec_path)
     os.environ.setdefault("MTEB_CACHE", str(RunDir.of(spec.run_root, spec.store).mteb_results))
-    from layertime import prefetch as fetching
+    from layertime.hub import prefetch as fetching
 
-    raise typer.Exit(fetching.main(spec_path, workers=workers, verify=verify))
+    try:
+        result = fetching.prefetch(spec, workers=workers)
+    except fetching.PrefetchError as e:  # InsufficientSpaceError among them: refused before downloading
+        typer.secho(f"error: {e}", fg=typer.colors.RED, err=True)
+        raise typer.Exit(3 if isinstance(e, fetching.InsufficientSpaceError) else 1) from None
+    typer.echo(
+        f"fetched {fetching.human(result.downloaded_bytes)} "
+        f"({len(result.fetched)} of {len(result.plan.fetches)} repo revisions)"
+    )
+    for name in result.repaired:
+        typer.echo(f"  re-fetched {name} (its cached size disagreed with the hub)")
+    raise typer.Exit(_verified(spec, spec_path) if verify else 0)
 
 
 @app.command()
@@ -364,10 +375,17 @@ def verify(
     with tempfile.TemporaryDirectory(prefix="layertime-verify-") as scratch:
         # `import mteb` creates its cache directory: a check must not create the store as it looks.
         os.environ.setdefault("MTEB_CACHE", str(mteb_cache if mteb_cache.is_dir() else scratch))
-        from layertime import verify as checking
-
-        code = checking.main(spec_path, load_tasks=load_tasks, rehash=rehash)
+        code = _verified(spec, spec_path, load_tasks=load_tasks, rehash=rehash)
     raise typer.Exit(code)
+
+
+def _verified(spec, spec_path: Path, load_tasks: bool = True, rehash: bool = False) -> int:
+    """Verify offline and print the table; 0 when all is ok, 1 when anything is missing or corrupt."""
+    from layertime.hub import verify as checking
+
+    items = checking.verify(spec, spec_path=spec_path, load_tasks=load_tasks, rehash=rehash)
+    checking.print_table(items, spec_path)
+    return 1 if checking.failed(items) else 0
 
 
 def _check_blocks(spec, spec_path: Path) -> None:

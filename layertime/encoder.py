@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from layertime import architecture, checkpoints
+from layertime.hub.cache import from_cache_first
 
 # CPU forward passes run on this many torch threads, whatever the process set before: BLAS splits
 # sums by thread, so the thread count changes the last bits (up to 3.6e-7 on the demo, enough to move
@@ -152,10 +153,8 @@ class MultiLayerEncoder:
         self.device = check_device(device)
         self.dtype = resolve_dtype(dtype, self.device)
         try:  # from the cache alone when it holds the checkpoint, whatever HF_HUB_OFFLINE says
-            self.tokenizer = checkpoints.from_cache_first(
-                AutoTokenizer.from_pretrained, model, revision, cache_dir
-            )
-            self.model = checkpoints.from_cache_first(
+            self.tokenizer = from_cache_first(AutoTokenizer.from_pretrained, model, revision, cache_dir)
+            self.model = from_cache_first(
                 AutoModel.from_pretrained, model, revision, cache_dir, dtype=self.dtype
             )
         except OSError as e:

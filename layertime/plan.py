@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 
 from layertime import architecture, checkpoints, costs
 from layertime.checkpoints import Checkpoint
+from layertime.hub.cache import cached_commit
 from layertime.spec import ExperimentSpec, NeedsConfig, SpecError
 
 
@@ -130,9 +131,7 @@ def make_plan(spec: ExperimentSpec, resolve: bool = True, strict: bool = False) 
                 if strict:
                     raise
                 resolved = False
-        ckpts.append(
-            ckpt or Checkpoint(spec.model, rev, checkpoints.cached_commit(spec.model, rev, spec.hf_cache))
-        )
+        ckpts.append(ckpt or Checkpoint(spec.model, rev, cached_commit(spec.model, rev, spec.hf_cache)))
     if not resolved:
         notes.append(
             "commit resolution skipped (offline or not cached): revisions that share a commit "

@@ -23,7 +23,7 @@ PYTHIA = "EleutherAI/pythia-410m"
 def hub() -> Path:
     """A hub cache holding the demo model (step0..step3000, main) and Pythia-410m configs."""
     from layertime.demo.model import ensure_demo_model
-    from layertime.hubcache import PYTHIA_410M_CONFIG, write_config_only_repo
+    from layertime.hub.fake import PYTHIA_410M_CONFIG, write_config_only_repo
 
     cache = _SESSION_TMP / "hub"
     ensure_demo_model(cache)

@@ -33,7 +33,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from urllib.parse import unquote, urlsplit
 
-from layertime.hubcache import blob_etag, default_commit
+from layertime.hub.fake import blob_etag, default_commit
 
 
 @dataclass

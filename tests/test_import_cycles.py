@@ -1,9 +1,9 @@
 """How the library's modules import each other (issue 16): no module reaches into another's private
-names, and no new import cycle appears.
+names, and no import cycle exists.
 
-Imports inside functions count: they are how the cycles of `layertime/` hide (an edge at call time is
-still an edge a reader has to follow). The cycles that exist today are listed in KNOWN_CYCLE_EDGES; the
-package moves of issue 16 remove them, and this list shrinks with them (to nothing).
+Imports inside functions count: they are how the cycles of `layertime/` hid (an edge at call time is
+still an edge a reader has to follow). The two there were (bridge → prefetch → verify → pipeline →
+bridge, and figures ↔ report) went with the hub/ and report/ packages (issue 16).
 """
 
 from __future__ import annotations
@@ -12,12 +12,6 @@ import ast
 from pathlib import Path
 
 LIBRARY = Path(__file__).resolve().parents[1] / "layertime"
-
-# Edges (importer, imported) inside an import cycle today. A new one fails the test below.
-KNOWN_CYCLE_EDGES = {
-    ("prefetch", "verify"),  # prefetch's command verifies after downloading
-    ("verify", "prefetch"),  # the cache layout and download commands verify names in its fixes
-}
 
 
 def _module(path: Path) -> str:
@@ -83,14 +77,17 @@ def test_no_module_imports_another_modules_private_names():
     assert private == [], "make it public where it belongs, or give it a small module of its own"
 
 
-def test_no_new_import_cycle_in_the_library():
-    cycles = _cycle_edges(_graph())
-    new = sorted(cycles - KNOWN_CYCLE_EDGES)
-    assert new == [], f"new import cycle edges (importer, imported): {new}"
-    gone = sorted(KNOWN_CYCLE_EDGES - cycles)
-    assert gone == [], f"these cycle edges are gone: remove them from KNOWN_CYCLE_EDGES: {gone}"
+def test_no_import_cycle_in_the_library():
+    cycles = sorted(_cycle_edges(_graph()))
+    assert cycles == [], f"import cycle edges (importer, imported): {cycles}"
 
 
 def test_the_cycle_finder_finds_a_cycle_and_only_its_edges():
     graph = {"a": {"b"}, "b": {"c"}, "c": {"a", "d"}, "d": set()}
     assert _cycle_edges(graph) == {("a", "b"), ("b", "c"), ("c", "a")}
+
+
+def test_a_submodule_imported_from_its_package_is_an_edge_to_the_submodule():
+    edges = _graph()["hub.verify"]
+    assert {"hub.cache", "hub.prefetch"} <= edges  # `from layertime.hub import cache, prefetch`
+    assert "hub" not in edges

@@ -19,8 +19,9 @@ import pytest
 import yaml
 from hubserver import FakeHub  # tests/ is on sys.path (rootdir conftest, prepend import mode)
 
-from layertime import prefetch, verify
-from layertime.prefetch import RemoteFile, select_model_files, storage_folder
+from layertime.hub import prefetch, verify
+from layertime.hub.cache import repo_dir, task_dataset
+from layertime.hub.prefetch import RemoteFile, select_model_files
 from layertime.spec import parse_spec
 
 REPO = "fakeorg/tiny-neox"
@@ -84,7 +85,7 @@ def _online(fake: FakeHub, home: Path, *args: str) -> subprocess.CompletedProces
 
 def _prefetch(fake: FakeHub, spec_path: Path) -> subprocess.CompletedProcess:
     """`layertime prefetch SPEC` without its verification step (the tests verify here, offline)."""
-    return _online(fake, spec_path.parent / "hf-home", sys.executable, "-m", "layertime.prefetch",
+    return _online(fake, spec_path.parent / "hf-home", sys.executable, "-m", "flows.commands", "prefetch",
                    str(spec_path), "--no-verify")  # fmt: skip
 
 
@@ -110,7 +111,7 @@ def copy(fetched, tmp_path: Path) -> Path:
 
 
 def _snapshot(cache: Path, revision: str) -> Path:
-    folder = storage_folder(cache, REPO)
+    folder = repo_dir(REPO, cache)
     return folder / "snapshots" / (folder / "refs" / revision).read_text()
 
 
@@ -152,11 +153,22 @@ def test_prefetch_fills_the_cache_and_a_second_prefetch_transfers_nothing(served
 
 
 @pytest.mark.slow
+def test_the_prefetch_command_verifies_what_it_fetched(served, copy: Path) -> None:
+    """`layertime prefetch SPEC` (the one CLI; verifying is its default) ends with `layertime verify`'s table."""
+    done = _online(
+        served, copy.parent / "hf-home", sys.executable, "-m", "flows.commands", "prefetch", str(copy)
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "fetched 0 B (0 of 5 repo revisions)" in done.stdout
+    assert f"{REPO}@step1000 model.safetensors" in done.stdout and "ready for an offline run" in done.stdout
+
+
+@pytest.mark.slow
 def test_prefetch_refuses_before_downloading_when_the_disk_is_full(served, tmp_path: Path) -> None:
     spec_path = _spec_file(tmp_path, tmp_path / "hub")
     code = (
         "import sys\n"
-        "from layertime.prefetch import InsufficientSpaceError, estimate, prefetch\n"
+        "from layertime.hub.prefetch import InsufficientSpaceError, estimate, prefetch\n"
         "from layertime.spec import load_spec\n"
         "spec = load_spec(sys.argv[1])\n"
         "print('estimate', estimate(spec))\n"
@@ -245,7 +257,7 @@ def test_a_deleted_snapshot_link_or_revision_ref_fails_verify_and_prefetch_resto
 ) -> None:
     cache = _spec(copy).hf_cache
     (_snapshot(cache, "step0") / "tokenizer.json").unlink()
-    (storage_folder(cache, REPO) / "refs" / "step2000").unlink()
+    (repo_dir(REPO, cache) / "refs" / "step2000").unlink()
     problems = {p.item: p for p in _problems(copy)}
     assert set(problems) == {f"{REPO}@step0 tokenizer", f"{REPO}@step2000"}
     assert problems[f"{REPO}@step0 tokenizer"].status == "missing"
@@ -292,14 +304,12 @@ def test_verify_catches_corruption_without_a_tree_listing(hub: Path, demo_repo: 
     """A cache not written by snapshot_download (the fabricated demo cache) has no sizes to compare
     with: an LFS blob's name is its sha256, and the safetensors header gives the length."""
     cache = tmp_path / "hub"
-    shutil.copytree(storage_folder(hub, demo_repo), storage_folder(cache, demo_repo), symlinks=True)
+    shutil.copytree(repo_dir(demo_repo, hub), repo_dir(demo_repo, cache), symlinks=True)
     spec_path = _spec_file(tmp_path, cache, model=demo_repo, checkpoints=["step0", "step1000"])
     assert _problems(spec_path) == []
-    blob = (storage_folder(cache, demo_repo) / "snapshots").glob("*/model.safetensors")
+    blob = (repo_dir(demo_repo, cache) / "snapshots").glob("*/model.safetensors")
     target = next(
-        p
-        for p in blob
-        if p.parent.name == (storage_folder(cache, demo_repo) / "refs" / "step1000").read_text()
+        p for p in blob if p.parent.name == (repo_dir(demo_repo, cache) / "refs" / "step1000").read_text()
     ).resolve()  # noqa: E501
     data = target.read_bytes()
     target.write_bytes(data[:-64])
@@ -313,7 +323,7 @@ def test_verify_catches_corruption_without_a_tree_listing(hub: Path, demo_repo: 
 def test_real_task_datasets_are_fetched_as_snapshots_and_loaded_from_them(served, tmp_path: Path) -> None:
     """A real MTEB reranking task (SciDocsRR): its dataset at mteb's pinned revision, served by the stand-in
     hub, is missing before the prefetch (with its fix), then loads offline with its candidate lists."""
-    assert prefetch.task_dataset("SciDocsRR") == ("mteb/SciDocsRR", SCIDOCS_REVISION)
+    assert task_dataset("SciDocsRR") == ("mteb/SciDocsRR", SCIDOCS_REVISION)
     if ("dataset", "mteb/SciDocsRR") not in served.repos:
         served.add("mteb/SciDocsRR", _reranking_files(), [], repo_type="dataset", commit=SCIDOCS_REVISION)
     cache = tmp_path / "hub"
@@ -362,7 +372,7 @@ def test_the_wikitext_corpus_is_prefetched_into_the_datasets_cache_and_verifies_
         assert (served.bytes_sent > 0) == (attempt == 0)  # the second prefetch transfers nothing
     # verify, offline, in a process that shares the prefetch's datasets cache (HF_HOME)
     env = {**_online_env(served, spec_path.parent / "hf-home"), "HF_HUB_OFFLINE": "1"}
-    done = subprocess.run([sys.executable, "-m", "layertime.verify", str(spec_path), "--no-load-tasks"], cwd=ROOT, env=env,
+    done = subprocess.run([sys.executable, "-m", "flows.commands", "verify", str(spec_path), "--no-load-tasks"], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=300)  # fmt: skip
     assert done.returncode == 0, done.stdout + done.stderr
     assert (

@@ -8,7 +8,8 @@ import numpy as np
 import polars as pl
 import pytest
 
-from layertime import costs, hubcache, io, tables
+from layertime import costs, io, tables
+from layertime.hub import cache, fake
 from layertime.report import figures
 
 
@@ -122,10 +123,10 @@ WRITERS: dict[str, tuple[Callable[[Path], Path], Callable[[Path, bool], object]]
 }
 # Writers whose files are small and fixed-size (a ref: 40 hex characters): the size limit cannot cut them.
 SMALL_WRITERS = {
-    "hubcache ref": (
-        lambda d: hubcache.repo_dir(d, "org/model") / "refs" / "main",
-        lambda d, big: hubcache.write_snapshot(d, "org/model", {"config.json": b"{}"}, ["main"],
-                                               commit=hubcache.fake_commit("org/model", str(big))),
+    "fake hub ref": (
+        lambda d: cache.ref_file("org/model", "main", d),
+        lambda d, big: fake.write_snapshot(d, "org/model", {"config.json": b"{}"}, ["main"],
+                                               commit=fake.fake_commit("org/model", str(big))),
     ),
 }  # fmt: skip
 
@@ -186,10 +187,10 @@ def test_a_write_removes_the_temps_dead_writers_left_beside_its_file(writer, tmp
 def test_a_fabricated_hub_cache_is_readable_by_the_other_users_of_a_shared_cache(tmp_path):
     old = os.umask(0o022)
     try:
-        hubcache.write_snapshot(tmp_path, "org/model", {"config.json": b"{}"}, ["main"])
+        fake.write_snapshot(tmp_path, "org/model", {"config.json": b"{}"}, ["main"])
     finally:
         os.umask(old)
-    for path in hubcache.repo_dir(tmp_path, "org/model").rglob("*"):
+    for path in cache.repo_dir("org/model", tmp_path).rglob("*"):
         if path.is_file() and not path.is_symlink():
             assert path.stat().st_mode & 0o044 == 0o044, path  # the umask's permissions, not a private 0600
 

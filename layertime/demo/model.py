@@ -29,7 +29,8 @@ from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers,
 from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
 
 from layertime.demo.corpus import labelled_sentences
-from layertime.hubcache import fake_commit, repo_dir, write_snapshot
+from layertime.hub.cache import cached_commit, snapshot_dir
+from layertime.hub.fake import fake_commit, write_snapshot
 
 DEMO_REPO = "layertime/tiny-neox"
 DEMO_STEPS = (0, 1000, 2000, 3000)
@@ -206,14 +207,12 @@ def read_refs(
 ) -> dict[str, str] | None:
     """revision -> commit of a built repo (default: the demo's), or None unless every revision
     (default: the demo's) and its files are in place."""
-    repo = repo_dir(cache_dir, repo_id)
     commits: dict[str, str] = {}
     for revision in demo_revisions() if revisions is None else revisions:
-        ref = repo / "refs" / revision
-        if not ref.is_file():
+        commit = cached_commit(repo_id, revision, cache_dir)
+        if commit is None:
             return None
-        commit = ref.read_text()
-        snapshot = repo / "snapshots" / commit
+        snapshot = snapshot_dir(repo_id, commit, cache_dir)
         if not all((snapshot / name).is_file() for name in WEIGHT_FILES + TOKENIZER_FILES):
             return None
         commits[revision] = commit

@@ -23,7 +23,7 @@ from layertime.demo.model import (
     train_checkpoints,
     train_tokenizer,
 )
-from layertime.hubcache import fake_commit, write_snapshot
+from layertime.hub.fake import fake_commit, write_snapshot
 
 SCALE_REPO = "layertime/tiny-neox-scale"
 SCALE_STEPS: tuple[int, ...] = tuple(range(94000, 143001, 1000))  # exp2's revisions

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from layertime.checkpoints import hub_cache
+from layertime.hub.cache import hub_cache
 
 if TYPE_CHECKING:
     from layertime.spec import ExperimentSpec

@@ -26,7 +26,7 @@ from layertime.demo.model import (
     revision_name,
     tiny_config,
 )
-from layertime.hubcache import repo_dir
+from layertime.hub.cache import repo_dir
 
 LAST = revision_name(DEMO_STEPS[-1])
 
@@ -78,7 +78,7 @@ def test_default_cache_is_the_hub_constant(cache: Path, monkeypatch: pytest.Monk
 
 def test_revisions_and_main(cache: Path, commits: dict[str, str]) -> None:
     assert list(commits) == [revision_name(step) for step in DEMO_STEPS] + ["main"]
-    refs = repo_dir(cache, DEMO_REPO) / "refs"
+    refs = repo_dir(DEMO_REPO, cache) / "refs"
     assert {p.name: p.read_text() for p in refs.iterdir()} == commits
     assert commits["main"] == commits[LAST]  # as Pythia's main is its last step
     assert len(set(commits.values())) == len(DEMO_STEPS)
@@ -109,7 +109,7 @@ def test_tokenizer_is_pythia_like(cache: Path) -> None:
 
 
 def test_second_call_does_not_rebuild(cache: Path, commits: dict[str, str]) -> None:
-    repo = repo_dir(cache, DEMO_REPO)
+    repo = repo_dir(DEMO_REPO, cache)
     before = {p: p.lstat().st_mtime_ns for p in repo.rglob("*")}
     assert ensure_demo_model(cache) == commits
     assert {p: p.lstat().st_mtime_ns for p in repo.rglob("*")} == before
@@ -150,9 +150,9 @@ def _fake_build(source: Path, calls: list[Path]) -> Callable[[Path], dict[str, s
     def build(cache_dir: Path) -> dict[str, str]:
         calls.append(cache_dir)
         time.sleep(0.2)  # long enough for a concurrent caller to reach the lock
-        target = repo_dir(cache_dir, DEMO_REPO)
+        target = repo_dir(DEMO_REPO, cache_dir)
         shutil.rmtree(target, ignore_errors=True)  # whatever a killed build left behind
-        shutil.copytree(repo_dir(source, DEMO_REPO), target, symlinks=True)
+        shutil.copytree(repo_dir(DEMO_REPO, source), target, symlinks=True)
         return read_refs(cache_dir) or {}
 
     return build
@@ -163,7 +163,7 @@ def test_rebuild_after_partial_build(
 ) -> None:
     # A build killed before writing main leaves no complete repo: the next call builds again.
     shutil.copytree(cache, tmp_path, symlinks=True, dirs_exist_ok=True)
-    (repo_dir(tmp_path, DEMO_REPO) / "refs" / "main").unlink()
+    (repo_dir(DEMO_REPO, tmp_path) / "refs" / "main").unlink()
     calls: list[Path] = []
     monkeypatch.setattr(demo_model, "build_demo_model", _fake_build(cache, calls))
     assert ensure_demo_model(tmp_path) == commits

@@ -6,7 +6,7 @@
   ``config.json``, ``generation_config.json``, the weights (``model*.safetensors`` when the revision has
   them, else ``pytorch_model*.bin``, with their index) and the tokenizer files;
 - the dataset of every real MTEB task at the revision mteb pins (the whole dataset repo, as a local
-  snapshot: offline, reranking tasks must be loaded from it, see `use_local_snapshot` and docs/design.md §4);
+  snapshot: offline, reranking tasks must be loaded from it, see `cache.use_local_snapshot` and docs/design.md §4);
 - the metrics corpus when it is wikitext-103 (into the HF datasets cache, the way `metrics_corpus` reads it).
 
 It first asks the hub for every file's size, estimates what is still missing (blobs are shared between
@@ -15,24 +15,22 @@ less room. It is resumable: files already complete in the cache are not transfer
 call only asks the hub which commit each revision is), and a cached file whose size disagrees with the
 hub is fetched again. Checkpoints are fetched a few at a time; progress is one byte counter on stderr.
 
-`layertime verify SPEC` (`layertime.verify`) then checks the result offline.
+`layertime verify SPEC` (`layertime.hub.verify`) then checks the result offline.
 """
 
 from __future__ import annotations
 
 import re
-import shlex
 import shutil
 import sys
 import threading
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field
-from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
-from layertime import checkpoints, suite
+from layertime.hub import cache
 from layertime.messages import first_line
 from layertime.spec import ExperimentSpec
 
@@ -76,10 +74,6 @@ class InsufficientSpaceError(PrefetchError):
     """The cache's filesystem has less room than the download needs (raised before downloading)."""
 
 
-class MissingDatasetError(LookupError):
-    """A task's dataset is not in the cache at its pinned revision; the message says how to fetch it."""
-
-
 # ----------------------------------------------------------------------------- what loading needs
 
 
@@ -104,95 +98,6 @@ def select_model_files(paths: Iterable[str]) -> list[str]:
     else:
         chosen |= {p for p in top if PYTORCH_BIN.fullmatch(p) or p == PYTORCH_INDEX}
     return sorted(chosen)
-
-
-@lru_cache(maxsize=1)
-def _benchmark_datasets() -> dict[str, dict[str, str]]:
-    import mteb
-
-    return {t.metadata.name: dict(t.metadata.dataset) for t in mteb.get_benchmark(suite.BENCHMARK).tasks}
-
-
-def task_dataset(name: str) -> tuple[str, str] | None:
-    """(dataset repo, pinned revision) of a real MTEB task; None for the in-memory demo tasks."""
-    if suite.is_demo_task(name):
-        return None
-    dataset = _benchmark_datasets().get(name)
-    if dataset is None:
-        raise KeyError(f"task {name!r} is not in mteb's {suite.BENCHMARK}")
-    return dataset["path"], dataset["revision"]
-
-
-def storage_folder(cache_dir: Path, repo_id: str, repo_type: str = "model") -> Path:
-    """``<cache>/models--org--name`` (or ``datasets--org--name``), as huggingface_hub lays it out."""
-    return Path(cache_dir) / "--".join([f"{repo_type}s", *repo_id.split("/")])
-
-
-def cached_commit(cache_dir: Path, repo_id: str, revision: str, repo_type: str = "model") -> str | None:
-    """The commit `revision` points at in the cache (a commit hash is its own), or None."""
-    if re.fullmatch(r"[0-9a-f]{40}", revision):
-        return revision
-    ref = storage_folder(cache_dir, repo_id, repo_type) / "refs" / revision
-    return ref.read_text().strip() if ref.is_file() else None
-
-
-def dataset_snapshot(path: str, revision: str, cache_dir: str | Path | None = None) -> Path | None:
-    """The local snapshot folder of dataset repo `path` at `revision`, or None when not cached."""
-    cache = checkpoints.hub_cache(cache_dir)
-    commit = cached_commit(cache, path, revision, "dataset")
-    if commit is None:
-        return None
-    snapshot = storage_folder(cache, path, "dataset") / "snapshots" / commit
-    return snapshot if snapshot.is_dir() and any(snapshot.iterdir()) else None
-
-
-def use_local_snapshot(task: Any, cache_dir: str | Path | None = None) -> Any:
-    """Point mteb task `task` at its dataset's local snapshot, so `task.load_data()` reads it offline.
-
-    Offline, `datasets.load_dataset(repo_id)` falls back to the datasets cache, where reranking tasks
-    silently lose their per-query candidate lists (docs/design.md §4); loading the snapshot folder keeps every
-    config. Demo tasks (data in memory) are returned unchanged. MissingDatasetError when not cached.
-    """
-    name = task.metadata.name
-    located = task_dataset(name) if not suite.is_demo_task(name) else None
-    if located is None:
-        return task
-    path, revision = located
-    snapshot = dataset_snapshot(path, revision, cache_dir)
-    if snapshot is None:
-        raise MissingDatasetError(
-            f"dataset {path}@{revision} of task {name} is not in the HF cache {checkpoints.hub_cache(cache_dir)}; "
-            f"fetch it on a machine with internet: layertime prefetch SPEC "
-            f"(or: {download_command(path, revision=revision, repo_type='dataset', cache_dir=cache_dir)})"
-        )
-    task.metadata = task.metadata.model_copy(
-        update={"dataset": {**task.metadata.dataset, "path": str(snapshot)}}
-    )
-    return task
-
-
-def download_command(
-    repo_id: str,
-    files: Iterable[str] = (),
-    *,
-    revision: str,
-    repo_type: str = "model",
-    cache_dir: str | Path | None = None,
-    include: Iterable[str] = (),
-    force: bool = False,
-) -> str:
-    """The `hf download` command line (huggingface_hub's CLI) that fetches these files into the cache."""
-    args = ["hf", "download", repo_id, *files]
-    if repo_type != "model":
-        args += ["--repo-type", repo_type]
-    args += ["--revision", revision]
-    for pattern in include:
-        args += ["--include", pattern]
-    if cache_dir is not None:
-        args += ["--cache-dir", str(cache_dir)]
-    if force:
-        args.append("--force-download")
-    return shlex.join(args)
 
 
 # ----------------------------------------------------------------------------- the plan
@@ -230,7 +135,7 @@ class Fetch:
 
     def missing(self, cache_dir: Path) -> list[RemoteFile]:
         """Files not complete in the cache: no snapshot entry, no blob, or a blob of the wrong size."""
-        snapshot = storage_folder(cache_dir, self.repo_id, self.repo_type) / "snapshots" / self.commit
+        snapshot = cache.snapshot_dir(self.repo_id, self.commit, cache_dir, self.repo_type)
         out = []
         for f in self.files:
             pointer = snapshot / f.path
@@ -281,7 +186,7 @@ def plan_fetch(spec: ExperimentSpec, endpoint: str | None = None, api: Any = Non
     from huggingface_hub import HfApi
 
     api = api or HfApi(endpoint=endpoint)
-    plan = FetchPlan(spec, checkpoints.hub_cache(spec.hf_cache))
+    plan = FetchPlan(spec, cache.hub_cache(spec.hf_cache))
     if _is_local_model(spec):
         plan.notes.append(f"model {spec.model} is built or read locally: no checkpoint to download")
     else:
@@ -295,7 +200,7 @@ def plan_fetch(spec: ExperimentSpec, endpoint: str | None = None, api: Any = Non
                 Fetch(f"checkpoint {revision}", spec.model, "model", revision, commit, picked)
             )
     for task in spec.tasks:
-        located = task_dataset(task)
+        located = cache.task_dataset(task)
         if located is None:
             continue
         path, revision = located
@@ -344,7 +249,7 @@ def _remote_files(api: Any, repo_id: str, revision: str, repo_type: str) -> tupl
 def _wikitext_cached(spec: ExperimentSpec) -> bool:
     from layertime import metrics_corpus
 
-    with checkpoints.offline():
+    with cache.offline():
         try:
             metrics_corpus.wikitext_lines(spec.metrics.lines if spec.metrics else 1)
         except metrics_corpus.CorpusError:
@@ -450,13 +355,13 @@ def _drop_wrong_sizes(plan: FetchPlan) -> list[str]:
     """
     repaired = []
     for fetch in plan.fetches:
-        snapshot = storage_folder(plan.cache_dir, fetch.repo_id, fetch.repo_type) / "snapshots" / fetch.commit
+        snapshot = cache.snapshot_dir(fetch.repo_id, fetch.commit, plan.cache_dir, fetch.repo_type)
         for f in fetch.missing(plan.cache_dir):
             pointer = snapshot / f.path
             if not pointer.exists():
                 continue
             blob = pointer.resolve()
-            if blob.parent.name == "blobs":
+            if cache.is_blob(blob):
                 blob.unlink(missing_ok=True)
             pointer.unlink(missing_ok=True)
             repaired.append(f"{fetch.repo_id}@{fetch.revision}/{f.path}")
@@ -546,50 +451,3 @@ def _fetch_wikitext(spec: ExperimentSpec, log: Callable) -> None:
         metrics_corpus.wikitext_lines(spec.metrics.lines)
     except metrics_corpus.CorpusError as e:
         raise PrefetchError(str(e)) from None
-
-
-# ----------------------------------------------------------------------------- entry point
-
-
-def main(spec_path: str | Path, workers: int = DEFAULT_WORKERS, verify: bool = True) -> int:
-    """`layertime prefetch SPEC`: download, then verify offline and print the table.
-
-    Exit status: 0 when everything is fetched and verifies; 1 when a download failed or verification
-    found a problem; 3 when the disk is too small (refused before downloading); 2 for a bad spec.
-    """
-    from layertime.spec import SpecError, load_spec
-
-    try:
-        spec = load_spec(spec_path)
-    except SpecError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    try:
-        result = prefetch(spec, workers=workers)
-    except InsufficientSpaceError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 3
-    except PrefetchError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    print(
-        f"fetched {human(result.downloaded_bytes)} ({len(result.fetched)} of {len(result.plan.fetches)} repo revisions)"
-    )
-    for name in result.repaired:
-        print(f"  re-fetched {name} (its cached size disagreed with the hub)")
-    if not verify:
-        return 0
-    from layertime import verify as verify_mod
-
-    return verify_mod.main(spec_path)
-
-
-if __name__ == "__main__":
-    import argparse
-
-    parser = argparse.ArgumentParser(prog="python -m layertime.prefetch", description=main.__doc__)
-    parser.add_argument("spec")
-    parser.add_argument("--workers", type=int, default=DEFAULT_WORKERS)
-    parser.add_argument("--no-verify", action="store_true")
-    args = parser.parse_args()
-    sys.exit(main(args.spec, args.workers, not args.no_verify))

@@ -15,11 +15,11 @@ from huggingface_hub import hf_hub_download, scan_cache_dir, try_to_load_from_ca
 from huggingface_hub.errors import LocalEntryNotFoundError
 from transformers import AutoConfig, GPTNeoXConfig
 
-from layertime.hubcache import (
+from layertime.hub.cache import repo_dir
+from layertime.hub.fake import (
     PYTHIA_410M_CONFIG,
     blob_etag,
     fake_commit,
-    repo_dir,
     write_config_only_repo,
     write_snapshot,
 )
@@ -55,7 +55,7 @@ def test_hf_hub_download_finds_files_by_revision(cache: Path) -> None:
     commit = write_snapshot(cache, REPO, FILES, ["step1000"])
     for filename, content in FILES.items():
         path = Path(hf_hub_download(REPO, filename, revision="step1000", cache_dir=cache))
-        assert path == repo_dir(cache, REPO) / "snapshots" / commit / filename
+        assert path == repo_dir(REPO, cache) / "snapshots" / commit / filename
         assert path.read_bytes() == content
     # A commit hash is looked up in snapshots/ directly.
     by_commit = hf_hub_download(REPO, "config.json", revision=commit, cache_dir=cache)
@@ -65,7 +65,7 @@ def test_hf_hub_download_finds_files_by_revision(cache: Path) -> None:
 def test_try_to_load_from_cache(cache: Path) -> None:
     commit = write_snapshot(cache, REPO, FILES, ["step1000"])
     found = try_to_load_from_cache(REPO, "config.json", cache_dir=cache, revision="step1000")
-    assert found == str(repo_dir(cache, REPO) / "snapshots" / commit / "config.json")
+    assert found == str(repo_dir(REPO, cache) / "snapshots" / commit / "config.json")
     assert try_to_load_from_cache(REPO, "missing.json", cache_dir=cache, revision="step1000") is None
     assert try_to_load_from_cache(REPO, "config.json", cache_dir=cache, revision="step2000") is None
     assert try_to_load_from_cache(REPO, "config.json", cache_dir=cache) is None  # no main written
@@ -73,7 +73,7 @@ def test_try_to_load_from_cache(cache: Path) -> None:
 
 def test_layout_matches_huggingface_hub(cache: Path) -> None:
     commit = write_snapshot(cache, REPO, FILES, ["step1000", "refs/pr/1"])
-    repo = repo_dir(cache, REPO)
+    repo = repo_dir(REPO, cache)
     assert repo.name == "models--acme--toy-model"
     # hf_hub_download reads refs without stripping: exactly the 40 hex characters.
     assert (repo / "refs" / "step1000").read_bytes() == commit.encode()
@@ -103,7 +103,7 @@ def test_small_file_etag_is_the_git_blob_hash(tmp_path: Path) -> None:
 
 def test_two_revisions_on_one_commit_share_the_snapshot(cache: Path) -> None:
     commit = write_snapshot(cache, REPO, FILES, ["step143000", "main"])
-    repo = repo_dir(cache, REPO)
+    repo = repo_dir(REPO, cache)
     assert [p.name for p in (repo / "snapshots").iterdir()] == [commit]
     assert (repo / "refs" / "main").read_text() == (repo / "refs" / "step143000").read_text() == commit
     paths = {
@@ -122,7 +122,7 @@ def test_revision_not_written_fails(cache: Path) -> None:
 
 def test_write_snapshot_is_idempotent(cache: Path) -> None:
     first = write_snapshot(cache, REPO, FILES, ["step1000"])
-    repo = repo_dir(cache, REPO)
+    repo = repo_dir(REPO, cache)
     before = {p: p.lstat().st_mtime_ns for p in repo.rglob("*")}
     assert write_snapshot(cache, REPO, dict(reversed(FILES.items())), ["step1000"]) == first
     assert {p: p.lstat().st_mtime_ns for p in repo.rglob("*")} == before  # nothing rewritten, no temp files
@@ -134,8 +134,8 @@ def test_default_commit_depends_on_contents(cache: Path) -> None:
     assert first != second
     # Moving a ref is allowed (branches move); the old snapshot stays.
     assert write_snapshot(cache, REPO, {**FILES, "config.json": b"{}"}, ["a"]) == second
-    assert (repo_dir(cache, REPO) / "refs" / "a").read_text() == second
-    assert len(list((repo_dir(cache, REPO) / "snapshots").iterdir())) == 2
+    assert (repo_dir(REPO, cache) / "refs" / "a").read_text() == second
+    assert len(list((repo_dir(REPO, cache) / "snapshots").iterdir())) == 2
 
 
 def test_explicit_commit_must_be_a_hash(cache: Path) -> None:
@@ -162,7 +162,7 @@ def test_auto_config_loads_pythia_shapes_by_revision(cache: Path) -> None:
     assert set(commits) == {"step0", "step1000", "step143000", "main"}
     assert len(set(commits.values())) == 3  # one commit per revision
     assert commits["main"] == commits["step143000"]
-    refs = repo_dir(cache, "EleutherAI/pythia-410m") / "refs"
+    refs = repo_dir("EleutherAI/pythia-410m", cache) / "refs"
     assert {p.name: p.read_text() for p in refs.iterdir()} == commits
     for revision in ("step1000", "main", None):
         config = AutoConfig.from_pretrained("EleutherAI/pythia-410m", revision=revision, cache_dir=cache)

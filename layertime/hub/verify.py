@@ -9,7 +9,7 @@ per thing checked, each with the exact shell command that fixes it when it is no
   `snapshot_download`); without one, an LFS blob's name is its sha256. Safetensors headers are read too,
   so a truncated file is caught even where neither is known;
 - per real MTEB task: its dataset snapshot at the revision mteb pins, complete; then the task's data
-  loaded from that snapshot the way an offline run loads it (`prefetch.use_local_snapshot`), and
+  loaded from that snapshot the way an offline run loads it (`cache.use_local_snapshot`), and
   reranking tasks must keep their per-query candidate lists. Demo tasks load in memory;
 - the metrics corpus: wikitext-103 from the datasets cache, or the corpus file.
 
@@ -31,10 +31,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from layertime import checkpoints, prefetch, suite
-from layertime.checkpoints import offline
+from layertime import suite
+from layertime.hub import cache, prefetch
+from layertime.hub.cache import download_command, offline
+from layertime.hub.prefetch import RemoteFile, human
 from layertime.messages import first_line
-from layertime.prefetch import RemoteFile, download_command, human, storage_folder
 from layertime.spec import ExperimentSpec
 
 OK, MISSING, CORRUPT = "ok", "missing", "corrupt"
@@ -92,7 +93,7 @@ def failed(items: list[Item]) -> list[Item]:
 class _Checker:
     def __init__(self, spec: ExperimentSpec, spec_path: str | Path | None, rehash: bool, workers: int):
         self.spec = spec
-        self.cache = checkpoints.hub_cache(spec.hf_cache)
+        self.cache = cache.hub_cache(spec.hf_cache)
         self.cache_arg = spec.hf_cache  # as the user wrote it, for the fix commands
         self.prefetch_cmd = f"layertime prefetch {spec_path}" if spec_path else "layertime prefetch SPEC"
         self.memo = _HashMemo(self.cache, rehash)
@@ -111,8 +112,8 @@ class _Checker:
         by_commit: dict[str, list[Item]] = {}
         for revision in spec.checkpoints:
             label = f"{spec.model}@{revision}"
-            commit = prefetch.cached_commit(self.cache, spec.model, revision)
-            snapshot = storage_folder(self.cache, spec.model) / "snapshots" / (commit or "-")
+            commit = cache.cached_commit(spec.model, revision, self.cache)
+            snapshot = cache.snapshot_dir(spec.model, commit or "-", self.cache)
             if commit is None or not snapshot.is_dir():
                 what = "no ref in the cache" if commit is None else f"ref -> {commit[:12]}, but no snapshot"
                 include = (*prefetch.MODEL_PATTERNS, *self._weight_patterns())
@@ -154,7 +155,7 @@ class _Checker:
 
     def _weight_patterns(self) -> tuple[str, ...]:
         """The weight format the model's other cached revisions use (both when none is cached)."""
-        snapshots = storage_folder(self.cache, self.spec.model) / "snapshots"
+        snapshots = cache.snapshots_dir(self.spec.model, self.cache)
         for kind, suffix in (("safetensors", "*.safetensors"), ("bin", "*.bin")):
             if any(snapshots.glob(f"*/{suffix}")):
                 return prefetch.WEIGHT_PATTERNS[kind]
@@ -195,7 +196,7 @@ class _Checker:
         self, repo_id: str, repo_type: str, commit: str, snapshot: Path
     ) -> dict[str, RemoteFile | None]:
         """path -> what the hub said about it (tree listing), or None per file present when there is none."""
-        tree = storage_folder(self.cache, repo_id, repo_type) / "trees" / f"{commit}.json"
+        tree = cache.tree_file(repo_id, commit, self.cache, repo_type)
         try:
             files = json.loads(tree.read_text())["files"]
             return {
@@ -218,7 +219,7 @@ class _Checker:
     def tasks(self, load: bool) -> list[Item]:
         items: list[Item] = []
         for name in self.spec.tasks:
-            located = prefetch.task_dataset(name)
+            located = cache.task_dataset(name)
             if located is not None:
                 item = self._dataset(name, *located)
                 items.append(item)
@@ -230,7 +231,7 @@ class _Checker:
 
     def _dataset(self, task: str, path: str, revision: str) -> Item:
         label = f"dataset {task}"
-        snapshot = prefetch.dataset_snapshot(path, revision, self.cache)
+        snapshot = cache.dataset_snapshot(path, revision, self.cache)
         fix = download_command(path, revision=revision, repo_type="dataset", cache_dir=self.cache_arg)
         if snapshot is None:
             return Item(
@@ -256,7 +257,7 @@ class _Checker:
         label = f"task {name}"
         reranking = suite.task_type(name) == "Reranking"
         try:
-            task = prefetch.use_local_snapshot(suite.build_task(name, self.spec.aggregation), self.cache)
+            task = cache.use_local_snapshot(suite.build_task(name, self.spec.aggregation), self.cache)
             task.load_data()
             problem = _candidates_problem(task) if reranking else None
         except Exception as e:  # whatever loading raises, the row says it and the run would fail the same way
@@ -369,7 +370,7 @@ def _check_file(pointer: Path, expected: RemoteFile | None, memo: _HashMemo) -> 
     size = blob.stat().st_size
     if expected is not None and size != expected.size:
         return CORRUPT, size, f"{size} bytes, expected {expected.size}"
-    name = blob.name if blob.parent.name == "blobs" else ""
+    name = blob.name if cache.is_blob(blob) else ""
     sha256 = expected.sha256 if expected and expected.sha256 else (name if _SHA256.fullmatch(name) else None)
     if sha256:
         actual = memo.sha256(blob)
@@ -475,33 +476,3 @@ def format_table(items: list[Item], spec_path: str | Path | None = None) -> str:
 
 def print_table(items: list[Item], spec_path: str | Path | None = None, file=None) -> None:
     print(format_table(items, spec_path), file=file or sys.stdout)
-
-
-def main(spec_path: str | Path, load_tasks: bool = True, rehash: bool = False) -> int:
-    """`layertime verify SPEC`: print the table; exit status 0 when all is ok, 1 when anything is
-    missing or corrupt, 2 for a spec that does not load."""
-    from layertime.spec import SpecError, load_spec
-
-    try:
-        spec = load_spec(spec_path)
-    except SpecError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    items = verify(spec, spec_path=spec_path, load_tasks=load_tasks, rehash=rehash)
-    print_table(items, spec_path)
-    return 1 if failed(items) else 0
-
-
-if __name__ == "__main__":
-    import argparse
-
-    parser = argparse.ArgumentParser(prog="python -m layertime.verify", description=main.__doc__)
-    parser.add_argument("spec")
-    parser.add_argument(
-        "--no-load-tasks", action="store_true", help="check dataset snapshots, do not load them"
-    )
-    parser.add_argument(
-        "--rehash", action="store_true", help="hash every file again (ignore remembered hashes)"
-    )
-    args = parser.parse_args()
-    sys.exit(main(args.spec, not args.no_load_tasks, args.rehash))

@@ -1,17 +1,9 @@
-"""A fabricated Hugging Face hub cache, written in the exact on-disk layout huggingface_hub uses.
+"""A fabricated Hugging Face hub cache, for tests and the demo: models written without the hub.
 
 Nothing here can reach the hub (docs/design.md §9), so tests and the demo write their models straight into a
 cache directory and load them back by repo id and revision with ``HF_HUB_OFFLINE=1``, through the same
-code paths a user takes against the real hub. The layout, as huggingface_hub 2.x reads it::
-
-    <cache>/models--{org}--{name}/
-        blobs/<etag>                      file contents (etag: git blob sha1, or sha256 for LFS files)
-        snapshots/<commit>/<filename>     relative symlink -> ../../blobs/<etag>
-        refs/<revision>                   the commit hash, no trailing newline
-
-Two details matter to the readers: ``refs/<revision>`` is read with ``f.read()`` without stripping by
-``hf_hub_download``, so it must hold exactly 40 hex characters; and a revision that looks like a commit
-hash is looked up in ``snapshots/`` directly, never in ``refs/``.
+code paths a user takes against the real hub. Every path comes from `layertime.hub.cache`, which
+describes the layout (blobs, snapshots as relative links to them, refs of exactly 40 hex characters).
 
 Every write is atomic (``layertime.io``: temp file + rename; a symlink: temp link + rename), so a
 reader never sees half a blob or half a ref, and rewriting the same snapshot is a no-op.
@@ -24,6 +16,7 @@ import json
 import os
 from pathlib import Path
 
+from layertime.hub import cache
 from layertime.io import atomic_write_bytes
 
 # config.json of EleutherAI/pythia-410m as published (transformers 4.x field names; GPTNeoXConfig in
@@ -69,11 +62,6 @@ def fake_commit(*parts: str) -> str:
     return digest.hexdigest()
 
 
-def repo_dir(cache_dir: Path, repo_id: str) -> Path:
-    """The cache folder of model repo `repo_id` (``models--org--name``)."""
-    return Path(cache_dir) / "--".join(["models", *repo_id.split("/")])
-
-
 def blob_etag(filename: str, content: bytes) -> str:
     """The etag the hub would give `content`: sha256 for LFS files, the git blob sha1 otherwise."""
     if filename.endswith(_LFS_SUFFIXES):
@@ -91,17 +79,17 @@ def _atomic_symlink(target: str, link: Path) -> None:
     os.replace(tmp, link)
 
 
-def _write_blob(repo: Path, filename: str, content: bytes) -> Path:
-    """Store `content` under ``blobs/`` (once: blobs are content-addressed) and return its path."""
-    blob = repo / "blobs" / blob_etag(filename, content)
+def _write_blob(cache_dir: Path, repo_id: str, filename: str, content: bytes) -> Path:
+    """Store `content` as a blob (once: blobs are content-addressed) and return its path."""
+    blob = cache.blob_file(repo_id, blob_etag(filename, content), cache_dir)
     if not blob.exists():
         atomic_write_bytes(blob, content)
     return blob
 
 
-def _write_ref(repo: Path, revision: str, commit: str) -> None:
-    """Point ``refs/<revision>`` at `commit`. Names like ``refs/pr/1`` nest, as on the hub."""
-    ref = repo / "refs" / revision
+def _write_ref(cache_dir: Path, repo_id: str, revision: str, commit: str) -> None:
+    """Point `revision`'s ref at `commit`. Names like ``refs/pr/1`` nest, as on the hub."""
+    ref = cache.ref_file(repo_id, revision, cache_dir)
     if ref.is_file() and ref.read_text() == commit:
         return
     atomic_write_bytes(ref, commit.encode())
@@ -125,17 +113,16 @@ def write_snapshot(
     commit = commit or default_commit(repo_id, files)
     if len(commit) != 40 or any(c not in "0123456789abcdef" for c in commit):
         raise ValueError(f"commit must be 40 lowercase hex characters, got {commit!r}")
-    repo = repo_dir(cache_dir, repo_id)
-    snapshot = repo / "snapshots" / commit
+    snapshot = cache.snapshot_dir(repo_id, commit, cache_dir)
     for filename, content in files.items():
-        blob = _write_blob(repo, filename, content)
+        blob = _write_blob(cache_dir, repo_id, filename, content)
         link = snapshot / filename
         # Relative, like huggingface_hub's own links, so the cache survives being moved.
         _atomic_symlink(os.path.relpath(blob, link.parent), link)
     snapshot.mkdir(parents=True, exist_ok=True)
     for revision in revisions:
         if revision != commit:
-            _write_ref(repo, revision, commit)
+            _write_ref(cache_dir, repo_id, revision, commit)
     return commit
 
 
