@@ -22,12 +22,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
+from layertime.errors import Permanent
+
 T = TypeVar("T")
 
 _COMMIT = re.compile(r"^[0-9a-f]{40}$")
 
 
-class CheckpointError(LookupError):
+class CheckpointError(Permanent, LookupError):
     """A revision that cannot be resolved or loaded; the message says how to fix it."""
 
 

@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from layertime import checkpoints, suite
+from layertime.errors import Permanent
 from layertime.messages import first_line
 from layertime.spec import ExperimentSpec
 
@@ -76,7 +77,7 @@ class InsufficientSpaceError(PrefetchError):
     """The cache's filesystem has less room than the download needs (raised before downloading)."""
 
 
-class MissingDatasetError(LookupError):
+class MissingDatasetError(Permanent, LookupError):
     """A task's dataset is not in the cache at its pinned revision; the message says how to fetch it."""
 
 
