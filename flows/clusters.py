@@ -43,6 +43,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from layertime.costs import MODELS_PER_GPU
 
+CHECKOUT = Path(__file__).resolve().parents[1]  # the checkout that holds flows/ and tasks/
+
 # The resource annotation of GPU tasks: a share of a worker's one slot (`GPU_SLOT`), so each GPU
 # worker runs MODELS_PER_GPU (2) checkpoints' tasks at once, one reading its model while another
 # computes (layertime.pipeline.checkpoint_gpu_work); the cost simulation assumes the same.
@@ -403,6 +405,10 @@ def job_kwargs(settings: SlurmSettings, api_url: str | None, kind: str) -> dict[
     exports.update({k: os.environ[k] for k in settings.forward_env if k in os.environ and k not in exports})
     if api_url:
         exports["PREFECT_API_URL"] = api_url  # tasks on the workers log to the flow's API
+    # tasks/ is a folder of the checkout, not an installed package (layertime.cli.main): the workers
+    # import the tasks they run from it, wherever SLURM starts the job.
+    inherited = (exports.get("PYTHONPATH") or os.environ.get("PYTHONPATH", "")).split(os.pathsep)
+    exports["PYTHONPATH"] = os.pathsep.join(dict.fromkeys(p for p in [str(CHECKOUT), *inherited] if p))
     if kind == "gpu":
         cpus, processes, memory = settings.cpus, 1, settings.memory
         threads = settings.threads or settings.cpus

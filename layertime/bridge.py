@@ -27,14 +27,19 @@ from mteb.models.abs_encoder import AbsEncoder
 from mteb.models.model_meta import ModelMeta, ScoringFunction
 
 from layertime import CODE_VERSION, fastmteb, memory, suite
+from layertime.errors import Permanent
 from layertime.hub.cache import is_offline, use_local_snapshot
 from layertime.io import atomic_write, atomic_write_text
 
 ENCODE_BATCH = 4096  # texts per mteb DataLoader batch; lookups are cheap, so large batches cut overhead
 
 
-class LookupMiss(KeyError):
+class LookupMiss(Permanent, KeyError):
     """mteb asked for a text the embedding step did not embed."""
+
+
+class UnexpectedScores(Permanent, ValueError):
+    """mteb returned other splits or subsets than the task asks for (the same on every try)."""
 
 
 def model_meta(model: str, revision: str, dim: int, experiment: Mapping[str, Any]) -> Any:
@@ -287,7 +292,7 @@ def _check_asked(task: Any, result: Any) -> None:
     asked = {(split, subset) for split in task.eval_splits for subset in task.hf_subsets}
     got = {(split, s["hf_subset"]) for split, scores in result.scores.items() for s in scores}
     if got != asked:
-        raise ValueError(
+        raise UnexpectedScores(
             f"{task.metadata.name}: mteb returned splits/subsets {sorted(got)}, the task asks for {sorted(asked)}"
         )
 

@@ -16,10 +16,11 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from layertime.errors import Permanent
 from layertime.hub.cache import cached_commit, from_cache_first, hub_cache, is_offline
 
 
-class CheckpointError(LookupError):
+class CheckpointError(Permanent, LookupError):
     """A revision that cannot be resolved or loaded; the message says how to fix it."""
 
 

@@ -1,7 +1,7 @@
 """The library's commands: plan, prefetch, verify, report (no Prefect or Dask here).
 
-The `layertime` command is `flows.commands.app`: these commands plus the ones that run flows
-(`run`, `submit`, `slurm-script`).
+The `layertime` command is `main` below: these commands plus the ones that run flows (`run`,
+`submit`, `slurm-script`), which flows/commands.py adds from the checkout layertime is installed from.
 """
 
 from __future__ import annotations
@@ -452,6 +452,30 @@ def _quiet_libraries() -> None:
 
     datasets.disable_progress_bars()
     transformers.logging.set_verbosity_error()
+
+
+CHECKOUT = Path(__file__).resolve().parents[1]  # the folder holding layertime/, flows/ and tasks/
+
+
+def main() -> None:
+    """The `layertime` console script. flows/ and tasks/ are folders of the checkout, not installed
+    packages (top-level `flows` and `tasks` in site-packages would clash with anyone's of that name),
+    so the commands that run flows are imported from the checkout this package is installed from:
+    an editable install (`make venv`). Anything else exits 2 with one line saying so."""
+    commands = CHECKOUT / "flows" / "commands.py"
+    if not commands.is_file():
+        typer.secho(
+            f"error: {commands} not found: layertime runs from an editable install of its repository "
+            f"(`pip install -e .` there, or `make venv`), not from {CHECKOUT}",
+            fg=typer.colors.RED,
+            err=True,
+        )
+        raise SystemExit(2)
+    if sys.path[:1] != [str(CHECKOUT)]:
+        sys.path.insert(0, str(CHECKOUT))  # ours first, before any other `flows` on the path
+    from flows.commands import app as commands
+
+    commands()
 
 
 if __name__ == "__main__":

@@ -19,7 +19,9 @@ import torch
 from torch import nn
 
 from layertime import architecture, checkpoints
+from layertime.errors import Permanent
 from layertime.hub.cache import from_cache_first
+from layertime.spec import SpecError
 
 # CPU forward passes run on this many torch threads, whatever the process set before: BLAS splits
 # sums by thread, so the thread count changes the last bits (up to 3.6e-7 on the demo, enough to move
@@ -34,11 +36,11 @@ class EncoderOutOfMemory(MemoryError):
     """A text that does not fit in GPU memory even in a batch of its own."""
 
 
-class NonFiniteEmbedding(FloatingPointError):
+class NonFiniteEmbedding(Permanent, FloatingPointError):
     """A layer produced NaN or inf (fp16 overflow in Pythia's huge-magnitude dimensions, bad weights)."""
 
 
-class DeviceUnavailable(ValueError):
+class DeviceUnavailable(Permanent, ValueError):
     """The device asked for does not exist here (`cuda` on a machine where torch sees no GPU)."""
 
 
@@ -166,7 +168,7 @@ class MultiLayerEncoder:
         self.layers = list(range(L)) if layers == "all" else [int(b) for b in layers]
         bad = [b for b in self.layers if not 0 <= b < L]
         if bad:
-            raise ValueError(f"layers: block {bad[0]} is outside {self.name}'s {L} blocks (0..{L - 1})")
+            raise SpecError(f"layers: block {bad[0]} is outside {self.name}'s {L} blocks (0..{L - 1})")
         # The norm runs in float32 on a copy, so bf16 weights never round the pooled values.
         norm = self.anatomy.final_norm(self.model) if final_norm == "all" else None
         self._norm: nn.Module | None = copy.deepcopy(norm).float() if norm is not None else None

@@ -18,29 +18,18 @@ import socket
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import BinaryIO
+from typing import BinaryIO, TypeVar
 
 import numpy as np
 
 STALE_AFTER_S = 24 * 3600  # a temp of another host older than this is a leftover: no write takes a day
 _HOST = socket.gethostname().replace(".", "_")  # dots would split the name's fields
+T = TypeVar("T")
 
 
 def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
     """Call `write(tmp)` on a temp file beside `path`, then rename it over `path`."""
-    path = Path(path)
-    _mkdir(path.parent)
-    remove_stale_temps(path)
-    tmp = _new_temp(path, directory=False)
-    try:
-        write(Path(tmp))
-        os.replace(tmp, path)
-    except BaseException as e:
-        Path(tmp).unlink(missing_ok=True)
-        if isinstance(e, OSError):
-            raise _naming(e, path) from e
-        raise
-    return path
+    return _atomically(path, write, directory=False, place=_replace)
 
 
 def atomic_add_files(path: str | Path, write: Callable[[Path], None]) -> dict[str, int]:
@@ -54,46 +43,61 @@ def atomic_add_files(path: str | Path, write: Callable[[Path], None]) -> dict[st
     `path`. Callers write a manifest last: a writer killed between two renames leaves files no
     manifest lists yet.
     """
-    path = Path(path)
-    _mkdir(path.parent)
-    remove_stale_temps(path)
-    tmp = _new_temp(path, directory=True)
-    try:
-        write(tmp)
-        sizes = {p.name: p.stat().st_size for p in tmp.iterdir()}
-        _mkdir(path)
-        for name in sizes:
-            os.replace(tmp / name, path / name)
-        tmp.rmdir()
-    except BaseException as e:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if isinstance(e, OSError):
-            raise _naming(e, path) from e
-        raise
-    return sizes
+    return _atomically(path, write, directory=True, place=_add_files)
 
 
 def atomic_write_dir(path: str | Path, write: Callable[[Path], None]) -> Path:
     """Call `write(tmp)` on an empty temp directory beside `path`, then put it in place of `path`.
 
     The directory appears whole or not at all (the report's folder; a unit's embeddings gain files
-    through `atomic_add_files` instead, never replaced while another run reads them); on failure (a full disk) the temp directory is
-    removed, so it does not keep the space it took, and the error names `path`.
+    through `atomic_add_files` instead, never replaced while another run reads them); on failure (a
+    full disk) the temp directory is removed, so it does not keep the space it took, and the error
+    names `path`.
     """
+    return _atomically(path, write, directory=True, place=_replace_dir)
+
+
+def _atomically(
+    path: str | Path, write: Callable[[Path], None], directory: bool, place: Callable[[Path, Path], T]
+) -> T:
+    """The one frame of every atomic write: `write(tmp)` on a new temp file or directory beside
+    `path`, then `place(tmp, path)` puts it there by renames. Temps of dead writers of `path` are
+    removed first; on any failure this write's temp is removed, and an OSError names `path`."""
     path = Path(path)
     _mkdir(path.parent)
     remove_stale_temps(path)
-    tmp = _new_temp(path, directory=True)
+    tmp = _new_temp(path, directory=directory)
     try:
         write(tmp)
-        shutil.rmtree(path, ignore_errors=True)  # an older, damaged copy
-        os.replace(tmp, path)
+        return place(tmp, path)
     except BaseException as e:
-        shutil.rmtree(tmp, ignore_errors=True)
+        if directory:
+            shutil.rmtree(tmp, ignore_errors=True)
+        else:
+            tmp.unlink(missing_ok=True)
         if isinstance(e, OSError):
             raise _naming(e, path) from e
         raise
+
+
+def _replace(tmp: Path, path: Path) -> Path:
+    os.replace(tmp, path)
     return path
+
+
+def _replace_dir(tmp: Path, path: Path) -> Path:
+    shutil.rmtree(path, ignore_errors=True)  # an older, damaged copy
+    os.replace(tmp, path)
+    return path
+
+
+def _add_files(tmp: Path, path: Path) -> dict[str, int]:
+    sizes = {p.name: p.stat().st_size for p in tmp.iterdir()}
+    _mkdir(path)
+    for name in sizes:
+        os.replace(tmp / name, path / name)
+    tmp.rmdir()
+    return sizes
 
 
 def atomic_write_text(path: str | Path, text: str) -> Path:

@@ -18,13 +18,15 @@ import random
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
+from layertime.errors import Permanent
+
 WIKITEXT_REPO = "Salesforce/wikitext"
 WIKITEXT_CONFIG = "wikitext-103-v1"  # the paper's choice (experiments/utils/misc/model_dataloader_utils.py)
 WIKITEXT_LINES = 1000
 MIN_CHARS = 10
 
 
-class CorpusError(LookupError):
+class CorpusError(Permanent, LookupError):
     """A metrics corpus that cannot be loaded; the message says how to fix it."""
 
 

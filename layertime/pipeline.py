@@ -30,6 +30,7 @@ import yaml
 from layertime import CODE_VERSION, claims, memory, suite
 from layertime.checkpoints import Checkpoint
 from layertime.demo.world import prepare_world
+from layertime.errors import Permanent
 from layertime.io import atomic_add_files, atomic_write, atomic_write_text, save_array
 from layertime.plan import Plan, make_plan
 from layertime.rundir import RunDir, read_cost, settings_id
@@ -106,6 +107,10 @@ def write_snapshot(plan: Plan, run: RunDir, settings: Settings) -> None:
         "layer_convention": "layer = 0-based block index b, states hidden_states[b + 1]",
     }
     atomic_write_text(run.root / "environment.json", json.dumps(env, indent=2))
+
+
+class MissingEmbeddings(Permanent, FileNotFoundError):
+    """A unit's embeddings are not on disk (or damaged) when it is scored: scoring again cannot make them."""
 
 
 class IncompatibleRun(RuntimeError):
@@ -453,7 +458,7 @@ def score_unit(
     if not todo:
         return rows
     if embeddings is None or not embeddings_ok(embeddings, todo):
-        raise FileNotFoundError(
+        raise MissingEmbeddings(
             f"embeddings of {ckpt.revision} · {task} are missing or damaged at {embeddings}"
         )
 
@@ -505,7 +510,9 @@ def metrics_prompts(spec: ExperimentSpec, run: RunDir) -> tuple[str, list[str]]:
         return f"tasks[{m.sample}/task]", list(dict.fromkeys(prompts))
     path = Path(m.corpus)
     if not path.is_file():
-        raise FileNotFoundError(f"metrics.corpus: {m.corpus!r} is neither wikitext-103, tasks nor a file")
+        raise metrics_corpus.CorpusError(
+            f"metrics.corpus: {m.corpus!r} is neither wikitext-103, tasks nor a file"
+        )
     return path.name, metrics_corpus.file_prompts(path)
 
 

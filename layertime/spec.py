@@ -26,9 +26,10 @@ from pydantic import (
 )
 
 from layertime import suite
+from layertime.errors import Permanent
 
 
-class SpecError(ValueError):
+class SpecError(Permanent, ValueError):
     """A spec that cannot run; the message names the field and the bad value."""
 
 

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from layertime.errors import Permanent
+
 SUITE_32 = "layer-by-layer-32"
 SUITE_DEMO = "demo-5"
 SUITE_SCALE = "scale-32"
@@ -67,6 +69,10 @@ BENCHMARK = "MTEB(eng, v1)"
 SPLIT = "test"
 
 
+class UnknownTask(Permanent, KeyError):
+    """A task name that no layertime suite (or mteb's benchmark) holds."""
+
+
 def task_type(name: str) -> str:
     """The MTEB task type of a suite task ('Classification', 'STS', ...)."""
     if name in DEMO_TASK_TYPES or name in SCALE_TASK_TYPES:
@@ -74,7 +80,7 @@ def task_type(name: str) -> str:
     for kind, names in TASK_TYPES.items():
         if name in names:
             return kind
-    raise KeyError(f"task {name!r} is not in any layertime suite")
+    raise UnknownTask(f"task {name!r} is not in any layertime suite")
 
 
 def known_tasks() -> set[str]:
@@ -105,7 +111,7 @@ def build_task(name: str, aggregation: str = "rule-a") -> Any:
 
     tasks = {t.metadata.name: t for t in mteb.get_benchmark(BENCHMARK).tasks}
     if name not in tasks:
-        raise KeyError(f"task {name!r} is not in mteb's {BENCHMARK}")
+        raise UnknownTask(f"task {name!r} is not in mteb's {BENCHMARK}")
     task = type(tasks[name])()  # a fresh instance, then apply the benchmark's filters again
     task.filter_eval_splits([SPLIT])
     subsets = list(tasks[name].hf_subsets)

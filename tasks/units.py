@@ -5,8 +5,8 @@ Each is a few lines over `layertime.pipeline`. Nothing is cached or persisted in
 storage: the completion records under the store are the one truth for "done" (the flow reads them
 before it submits anything, and merges the tables from them), so a damaged record is recomputed, a
 Prefect result can never stand in for a missing one, and a store keeps working wherever it is
-mounted (issue 14). Errors that cannot heal (a bad spec, a missing checkpoint, NaN embeddings, a
-text that was never embedded) are not retried.
+mounted (issue 14). Errors that cannot heal (`layertime.errors.Permanent`: a bad spec, a missing
+checkpoint, NaN embeddings, a text that was never embedded) are not retried; every other error is.
 """
 
 from __future__ import annotations
@@ -22,11 +22,12 @@ from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
 from layertime import CODE_VERSION, claims, pipeline
-from layertime.checkpoints import Checkpoint, CheckpointError
+from layertime.checkpoints import Checkpoint
+from layertime.errors import Permanent
 from layertime.plan import Plan
 from layertime.pool import ScoringPool
 from layertime.rundir import RunDir
-from layertime.spec import ExperimentSpec, SpecError
+from layertime.spec import ExperimentSpec
 
 # Results live in the store's completion records, never in Prefect's result storage (module doc).
 NOT_CACHED = {"cache_policy": NO_CACHE, "persist_result": False}
@@ -67,14 +68,12 @@ class Unit:
         )
 
 
-PERMANENT = (SpecError, CheckpointError, FileNotFoundError, FloatingPointError, KeyError, ValueError)
-
-
 def _may_heal(task: Any, task_run: Any, state: Any) -> bool:
-    """Retry only what may heal (I/O hiccups, preemption), never a wrong input."""
+    """Retry only what may heal (I/O hiccups, preemption), never a `Permanent` error (a wrong or
+    missing input: layertime/errors.py)."""
     try:
         state.result()
-    except PERMANENT:
+    except Permanent:
         return False
     except Exception:
         return True
@@ -123,7 +122,7 @@ def _gpu(work: GpuWork, logger: pipeline.Logger = pipeline.log) -> pipeline.Chec
     tasks = [u.task for u in work.units]
     return pipeline.checkpoint_gpu_work(
         spec, work.plan, RunDir.of(spec.run_root, spec.store), work.settings, work.checkpoint, tasks,
-        work.measure, gpu_lock=_GPU_LOCK, contain=PERMANENT, logger=logger,
+        work.measure, gpu_lock=_GPU_LOCK, contain=(Permanent,), logger=logger,
     )  # fmt: skip
 
 

@@ -11,6 +11,8 @@ from prefect.testing.utilities import prefect_test_harness
 
 from flows.layer_by_layer import NotReady, UnitsFailed, layer_by_layer
 from layertime import pipeline
+from layertime.bridge import UnexpectedScores
+from layertime.encoder import NonFiniteEmbedding
 
 ROOT = Path(__file__).resolve().parents[1]
 SPEC = str(ROOT / "deployments/demo.yaml")
@@ -47,7 +49,7 @@ _score_unit = pipeline.score_unit
 def _broken_score_unit(run, settings, ckpt, task, blocks, *args):
     """A test-only hook: one unit cannot score. Module level, so the scoring processes can import it."""
     if ckpt.revision == "step1000" and task == "DemoSTS" and blocks == [3]:
-        raise ValueError("injected failure")
+        raise UnexpectedScores("injected failure")  # permanent: not retried
     return _score_unit(run, settings, ckpt, task, blocks, *args)
 
 
@@ -59,7 +61,8 @@ def test_a_failed_unit_fails_the_flow_by_name_and_a_rerun_recomputes_only_it(hub
     state, states = _run(overrides)
     assert state.is_failed()
     with pytest.raises(
-        UnitsFailed, match=r"1 unit\(s\) failed:\nscore\[step1000 · DemoSTS · L3\]: ValueError: injected"
+        UnitsFailed,
+        match=r"1 unit\(s\) failed:\nscore\[step1000 · DemoSTS · L3\]: UnexpectedScores: injected",
     ):
         state.result()
     assert states["score[step1000 · DemoSTS · L3]"] == "Failed"
@@ -96,7 +99,7 @@ def test_each_checkpoint_is_loaded_once_for_its_metrics_and_embeddings_and_a_bad
 
     def embed_but_one(encoder, run, settings, ckpt, task, *args):
         if (ckpt.revision, task) == ("step2000", "DemoClassification"):
-            raise FloatingPointError("injected NaN embeddings")
+            raise NonFiniteEmbedding("injected NaN embeddings")
         return real_embed(encoder, run, settings, ckpt, task, *args)
 
     monkeypatch.setattr(pipeline, "load_encoder", counted_load)
@@ -105,7 +108,7 @@ def test_each_checkpoint_is_loaded_once_for_its_metrics_and_embeddings_and_a_bad
     assert state.is_failed()
     with pytest.raises(
         UnitsFailed,
-        match=r"1 unit\(s\) failed:\nembed\[step2000 · DemoClassification\]: FloatingPointError: injected",
+        match=r"1 unit\(s\) failed:\nembed\[step2000 · DemoClassification\]: NonFiniteEmbedding: injected",
     ):
         state.result()
     # one load per checkpoint serves its metrics and both tasks' embeddings

@@ -26,6 +26,7 @@ from prefect.testing.utilities import prefect_test_harness
 
 from flows.layer_by_layer import UnitsFailed, layer_by_layer
 from layertime import fastmteb, pipeline
+from layertime.encoder import NonFiniteEmbedding
 from layertime.spec import load_spec
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -108,7 +109,7 @@ _embed_unit = pipeline.embed_unit
 
 def _embed_all_but_sts(encoder, run, settings, ckpt, task, *args):
     if task == "DemoSTS":
-        raise FloatingPointError("injected NaN embeddings")
+        raise NonFiniteEmbedding("injected NaN embeddings")
     return _embed_unit(encoder, run, settings, ckpt, task, *args)
 
 
@@ -121,7 +122,7 @@ def test_a_failed_embed_keeps_the_rows_whose_records_are_valid(prefect_api, hub,
     monkeypatch.setattr(pipeline, "embed_unit", _embed_all_but_sts)
     state, _ = _run(grid)
     with pytest.raises(
-        UnitsFailed, match=r"1 unit\(s\) failed:\nembed\[step1000 · DemoSTS\]: FloatingPointError"
+        UnitsFailed, match=r"1 unit\(s\) failed:\nembed\[step1000 · DemoSTS\]: NonFiniteEmbedding"
     ):
         state.result()
     scores = pl.read_parquet(tmp_path / "demo/tables/scores.parquet")

@@ -32,13 +32,14 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from layertime import suite
+from layertime.errors import Permanent
 
 T = TypeVar("T")
 
 _COMMIT = re.compile(r"[0-9a-f]{40}")
 
 
-class MissingDatasetError(LookupError):
+class MissingDatasetError(Permanent, LookupError):
     """A task's dataset is not in the cache at its pinned revision; the message says how to fetch it."""
 
 

@@ -1,0 +1,54 @@
+"""`layertime/` is the library: no module of it, in any sub-package, imports Prefect or Dask when it is
+imported (issue 16). Read from the source, so a module added later is covered without being listed
+(tests/test_library.py imports a list of modules and looks at sys.modules). An import inside a
+function is allowed: it runs only when that function is called, as the CLI's `run` does."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+LIBRARY = Path(__file__).resolve().parents[1] / "layertime"
+ORCHESTRATION = {"prefect", "prefect_dask", "dask", "distributed", "dask_jobqueue"}
+
+
+def _module_level_imports(tree: ast.Module) -> list[tuple[int, str]]:
+    """(line, top-level module) of each import run at import time: the module's body, including
+    under `if`/`try`/`with` blocks, but not inside functions or classes' methods."""
+    found, todo = [], list(tree.body)
+    while todo:
+        node = todo.pop()
+        if isinstance(node, ast.Import):
+            found += [(node.lineno, a.name.split(".")[0]) for a in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
+            found.append((node.lineno, node.module.split(".")[0]))
+        elif isinstance(node, ast.ClassDef):
+            todo += [n for n in node.body if not isinstance(n, ast.FunctionDef | ast.AsyncFunctionDef)]
+        elif not isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef):
+            todo += [c for c in ast.iter_child_nodes(node) if isinstance(c, ast.stmt)]
+    return found
+
+
+def test_no_module_of_the_library_imports_prefect_or_dask_at_import_time():
+    modules = sorted(LIBRARY.rglob("*.py"))
+    assert len(modules) > 20  # the walk sees the library, sub-packages included
+    bad = [
+        f"{path.relative_to(LIBRARY.parent)}:{line}: import {name}"
+        for path in modules
+        for line, name in _module_level_imports(ast.parse(path.read_text()))
+        if name in ORCHESTRATION
+    ]
+    assert not bad, bad
+
+
+def test_the_walk_finds_an_import_under_if_and_try_but_not_in_a_function():
+    tree = ast.parse(
+        "import os\nif True:\n    import prefect\ntry:\n    from dask import array\nexcept ImportError:\n    pass\n"
+        "def f():\n    import distributed\nclass C:\n    import prefect_dask\n    def m(self):\n        import dask_jobqueue\n"
+    )
+    assert sorted(name for _, name in _module_level_imports(tree)) == [
+        "dask",
+        "os",
+        "prefect",
+        "prefect_dask",
+    ]
