@@ -17,7 +17,7 @@ import os
 from pathlib import Path
 
 from layertime.hub import cache
-from layertime.io import atomic_write_bytes
+from layertime.io import atomic_write, atomic_write_bytes
 
 # config.json of EleutherAI/pythia-410m as published (transformers 4.x field names; GPTNeoXConfig in
 # transformers 5 still accepts them and maps rotary_pct/rotary_emb_base into `rope_parameters`).
@@ -73,10 +73,12 @@ def _atomic_symlink(target: str, link: Path) -> None:
     """Point `link` at `target` (relative), replacing whatever is there, atomically."""
     if link.is_symlink() and os.readlink(link) == target:
         return
-    link.parent.mkdir(parents=True, exist_ok=True)
-    tmp = link.with_name(f".{link.name}.{os.getpid()}.{os.urandom(4).hex()}.tmp")
-    os.symlink(target, tmp)
-    os.replace(tmp, link)
+
+    def make(tmp: Path) -> None:
+        tmp.unlink()  # io's empty temp file gives way to the link, which the rename puts in place
+        os.symlink(target, tmp)
+
+    atomic_write(link, make)
 
 
 def _write_blob(cache_dir: Path, repo_id: str, filename: str, content: bytes) -> Path:
