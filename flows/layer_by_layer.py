@@ -53,7 +53,7 @@ from layertime.rundir import RunDir
 from layertime.spec import ExperimentSpec, load_spec
 from tasks import units
 
-quiet_finished_task_runs()  # exp2's ~8,100 "Finished in state Completed()" lines would bury the run's log
+quiet_finished_task_runs()  # exp2's ~6,500 "Finished in state Completed()" lines would bury the run's log
 
 
 class UnitsFailed(RuntimeError):
