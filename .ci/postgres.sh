@@ -79,10 +79,13 @@ logging_collector = off
 EOF
 }
 
+# JIT off for the role (every database it uses): the UI's flow-run graph query is estimated at
+# billions of rows, so PostgreSQL JIT-compiled it (~3 s) to run a ~15 ms query (benchmarks/RESULTS.md).
 create_role_and_db() {
   psql_admin <<EOF
 SELECT 'CREATE ROLE $DB LOGIN CREATEDB PASSWORD ''$PASSWORD''' WHERE NOT EXISTS (SELECT FROM pg_roles WHERE rolname = '$DB')\gexec
 SELECT 'CREATE DATABASE $DB OWNER $DB' WHERE NOT EXISTS (SELECT FROM pg_database WHERE datname = '$DB')\gexec
+ALTER ROLE $DB SET jit = off;
 EOF
 }
 

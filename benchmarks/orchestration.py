@@ -179,11 +179,13 @@ def deploy(server: Server) -> None:
     prefect(server.env, "--no-prompt", "deploy", "--name", "scale")
 
 
-def start_worker(server: Server, log: Path) -> subprocess.Popen:
-    """One process worker on the pool (one flow run at a time); its output (the flow's logs) to `log`."""
+def start_worker(server: Server, log: Path, env: dict[str, str] | None = None) -> subprocess.Popen:
+    """One process worker on the pool (one flow run at a time); its output (the flow's logs) to `log`.
+    `env` adds to the server's client environment (its flow runs inherit it)."""
     with open(log, "w") as out:
-        return subprocess.Popen([PREFECT, "worker", "start", "--pool", POOL, "--limit", "1"], env=server.env,
-                                cwd=ROOT, stdout=out, stderr=subprocess.STDOUT)  # fmt: skip
+        return subprocess.Popen([PREFECT, "worker", "start", "--pool", POOL, "--limit", "1"],
+                                env={**server.env, **(env or {})}, cwd=ROOT, stdout=out,
+                                stderr=subprocess.STDOUT)  # fmt: skip
 
 
 def run_deployment(server: Server, overrides: dict, cluster_overrides: dict) -> str:
@@ -321,11 +323,11 @@ def flow_run_logs(server: Server, flow_run: str) -> list[dict]:
 
 
 def expected_task_runs(plan: Any) -> Counter:
-    """How many task runs of each kind the flow makes for `plan` on a fresh run root."""
+    """How many task runs of each kind the flow makes for `plan` on a fresh run root: a recording pass
+    per task (real CPU work, in parallel), a GPU task per checkpoint (one model load), a score task per
+    unit (users watch each in the UI), one merge. Embeddings are deleted by the flow, not by tasks."""
     ckpts, tasks = len(plan.distinct_checkpoints()), len(plan.tasks)
-    return Counter(
-        {"record": tasks, "gpu": ckpts, "score": plan.evaluations, "cleanup": ckpts * tasks, "merge": 1}
-    )
+    return Counter({"record": tasks, "gpu": ckpts, "score": plan.evaluations, "merge": 1})
 
 
 def state_check(runs: list[dict], plan: Any) -> dict[str, Any]:

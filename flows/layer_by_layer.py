@@ -5,9 +5,13 @@
                                            pass per unique text, all layers)
     score(checkpoint, task, layer)  [CPU]  mteb.evaluate over stored embeddings, submitted as soon as
                                            its checkpoint's GPU work ends
-    cleanup(checkpoint, task)              embeddings deleted once every layer is scored
     merge                                  tables of docs/design.md §7 from the completion records, then
                                            artifacts in the UI
+
+A (checkpoint, task)'s embeddings are deleted by the flow itself, under the store's claims, once every
+layer of it is scored: a file deletion is not worth a task run (exp2: 1,600 of them, ~0.1 s of
+orchestration each, benchmarks/RESULTS.md). A unit with a failed layer keeps its embeddings, so the
+re-run scores it without GPU work.
 
 A checkpoint's GPU work is one task, so one worker loads each model once: split per task, Dask spread
 every checkpoint over every GPU and each GPU reloaded every checkpoint (benchmarks/RESULTS.md).
@@ -50,7 +54,7 @@ from layertime.rundir import RunDir
 from layertime.spec import ExperimentSpec, load_spec
 from tasks import units
 
-quiet_finished_task_runs()  # exp2's ~8,100 "Finished in state Completed()" lines would bury the run's log
+quiet_finished_task_runs()  # exp2's ~6,500 "Finished in state Completed()" lines would bury the run's log
 
 
 class UnitsFailed(RuntimeError):
@@ -179,8 +183,10 @@ class _Units:
         self.running: dict[Any, Any] = {}  # future -> what to do when it ends
         self.finished: queue.SimpleQueue = queue.SimpleQueue()
         self.failures: list[str] = []
-        self.cleanups: list[Any] = []
+        self.embedded: list[units.Unit] = []  # units whose embeddings are in the store already
         self.left: dict[tuple[str, str], int] = {}  # (checkpoint key, task) -> layers still scoring
+        self.unscored: set[tuple[str, str]] = set()  # (checkpoint key, task) with a failed layer
+        self.cleaned = collections.Counter()  # what became of each scored unit's embeddings
         self.claims = claims.Claims()  # the embeddings this run needs, kept from other runs' cleanup
 
     def run(self, revisions: dict[str, str]) -> list[str]:
@@ -189,18 +195,24 @@ class _Units:
         get_run_logger().info(
             f"{self.plan.spec.name}: {self.plan.evaluations} evaluations, {self.progress.total} distinct "
             f"units, {self.progress.scored} done (completion records), {len(self.waiting)} checkpoint(s) "
-            f"with GPU work (layers are 0-based block indices {self.plan.blocks})"
+            f"with GPU work, {len(self.embedded)} (checkpoint, task) embedded already (layers are 0-based "
+            f"block indices {self.plan.blocks})"
         )
         self.progress.show(final=True)
         with self.claims:
             self._submit_gpu()
+            for unit in self.embedded:
+                self._submit_scores(unit, str(self._embeddings(unit)))
             while self.running:
                 future = self.finished.get()
                 self.running.pop(future)(future)
                 self._submit_gpu()
                 self.progress.show()
-        for future in self.cleanups:
-            future.wait()
+        if self.cleaned:
+            get_run_logger().info(
+                "embeddings of the scored (checkpoint, task) units: "
+                + ", ".join(f"{n} {what}" for what, n in sorted(self.cleaned.items()))
+            )
         return self.failures
 
     def _embeddings(self, unit: units.Unit) -> Path:
@@ -221,9 +233,12 @@ class _Units:
                     self.progress.failed += len(layers)
                 elif layers:
                     self.missing[ckpt.key, task] = layers
-                    todo.append(units.Unit(spec, ckpt, task, revisions[task], self.settings,
-                                           tuple(plan.blocks), plan.num_blocks))  # fmt: skip
-                    self.claims.take(self._embeddings(todo[-1]))  # before any GPU work looks at the store
+                    unit = units.Unit(spec, ckpt, task, revisions[task], self.settings, tuple(plan.blocks),
+                                      plan.num_blocks)  # fmt: skip
+                    self.claims.take(self._embeddings(unit))  # before any GPU work looks at the store
+                    # Kept by a run whose scoring of them failed: scored again without GPU work.
+                    is_embedded = pipeline.embeddings_ok(self._embeddings(unit), layers)
+                    (self.embedded if is_embedded else todo).append(unit)
             measure = spec.metrics is not None and ckpt.key not in measured
             if todo or measure:
                 self.waiting.append(units.GpuWork(plan, self.settings, ckpt, tuple(todo), measure))
@@ -278,13 +293,31 @@ class _Units:
         except Exception as e:  # noqa: BLE001 -- a failed unit is reported, the sweep goes on
             self.failures.append(f"score[{unit.label} · L{layer}]: {type(e).__name__}: {e}")
             self.progress.failed += 1
+            self.unscored.add((unit.checkpoint.key, unit.task))
         else:
             self.progress.scored += 1
         self.left[unit.checkpoint.key, unit.task] -= 1
         if not self.left[unit.checkpoint.key, unit.task]:
-            # Released first: the cleanup deletes the embeddings only if no run (this one included) claims them.
-            self.claims.release(self._embeddings(unit))
-            self.cleanups.append(self.runner.submit(units.cleanup, {"unit": unit}))
+            self._cleanup(unit)
+
+    def _cleanup(self, unit: units.Unit) -> None:
+        """The unit's last layer is done: release its claim, then delete its embeddings unless the
+        spec keeps them, a layer failed (the re-run scores it from them) or another run claims them."""
+        path = self._embeddings(unit)
+        # Released first: the embeddings are deleted only if no run (this one included) claims them.
+        self.claims.release(path)
+        if self.plan.spec.keep_embeddings:
+            self.cleaned["kept (keep_embeddings)"] += 1
+        elif (unit.checkpoint.key, unit.task) in self.unscored:
+            self.cleaned["kept for the re-run (a layer failed)"] += 1
+        else:
+            try:
+                deleted = claims.delete_unclaimed(path)
+            except OSError as e:  # a disk cost, never a lost unit: the run goes on, the log says where
+                get_run_logger().warning(f"embeddings of {unit.label} not deleted ({path}): {e}")
+                self.cleaned["not deleted (error, logged)"] += 1
+            else:
+                self.cleaned["deleted" if deleted else "kept (claimed by another run)"] += 1
 
 
 def _publish(plan: Plan, paths: dict[str, str], failures: list[str]) -> None:

@@ -1,7 +1,7 @@
 """The run's log at exp2's size: one line per task run that succeeded would bury everything else.
 
 Prefect's task engine logs "Finished in state Completed()" (or "Cached(...)") at INFO for every task
-run. exp2 makes ~8,100 task runs, so the flow run's Logs tab in the UI (and the worker's output) would
+run. exp2 makes ~6,500 task runs, so the flow run's Logs tab in the UI (and the worker's output) would
 be those lines and little else (issue 15). `quiet_finished_task_runs` drops exactly these INFO
 records from the `prefect.task_runs` logger, before any handler (console or API) sees them; a task
 run that fails, crashes or is retried still logs at WARNING/ERROR, and a task's own log lines are

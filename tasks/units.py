@@ -1,5 +1,5 @@
 """The Prefect tasks of the layer-by-layer flow (docs/design.md §2): record, gpu (a checkpoint's embeddings
-and metrics), score, cleanup, merge.
+and metrics), score, merge. Embeddings are deleted by the flow itself (flows/layer_by_layer.py).
 
 Each is a few lines over `layertime.pipeline`. Nothing is cached or persisted in Prefect's result
 storage: the completion records under the store are the one truth for "done" (the flow reads them
@@ -21,7 +21,7 @@ from typing import Any
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
-from layertime import CODE_VERSION, claims, pipeline
+from layertime import CODE_VERSION, pipeline
 from layertime.checkpoints import Checkpoint
 from layertime.errors import Permanent
 from layertime.plan import Plan
@@ -172,15 +172,6 @@ def score(unit: Unit, layer: int, embeddings: str | None) -> list[dict]:
     scores = ", ".join(f"{r['subset']}/{r['split']} {r['main_score']:.4f}" for r in rows[layer])
     logger.info(f"scored {unit.task} layer {layer}: main score {scores}")
     return rows[layer]
-
-
-@task(name="cleanup", task_run_name="cleanup[{unit.label}]")
-def cleanup(unit: Unit) -> bool:
-    """Delete the unit's embeddings once every layer is scored, unless the spec keeps them or a run
-    on the store still claims them (the last one to need them deletes them): True when deleted."""
-    if unit.spec.keep_embeddings:
-        return False
-    return claims.delete_unclaimed(unit.run.embeddings(unit.settings.id, unit.checkpoint, unit.task))
 
 
 @task(name="merge", task_run_name="merge[{plan.spec.name}]", **NOT_CACHED)

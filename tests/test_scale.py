@@ -1,7 +1,7 @@
 """exp2's shape at reduced size through a real Prefect server on PostgreSQL (issue 15).
 
 The scale world (`deployments/scale.yaml`: the demo model with exp2's revisions, 32 tiny local tasks)
-at 4 checkpoints × 4 layers × 32 tasks = 512 evaluations (~660 task runs), the way users run exp2:
+at 4 checkpoints × 4 layers × 32 tasks = 512 evaluations (549 task runs), the way users run exp2:
 `prefect server start` on PostgreSQL (`.ci/postgres.sh`, PREFECT_API_DATABASE_CONNECTION_URL), a
 process work pool, `prefect deploy`, a worker, `prefect deployment run 'layer-by-layer/scale'`. The
 plan must hold exactly in the tables and in the API, the server log must be clean, and the run's log
@@ -106,7 +106,7 @@ def test_the_runs_log_stays_readable_at_hundreds_of_task_runs(scale_run):
     """No "Finished in state Completed()" line per task run: the Logs tab shows the flow's own lines."""
     logs, runs = scale_run["logs"], scale_run["runs"]
     finished = [m for m in logs if m["task_run_id"] and m["message"].startswith("Finished in state")]
-    assert len(runs) > 600
+    assert len(runs) > 500  # 512 score task runs alone
     assert finished == [], f"{len(finished)} task runs' 'Finished in state' lines of {len(logs)} lines"
     # A score task run (one per unit) logs one line, its score; a gpu task what it does (loading,
     # measuring, one line per task it embeds); a recording pass one line; the flow a few of its own.

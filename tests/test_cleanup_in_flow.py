@@ -1,0 +1,77 @@
+"""Embeddings are deleted by the flow itself, under the store's claims, once every layer of their
+(checkpoint, task) is scored: no `cleanup` task run per unit (issue 15: exp2 made 1,600 of them, ~0.1 s
+of orchestration each). A unit with a failed layer keeps its embeddings, and the re-run scores it
+from them with no GPU work. Through a real flow run on Dask, task runs read from the Prefect API."""
+
+from pathlib import Path
+
+import pytest
+from prefect.testing.utilities import prefect_test_harness
+
+from flows.layer_by_layer import UnitsFailed, layer_by_layer
+from layertime import pipeline
+
+ROOT = Path(__file__).resolve().parents[1]
+SPEC = str(ROOT / "deployments/demo.yaml")
+pytestmark = pytest.mark.slow
+
+_score_unit = pipeline.score_unit
+
+
+def _broken_score_unit(run, settings, ckpt, task, blocks, *args):
+    """One layer of one unit cannot score. Module level, so the scoring processes can import it."""
+    if ckpt.revision == "step1000" and task == "DemoSTS" and blocks == [3]:
+        raise ValueError("injected failure")
+    return _score_unit(run, settings, ckpt, task, blocks, *args)
+
+
+def _task_runs(flow_run_id) -> dict[str, str]:
+    """Task run name -> state name, from the API."""
+    import asyncio
+
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    async def read():
+        async with get_client() as client:
+            runs = await client.read_task_runs(
+                flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id]))
+            )
+            return {r.name: r.state.name for r in runs}
+
+    return asyncio.run(read())
+
+
+def _embedded(store: Path) -> set[tuple[str, str]]:
+    """(commit directory, task) of every unit whose embeddings are on disk."""
+    return {(p.parent.parent.name, p.parent.name) for p in store.glob("embeddings/**/layer_*.npy")}
+
+
+def test_embeddings_are_deleted_without_task_runs_and_a_failed_unit_keeps_its_own(hub, tmp_path, monkeypatch):
+    overrides = {"run_root": str(tmp_path / "demo"), "hf_cache": str(hub), "checkpoints": ["step1000", "step2000"],
+                 "layers": [1, 3], "tasks": ["DemoSTS", "DemoClassification"]}  # fmt: skip
+    store = tmp_path / "store"
+    with prefect_test_harness(server_startup_timeout=120):
+        monkeypatch.setattr(pipeline, "score_unit", _broken_score_unit)
+        state = layer_by_layer(SPEC, overrides=overrides, return_state=True)
+        with pytest.raises(UnitsFailed, match=r"score\[step1000 · DemoSTS · L3\]"):
+            state.result()
+        first = _task_runs(state.state_details.flow_run_id)
+        assert not [name for name in first if name.startswith("cleanup")], sorted(first)
+        assert (
+            sorted(name.split("[")[0] for name in first)
+            == ["gpu"] * 2 + ["merge"] + ["record"] * 2 + ["score"] * 8
+        )
+        # Scored units' embeddings are gone; the unit with a failed layer keeps its own for the re-run.
+        kept = _embedded(store)
+        assert [task for _, task in kept] == ["DemoSTS"], kept
+
+        monkeypatch.setattr(pipeline, "score_unit", _score_unit)
+        state = layer_by_layer(SPEC, overrides=overrides, return_state=True)
+        assert state.is_completed()
+        again = _task_runs(state.state_details.flow_run_id)
+        # Only the failed layer is scored again, from the kept embeddings: no model load.
+        assert sorted(again) == ["merge[demo]", "record[DemoClassification]", "record[DemoSTS]",
+                                 "score[step1000 · DemoSTS · L3]"]  # fmt: skip
+        assert set(again.values()) == {"Completed"}
+        assert _embedded(store) == set()  # deleted once its last layer is scored

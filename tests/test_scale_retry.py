@@ -1,0 +1,145 @@
+"""`prefect flow-run retry` of a scale run after 5 injected failures recomputes only those 5 units
+(issue 15's target), through a real Prefect server on PostgreSQL, a process work pool and a worker.
+
+The scale world at 2 checkpoints × 4 layers × 32 tasks (256 evaluations). Five (checkpoint, task,
+layer) units fail to score on the first run: the worker's Python loads a `sitecustomize` that makes
+`pipeline.score_unit` raise for the units listed in a file (the flow process and its scoring
+processes alike). The file is then removed and the failed flow run retried with the CLI, as a user
+would. The retried attempt's task runs (the API's `flow_run_run_count`) must score exactly those 5
+units and do no GPU work (their embeddings were kept for the re-run); every other completion record
+must be untouched, and the tables hold each unit once.
+"""
+
+import os
+import sys
+from pathlib import Path
+
+import httpx
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+import orchestration as orch  # noqa: E402 -- benchmarks/ is not a package
+
+from layertime.plan import make_plan  # noqa: E402
+from layertime.spec import load_spec  # noqa: E402
+
+pytestmark = pytest.mark.slow
+CHECKPOINTS = 2
+
+# Loaded by every Python the worker starts (PYTHONPATH): the listed units fail to score, while the
+# file exists. functools.wraps keeps the name, so the scoring processes unpickle this wrapper too.
+_FAIL_LISTED_UNITS = """
+import functools, os
+from pathlib import Path
+from layertime import pipeline
+
+real = pipeline.score_unit
+
+@functools.wraps(real)
+def score_unit(run, settings, ckpt, task, blocks, *args):
+    listed = Path(os.environ["LAYERTIME_TEST_FAIL_UNITS"])
+    if listed.exists() and any(f"{ckpt.revision}|{task}|{b}" in listed.read_text().split() for b in blocks):
+        raise ValueError(f"injected failure of {ckpt.revision} {task} {blocks}")
+    return real(run, settings, ckpt, task, blocks, *args)
+
+pipeline.score_unit = score_unit
+"""
+
+
+@pytest.fixture(scope="module")
+def postgres_url() -> str:
+    """The PostgreSQL server .ci/run starts (.ci/postgres.sh); skipped locally without it, failed in CI."""
+    url = os.environ.get("LAYERTIME_PG_URL")
+    if not url:
+        message = "LAYERTIME_PG_URL is unset: run `export LAYERTIME_PG_URL=$(bash .ci/postgres.sh start)`"
+        if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
+            pytest.fail(f"{message} (CI must run this test; .ci/run does that)")
+        pytest.skip(message)
+    return url
+
+
+def _records(store: Path) -> dict[Path, tuple[int, bytes]]:
+    """Every score completion record: its mtime (ns) and content."""
+    return {p: (p.stat().st_mtime_ns, p.read_bytes()) for p in (store / "scores").rglob("layer_*.json")}
+
+
+def _attempts(server: orch.Server, flow_run: str) -> dict[int, list[str]]:
+    """Task-run names of `flow_run` by the flow run's attempt that made them (flow_run_run_count)."""
+    runs: list[dict] = []
+    with httpx.Client(base_url=server.api, timeout=120) as client:
+        while True:
+            page = client.post("/task_runs/filter", json={
+                "flow_runs": {"id": {"any_": [flow_run]}}, "sort": "ID_DESC", "limit": 200, "offset": len(runs)})  # fmt: skip
+            page.raise_for_status()
+            runs += page.json()
+            if len(page.json()) < 200:
+                break
+    by_attempt: dict[int, list[str]] = {}
+    for r in runs:
+        by_attempt.setdefault(r["flow_run_run_count"], []).append(r["name"])
+    return by_attempt
+
+
+def test_a_flow_run_retry_after_5_failures_recomputes_only_those_5_units(postgres_url, tmp_path):
+    from layertime.demo.scale_model import ensure_scale_model
+
+    ensure_scale_model(ROOT / ".cache" / "scale-hub")
+    overrides = orch.scale_overrides(CHECKPOINTS, tmp_path)
+    plan = make_plan(load_spec(orch.SPEC, **overrides))
+    revisions = [c.revision for c in plan.distinct_checkpoints()]
+    a, b, c = plan.tasks[0], plan.tasks[7], plan.tasks[20]
+    failing = [(revisions[0], a, 0), (revisions[0], b, 3), (revisions[1], a, 2), (revisions[1], c, 1),
+               (revisions[1], c, 3)]  # fmt: skip
+    listed = tmp_path / "fail-units.txt"
+    listed.write_text("\n".join(f"{r}|{t}|{layer}" for r, t, layer in failing))
+    hook = tmp_path / "hook"
+    hook.mkdir()
+    (hook / "sitecustomize.py").write_text(_FAIL_LISTED_UNITS)
+    env = {"PYTHONPATH": os.pathsep.join([str(hook), str(ROOT), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep),
+           "LAYERTIME_TEST_FAIL_UNITS": str(listed)}  # fmt: skip
+
+    database = orch.fresh_postgres_database(postgres_url, f"layertime_test_retry_{os.getpid()}")
+    server = orch.start_server(tmp_path / "prefect-home", orch.free_port(), database)
+    worker = None
+    try:
+        orch.deploy(server)
+        worker = orch.start_worker(server, tmp_path / "worker.log", env)
+        flow_run = orch.run_deployment(server, overrides, {"scoring_processes": 2})
+        first = orch.watch(server, flow_run, worker, timeout=1500, every=10)
+        assert first.state == "FAILED", (first.state, first.message)
+        before = _records(Path(overrides["store"]))
+        assert len(before) == plan.evaluations - 5
+
+        listed.unlink()  # the cause is fixed; the user retries the failed run from the CLI
+        orch.prefect(server.env, "flow-run", "retry", flow_run)
+        again = orch.watch(server, flow_run, worker, timeout=1500, every=10)
+        attempts = _attempts(server, flow_run)
+    finally:
+        if worker is not None:
+            orch.stop(worker)
+        orch.stop(server.proc)
+
+    assert again.state == "COMPLETED", (
+        again.state,
+        again.message,
+        (tmp_path / "worker.log").read_text()[-3000:],
+    )
+    assert sorted(attempts) == [1, 2]
+    first_scores = [n for n in attempts[1] if n.startswith("score[")]
+    assert len(first_scores) == plan.evaluations  # each unit's task run once in the first attempt
+    retried = sorted(n for n in attempts[2] if not n.startswith("record["))
+    expected = sorted(f"score[{r} · {t} · L{layer}]" for r, t, layer in failing)
+    # Exactly the 5 failed units are scored again; no model is loaded again (their embeddings were kept).
+    assert retried == sorted([*expected, f"merge[{plan.spec.name}]"]), retried
+    assert sorted(n for n in attempts[2] if n.startswith("record[")) == sorted(
+        f"record[{t}]" for t in plan.tasks
+    )
+
+    after = _records(Path(overrides["store"]))
+    assert {p: after[p] for p in before} == before  # every other unit's record untouched
+    commits = {c.revision: c.commit for c in plan.distinct_checkpoints()}
+    new = sorted((p.parts[-3], p.parent.name, int(p.stem.split("_")[1])) for p in set(after) - set(before))
+    assert new == sorted((commits[r], t, layer) for r, t, layer in failing)
+    tables = orch.table_check(Path(overrides["run_root"]), plan)
+    assert tables["distinct units"] == tables["score rows"] == plan.evaluations and tables["units twice"] == 0
