@@ -263,7 +263,9 @@ def test_gpu_tasks_overlap_scoring_starts_as_a_checkpoint_ends_and_progress_move
     assert watcher.seen, "no progress artifact while the flow ran"
     assert watcher.seen[0][0] < first.end_time.timestamp()
     values = [percent for _, percent, _ in watcher.seen]
-    assert values == sorted(values) and len(set(values)) >= 3
+    # Moving: units embedded and scored change what it says (updates are at most every 2 s, so a
+    # quick run may score every unit between two of them: the percent alone can jump 0 -> 100).
+    assert values == sorted(values) and len({(p, d) for _, p, d in watcher.seen}) >= 3
     final = _artifacts(state.state_details.flow_run_id)
     assert (
         final.data == 100.0
