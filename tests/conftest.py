@@ -66,3 +66,15 @@ def _proves_a_guarantee(item: pytest.Item) -> bool:
     named = guarantee_tests(item.config.rootpath / GUARANTEES)
     where = item.path.relative_to(item.config.rootpath).as_posix()
     return (where, getattr(item, "originalname", item.name)) in named
+
+
+@pytest.fixture(scope="module")
+def postgres_url() -> str:
+    """The PostgreSQL server .ci/run starts (.ci/postgres.sh); skipped locally without it, failed in CI."""
+    url = os.environ.get("LAYERTIME_PG_URL")
+    if not url:
+        message = "LAYERTIME_PG_URL is unset: run `export LAYERTIME_PG_URL=$(bash .ci/postgres.sh start)`"
+        if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
+            pytest.fail(f"{message} (CI must run this test; .ci/run does that)")
+        pytest.skip(message)
+    return url

@@ -15,23 +15,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
-
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 import orchestration as orch  # noqa: E402 -- benchmarks/ is not a package
-
-
-@pytest.fixture(scope="module")
-def postgres_url() -> str:
-    """The PostgreSQL server .ci/run starts (.ci/postgres.sh); skipped locally without it, failed in CI."""
-    url = os.environ.get("LAYERTIME_PG_URL")
-    if not url:
-        message = "LAYERTIME_PG_URL is unset: run `export LAYERTIME_PG_URL=$(bash .ci/postgres.sh start)`"
-        if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
-            pytest.fail(f"{message} (CI must run this test; .ci/run does that)")
-        pytest.skip(message)
-    return url
 
 
 def _show_jit(url: str) -> str:

@@ -27,18 +27,6 @@ CHECKPOINTS = 4  # 512 evaluations: minutes, where exp2's 50 take the benchmark'
 
 
 @pytest.fixture(scope="module")
-def postgres_url() -> str:
-    """The PostgreSQL server .ci/run starts (.ci/postgres.sh); skipped locally without it, failed in CI."""
-    url = os.environ.get("LAYERTIME_PG_URL")
-    if not url:
-        message = "LAYERTIME_PG_URL is unset: run `export LAYERTIME_PG_URL=$(bash .ci/postgres.sh start)`"
-        if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
-            pytest.fail(f"{message} (CI must run this test; .ci/run does that)")
-        pytest.skip(message)
-    return url
-
-
-@pytest.fixture(scope="module")
 def scale_run(postgres_url, tmp_path_factory) -> dict:
     """One deployment run of the reduced scale world on a fresh PostgreSQL database; what was seen."""
     from layertime.demo.scale_model import ensure_scale_model

@@ -47,18 +47,6 @@ pipeline.score_unit = score_unit
 """
 
 
-@pytest.fixture(scope="module")
-def postgres_url() -> str:
-    """The PostgreSQL server .ci/run starts (.ci/postgres.sh); skipped locally without it, failed in CI."""
-    url = os.environ.get("LAYERTIME_PG_URL")
-    if not url:
-        message = "LAYERTIME_PG_URL is unset: run `export LAYERTIME_PG_URL=$(bash .ci/postgres.sh start)`"
-        if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
-            pytest.fail(f"{message} (CI must run this test; .ci/run does that)")
-        pytest.skip(message)
-    return url
-
-
 def _records(store: Path) -> dict[Path, tuple[int, bytes]]:
     """Every score completion record: its mtime (ns) and content."""
     return {p: (p.stat().st_mtime_ns, p.read_bytes()) for p in (store / "scores").rglob("layer_*.json")}
