@@ -50,6 +50,8 @@ from typing import Any
 import httpx
 
 ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:  # run as a script: the flow's own constants (flows/ is not installed)
+    sys.path.insert(1, str(ROOT))
 PREFECT = str(Path(sys.executable).parent / "prefect")
 SPEC = ROOT / "deployments" / "scale.yaml"
 DEPLOYMENT = "layer-by-layer/scale"
@@ -217,6 +219,59 @@ def _fill(body: Any, flow_run: str) -> Any:
     return json.loads(json.dumps(body).replace("{id}", flow_run)) if body is not None else None
 
 
+def _idle_core_seconds() -> float:
+    """Core-seconds this machine has spent idle (or waiting on I/O) since boot, from /proc/stat."""
+    fields = Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]
+    return (int(fields[3]) + int(fields[4])) / os.sysconf("SC_CLK_TCK")
+
+
+@dataclass
+class CpuTime:
+    """Where the machine's core-seconds went while the flow ran (issue 15: what the overhead is made
+    of). Per group, CPU seconds (user + system) of its processes, each process's largest sample: a
+    process that ends loses at most one sampling interval. `idle` is machine-wide, from /proc/stat,
+    between the first and last sample taken while the flow run was Running."""
+
+    groups: dict[str, dict[int, float]] = field(default_factory=dict)  # group -> pid -> CPU s
+    before: dict[str, dict[int, float]] = field(default_factory=dict)  # the same, when the flow started
+    idle: list[float] = field(default_factory=list)  # idle core-seconds at the first and last sample
+
+    def sample(self, worker: subprocess.Popen, server: Server, running: bool) -> None:
+        import psutil
+
+        def add(group: str, procs: list) -> None:
+            seen = self.groups.setdefault(group, {})
+            for p in procs:
+                try:
+                    t = p.cpu_times()
+                except psutil.Error:
+                    continue
+                seen[p.pid] = max(seen.get(p.pid, 0.0), t.user + t.system)
+
+        try:
+            flows = psutil.Process(worker.pid).children()
+            add("server", [psutil.Process(server.proc.pid), *psutil.Process(server.proc.pid).children(True)])
+        except psutil.Error:
+            return
+        add("worker", [psutil.Process(worker.pid)])
+        add("flow process", flows)
+        add("scoring processes", [c for f in flows for c in f.children(recursive=True)])
+        add("database", [p for p in psutil.process_iter(["name"]) if p.info["name"] == "postgres"])
+        if running and not self.idle:  # the flow run's start: what was spent before is not its cost
+            self.before = {group: dict(by_pid) for group, by_pid in self.groups.items()}
+        if running:
+            self.idle = [self.idle[0] if self.idle else _idle_core_seconds(), _idle_core_seconds()]
+
+    def split(self) -> dict[str, float]:
+        """CPU seconds per group while the flow ran, and the machine's idle core-seconds meanwhile."""
+        out = {
+            group: sum(t - self.before.get(group, {}).get(pid, 0.0) for pid, t in by_pid.items())
+            for group, by_pid in self.groups.items()
+        }
+        out["idle"] = self.idle[1] - self.idle[0] if self.idle else 0.0
+        return out
+
+
 @dataclass
 class Watch:
     """What was seen while the flow ran: final state, UI latencies (s) per query, peak memory (bytes)."""
@@ -227,6 +282,7 @@ class Watch:
     running_s: float = 0.0  # flow run start -> end, from the API
     latencies: dict[str, list[float]] = field(default_factory=dict)
     ui_errors: list[str] = field(default_factory=list)
+    cpu: CpuTime = field(default_factory=CpuTime)
     flow_rss: int = 0
     tree_rss: int = 0
 
@@ -262,6 +318,7 @@ def watch(
             seen.flow_rss, seen.tree_rss = max(seen.flow_rss, flow), max(seen.tree_rss, tree)
             run = client.get(f"/flow_runs/{flow_run}").json()
             state = run.get("state") or {}
+            seen.cpu.sample(worker, server, running=state.get("type") in {"RUNNING", *FINAL})
             if state.get("type") in FINAL:
                 seen.state, seen.message = state["type"], state.get("message") or ""
                 seen.queued_s, seen.running_s = _seconds(run["created"], run["start_time"], run["end_time"])
@@ -325,9 +382,13 @@ def flow_run_logs(server: Server, flow_run: str) -> list[dict]:
 def expected_task_runs(plan: Any) -> Counter:
     """How many task runs of each kind the flow makes for `plan` on a fresh run root: a recording pass
     per task (real CPU work, in parallel), a GPU task per checkpoint (one model load), a score task per
-    unit (users watch each in the UI), one merge. Embeddings are deleted by the flow, not by tasks."""
+    LAYERS_PER_SCORE_TASK layers of a (checkpoint, task), one merge. Embeddings are deleted by the
+    flow, not by tasks."""
+    from flows.layer_by_layer import LAYERS_PER_SCORE_TASK
+
     ckpts, tasks = len(plan.distinct_checkpoints()), len(plan.tasks)
-    return Counter({"record": tasks, "gpu": ckpts, "score": plan.evaluations, "merge": 1})
+    per_unit = -(-len(plan.blocks) // LAYERS_PER_SCORE_TASK)
+    return Counter({"record": tasks, "gpu": ckpts, "score": ckpts * tasks * per_unit, "merge": 1})
 
 
 def state_check(runs: list[dict], plan: Any) -> dict[str, Any]:
@@ -434,6 +495,7 @@ def run_backend(database: str, checkpoints: int, processes: int, work: Path, por
         "finished-in-state lines": sum(1 for m in logs if m["message"].startswith("Finished in state")),
         "ui": {name: _percentiles(v) for name, v in seen.latencies.items()},
         "ui errors": seen.ui_errors[:10],
+        "cpu s": seen.cpu.split(),
         "flow peak rss GB": seen.flow_rss / 2**30,
         "tree peak rss GB": seen.tree_rss / 2**30,
         "db MB": size / 2**20,

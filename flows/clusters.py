@@ -268,6 +268,14 @@ class Profile:
         found = self.settings.scoring_processes
         return (os.cpu_count() or 1) if found is None else found
 
+    def _scoring_threads(self) -> int:
+        """Dask threads for score tasks on the local profile. Two per scoring process: while one
+        waits for its process's result, the other's task run does Prefect's bookkeeping (states,
+        logs) and is next in line, so a process never idles between units (with one each, the cores
+        idled 28 of 255 core-seconds of a 512-unit scale run; 11 with two: benchmarks/RESULTS.md)."""
+        processes = self.scoring_processes
+        return 2 * processes if processes else max(2, os.cpu_count() or 2)
+
     @property
     def gpu_slots(self) -> int:
         """GPU slots the profile can have at once: the local worker's one, or one per SLURM GPU job at
@@ -308,7 +316,7 @@ class Profile:
                 cluster_kwargs={
                     "n_workers": 1,
                     "processes": False,
-                    "threads_per_worker": max(2, os.cpu_count() or 2) + MODELS_PER_GPU,  # + GPU tasks
+                    "threads_per_worker": self._scoring_threads() + MODELS_PER_GPU,  # + GPU tasks
                     "resources": resources,
                     "dashboard_address": None,
                 },

@@ -3,8 +3,9 @@
     gpu(checkpoint)                 [GPU]  one model load: representation metrics of every layer (one
                                            streamed pass), then each task's embeddings (one forward
                                            pass per unique text, all layers)
-    score(checkpoint, task, layer)  [CPU]  mteb.evaluate over stored embeddings, submitted as soon as
-                                           its checkpoint's GPU work ends
+    score(checkpoint, task, layers) [CPU]  mteb.evaluate over stored embeddings, each layer in turn
+                                           (up to LAYERS_PER_SCORE_TASK of them), submitted as soon
+                                           as its checkpoint's GPU work ends
     merge                                  tables of docs/design.md §7 from the completion records, then
                                            artifacts in the UI
 
@@ -55,6 +56,14 @@ from layertime.spec import ExperimentSpec, load_spec
 from tasks import units
 
 quiet_finished_task_runs()  # exp2's ~6,500 "Finished in state Completed()" lines would bury the run's log
+
+
+# Layers of one (checkpoint, task) that one score task run scores, each still an evaluation of its own
+# with its own completion record. A task run costs Prefect ~0.1 core-second (its states through the
+# server's event pipeline, the task engine, Dask's submit) whatever it does: one per layer made that
+# the larger part of a scale run's non-compute time; per 4 layers, exp2 is 1,683 task runs, not 6,483
+# (benchmarks/RESULTS.md, issue 15). Not more: a layer sweep of one task still spreads over workers.
+LAYERS_PER_SCORE_TASK = 4
 
 
 class UnitsFailed(RuntimeError):
@@ -277,25 +286,37 @@ class _Units:
                 self.progress.failed += len(self.missing[unit.checkpoint.key, unit.task])
 
     def _submit_scores(self, unit: units.Unit, embeddings: str) -> None:
-        layers = self.missing[unit.checkpoint.key, unit.task]
+        missing = self.missing[unit.checkpoint.key, unit.task]
+        batches = [
+            units.Layers(missing[i : i + LAYERS_PER_SCORE_TASK])
+            for i in range(0, len(missing), LAYERS_PER_SCORE_TASK)
+        ]
         with dask.annotate(resources={"MEM_GB": self.needs[unit.task]}):
             futures = [
-                self.runner.submit(units.score, {"unit": unit, "layer": b, "embeddings": embeddings})
-                for b in layers
+                self.runner.submit(units.score, {"unit": unit, "layers": b, "embeddings": embeddings})
+                for b in batches
             ]
-        self.left[unit.checkpoint.key, unit.task] = len(layers)
-        for future, layer in zip(futures, layers, strict=True):
-            self._watch(future, functools.partial(self._score_done, unit, layer))
+        self.left[unit.checkpoint.key, unit.task] = len(batches)
+        for future, layers in zip(futures, batches, strict=True):
+            self._watch(future, functools.partial(self._score_done, unit, layers))
 
-    def _score_done(self, unit: units.Unit, layer: int, future: Any) -> None:
+    def _score_done(self, unit: units.Unit, layers: units.Layers, future: Any) -> None:
         try:
             future.result()
         except Exception as e:  # noqa: BLE001 -- a failed unit is reported, the sweep goes on
-            self.failures.append(f"score[{unit.label} · L{layer}]: {type(e).__name__}: {e}")
-            self.progress.failed += 1
+            # The records say which layers were scored (a task that crashed may have scored some).
+            failed = pipeline.missing_layers(
+                self.run_dir, self.settings, unit.checkpoint, unit.task, list(layers)
+            )
+            errors = e.errors if isinstance(e, units.LayersFailed) else {}
+            for layer in failed:
+                error = errors.get(layer, f"{type(e).__name__}: {e}")
+                self.failures.append(f"score[{unit.label} · L{layer}]: {error}")
+            self.progress.failed += len(failed)
+            self.progress.scored += len(layers) - len(failed)
             self.unscored.add((unit.checkpoint.key, unit.task))
         else:
-            self.progress.scored += 1
+            self.progress.scored += len(layers)
         self.left[unit.checkpoint.key, unit.task] -= 1
         if not self.left[unit.checkpoint.key, unit.task]:
             self._cleanup(unit)

@@ -156,22 +156,69 @@ def _in_scoring_process(fn: Any, *args: Any) -> Any:
     return _POOL[-1].run(fn, *args) if _POOL else fn(*args)
 
 
-@task(name="score", task_run_name="score[{unit.label} · L{layer}]", retries=2, retry_delay_seconds=[5, 30],
+class Layers(tuple):
+    """The layers (block indices) one score task run scores, named in the UI: L3, L20-23, L2,5."""
+
+    @property
+    def label(self) -> str:
+        b = list(self)
+        if len(b) > 1 and b == list(range(b[0], b[-1] + 1)):
+            return f"L{b[0]}-{b[-1]}"
+        return "L" + ",".join(map(str, b))
+
+
+class LayersFailed(RuntimeError):
+    """Layers of a score task run failed (the others were scored); `errors`: layer -> its error."""
+
+    def __init__(self, errors: dict[int, str]) -> None:
+        super().__init__("; ".join(f"L{b}: {e}" for b, e in errors.items()))
+        self.errors = errors
+
+    def __reduce__(self) -> tuple:  # pickled by its errors, not its message (SLURM workers ship it)
+        return type(self), (self.errors,)
+
+
+class LayersFailedPermanently(LayersFailed, Permanent):
+    """Every failed layer's error is Permanent: a retry would fail the same way."""
+
+
+def _layers_failed(errors: dict[int, Exception]) -> LayersFailed:
+    permanent = all(isinstance(e, Permanent) for e in errors.values())
+    kind = LayersFailedPermanently if permanent else LayersFailed
+    return kind({b: f"{type(e).__name__}: {e}" for b, e in errors.items()})
+
+
+@task(name="score", task_run_name="score[{unit.label} · {layers.label}]", retries=2, retry_delay_seconds=[5, 30],
       retry_condition_fn=_may_heal, **NOT_CACHED)  # fmt: skip
-def score(unit: Unit, layer: int, embeddings: str | None) -> list[dict]:
-    """mteb main scores of one (checkpoint, task, layer), written to its completion record."""
+def score(unit: Unit, layers: Layers, embeddings: str | None) -> dict[int, list[dict]]:
+    """mteb main scores of some layers of one (checkpoint, task): layer -> rows. Each layer is an
+    evaluation of its own, scored in a free scoring process and written to its completion record as
+    it ends; one that fails does not stop the others, and the task then fails naming each failed
+    layer (a retry reads the scored ones back from their records and scores only the rest)."""
     logger = get_run_logger()
-    # One INFO line per score task (exp2: 6,400 of them), with the number; its start is in DEBUG.
-    logger.debug(f"scoring {unit.task} layer {layer} of {unit.checkpoint.revision} from {embeddings}")
-    rows = _in_scoring_process(
-        pipeline.score_unit,
-        unit.run, unit.settings, unit.checkpoint, unit.task, [layer],
-        Path(embeddings) if embeddings else None, unit.spec.aggregation, unit.num_blocks, unit.spec.hf_cache,
-        unit.spec.digest,
-    )  # fmt: skip
-    scores = ", ".join(f"{r['subset']}/{r['split']} {r['main_score']:.4f}" for r in rows[layer])
-    logger.info(f"scored {unit.task} layer {layer}: main score {scores}")
-    return rows[layer]
+    logger.debug(f"scoring {unit.task} {layers.label} of {unit.checkpoint.revision} from {embeddings}")
+    done: dict[int, list[dict]] = {}
+    errors: dict[int, Exception] = {}
+    for layer in layers:
+        try:
+            done[layer] = _in_scoring_process(
+                pipeline.score_unit,
+                unit.run, unit.settings, unit.checkpoint, unit.task, [layer],
+                Path(embeddings) if embeddings else None, unit.spec.aggregation, unit.num_blocks,
+                unit.spec.hf_cache, unit.spec.digest,
+            )[layer]  # fmt: skip
+        except Exception as e:  # noqa: BLE001 -- the other layers go on; the task fails below, naming it
+            errors[layer] = e
+    if done:  # one INFO line per score task run, with the numbers (exp2: 1,600 of them)
+        logger.info("scored " + "; ".join(_scores_line(unit.task, b, rows) for b, rows in done.items()))
+    if errors:
+        raise _layers_failed(errors)
+    return done
+
+
+def _scores_line(task: str, layer: int, rows: list[dict]) -> str:
+    scores = ", ".join(f"{r['subset']}/{r['split']} {r['main_score']:.4f}" for r in rows)
+    return f"{task} layer {layer}: main score {scores}"
 
 
 @task(name="merge", task_run_name="merge[{plan.spec.name}]", **NOT_CACHED)
