@@ -21,13 +21,27 @@ other's results. It records, per backend:
   logs), sampled every few seconds during the run: p50 and p95;
 - the Prefect database's size afterwards.
 
+`--cluster slurm --jobs N` runs the same deployment with cluster="slurm" on the single-node SLURM of
+`.ci/slurm.sh` (2 CPUs, 2 fake GPUs): N worker jobs (adaptive minimum = maximum = N) of 1 CPU, 2 Dask
+threads, 6 GiB and one fake GPU each (`SLURM_JOB`; embedding on the CPU, scoring on the jobs' threads),
+so at most 2 run at once and more wait in the queue. The overhead's `slots` are then what really
+scored at once: min(the most jobs SLURM ran at once × the scoring units one job runs at once (its
+threads, as many as its MEM_GB holds), the node's CPUs). The flow process (with the Dask scheduler),
+the server and the worker share those CPUs with the jobs. Peak RSS is the flow process's; the jobs'
+processes are slurmd's, outside the worker's tree, and are summed separately (found by the job name
+in their environment). SLURM's own facts come from its job-completion log (`JobCompLoc`,
+`$LAYERTIME_SLURM_STATE/jobcomp.log`) and squeue: jobs submitted, their final states, how many ran
+at once.
+
 Usage (PostgreSQL must be up: `bash .ci/postgres.sh start`; root only for that script):
 
     python benchmarks/orchestration.py --checkpoints 50          # the full 6,400 units (exp2's size)
     python benchmarks/orchestration.py --checkpoints 8 --no-write # 1,024 units, print only
+    python benchmarks/orchestration.py --checkpoints 8 --cluster slurm --jobs 2  # `bash .ci/slurm.sh start` first
 
 Figures go to `benchmarks/RESULTS.md` (a section per run, machine and load named). The functions
-(server, deploy, worker, run, states, errors) are reused by `tests/test_scale.py`.
+(server, deploy, worker, run, states, errors) are reused by `tests/test_scale.py`,
+`tests/test_scale_retry.py` and (the SLURM variant) `tests/test_orchestration_slurm.py`.
 """
 
 from __future__ import annotations
@@ -43,6 +57,7 @@ import sys
 import tempfile
 import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -190,10 +205,11 @@ def start_worker(server: Server, log: Path, env: dict[str, str] | None = None) -
                                 stderr=subprocess.STDOUT)  # fmt: skip
 
 
-def run_deployment(server: Server, overrides: dict, cluster_overrides: dict) -> str:
+def run_deployment(server: Server, overrides: dict, cluster_overrides: dict, cluster: str = "local") -> str:
     """`prefect deployment run 'layer-by-layer/scale'` with these parameters; the flow run's id."""
     out = prefect(server.env, "deployment", "run", DEPLOYMENT, "--param", f"overrides={json.dumps(overrides)}",
-                  "--param", f"cluster_overrides={json.dumps(cluster_overrides)}")  # fmt: skip
+                  "--param", f"cluster_overrides={json.dumps(cluster_overrides)}",
+                  "--param", f"cluster={cluster}")  # fmt: skip
     m = re.search(r"UUID:\s*([0-9a-f-]{36})", out)
     if m is None:
         raise RuntimeError(f"no flow run id in the output of prefect deployment run:\n{out}")
@@ -285,6 +301,7 @@ class Watch:
     cpu: CpuTime = field(default_factory=CpuTime)
     flow_rss: int = 0
     tree_rss: int = 0
+    jobs_rss: int = 0  # SLURM worker jobs' processes, summed (outside the worker's process tree)
 
 
 def _rss(worker: subprocess.Popen) -> tuple[int, int]:
@@ -307,15 +324,23 @@ def _rss(worker: subprocess.Popen) -> tuple[int, int]:
 
 
 def watch(
-    server: Server, flow_run: str, worker: subprocess.Popen, timeout: float, every: float = 5.0
+    server: Server,
+    flow_run: str,
+    worker: subprocess.Popen,
+    timeout: float,
+    every: float = 5.0,
+    jobs_rss: Callable[[], int] | None = None,
 ) -> Watch:
-    """Poll the flow run until it is final, timing the UI's queries and sampling memory meanwhile."""
+    """Poll the flow run until it is final, timing the UI's queries and sampling memory meanwhile
+    (`jobs_rss`: the SLURM worker jobs' memory now, which no process of the worker holds)."""
     seen = Watch(latencies={name: [] for name in UI_QUERIES})
     deadline = time.monotonic() + timeout
     with httpx.Client(base_url=server.api, timeout=120) as client:
         while time.monotonic() < deadline:
             flow, tree = _rss(worker)
             seen.flow_rss, seen.tree_rss = max(seen.flow_rss, flow), max(seen.tree_rss, tree)
+            if jobs_rss is not None:
+                seen.jobs_rss = max(seen.jobs_rss, jobs_rss())
             run = client.get(f"/flow_runs/{flow_run}").json()
             state = run.get("state") or {}
             seen.cpu.sample(worker, server, running=state.get("type") in {"RUNNING", *FINAL})
@@ -446,9 +471,143 @@ def table_check(run_root: Path, plan: Any) -> dict[str, Any]:
     }
 
 
+# ------------------------------------------------------------------------------------- SLURM (--cluster slurm)
+
+# Each worker job on the single-node SLURM (.ci/slurm.sh: 2 CPUs, 2 fake GPUs, ~21 GB): one CPU and one
+# fake GPU, so two jobs run at once, and two Dask threads with 6 GiB (MEM_GB 4 for scoring: two of the
+# scale world's 2-GB units at once). Embedding runs on the CPU (float32), as the CI profile does.
+SLURM_JOB = {
+    "gpus": 1,
+    "device": "cpu",
+    "cpus": 1,
+    "threads": 2,
+    "memory": "6G",
+    "score_jobs": 0,
+    "bigmem_jobs": 0,
+}
+
+
+@dataclass
+class SlurmJobs:
+    """The run's SLURM worker jobs: `jobs` GPU-worker jobs (adaptive minimum = maximum), named `name`
+    so that this run's jobs can be told apart in squeue and in SLURM's job-completion log."""
+
+    jobs: int
+    work: Path  # the jobs' logs go to work/slurm-logs
+    timeout: float  # the run's; the jobs' walltime covers it
+    name: str = field(default_factory=lambda: f"ltbench-{os.getpid()}-{time.strftime('%H%M%S')}")
+
+    def cluster_overrides(self) -> dict[str, Any]:
+        """The flow's `cluster_overrides` for the slurm profile: every field that sizes a job is set here,
+        so what runs does not depend on deployments/clusters/slurm.yaml's sizes for a real cluster."""
+        walltime = int(self.timeout) + 900
+        return {
+            **SLURM_JOB,
+            "min_jobs": self.jobs,
+            "max_jobs": self.jobs,
+            "walltime": f"{walltime // 3600:02d}:{walltime % 3600 // 60:02d}:{walltime % 60:02d}",
+            "interface": "lo",  # one node: scheduler and workers meet on loopback
+            "dashboard_address": None,  # no port 8787 to collide with another run
+            "death_timeout": 60,
+            "log_directory": str(self.work / "slurm-logs"),
+            "job_name": self.name,
+        }
+
+    def rss(self) -> int:
+        """Bytes resident in every process of this run's jobs now (batch shell, nanny, worker), found by
+        the SLURM_JOB_NAME that slurmd puts in their environment: they are slurmd's, not the worker's."""
+        import psutil
+
+        total = 0
+        for proc in psutil.process_iter():
+            try:
+                if proc.environ().get("SLURM_JOB_NAME", "").startswith(self.name):
+                    total += proc.memory_info().rss
+            except psutil.Error:
+                continue
+        return total
+
+    def finish(self, plan: Any, wait: float = 90) -> dict[str, Any]:
+        """After the run: wait for the jobs to leave the queue (the flow cancels them as it closes its
+        cluster), cancel any left (a run that timed out), then what SLURM recorded of each job."""
+        deadline = time.monotonic() + wait
+        while self._queued() and time.monotonic() < deadline:
+            time.sleep(2)
+        left = self._queued()
+        if left:
+            subprocess.run(["scancel", "--name", self.name], capture_output=True, timeout=60)
+            time.sleep(5)  # slurmctld appends the cancelled jobs to the completion log
+        return slurm_facts(self._completed(), left, self.scoring_slots_per_job(plan))
+
+    def _queued(self) -> list[str]:
+        """`squeue` lines (id, state) of this run's jobs still pending or running."""
+        out = subprocess.run(["squeue", "-h", "-o", "%i %T %j"], capture_output=True, text=True, timeout=60)
+        return [" ".join(line.split()[:2]) for line in out.stdout.splitlines()
+                if line.split()[-1:] and line.split()[-1].startswith(self.name)]  # fmt: skip
+
+    def _completed(self) -> list[dict[str, str]]:
+        """This run's entries of SLURM's job-completion log (jobcomp/filetxt: `Key=Value` per job)."""
+        path = jobcomp_log()
+        lines = path.read_text(errors="replace").splitlines() if path.exists() else []
+        entries = [dict(re.findall(r"(\w+)=(\S*)", line)) for line in lines]
+        return [e for e in entries if e.get("Name", "").startswith(self.name)]
+
+    def scoring_slots_per_job(self, plan: Any) -> int:
+        """Scoring units one job runs at once: its Dask threads, as many as its MEM_GB holds units of
+        the plan's tasks (the flow's own reading of the profile and the cost table)."""
+        from flows.clusters import load_slurm_settings
+        from layertime import costs
+
+        settings = load_slurm_settings(self.cluster_overrides())
+        mem_gb = settings.scoring_workers()["gpu"]
+        need = max(costs.scoring_memory_gb(t, plan.hidden_size) for t in plan.tasks)
+        return max(0, min(settings.threads or settings.cpus, mem_gb // need))
+
+
+def jobcomp_log() -> Path:
+    """Where SLURM appends finished jobs (`JobCompLoc`, .ci/slurm.sh: $LAYERTIME_SLURM_STATE/jobcomp.log)."""
+    out = subprocess.run(["scontrol", "show", "config"], capture_output=True, text=True, timeout=60)
+    m = re.search(r"^JobCompLoc\s*=\s*(\S+)", out.stdout, re.MULTILINE)
+    state = os.environ.get("LAYERTIME_SLURM_STATE", "/var/lib/layertime-slurm")
+    return Path(m.group(1) if m else f"{state}/jobcomp.log")
+
+
+def slurm_facts(completed: list[dict[str, str]], left: list[str], per_job: int) -> dict[str, Any]:
+    """The jobs SLURM recorded: how many, their final states, how many ran at once at most, and the
+    scoring slots that gives: min(jobs running at once × `per_job`, the node's CPUs)."""
+    import datetime as dt
+
+    ran = []
+    for job in completed:  # a job cancelled while pending has no node
+        if (
+            job.get("NodeList", "(null)") not in ("(null)", "None", "")
+            and job.get("StartTime", "Unknown") != "Unknown"
+        ):
+            start, end = (dt.datetime.fromisoformat(job[k]) for k in ("StartTime", "EndTime"))
+            ran.append((start, end))
+    events = sorted([(s, 1) for s, _ in ran] + [(e, -1) for _, e in ran], key=lambda x: (x[0], x[1]))
+    peak = running = 0
+    for _, step in events:
+        running += step
+        peak = max(peak, running)
+    out = subprocess.run(["sinfo", "-h", "-o", "%c"], capture_output=True, text=True, timeout=60)
+    cpus = sum(int(c) for c in out.stdout.split() if c.isdigit()) or (os.cpu_count() or 1)
+    return {
+        "jobs submitted": len(completed) + len(left),
+        "job states": dict(Counter(job.get("JobState", "?") for job in completed)),
+        "jobs left in the queue": left,  # still pending/running after the run: cancelled by the benchmark
+        "jobs ran": len(ran),
+        "jobs at once": peak,
+        "job ids": sorted(job.get("JobId", "?") for job in completed),
+        "node cpus": cpus,
+        "scoring slots": min(peak * per_job, cpus),
+    }
+
+
 def run_backend(database: str, checkpoints: int, processes: int, work: Path, port: int, pg_url: str | None,
-                timeout: float) -> dict[str, Any]:  # fmt: skip
-    """One whole run on `database` ("sqlite" or "postgres"): fresh home, database and run root."""
+                timeout: float, slurm: SlurmJobs | None = None) -> dict[str, Any]:  # fmt: skip
+    """One whole run on `database` ("sqlite" or "postgres"): fresh home, database and run root; on the
+    local profile with `processes` scoring processes, or in `slurm`'s worker jobs."""
     from layertime.plan import make_plan
     from layertime.spec import load_spec
 
@@ -458,12 +617,16 @@ def run_backend(database: str, checkpoints: int, processes: int, work: Path, por
     url = fresh_postgres_database(pg_url, f"bench_{database}_{port}") if database == "postgres" else None
     server = start_server(work / "prefect-home", port, url)
     worker = None
+    jobs: dict[str, Any] = {}  # SLURM's facts (--cluster slurm)
     try:
         deploy(server)
         worker = start_worker(server, work / "worker.log")
         t0 = time.monotonic()
-        flow_run = run_deployment(server, overrides, {"scoring_processes": processes})
-        seen = watch(server, flow_run, worker, timeout)
+        if slurm is None:
+            flow_run = run_deployment(server, overrides, {"scoring_processes": processes})
+        else:
+            flow_run = run_deployment(server, overrides, slurm.cluster_overrides(), cluster="slurm")
+        seen = watch(server, flow_run, worker, timeout, jobs_rss=slurm.rss if slurm else None)
         wall = time.monotonic() - t0
         runs = task_runs(server, flow_run)
         logs = flow_run_logs(server, flow_run)
@@ -472,10 +635,14 @@ def run_backend(database: str, checkpoints: int, processes: int, work: Path, por
         if worker is not None:
             stop(worker)
         stop(server.proc)
+        if slurm is not None:
+            jobs = slurm.finish(plan)
     tables = table_check(Path(overrides["run_root"]), plan) if seen.state == "COMPLETED" else {}
     compute = tables.get("score seconds", 0.0) + tables.get("gpu seconds", 0.0)
     states = state_check(runs, plan)
     slots = max(1, min(processes or 1, os.cpu_count() or 1))
+    if slurm is not None:  # what scored at once: jobs that ran together, within the node's CPUs
+        slots = max(1, jobs["scoring slots"])
     return {
         "database": database,
         "state": seen.state,
@@ -499,7 +666,13 @@ def run_backend(database: str, checkpoints: int, processes: int, work: Path, por
         "flow peak rss GB": seen.flow_rss / 2**30,
         "tree peak rss GB": seen.tree_rss / 2**30,
         "db MB": size / 2**20,
+        **({"cluster": "local"} if slurm is None else slurm_result(jobs, seen)),
     }
+
+
+def slurm_result(jobs: dict[str, Any], seen: Watch) -> dict[str, Any]:
+    """run_backend's SLURM entries: the jobs' facts and their processes' peak memory."""
+    return {"cluster": "slurm", "slurm": jobs, "jobs peak rss GB": seen.jobs_rss / 2**30}
 
 
 def _percentiles(values: list[float]) -> dict[str, float]:
@@ -541,14 +714,16 @@ def markdown(results: list[dict], args: argparse.Namespace, loads: dict[str, str
         *[(f"UI {name}: p50 / p95 (n)", lambda r, name=name: _latency(r["ui"][name])) for name in UI_QUERIES],
         ("Prefect database after", lambda r: f"{r['db MB']:.0f} MB"),
     ]  # fmt: skip
+    if getattr(args, "cluster", "local") == "slurm":
+        rows += slurm_rows()
     head = "| | " + " | ".join(r["database"] for r in results) + " |"
     lines = [
-        f"## Orchestration at scale — {started} — {cpu_model()}, {os.cpu_count()} cores",
+        f"## Orchestration at scale{_cluster_heading(args)} — {started} — {cpu_model()}, {os.cpu_count()} cores",
         "",
-        f"`python benchmarks/orchestration.py --checkpoints {args.checkpoints} --processes {args.processes}`: "
+        f"`{_command(args)}`: "
         f"the scale world ({results[0]['evaluations']} evaluations = {args.checkpoints} checkpoints × 4 layers × "
-        f"32 tasks) through `prefect server start` + process work pool + `prefect deployment run`, local "
-        f"profile with {args.processes} scoring processes, one backend after the other.",
+        f"32 tasks) through `prefect server start` + process work pool + `prefect deployment run`, "
+        f"{_cluster_words(args)}, one backend after the other.",
         f"Machine load (1/5/15-min load averages): {loads}. Shared with other work: timings are upper bounds.",
         "",
         head,
@@ -557,6 +732,39 @@ def markdown(results: list[dict], args: argparse.Namespace, loads: dict[str, str
         "",
     ]
     return "\n".join(lines)
+
+
+def _command(args: argparse.Namespace) -> str:
+    line = f"python benchmarks/orchestration.py --checkpoints {args.checkpoints}"
+    if getattr(args, "cluster", "local") == "slurm":
+        return f"{line} --cluster slurm --jobs {args.jobs}"
+    return f"{line} --processes {args.processes}"
+
+
+def _cluster_heading(args: argparse.Namespace) -> str:
+    if getattr(args, "cluster", "local") == "slurm":
+        return f", single-node SLURM, {args.jobs} worker jobs"
+    return ""  # the local profile, as every section before the SLURM variant
+
+
+def _cluster_words(args: argparse.Namespace) -> str:
+    if getattr(args, "cluster", "local") == "slurm":
+        job = SLURM_JOB
+        return (f"slurm profile on the single-node SLURM (`.ci/slurm.sh`) with {args.jobs} worker jobs "
+                f"({job['cpus']} CPU, {job['threads']} Dask threads, {job['memory']}, 1 fake GPU each; embedding "
+                f"on the CPU; the Dask scheduler in the flow process)")  # fmt: skip
+    return f"local profile with {args.processes} scoring processes"
+
+
+def slurm_rows() -> list[tuple[str, Callable[[dict], str]]]:
+    """The markdown rows of the SLURM variant: its jobs, how many ran at once, their memory."""
+    return [
+        ("SLURM jobs submitted (final states)", lambda r: f"{r['slurm']['jobs submitted']} (" + ", ".join(
+            f"{k} {v}" for k, v in r["slurm"]["job states"].items()) + ")"),
+        ("SLURM jobs running at once (peak) → scoring slots", lambda r: f"{r['slurm']['jobs at once']} → "
+                                                                          f"{r['slurm']['scoring slots']}"),
+        ("worker jobs' peak RSS (their processes, summed)", lambda r: f"{r['jobs peak rss GB']:.2f} GB"),
+    ]  # fmt: skip
 
 
 def _latency(q: dict) -> str:
@@ -569,6 +777,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--checkpoints", type=int, default=50, help="of exp2's 50 (50: 6,400 evaluations)")
     parser.add_argument("--processes", type=int, default=2, help="scoring processes of the local profile")
+    parser.add_argument("--cluster", choices=("local", "slurm"), default="local",
+                        help="the flow's cluster profile; slurm: the single-node SLURM of .ci/slurm.sh")  # fmt: skip
+    parser.add_argument("--jobs", type=int, default=2, help="SLURM worker jobs (--cluster slurm; 2 run at once "
+                                                            "on the 2-CPU, 2-GPU node, more wait in the queue)")  # fmt: skip
     parser.add_argument("--databases", default="sqlite,postgres", help="comma-separated: sqlite, postgres")
     parser.add_argument("--port", type=int, default=4350, help="first server port (one per backend)")
     parser.add_argument("--timeout", type=float, default=7200, help="per backend, seconds")
@@ -590,8 +802,9 @@ def main() -> None:
     results = []
     for i, database in enumerate(args.databases.split(",")):
         shutil.rmtree(work / database, ignore_errors=True)
+        slurm = SlurmJobs(args.jobs, work / database, args.timeout) if args.cluster == "slurm" else None
         result = run_backend(database, args.checkpoints, args.processes, work / database, args.port + i, pg_url,
-                             args.timeout)  # fmt: skip
+                             args.timeout, slurm)  # fmt: skip
         loads[f"after {database}"] = _uptime()
         print(json.dumps(result, indent=1), flush=True)
         results.append(result)

@@ -414,9 +414,13 @@ def job_kwargs(settings: SlurmSettings, api_url: str | None, kind: str) -> dict[
     if api_url:
         exports["PREFECT_API_URL"] = api_url  # tasks on the workers log to the flow's API
     # tasks/ is a folder of the checkout, not an installed package (layertime.cli.main): the workers
-    # import the tasks they run from it, wherever SLURM starts the job.
+    # import the tasks they run from it, wherever SLURM starts the job. A deployment run (`prefect
+    # deployment run`) loads flows/layer_by_layer.py as the top-level module `layer_by_layer`, with
+    # flows/ on sys.path (Prefect's load_script_as_module), and each task's context names the flow by
+    # that module: the workers need flows/ too, last so that nothing in it shadows another module.
     inherited = (exports.get("PYTHONPATH") or os.environ.get("PYTHONPATH", "")).split(os.pathsep)
-    exports["PYTHONPATH"] = os.pathsep.join(dict.fromkeys(p for p in [str(CHECKOUT), *inherited] if p))
+    path = [str(CHECKOUT), *inherited, str(CHECKOUT / "flows")]
+    exports["PYTHONPATH"] = os.pathsep.join(dict.fromkeys(p for p in path if p))
     if kind == "gpu":
         cpus, processes, memory = settings.cpus, 1, settings.memory
         threads = settings.threads or settings.cpus
