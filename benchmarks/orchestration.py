@@ -12,7 +12,12 @@ other's results. It records, per backend:
   `costs.seconds`: embedding and metrics);
 - orchestration overhead per task run: (flow run's running time − compute / slots) / task runs,
   `slots` = the scoring processes that run at once (min(processes, cores)); it includes the flow's
-  fixed costs (imports, offline verification, recording, merge and report);
+  fixed costs (imports, offline verification, recording, merge and report). The same non-compute
+  time is also given in seconds and per evaluation (a score task run scores up to 4 layers);
+- where the machine's core-seconds went while the flow ran (`CpuTime`): CPU seconds of the scoring
+  processes, the flow process (GPU work, the Dask scheduler and Prefect's task engine), the server,
+  the database and the worker, and the cores' idle time; on this one machine they share its cores,
+  so the server's and database's CPU is part of the run's cost here (on a cluster they run elsewhere);
 - errors in the server's and the worker's (flow's) logs: `database is locked`, HTTP 5xx answers,
   client retries ("retryable"), tracebacks;
 - task runs by final state from the API against the plan (lost, duplicated, left Pending/Running);
@@ -654,6 +659,9 @@ def run_backend(database: str, checkpoints: int, processes: int, work: Path, por
         "compute s": compute,
         # The flow's own running time beyond its units' compute, spread over the slots, per task run.
         "overhead ms per task run": 1000 * (seen.running_s - compute / slots) / max(1, states["task runs"]),
+        "overhead s": seen.running_s - compute / slots,
+        "overhead ms per evaluation": 1000 * (seen.running_s - compute / slots) / plan.evaluations,
+        "cores": os.cpu_count(),
         "states": states,
         "tables": tables,
         "server log": log_errors(server.log),
@@ -700,6 +708,10 @@ def markdown(results: list[dict], args: argparse.Namespace, loads: dict[str, str
         ("flow run: queued / running (API)", lambda r: f"{r['queued s']:.0f} s / {r['flow running s']:.0f} s"),
         ("compute (units' measured seconds)", lambda r: f"{r['compute s']:.0f} s"),
         ("orchestration overhead per task run", lambda r: f"{r['overhead ms per task run']:.0f} ms"),
+        ("non-compute time: in all / per evaluation", lambda r: f"{r['overhead s']:.0f} s / "
+                                                               f"{r['overhead ms per evaluation']:.0f} ms"),
+        ("core-seconds while the flow ran: scoring / flow / server / database / worker / idle",
+         lambda r: _cpu(r)),
         ("task runs (expected)", lambda r: f"{r['states']['task runs']} ({r['states']['expected']})"),
         ("by final state", lambda r: ", ".join(f"{k} {v}" for k, v in r["states"]["by state"].items())),
         ("lost / duplicated / not final", lambda r: f"{sum(r['states']['lost'].values())} / "
@@ -765,6 +777,13 @@ def slurm_rows() -> list[tuple[str, Callable[[dict], str]]]:
                                                                           f"{r['slurm']['scoring slots']}"),
         ("worker jobs' peak RSS (their processes, summed)", lambda r: f"{r['jobs peak rss GB']:.2f} GB"),
     ]  # fmt: skip
+
+
+def _cpu(r: dict) -> str:
+    cpu = r.get("cpu s") or {}
+    parts = ("scoring processes", "flow process", "server", "database", "worker", "idle")
+    total = r.get("cores", 1) * r["flow running s"]
+    return " / ".join(f"{cpu.get(k, 0.0):.0f}" for k in parts) + f" (of {total:.0f})"
 
 
 def _latency(q: dict) -> str:
