@@ -139,3 +139,27 @@ def test_a_score_task_run_retried_after_a_transient_failure_scores_only_the_fail
     assert written[1] > retry, (written, retry)
     scores = pl.read_parquet(tmp_path / "demo/tables/scores.parquet")
     assert scores.select("task", "layer").unique().height == 2 * 4 and scores["main_score"].is_finite().all()
+
+
+def _fails_after_recording(run, settings, ckpt, task, blocks, *args):
+    """Layer 3 of DemoSTS is scored and recorded, then its task run fails all the same (as when a
+    worker is lost, or the API refuses the final state, after the last record was written)."""
+    rows = _score_unit(run, settings, ckpt, task, blocks, *args)
+    if task == "DemoSTS" and blocks == [3]:
+        raise UnexpectedScores("injected failure after the record was written")
+    return rows
+
+
+def test_a_score_task_run_that_fails_with_every_layer_recorded_leaves_no_embeddings_behind(
+    hub, tmp_path, monkeypatch
+):
+    monkeypatch.setattr(pipeline, "score_unit", _fails_after_recording)
+    state = layer_by_layer(SPEC, overrides=_grid(tmp_path, hub), return_state=True)
+    runs = _score_runs(state.state_details.flow_run_id)
+    assert runs["score[step1000 · DemoSTS · L0-3]"].state.name == "Failed"
+    # The records are the one truth for "done": every layer has one, so no unit failed...
+    assert sorted(_records(tmp_path / "store", "DemoSTS")) == [0, 1, 2, 3]
+    assert state.is_completed(), state.message
+    # ...and nothing is left for a re-run to score from the embeddings: they are deleted (a re-run
+    # would find every record and never look at them again).
+    assert not list((tmp_path / "store").glob("embeddings/**/layer_*.npy"))
