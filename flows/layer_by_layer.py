@@ -314,7 +314,8 @@ class _Units:
                 self.failures.append(f"score[{unit.label} · L{layer}]: {error}")
             self.progress.failed += len(failed)
             self.progress.scored += len(layers) - len(failed)
-            self.unscored.add((unit.checkpoint.key, unit.task))
+            if failed:  # every layer recorded (it failed after the last record): nothing to re-run
+                self.unscored.add((unit.checkpoint.key, unit.task))
         else:
             self.progress.scored += len(layers)
         self.left[unit.checkpoint.key, unit.task] -= 1

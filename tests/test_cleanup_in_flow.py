@@ -5,6 +5,7 @@ from them with no GPU work. Through a real flow run on Dask, task runs read from
 
 from pathlib import Path
 
+import polars as pl
 import pytest
 from prefect.testing.utilities import prefect_test_harness
 
@@ -60,8 +61,15 @@ def test_embeddings_are_deleted_without_task_runs_and_a_failed_unit_keeps_its_ow
         assert not [name for name in first if name.startswith("cleanup")], sorted(first)
         assert (
             sorted(name.split("[")[0] for name in first)
-            == ["gpu"] * 2 + ["merge"] + ["record"] * 2 + ["score"] * 8
+            == ["gpu"] * 2 + ["merge"] + ["record"] * 2 + ["score"] * 4  # one per (checkpoint, task)
         )
+        assert first["score[step1000 · DemoSTS · L1,3]"] == "Failed"
+        # The failed layer fails alone: its task run's other layer is scored and recorded.
+        records = sorted(p.name for p in store.glob("scores/**/DemoSTS/layer_*.json"))
+        assert records == ["layer_1.json", "layer_1.json", "layer_3.json"], records
+        scores = pl.read_parquet(tmp_path / "demo/tables/scores.parquet")
+        sts = scores.filter(pl.col("task") == "DemoSTS").select("revision", "layer").sort("revision", "layer")
+        assert sts.rows() == [("step1000", 1), ("step2000", 1), ("step2000", 3)]
         # Scored units' embeddings are gone; the unit with a failed layer keeps its own for the re-run.
         kept = _embedded(store)
         assert [task for _, task in kept] == ["DemoSTS"], kept

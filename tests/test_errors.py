@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import errno
 import json
+import pickle
 from pathlib import Path
 
 import pytest
@@ -69,6 +70,26 @@ def test_each_error_that_cannot_heal_is_permanent_and_keeps_its_base(error):
 def test_the_retry_condition_retries_exactly_what_is_not_permanent(error):
     state = asyncio.run(exception_to_failed_state(error))  # the Failed state Prefect gives the task
     assert units._may_heal(None, None, state) is not isinstance(error, Permanent)
+
+
+@pytest.mark.parametrize(
+    "errors",
+    [{2: UnexpectedScores("injected")}, {1: MissingEmbeddings("injected"), 3: LookupMiss("injected")},
+     {1: UnexpectedScores("injected"), 3: OSError(errno.EIO, "I/O error")}, {0: ConnectionError("reset")}],
+    ids=repr,
+)  # fmt: skip
+def test_a_score_task_run_is_retried_unless_every_failed_layer_cannot_heal(errors):
+    """A score task run scores several layers (issue 15); its error names each failed one, and a retry
+    would fail the same way only if each of them is Permanent. It pickles by its errors (a SLURM
+    worker ships it to the flow), the message and the class kept."""
+    error = units._layers_failed(errors)
+    permanent = all(isinstance(e, Permanent) for e in errors.values())
+    assert isinstance(error, units.LayersFailed) and isinstance(error, Permanent) is permanent
+    assert error.errors == {b: f"{type(e).__name__}: {e}" for b, e in errors.items()}
+    state = asyncio.run(exception_to_failed_state(error))
+    assert units._may_heal(None, None, state) is not permanent
+    again = pickle.loads(pickle.dumps(error))
+    assert (type(again), again.errors, str(again)) == (type(error), error.errors, str(error))
 
 
 # --- where the user sees it: task runs in the Prefect API ------------------------------------------

@@ -65,10 +65,16 @@ def test_a_failed_unit_fails_the_flow_by_name_and_a_rerun_recomputes_only_it(hub
         match=r"1 unit\(s\) failed:\nscore\[step1000 · DemoSTS · L3\]: UnexpectedScores: injected",
     ):
         state.result()
-    assert states["score[step1000 · DemoSTS · L3]"] == "Failed"
-    assert sum(s == "Completed" for n, s in states.items() if n.startswith("score[")) == 2 * 2 * 2 - 1
+    # One score task run per (checkpoint, task), its layers scored in turn (issue 15): the failed layer
+    # fails its task run, but its batch's other layer is scored and recorded all the same.
+    score_runs = {n: s for n, s in states.items() if n.startswith("score[")}
+    assert len(score_runs) == 2 * 2 and all(n.endswith(" · L1,3]") for n in score_runs), score_runs
+    assert states["score[step1000 · DemoSTS · L1,3]"] == "Failed"
+    assert sum(s == "Completed" for s in score_runs.values()) == 2 * 2 - 1
     partial = pl.read_parquet(tmp_path / "demo/tables/scores.parquet")
     assert partial.height == 3 * 2 * 2 - 1  # the tables of what exists are written all the same
+    same_run = partial.filter((pl.col("revision") == "step1000") & (pl.col("task") == "DemoSTS"))
+    assert same_run["layer"].to_list() == [1]  # the failed layer's batch mate has its row
 
     monkeypatch.setattr(pipeline, "score_unit", real)
     state, states = _run(overrides)
@@ -131,7 +137,7 @@ def test_sibling_specs_compute_their_shared_units_once(hub, tmp_path):
     )
     assert second.is_completed()
     assert not [n for n in states if n.startswith("score[step3000")]  # done: read from their records
-    assert states["score[step2000 · DemoSTS · L2]"] == "Completed"
+    assert states["score[step2000 · DemoSTS · L2-3]"] == "Completed"  # both layers in one task run
     assert "gpu[step3000]" not in states  # nothing left to embed or measure for the shared commit
 
 
@@ -177,7 +183,10 @@ def test_scoring_waits_for_memory_instead_of_overcommitting_it(hub, tmp_path):
     state = layer_by_layer(SPEC, overrides=grid, cluster_overrides=memory, return_state=True)
     assert state.is_completed(), state.message
     runs = _score_runs(state.state_details.flow_run_id)
-    assert len(runs) == 3 * 2 and all(r.state.name == "Completed" for r in runs)
+    # one task run per (checkpoint, task), each scoring its 3 layers in turn (issue 15)
+    assert sorted(r.name for r in runs) == ["score[step1000 · DemoClassification · L1-3]",
+                                            "score[step1000 · DemoSTS · L1-3]"]  # fmt: skip
+    assert all(r.state.name == "Completed" for r in runs)
     for earlier, later in zip(runs, runs[1:], strict=False):
         assert earlier.end_time <= later.start_time, f"{earlier.name} and {later.name} scored at once"
 

@@ -79,7 +79,8 @@ def test_the_records_are_the_one_truth_for_done_wherever_the_store_is(prefect_ap
 
     state, runs = _run(grid)
     assert state.is_completed(), state.message
-    # the damaged unit is computed again, with nothing standing in for its record...
+    # the damaged unit is computed again, with nothing standing in for its record (its score task
+    # run takes only the missing layer, not the (checkpoint, task)'s layers 2-3)...
     assert _unit_runs(runs) == ["gpu[step1000]", "score[step1000 · DemoSTS · L3]"]
     assert runs["score[step1000 · DemoSTS · L3]"].state.name == "Completed"
     # ...and its record is written again, with the same numbers (mteb's cache hands them back rounded
@@ -277,8 +278,13 @@ def test_gpu_tasks_overlap_scoring_starts_as_a_checkpoint_ends_and_progress_move
             "embedding DemoSTS at step1000:", "embedding DemoClassification at step1000:"]  # fmt: skip
     log = _logs(runs["gpu[step1000]"], *said)
     assert all(line in log for line in said), log
-    said = ["scored DemoSTS layer 3: main score"]
-    log = _logs(runs["score[step1000 · DemoSTS · L3]"], *said)
+    # One score task run per (checkpoint, task), its layers scored in turn (issue 15), and one line
+    # with each layer's numbers.
+    assert sorted(n for n in runs if n.startswith("score[")) == sorted(
+        f"score[{s} · {t} · L1,3]" for s in steps for t in ("DemoClassification", "DemoSTS")
+    )
+    said = ["scored DemoSTS layer 1: main score", "; DemoSTS layer 3: main score"]
+    log = _logs(runs["score[step1000 · DemoSTS · L1,3]"], *said)
     assert all(line in log for line in said), log
 
 
