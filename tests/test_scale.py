@@ -1,7 +1,8 @@
 """exp2's shape at reduced size through a real Prefect server on PostgreSQL (issue 15).
 
 The scale world (`deployments/scale.yaml`: the demo model with exp2's revisions, 32 tiny local tasks)
-at 4 checkpoints × 4 layers × 32 tasks = 512 evaluations (549 task runs), the way users run exp2:
+at 4 checkpoints × 4 layers × 32 tasks = 512 evaluations (165 task runs: 32 record, 4 gpu, 128 score
+of 4 layers each, 1 merge), the way users run exp2:
 `prefect server start` on PostgreSQL (`.ci/postgres.sh`, PREFECT_API_DATABASE_CONNECTION_URL), a
 process work pool, `prefect deploy`, a worker, `prefect deployment run 'layer-by-layer/scale'`. The
 plan must hold exactly in the tables and in the API, the server log must be clean, and the run's log
@@ -92,14 +93,23 @@ def test_the_server_and_the_flow_log_no_errors(scale_run):
 
 def test_the_runs_log_stays_readable_at_hundreds_of_task_runs(scale_run):
     """No "Finished in state Completed()" line per task run: the Logs tab shows the flow's own lines."""
-    logs, runs = scale_run["logs"], scale_run["runs"]
+    logs, runs, plan = scale_run["logs"], scale_run["runs"], scale_run["plan"]
     finished = [m for m in logs if m["task_run_id"] and m["message"].startswith("Finished in state")]
-    assert len(runs) > 500  # 512 score task runs alone
+    assert len(runs) == 32 + CHECKPOINTS + CHECKPOINTS * 32 + 1  # record, gpu, score, merge
     assert finished == [], f"{len(finished)} task runs' 'Finished in state' lines of {len(logs)} lines"
-    # A score task run (one per unit) logs one line, its score; a gpu task what it does (loading,
-    # measuring, one line per task it embeds); a recording pass one line; the flow a few of its own.
-    score = {r["id"] for r in runs if r["name"].startswith("score[")}
+    # A score task run (one per (checkpoint, task), its 4 layers) logs one line, the 4 layers' scores;
+    # a gpu task what it does (loading, measuring, one line per task it embeds); a recording pass one
+    # line; the flow a few of its own.
+    score = {r["id"]: r["name"] for r in runs if r["name"].startswith("score[")}
+    revisions = [c.revision for c in plan.distinct_checkpoints()]
+    assert sorted(score.values()) == sorted(f"score[{r} · {t} · L0-3]" for r in revisions for t in plan.tasks)
     per_score = collections.Counter(m["task_run_id"] for m in logs if m["task_run_id"] in score)
     assert set(per_score.values()) <= {1}, per_score.most_common(3)
+    for m in logs:
+        if m["task_run_id"] in score:
+            task = score[m["task_run_id"]].split(" · ")[1]
+            assert m["message"].startswith("scored ") and all(
+                f"{task} layer {b}: main score " in m["message"] for b in range(4)
+            ), m["message"]
     gpu, record = (sum(r["name"].startswith(kind) for r in runs) for kind in ("gpu[", "record["))
     assert len(logs) <= 50 + gpu * (3 + record) + record + len(score), [m["message"] for m in logs[:20]]

@@ -30,6 +30,9 @@ SPEC = str(ROOT / "deployments/demo.yaml")
 needs_slurm = pytest.mark.skipif(shutil.which("sinfo") is None, reason="no SLURM here (sinfo is not on PATH)")
 GRID = {"checkpoints": ["step1000", "main"], "layers": [3], "tasks": ["DemoSTS", "DemoClassification"]}
 UNITS = 2 * 1 * 2  # checkpoints x layers x tasks
+# One score task run per (checkpoint, task), scoring its layers (up to 4) in turn; GRID's one layer
+# names each `score[<revision> · <task> · L3]`.
+SCORE_TASK_RUNS = sorted(f"score[{c} · {t} · L3]" for c in GRID["checkpoints"] for t in GRID["tasks"])
 
 
 @pytest.fixture(autouse=True)
@@ -339,7 +342,7 @@ def test_demo_runs_in_slurm_jobs_with_the_scores_of_a_local_run(
     logged = {
         runs[entry.task_run_id] for entry in logs if entry.message.startswith(("scored ", "tables written"))
     }
-    assert {f"score[{c} · {t} · L3]" for c in GRID["checkpoints"] for t in GRID["tasks"]} <= logged
+    assert set(SCORE_TASK_RUNS) <= logged
     assert "merge[demo]" in logged  # the last task of the run: its logs survive the cluster's close
 
     gpu_jobs = {p.stem.rpartition("-")[2] for p in ci_profile.glob("lt-*") if "-score-" not in p.name}
@@ -429,7 +432,7 @@ def test_a_worker_job_cancelled_mid_run_is_replaced_and_no_unit_is_lost_or_repea
     assert scores.height == UNITS and scores["main_score"].is_finite().all()
     assert scores.select("revision", "task", "layer", "subset").is_unique().all()
     names = [r.name for r in _task_runs(state.state_details.flow_run_id) if r.name.startswith("score[")]
-    assert sorted(names) == sorted({*names}) and len(names) == UNITS  # each unit once, none twice
+    assert sorted(names) == SCORE_TASK_RUNS  # each (checkpoint, task) once, none twice
 
     jobs = _jobs(ci_profile)
     assert len(jobs) >= 2, f"no job replaced the cancelled one: {sorted(jobs)}"
@@ -453,6 +456,6 @@ def test_a_scoring_job_cancelled_mid_run_is_replaced_and_no_unit_is_lost_or_repe
     scores = _scores(tmp_path / "demo")
     assert scores.height == UNITS and scores.select("revision", "task", "layer", "subset").is_unique().all()
     names = [r.name for r in _task_runs(state.state_details.flow_run_id) if r.name.startswith("score[")]
-    assert sorted(names) == sorted({*names}) and len(names) == UNITS
+    assert sorted(names) == SCORE_TASK_RUNS  # each (checkpoint, task) once, none twice
     score_jobs = {p.stem.rpartition("-")[2] for p in ci_profile.glob("*-score-*")}
     assert len(score_jobs) >= 2 and killed[0] in score_jobs  # another scoring job took over
