@@ -314,7 +314,9 @@ class _Units:
                 self.failures.append(f"score[{unit.label} · L{layer}]: {error}")
             self.progress.failed += len(failed)
             self.progress.scored += len(layers) - len(failed)
-            if failed:  # every layer recorded (it failed after the last record): nothing to re-run
+            # Embeddings kept for the re-run only if a layer lacks its record (a task run can also
+            # fail after its last record is written: then there is nothing to re-run).
+            if failed:
                 self.unscored.add((unit.checkpoint.key, unit.task))
         else:
             self.progress.scored += len(layers)
