@@ -271,8 +271,9 @@ class Profile:
     def _scoring_threads(self) -> int:
         """Dask threads for score tasks on the local profile. Two per scoring process: while one
         waits for its process's result, the other's task run does Prefect's bookkeeping (states,
-        logs) and is next in line, so a process never idles between units (with one each, the cores
-        idled 28 of 255 core-seconds of a 512-unit scale run; 11 with two: benchmarks/RESULTS.md)."""
+        logs) and is next in line, so a process does not idle between units (a 512-unit scale run on
+        2 cores: 28 idle core-seconds of 255 with one thread each, 11 of 297 with two;
+        benchmarks/RESULTS.md, 20:32)."""
         processes = self.scoring_processes
         return 2 * processes if processes else max(2, os.cpu_count() or 2)
 

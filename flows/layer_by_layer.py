@@ -59,9 +59,10 @@ quiet_finished_task_runs()  # exp2's ~6,500 "Finished in state Completed()" line
 
 
 # Layers of one (checkpoint, task) that one score task run scores, each still an evaluation of its own
-# with its own completion record. A task run costs Prefect ~0.1 core-second (its states through the
-# server's event pipeline, the task engine, Dask's submit) whatever it does: one per layer made that
-# the larger part of a scale run's non-compute time; per 4 layers, exp2 is 1,683 task runs, not 6,483
+# with its own completion record. A task run costs Prefect CPU whatever it does: ~60 ms in the server
+# and its database alone (its states go through the server's event pipeline), plus the task engine and
+# Dask's submit in the flow. One per layer made that the larger part of exp2's non-compute time at its
+# scale; per 4 layers, exp2 is 1,683 task runs, not 6,483, and its scale run took 449 s instead of 937
 # (benchmarks/RESULTS.md, issue 15). Not more: a layer sweep of one task still spreads over workers.
 LAYERS_PER_SCORE_TASK = 4
 
