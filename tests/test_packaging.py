@@ -105,4 +105,7 @@ def test_slurm_workers_import_the_tasks_from_the_checkout(monkeypatch):
     monkeypatch.setenv("PYTHONPATH", "/opt/site-extra")
     script = job_script(None, {"account": "lab-42"})
     exports = [line for line in script.splitlines() if line.startswith("export PYTHONPATH=")]
-    assert exports and all(line == f"export PYTHONPATH={ROOT}:/opt/site-extra" for line in exports), exports
+    # The checkout first (tasks/); flows/ last: a deployment run names the flow's module `layer_by_layer`
+    # (its file loaded as a script), and nothing in flows/ may shadow another module.
+    expected = f"export PYTHONPATH={ROOT}:/opt/site-extra:{ROOT / 'flows'}"
+    assert exports and all(line == expected for line in exports), exports
