@@ -278,10 +278,11 @@ class CpuTime:
         add("flow process", flows)
         add("scoring processes", [c for f in flows for c in f.children(recursive=True)])
         add("database", [p for p in psutil.process_iter(["name"]) if p.info["name"] == "postgres"])
-        if running and not self.idle:  # the flow run's start: what was spent before is not its cost
-            self.before = {group: dict(by_pid) for group, by_pid in self.groups.items()}
         if running:
-            self.idle = [self.idle[0] if self.idle else _idle_core_seconds(), _idle_core_seconds()]
+            idle = _idle_core_seconds()
+            if not self.idle:  # the flow run's start: what was spent before is not its cost
+                self.before = {group: dict(by_pid) for group, by_pid in self.groups.items()}
+            self.idle = [self.idle[0] if self.idle else idle, idle]
 
     def split(self) -> dict[str, float]:
         """CPU seconds per group while the flow ran, and the machine's idle core-seconds meanwhile."""
@@ -414,10 +415,10 @@ def expected_task_runs(plan: Any) -> Counter:
     per task (real CPU work, in parallel), a GPU task per checkpoint (one model load), a score task per
     LAYERS_PER_SCORE_TASK layers of a (checkpoint, task), one merge. Embeddings are deleted by the
     flow, not by tasks."""
-    from flows.layer_by_layer import LAYERS_PER_SCORE_TASK
+    from flows.layer_by_layer import score_batches
 
     ckpts, tasks = len(plan.distinct_checkpoints()), len(plan.tasks)
-    per_unit = -(-len(plan.blocks) // LAYERS_PER_SCORE_TASK)
+    per_unit = len(score_batches(list(plan.blocks)))
     return Counter({"record": tasks, "gpu": ckpts, "score": ckpts * tasks * per_unit, "merge": 1})
 
 
@@ -648,6 +649,8 @@ def run_backend(database: str, checkpoints: int, processes: int, work: Path, por
     slots = max(1, min(processes or 1, os.cpu_count() or 1))
     if slurm is not None:  # what scored at once: jobs that ran together, within the node's CPUs
         slots = max(1, jobs["scoring slots"])
+    # The flow's own running time beyond its units' compute, spread over the slots.
+    overhead = seen.running_s - compute / slots
     return {
         "database": database,
         "state": seen.state,
@@ -657,10 +660,9 @@ def run_backend(database: str, checkpoints: int, processes: int, work: Path, por
         "queued s": seen.queued_s,
         "flow running s": seen.running_s,
         "compute s": compute,
-        # The flow's own running time beyond its units' compute, spread over the slots, per task run.
-        "overhead ms per task run": 1000 * (seen.running_s - compute / slots) / max(1, states["task runs"]),
-        "overhead s": seen.running_s - compute / slots,
-        "overhead ms per evaluation": 1000 * (seen.running_s - compute / slots) / plan.evaluations,
+        "overhead ms per task run": 1000 * overhead / max(1, states["task runs"]),
+        "overhead s": overhead,
+        "overhead ms per evaluation": 1000 * overhead / plan.evaluations,
         "cores": os.cpu_count(),
         "states": states,
         "tables": tables,
@@ -726,16 +728,17 @@ def markdown(results: list[dict], args: argparse.Namespace, loads: dict[str, str
         *[(f"UI {name}: p50 / p95 (n)", lambda r, name=name: _latency(r["ui"][name])) for name in UI_QUERIES],
         ("Prefect database after", lambda r: f"{r['db MB']:.0f} MB"),
     ]  # fmt: skip
-    if getattr(args, "cluster", "local") == "slurm":
+    if args.cluster == "slurm":
         rows += slurm_rows()
+    heading, command, words = _cluster_text(args)
     head = "| | " + " | ".join(r["database"] for r in results) + " |"
     lines = [
-        f"## Orchestration at scale{_cluster_heading(args)} — {started} — {cpu_model()}, {os.cpu_count()} cores",
+        f"## Orchestration at scale{heading} — {started} — {cpu_model()}, {os.cpu_count()} cores",
         "",
-        f"`{_command(args)}`: "
+        f"`{command}`: "
         f"the scale world ({results[0]['evaluations']} evaluations = {args.checkpoints} checkpoints × 4 layers × "
         f"32 tasks) through `prefect server start` + process work pool + `prefect deployment run`, "
-        f"{_cluster_words(args)}, one backend after the other.",
+        f"{words}, one backend after the other.",
         f"Machine load (1/5/15-min load averages): {loads}. Shared with other work: timings are upper bounds.",
         "",
         head,
@@ -746,26 +749,21 @@ def markdown(results: list[dict], args: argparse.Namespace, loads: dict[str, str
     return "\n".join(lines)
 
 
-def _command(args: argparse.Namespace) -> str:
+def _cluster_text(args: argparse.Namespace) -> tuple[str, str, str]:
+    """The section's heading suffix, command line and description of where the flow ran."""
     line = f"python benchmarks/orchestration.py --checkpoints {args.checkpoints}"
-    if getattr(args, "cluster", "local") == "slurm":
-        return f"{line} --cluster slurm --jobs {args.jobs}"
-    return f"{line} --processes {args.processes}"
-
-
-def _cluster_heading(args: argparse.Namespace) -> str:
-    if getattr(args, "cluster", "local") == "slurm":
-        return f", single-node SLURM, {args.jobs} worker jobs"
-    return ""  # the local profile, as every section before the SLURM variant
-
-
-def _cluster_words(args: argparse.Namespace) -> str:
-    if getattr(args, "cluster", "local") == "slurm":
+    if args.cluster == "slurm":
         job = SLURM_JOB
-        return (f"slurm profile on the single-node SLURM (`.ci/slurm.sh`) with {args.jobs} worker jobs "
+        return (f", single-node SLURM, {args.jobs} worker jobs", f"{line} --cluster slurm --jobs {args.jobs}",
+                f"slurm profile on the single-node SLURM (`.ci/slurm.sh`) with {args.jobs} worker jobs "
                 f"({job['cpus']} CPU, {job['threads']} Dask threads, {job['memory']}, 1 fake GPU each; embedding "
                 f"on the CPU; the Dask scheduler in the flow process)")  # fmt: skip
-    return f"local profile with {args.processes} scoring processes"
+    # The local profile, as every section before the SLURM variant: no heading suffix.
+    return (
+        "",
+        f"{line} --processes {args.processes}",
+        f"local profile with {args.processes} scoring processes",
+    )
 
 
 def slurm_rows() -> list[tuple[str, Callable[[dict], str]]]:

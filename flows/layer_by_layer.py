@@ -67,6 +67,12 @@ quiet_finished_task_runs()  # exp2's ~6,500 "Finished in state Completed()" line
 LAYERS_PER_SCORE_TASK = 4
 
 
+def score_batches(layers: list[int]) -> list[units.Layers]:
+    """The score task runs of one (checkpoint, task): its `layers` in order, LAYERS_PER_SCORE_TASK at a time."""
+    step = LAYERS_PER_SCORE_TASK
+    return [units.Layers(layers[i : i + step]) for i in range(0, len(layers), step)]
+
+
 class UnitsFailed(RuntimeError):
     """Some units failed; the message names each one."""
 
@@ -287,11 +293,7 @@ class _Units:
                 self.progress.failed += len(self.missing[unit.checkpoint.key, unit.task])
 
     def _submit_scores(self, unit: units.Unit, embeddings: str) -> None:
-        missing = self.missing[unit.checkpoint.key, unit.task]
-        batches = [
-            units.Layers(missing[i : i + LAYERS_PER_SCORE_TASK])
-            for i in range(0, len(missing), LAYERS_PER_SCORE_TASK)
-        ]
+        batches = score_batches(self.missing[unit.checkpoint.key, unit.task])
         with dask.annotate(resources={"MEM_GB": self.needs[unit.task]}):
             futures = [
                 self.runner.submit(units.score, {"unit": unit, "layers": b, "embeddings": embeddings})
