@@ -5,39 +5,27 @@
   The worker advertises one `GPU` slot (the GPU when CUDA is present, the CPU otherwise); a
   checkpoint's GPU task takes 1/MODELS_PER_GPU of it, so one computes while the next loads, and
   scoring uses the other threads.
-- `slurm`: Dask workers in SLURM batch jobs (dask-jobqueue's SLURMCluster, adaptive), one worker
-  process per job advertising one `GPU` slot (two checkpoints' GPU tasks: one computes while the
-  next loads); scoring runs on scoring jobs, or on the GPU job's other threads. Settings come from
-  `deployments/clusters/slurm.yaml`, then environment variables `LAYERTIME_SLURM_<FIELD>`, then
-  per-run overrides (`SlurmSettings` documents each field).
-  The scheduler lives in the flow's process; workers must reach it and the Prefect API.
-
-Failures of the SLURM path are surfaced, not waited on (docs/design.md §6: a failing `sbatch` under adapt
-hangs a flow): the job script is checked with `sbatch --test-only` before the cluster starts, and a
-submission that SLURM rejects later fails the pending tasks with SLURM's own message when no worker
-is left to run them. A worker job that dies (walltime, preemption, `scancel`) is replaced, and the
-tasks it was running are rescheduled by Dask. Task logs are flushed from the workers before the
-cluster closes, so the last task runs' logs reach the Prefect API too.
+- a SLURM profile, one file per profile in `deployments/clusters/` with `kind: slurm` (`slurm`: GPU
+  jobs; `slurm-cpu`: a CPU-only or small partition): Dask workers in SLURM batch jobs (dask-jobqueue's
+  SLURMCluster, adaptive), one worker process per job advertising one `GPU` slot (two checkpoints' GPU
+  tasks: one computes while the next loads); scoring runs on scoring jobs, or on the GPU job's other
+  threads. Settings come from the profile's file (for `slurm`, `LAYERTIME_SLURM_CONFIG` may name
+  another), then environment variables `LAYERTIME_SLURM_<FIELD>` of the process that runs the flow (a
+  deployment's: the worker's), then per-run overrides (`SlurmSettings` documents each field).
+  The scheduler lives in the flow's process; workers must reach it and the Prefect API. The cluster
+  itself, and how its failures are surfaced, is flows/slurm.py (imported only when one runs).
 """
 
 from __future__ import annotations
 
-import asyncio
-import logging
 import os
 import re
-import subprocess
 import sys
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from dask_jobqueue import SLURMCluster
-from dask_jobqueue.slurm import SLURMJob
-from distributed.core import Status
-from distributed.deploy.adaptive import Adaptive
 from prefect_dask import DaskTaskRunner
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
@@ -52,17 +40,11 @@ GPU_SLOT = 1
 GPU = {"GPU": GPU_SLOT / MODELS_PER_GPU}
 CLUSTERS = Path(__file__).resolve().parents[1] / "deployments" / "clusters"
 ENV_PREFIX = "LAYERTIME_SLURM_"  # LAYERTIME_SLURM_PARTITION=gpu, ..., LAYERTIME_SLURM_CONFIG=path.yaml
-PROFILES = ("local", "slurm")
-
-log = logging.getLogger("layertime.slurm")
+SLURM = "slurm"  # the default SLURM profile: deployments/clusters/slurm.yaml
 
 
 class ClusterError(ValueError):
     """A profile that cannot run: the message names the field, the value and where it came from."""
-
-
-class SlurmRejected(RuntimeError):
-    """SLURM refused a worker job; the message is SLURM's own."""
 
 
 _MEMORY = re.compile(r"^\s*(\d+)\s*([KMGT])(?:i?B)?\s*$", re.IGNORECASE)
@@ -205,16 +187,28 @@ class LocalSettings(BaseModel):
         return {"local": self.memory_gb or ram * 3 // 4}
 
 
-def load_slurm_settings(overrides: dict | None = None, path: str | Path | None = None) -> SlurmSettings:
-    """The `slurm` profile: the YAML file, then LAYERTIME_SLURM_<FIELD> variables, then `overrides`."""
-    path = Path(path or os.environ.get(f"{ENV_PREFIX}CONFIG") or CLUSTERS / "slurm.yaml")
+def profile_names() -> list[str]:
+    """`local` and every profile file in deployments/clusters/ (`slurm`, `slurm-cpu`, ...)."""
+    return ["local", *sorted(p.stem for p in CLUSTERS.glob("*.yaml"))]
+
+
+def load_slurm_settings(
+    overrides: dict | None = None, path: str | Path | None = None, name: str = SLURM
+) -> SlurmSettings:
+    """SLURM profile `name`: its YAML file, then LAYERTIME_SLURM_<FIELD> variables, then `overrides`.
+
+    The file is `path`, else (for `slurm` only) LAYERTIME_SLURM_CONFIG, else deployments/clusters/NAME.yaml.
+    """
+    config = os.environ.get(f"{ENV_PREFIX}CONFIG") if name == SLURM else None
+    path = Path(path or config or CLUSTERS / f"{name}.yaml")
     try:
         values = yaml.safe_load(path.read_text()) or {}
     except OSError as e:
-        raise ClusterError(f"cluster profile slurm: cannot read {path}: {e}") from e
+        raise ClusterError(f"cluster profile {name}: cannot read {path}: {e}") from e
     if not isinstance(values, dict):
-        raise ClusterError(f"cluster profile slurm: {path} is not a mapping of fields")
-    values.pop("kind", None)
+        raise ClusterError(f"cluster profile {name}: {path} is not a mapping of fields")
+    if values.pop("kind", "slurm") != "slurm":
+        raise ClusterError(f"cluster profile {name}: {path} is not a SLURM profile (kind: slurm)")
     source = {k: str(path) for k in values}
     fields = SlurmSettings.model_fields
     for name, info in fields.items():
@@ -228,7 +222,7 @@ def load_slurm_settings(overrides: dict | None = None, path: str | Path | None =
         return SlurmSettings(**values)
     except ValidationError as e:
         problems = [_problem(err, source) for err in e.errors()]
-        raise ClusterError("cluster profile slurm: " + "; ".join(problems)) from None
+        raise ClusterError(f"cluster profile {name}: " + "; ".join(problems)) from None
 
 
 def _problem(err: Any, source: dict[str, str]) -> str:
@@ -322,6 +316,8 @@ class Profile:
                     "dashboard_address": None,
                 },
             )
+        from flows.slurm import GpuAdaptive, LayertimeSLURMCluster
+
         settings = self.settings
         kwargs = cluster_kwargs(settings, _api_url(required=True))
         scoring = bool(settings.score_jobs or settings.bigmem_jobs)
@@ -337,9 +333,10 @@ class Profile:
 
 
 def profile(name: str, overrides: dict | None = None) -> Profile:
-    """The named cluster profile; an unknown name is an error that lists the known ones.
+    """The named cluster profile: `local`, or a SLURM profile's file in deployments/clusters/; an
+    unknown name is an error that lists the known ones.
 
-    `overrides` replaces profile fields for this run (the `slurm` profile's, e.g. {"partition": "a100"};
+    `overrides` replaces profile fields for this run (a SLURM profile's, e.g. {"partition": "a100"};
     the `local` profile's, e.g. {"scoring_processes": 4}).
     """
     if name == "local":
@@ -351,14 +348,14 @@ def profile(name: str, overrides: dict | None = None) -> Profile:
             problems = [_problem(err, {}) for err in e.errors()]
             raise ClusterError("cluster profile local: " + "; ".join(problems)) from None
         return Profile("local", "cuda" if torch.cuda.is_available() else "cpu", settings)
-    if name == "slurm":
-        settings = load_slurm_settings(overrides)
-        return Profile("slurm", settings.device, settings)
-    raise ValueError(f"cluster: unknown profile {name!r} (known: {', '.join(PROFILES)})")
+    if name in profile_names():
+        settings = load_slurm_settings(overrides, name=name)
+        return Profile(name, settings.device, settings)
+    raise ValueError(f"cluster: unknown profile {name!r} (known: {', '.join(profile_names())})")
 
 
-def job_script(spec: str | Path | None = None, overrides: dict | None = None) -> str:
-    """The batch scripts the `slurm` profile submits (what `sbatch` receives): the GPU worker job,
+def job_script(spec: str | Path | None = None, overrides: dict | None = None, name: str = SLURM) -> str:
+    """The batch scripts SLURM profile `name` submits (what `sbatch` receives): the GPU worker job,
     then the scoring jobs' when the profile has them.
 
     `spec`, when given, is validated first (a bad spec fails here, not on the cluster). The scripts
@@ -368,7 +365,7 @@ def job_script(spec: str | Path | None = None, overrides: dict | None = None) ->
         from layertime.spec import load_spec
 
         load_spec(spec)
-    settings = load_slurm_settings(overrides)
+    settings = load_slurm_settings(overrides, name=name)
     api_url = _api_url(required=False)
     scripts = [f"# {kind} jobs: {count}\n" + _script(job_kwargs(settings, api_url, kind))
                for kind, count in job_counts(settings).items() if count]  # fmt: skip
@@ -376,12 +373,9 @@ def job_script(spec: str | Path | None = None, overrides: dict | None = None) ->
 
 
 def _script(kwargs: dict[str, Any]) -> str:
-    logs = Path(kwargs["log_directory"])
-    created = [p for p in (logs, *logs.parents) if not p.exists()]
-    job = SLURMJob(scheduler="tcp://<scheduler-address>:8786", name="<worker-name>", **kwargs)
-    for path in created:  # SLURMJob makes the log directory: a preview leaves no trace
-        path.rmdir()
-    return job.job_script()
+    from flows.slurm import preview_script
+
+    return preview_script(kwargs)
 
 
 def job_counts(settings: SlurmSettings) -> dict[str, int]:
@@ -439,6 +433,8 @@ def job_kwargs(settings: SlurmSettings, api_url: str | None, kind: str) -> dict[
     prologue = [f"export {k}={_quote(v)}" for k, v in exports.items()] + list(settings.job_script_prologue)
     lifetime = settings.walltime_seconds - min(600, settings.walltime_seconds // 10)
     worker_args = ["--resources", ",".join(resources)] if resources else []
+    if kind == "gpu":  # model classes imported before the task threads start (tasks/preload.py)
+        worker_args += ["--preload", "tasks.preload"]
     if lifetime > 60:  # retire before SLURM kills the job at its walltime: the scheduler replaces it
         worker_args += ["--lifetime", f"{lifetime}s", "--lifetime-stagger", f"{min(300, lifetime // 20)}s"]
     return {
@@ -478,314 +474,3 @@ def _api_url(required: bool) -> str | None:
             "`prefect server start --host 0.0.0.0` and set PREFECT_API_URL=http://<login-node>:4200/api"
         )
     return url
-
-
-class _RejectAwareJob(SLURMJob):
-    """A SLURM worker job that tells its cluster whether `sbatch` took it, instead of vanishing."""
-
-    def __init__(self, *args: Any, on_sbatch: Any = None, **kwargs: Any):
-        super().__init__(*args, **kwargs)
-        self._on_sbatch = on_sbatch  # (job name, SLURM's error or None), in the cluster's loop
-
-    async def start(self) -> None:
-        try:
-            await super().start()
-        except RuntimeError as e:
-            self.status = Status.failed  # never started: nothing to close
-            if self._on_sbatch is not None:
-                self._on_sbatch(self.name, _slurm_message(str(e)))
-            raise
-        if self._on_sbatch is not None:
-            self._on_sbatch(self.name, None)
-
-
-def _slurm_message(error: str) -> str:
-    """SLURM's words from dask-jobqueue's 'Command exited with non-zero exit code ... stderr: ...'."""
-    stderr = error.rpartition("stderr:")[2].strip()
-    return stderr or error.strip()
-
-
-class LayertimeSLURMCluster(SLURMCluster):
-    """SLURMCluster that fails fast on rejected jobs, replaces dead ones and flushes task logs on close.
-
-    - before starting: `sbatch --test-only` of the exact job script (a bad partition or account, or
-      a request over the partition's limits, fails here with SLURM's message);
-    - while running: when SLURM refuses a job and no other job is queued or running, every pending
-      task is cancelled with SLURM's message (the flow fails at once instead of waiting forever);
-      when other jobs were taken (a per-user job limit), the adaptive maximum drops to them;
-    - a worker job that dies (walltime, preemption, scancel) is resubmitted once SpecCluster gives
-      up on it (`distributed.deploy.lost-worker-timeout`); Dask reruns the tasks it held;
-    - a job that ends before its worker connects (a wrong `python`, a failing prologue) is retried
-      once; the second in a row fails the pending tasks with the end of the job's `.err` log;
-    - on close, every worker flushes its queued Prefect logs before its job is cancelled.
-    """
-
-    job_cls = _RejectAwareJob
-
-    def __init__(
-        self, *, preflight: bool = True, scoring_jobs: list[tuple[str, int, dict]] = (), **kwargs: Any
-    ):
-        self._rejection: str | None = None  # SLURM's message for the last refused job
-        self._broken: str | None = None  # why worker jobs end before their worker connects
-        self._failed_starts = 0
-        self._connected: set[str] = set()  # names of the jobs whose worker connected once
-        self._watch_task: asyncio.Task | None = None
-        self._scoring_kinds = list(scoring_jobs)  # (kind, count, job kwargs): fixed, not adaptive
-        self._scoring: dict[str, _RejectAwareJob] = {}  # name -> a scoring job SLURM took
-        self._scoring_serial = 0
-        self._scoring_failed_starts = 0  # scoring jobs in a row that ended before their workers connected
-        self._scoring_broken: str | None = None  # why no scoring job can run: the run fails with it
-        super().__init__(on_sbatch=self._sbatch, **kwargs)
-        if preflight:
-            try:
-                self.preflight()
-            except BaseException:
-                self.close()
-                raise
-
-    def preflight(self) -> None:
-        """`sbatch --test-only` of each job script (GPU, scoring); SlurmRejected with SLURM's message."""
-        self._test_only(self.job_script(), self._summary())
-        for kind, _, kwargs in self._scoring_kinds:
-            job = self.job_cls(scheduler="tcp://127.0.0.1:1", name=f"{kind}-preflight", **kwargs)
-            self._test_only(job.job_script(), f"{kind} job")
-
-    def _test_only(self, script: str, summary: str) -> None:
-        with tempfile.NamedTemporaryFile("w", suffix=".sh", prefix="layertime-preflight-") as f:
-            f.write(script)
-            f.flush()
-            try:
-                out = subprocess.run(
-                    ["sbatch", "--test-only", f.name], capture_output=True, text=True, timeout=60
-                )
-            except (OSError, subprocess.TimeoutExpired) as e:
-                raise SlurmRejected(f"cannot run sbatch: {e}") from e
-        if out.returncode != 0:
-            raise SlurmRejected(
-                f"SLURM rejects the worker job ({summary}): {(out.stderr or out.stdout).strip()}"
-            )
-        log.info("sbatch --test-only: %s", (out.stderr or out.stdout).strip())
-
-    def _summary(self) -> str:
-        header = [line.removeprefix("#SBATCH ") for line in self.job_header.splitlines()]
-        return " ".join(h for h in header if not h.startswith(("-J", "-e", "-o")))
-
-    def _sbatch(self, name: str, rejected: str | None) -> None:
-        """SLURM took worker job `name` (rejected None) or refused it with that message."""
-        if name in self._scoring:  # no GPU job can score in its place: the run cannot go on
-            if rejected is not None:
-                log.error("SLURM rejected scoring job %s: %s", name, rejected)
-                self._scoring_broken = f"SLURM rejected the scoring job {name}: {rejected}"
-                self._scoring.pop(name, None)
-            return
-        if rejected is None:
-            self._rejection = None
-            return
-        self._rejection = rejected
-        queued = len(self._accepted())
-        log.error(
-            "SLURM rejected worker job %s (%d other jobs queued or running): %s", name, queued, rejected
-        )
-        adaptive = getattr(self, "_adaptive", None)
-        if queued and adaptive is not None:  # e.g. a per-user job limit: go on with the jobs it took
-            adaptive.maximum = max(adaptive.minimum, queued)
-        asyncio.get_running_loop().call_soon(self._forget, name)
-
-    def _accepted(self) -> list:
-        """Worker jobs that SLURM took and that have not ended."""
-        return [j for j in self.workers.values() if getattr(j, "job_id", None) and j.status == Status.running]
-
-    def _forget(self, name: str, tries: int = 50) -> None:
-        """Drop a refused job from the plan, once SpecCluster has recorded it (right after its start)."""
-        if name not in self.workers and tries:
-            asyncio.get_running_loop().call_later(0.1, self._forget, name, tries - 1)
-            return
-        self.worker_spec.pop(name, None)
-        self.workers.pop(name, None)
-
-    async def _start(self) -> None:
-        await super()._start()
-        for kind, count, _ in self._scoring_kinds:
-            for _ in range(count):
-                await self._start_scoring_job(kind)
-        self._watch_task = asyncio.ensure_future(self._watch())
-
-    async def _start_scoring_job(self, kind: str) -> None:
-        """Submit one scoring job of `kind`; its workers join this cluster's scheduler."""
-        kwargs = next(k for name, _, k in self._scoring_kinds if name == kind)
-        self._scoring_serial += 1
-        name = f"{kind}-{self._scoring_serial}"
-        job = self.job_cls(scheduler=self.scheduler.address, name=name, on_sbatch=self._sbatch, **kwargs)
-        job.kind = kind
-        self._scoring[name] = job
-        try:
-            await job
-        except RuntimeError:
-            pass  # refused: _sbatch recorded SLURM's message, and the pending tasks fail with it
-
-    async def _check_scoring_jobs(self) -> None:
-        """Scoring jobs that ended (walltime, preemption, scancel) are replaced; two in a row that end
-        before their workers connect fail the run with the end of the job's log."""
-        waiting = {str(j.job_id): j for j in self._scoring.values() if getattr(j, "job_id", None)}
-        if not waiting:
-            return
-        gone = await self._not_queued(waiting)
-        connected = _scoring_jobs_of(self._names())
-        if connected:
-            self._scoring_failed_starts = 0
-        for job_id in gone:
-            job = self._scoring.pop(waiting[job_id].name)
-            if job.name in connected | self._connected:
-                log.info("scoring job %s (%s) ended; submitting another", job_id, job.name)
-            else:
-                self._scoring_failed_starts += 1
-                path = Path(job.log_directory or ".") / f"{job.job_name}-{job_id}.err"
-                tail = "\n".join(_tail(path, 15))
-                if self._scoring_failed_starts >= 2:
-                    self._scoring_broken = (
-                        f"scoring job {job_id} ended before its Dask workers connected; {path}:\n{tail}"
-                    )
-                    continue
-            job.status = Status.closed
-            await self._start_scoring_job(job.kind)
-
-    async def _not_queued(self, jobs: dict) -> set[str]:
-        """Ids among `jobs` that SLURM no longer lists (ended); empty when SLURM does not answer."""
-        proc = await asyncio.create_subprocess_exec(
-            "squeue", "-h", "-o", "%i", "-j", ",".join(jobs),
-            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
-        )  # fmt: skip
-        out, err = await proc.communicate()
-        if proc.returncode and b"Invalid job id" not in err:
-            return set()
-        return set(jobs) - set(out.decode().split())
-
-    async def _watch(self) -> None:
-        """Fail the pending tasks when nothing can run them; look for jobs that died at start."""
-        rounds = 0
-        while True:
-            await asyncio.sleep(0.5)
-            rounds += 1
-            try:
-                if self.scheduler is not None:
-                    self._connected |= self._names() | _scoring_jobs_of(self._names())
-                if rounds % 10 == 0:
-                    await self._check_starts()
-                    await self._check_scoring_jobs()
-                self._fail_pending()
-            except Exception:  # noqa: BLE001 -- the watchdog must outlive one bad round
-                log.exception("slurm watchdog")
-
-    async def _check_starts(self) -> None:
-        """Jobs that SLURM ran and ended before their worker connected (wrong python, a failing
-        prologue): one is retried, the second in a row fails the run with the end of its log."""
-        if self._names():
-            self._failed_starts, self._broken = 0, None
-        waiting = {str(j.job_id): j for j in self._accepted() if j.name not in self._connected}
-        if not waiting:
-            return
-        for job_id in await self._not_queued(waiting):
-            job = waiting[job_id]
-            if job.name in self._connected | self._names():
-                continue
-            self._failed_starts += 1
-            path = Path(job.log_directory or ".") / f"{job.job_name or 'worker'}-{job_id}.err"
-            tail = "\n".join(_tail(path, 15))
-            log.error("worker job %s ended before its worker connected; %s:\n%s", job_id, path, tail)
-            if self._failed_starts >= 2:
-                self._broken = f"worker job {job_id} ended before its Dask worker connected; {path}:\n{tail}"
-            job.status = Status.closed
-            self._forget(job.name)
-
-    def _names(self) -> set[str]:
-        return {ws.name for ws in self.scheduler.workers.values()}
-
-    def _fail_pending(self) -> None:
-        """Cancel every task with the reason, when nothing can run them: SLURM refused the last job and
-        no other is queued or running, or jobs keep ending before their worker connects."""
-        scheduler = self.scheduler
-        if scheduler is None or not scheduler.tasks:
-            return
-        if self._scoring_broken:
-            reason, message = "scoring jobs cannot run", self._scoring_broken
-        elif scheduler.workers:
-            return
-        elif self._rejection and not self._accepted():
-            reason, message = "SLURM rejected the worker job", self._rejection
-        elif self._broken:
-            reason, message = "worker jobs end before their Dask worker starts", self._broken
-        else:
-            return
-        adaptive = getattr(self, "_adaptive", None)
-        if adaptive is not None and adaptive.maximum:  # the run is over: submit nothing more
-            log.error("%s; no more worker jobs: %s", reason, message)
-            adaptive.minimum = adaptive.maximum = 0
-        wanted = [key for key, ts in scheduler.tasks.items() if ts.who_wants]
-        scheduler.stimulus_cancel(wanted, "fire-and-forget", force=True, reason=reason, msg=message)
-
-    def _update_worker_status(self, op: str, msg: Any) -> None:
-        super()._update_worker_status(op, msg)
-        if op == "remove":  # a worker left: if its job died, resubmit it once SpecCluster forgets it
-            import dask
-            from dask.utils import parse_timedelta
-
-            delay = parse_timedelta(dask.config.get("distributed.deploy.lost-worker-timeout"))
-            asyncio.get_running_loop().call_later(delay + 1, self._replace_lost)
-
-    def _replace_lost(self) -> None:
-        if self.status.name == "running" and set(self.worker_spec) - set(self.workers):
-            log.info("resubmitting %d lost worker job(s)", len(set(self.worker_spec) - set(self.workers)))
-            self._correct_state()
-
-    async def _close(self) -> None:
-        if self._watch_task is not None:
-            self._watch_task.cancel()
-        scoring, self._scoring = list(self._scoring.values()), {}
-        if self.scheduler is not None and self.scheduler.workers:
-            try:
-                await asyncio.wait_for(self._flush_worker_logs(), timeout=20)
-            except Exception as e:  # noqa: BLE001 -- closing goes on; the logs are a courtesy
-                log.warning("could not flush task logs from the workers: %s", e)
-        await asyncio.gather(*(job.close() for job in scoring), return_exceptions=True)
-        await super()._close()
-
-    async def _flush_worker_logs(self) -> None:
-        from distributed import Client
-
-        async with Client(self.scheduler.address, asynchronous=True) as client:
-            await client.run(_flush_prefect_logs, on_error="ignore")
-
-
-class GpuAdaptive(Adaptive):
-    """Adaptive scaling of the GPU jobs alone, when scoring has jobs of its own (which stay fixed):
-    as many GPU jobs as GPU tasks queued or running, within min_jobs..max_jobs; only idle GPU
-    workers are retired. Dask's own target counts every thread, scoring workers' included."""
-
-    async def target(self) -> int:
-        tasks = self.cluster.scheduler.tasks.values()
-        live = ("waiting", "no-worker", "queued", "processing")
-        return sum(1 for ts in tasks if ts.state in live and "GPU" in (ts.resource_restrictions or {}))
-
-    async def workers_to_close(self, target: int) -> list[str]:
-        gpu = [ws for ws in self.cluster.scheduler.workers.values() if ws.name in self.cluster.worker_spec]
-        idle = [ws.name for ws in gpu if not ws.processing]
-        return idle[: max(0, len(gpu) - target)]
-
-
-def _scoring_jobs_of(workers: set[str]) -> set[str]:
-    """Scoring job names of worker names: 'score-3' (one process) and 'score-3-0' (several) -> 'score-3'."""
-    return {"-".join(name.split("-")[:2]) for name in workers if name.startswith(("score-", "bigmem-"))}
-
-
-def _tail(path: Path, lines: int) -> list[str]:
-    try:
-        return path.read_text(errors="replace").splitlines()[-lines:]
-    except OSError as e:
-        return [f"(no log: {e})"]
-
-
-async def _flush_prefect_logs() -> None:
-    """On a worker: send the Prefect logs still queued (they are batched every few seconds)."""
-    from prefect.logging.handlers import APILogHandler
-
-    await APILogHandler.aflush()

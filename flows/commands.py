@@ -2,8 +2,9 @@
 
 `run` starts the layer-by-layer flow in this process (Prefect's embedded default) or, with
 --plain, the same phases without Prefect; `submit` starts a deployment on a Prefect server;
-`slurm-script` prints the job script of the slurm profile. Prefect and Dask are imported only by
-the commands that use them, so `layertime plan` stays quick.
+`slurm-script` prints the job script of a SLURM profile and `slurm-check` asks SLURM whether its jobs
+can ever start. Prefect and Dask are imported only by the commands that use them, so `layertime plan`
+stays quick.
 """
 
 from __future__ import annotations
@@ -28,7 +29,9 @@ app = cli.app
 @app.command()
 def run(
     spec_path: SpecPath,
-    cluster: Annotated[str, typer.Option(help="cluster profile: local (default) or slurm")] = "local",
+    cluster: Annotated[
+        str, typer.Option(help="cluster profile: local (default), slurm, slurm-cpu (deployments/clusters/)")
+    ] = "local",
     plain: Annotated[
         bool, typer.Option("--plain", help="run without Prefect: one process, one unit at a time")
     ] = False,
@@ -55,6 +58,8 @@ def run(
         where = profile(cluster)
     except ValueError as e:  # an unknown profile, or a bad field of it: before any work
         cli.fail(str(e))
+    if where.slurm is not None:
+        import flows.slurm  # noqa: F401 -- here, in the main thread: it sets a signal handler (its doc)
 
     def work():
         # Entered in the run's own thread: Prefect's temporary settings live in a context variable.
@@ -72,7 +77,7 @@ EMBEDDED_STARTUP_TIMEOUT_S = 600  # Prefect's 20 s was not enough on a loaded 2-
 
 def _embedded_prefect() -> contextlib.AbstractContextManager:
     """Settings for Prefect's embedded server when no API URL is configured: a database of this run's
-    own, and a startup timeout a busy machine can meet. Settings the user gave are kept.
+    own, a startup timeout a busy machine can meet, no telemetry. Settings the user gave are kept.
 
     By default every embedded run shares `~/.prefect/prefect.db`, and two runs at once on one machine
     fail with `database is locked`. The database goes to a temporary directory on local disk (TMPDIR),
@@ -97,6 +102,10 @@ def _embedded_prefect() -> contextlib.AbstractContextManager:
             "server.database.connection_url": f"sqlite+aiosqlite:///{home / 'prefect.db'}",
             "server.memo_store_path": home / "memo_store.toml",
             "server.ephemeral.startup_timeout_seconds": EMBEDDED_STARTUP_TIMEOUT_S,
+            # No heartbeat to Prefect's telemetry service: offline it logged "Failed to send
+            # telemetry", and on a busy machine its write to the database raised a 40-line
+            # `database is locked` traceback (issue 23).
+            "server.analytics_enabled": False,
         }
     )
 
@@ -111,9 +120,19 @@ def submit(
             help='spec fields for this run, as JSON: \'{"layers": "20..23"}\' (checked before submitting)'
         ),
     ] = None,
+    cluster_overrides: Annotated[
+        str | None,
+        typer.Option(
+            "--cluster-overrides",
+            help='cluster profile fields for this run, as JSON: \'{"partition": "a100"}\' (checked before submitting)',
+        ),
+    ] = None,
 ) -> None:
     """Start a run of deployment layer-by-layer/NAME on the Prefect server; print its UI link (without
-    PREFECT_API_URL, the commands that follow it)."""
+    PREFECT_API_URL, the commands that follow it).
+
+    The run happens in the worker's process: `LAYERTIME_SLURM_*` variables set for this command change
+    nothing; set them where the worker starts, or pass the fields here with --cluster-overrides."""
     from prefect.client.orchestration import get_client
     from prefect.deployments import run_deployment
     from prefect.settings import PREFECT_API_URL, PREFECT_UI_URL
@@ -121,15 +140,22 @@ def submit(
     from flows.clusters import profile
 
     parameters: dict = {}
-    if cluster:
-        try:
-            profile(cluster)
-        except ValueError as e:
-            cli.fail(str(e))
-        parameters["cluster"] = cluster
     api = PREFECT_API_URL.value()
     with get_client(sync_client=True) as client:
         deployment = _deployment(client, name, api)
+    if cluster:
+        parameters["cluster"] = cluster
+    if cluster or cluster_overrides is not None:
+        fields = (
+            _json_object("--cluster-overrides", cluster_overrides) if cluster_overrides is not None else None
+        )
+        where = cluster or deployment.parameters.get("cluster", "local")
+        try:  # as this machine sees the profile; the worker's LAYERTIME_SLURM_* may differ
+            profile(where, fields)
+        except ValueError as e:
+            cli.fail(f"--cluster-overrides: {e}" if fields is not None else str(e))
+        if fields is not None:
+            parameters["cluster_overrides"] = fields
     if overrides is not None:
         parameters["overrides"] = _checked_overrides(overrides, deployment)
     try:
@@ -169,16 +195,9 @@ def _deployment(client, name: str, api: str | None):
 
 def _checked_overrides(text: str, deployment) -> dict:
     """--overrides as a mapping of spec fields, validated against the deployment's spec; exit 2 if bad."""
-    import json
-
     from layertime.spec import SpecError, load_spec
 
-    try:
-        fields = json.loads(text)
-    except json.JSONDecodeError as e:
-        cli.fail(f"--overrides: not JSON ({e}): {text!r}")
-    if not isinstance(fields, dict):
-        cli.fail(f"--overrides: expected a JSON object of spec fields, got {text!r}")
+    fields = _json_object("--overrides", text)
     spec = Path(deployment.parameters.get("spec", "deployments/demo.yaml"))
     workdir = Path(deployment.path) if deployment.path and Path(deployment.path).is_dir() else Path.cwd()
     spec = spec if spec.is_absolute() else workdir / spec
@@ -193,9 +212,54 @@ def _checked_overrides(text: str, deployment) -> dict:
     return fields
 
 
+def _json_object(option: str, text: str) -> dict:
+    """`text` as a JSON object of fields, or exit 2 naming the option."""
+    import json
+
+    try:
+        fields = json.loads(text)
+    except json.JSONDecodeError as e:
+        cli.fail(f"{option}: not JSON ({e}): {text!r}")
+    if not isinstance(fields, dict):
+        cli.fail(f"{option}: expected a JSON object of fields, got {text!r}")
+    return fields
+
+
+@app.command("slurm-check")
+def slurm_check(
+    cluster: Annotated[str, typer.Option(help="SLURM profile: slurm (default), slurm-cpu, ...")] = "slurm",
+    cluster_overrides: Annotated[
+        str | None, typer.Option("--cluster-overrides", help="profile fields, as JSON: '{\"cpus\": 2}'")
+    ] = None,
+) -> None:
+    """Ask SLURM whether the profile's jobs (GPU, scoring, big-memory) can ever start here: what each
+    partition offers, each profile field that asks for more (and the most it can be), and
+    `sbatch --test-only` of each job script. Exit 0 when they can, 1 when not, 2 for a bad profile.
+
+    Run it where the worker runs, with the worker's environment (its LAYERTIME_SLURM_* variables)."""
+    from flows.clusters import profile
+    from flows.slurm_check import check
+
+    fields = _json_object("--cluster-overrides", cluster_overrides) if cluster_overrides is not None else None
+    try:
+        where = profile(cluster, fields)
+    except ValueError as e:
+        cli.fail(str(e))
+    if where.slurm is None:
+        cli.fail(f"--cluster: {cluster!r} is not a SLURM profile")
+    try:
+        ok, lines = check(where.slurm, cluster)
+    except RuntimeError as e:
+        cli.fail(str(e))
+    for line in lines:
+        typer.echo(line)
+    raise typer.Exit(0 if ok else 1)
+
+
 @app.command("slurm-script")
 def slurm_script(
     spec_path: SpecPath,
+    cluster: Annotated[str, typer.Option(help="SLURM profile: slurm (default), slurm-cpu, ...")] = "slurm",
     set_: Annotated[
         list[str] | None, typer.Option("--set", help="override a profile field, e.g. --set partition=gpu")
     ] = None,
@@ -208,7 +272,7 @@ def slurm_script(
     if set_ and len(overrides) != len(set_):
         cli.fail(f"--set: expected FIELD=VALUE, got {[i for i in set_ if '=' not in i]}")
     try:
-        typer.echo(job_script(spec_path, overrides or None))
+        typer.echo(job_script(spec_path, overrides or None, name=cluster))
     except ClusterError as e:
         cli.fail(str(e))
 

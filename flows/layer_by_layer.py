@@ -46,10 +46,12 @@ from prefect.artifacts import (
 )
 
 from flows.clusters import GPU, profile
+from flows.guard import Guard
 from flows.logs import quiet_finished_task_runs
 from layertime import claims, fastmteb, pipeline
 from layertime.costs import MODELS_PER_GPU
 from layertime.demo.world import prepare_world
+from layertime.encoder import import_model_classes
 from layertime.plan import Plan, make_plan
 from layertime.rundir import RunDir
 from layertime.spec import ExperimentSpec, load_spec
@@ -91,6 +93,18 @@ def layer_by_layer(
     `cluster_overrides` profile fields (e.g. {"partition": "a100"}). `force` lets this code version
     take over a run root that another one wrote (its units are recomputed).
     """
+    with Guard() as guard:  # a cancel, a signal or the worker's death stops it all (flows/guard.py)
+        paths, failures = _run(guard, spec, cluster, overrides, cluster_overrides, force)
+    if failures:
+        raise UnitsFailed(f"{len(failures)} unit(s) failed:\n" + "\n".join(failures))
+    _supersede_earlier_failures()
+    return paths
+
+
+def _run(
+    guard: Guard, spec: str, cluster: str, overrides: dict | None, cluster_overrides: dict | None, force: bool
+) -> tuple[dict, list[str]]:
+    """The flow's work: plan, verify, embed and score every unit not done, merge; (tables, failures)."""
     experiment = load_spec(spec, **(overrides or {}))
     where = profile(cluster, cluster_overrides)
     prepare_world(experiment)
@@ -100,8 +114,10 @@ def layer_by_layer(
     needs = where.check_fits(plan.tasks, plan.hidden_size)  # before any GPU work
     settings = pipeline.Settings.of(experiment, where.device)
     run = RunDir.of(experiment.run_root, experiment.store)
+    guard.keep(run, settings.id, plan.units())  # what a stop says is kept
     fastmteb.mteb_unchanged()  # the mteb guard, once, before any task thread asks for it (issue 14.3)
-    with run.lock():  # a second run on the same run root is refused, by name
+    import_model_classes()  # before the Dask threads: transformers' lazy imports race (issue 23)
+    with run.lock(guard.label):  # a second run on the same run root is refused, naming this one
         pipeline.claim_run_root(run, experiment, force)
         pipeline.write_snapshot(plan, run, settings)
         with where.task_runner() as runner, units.scoring_pool(where.scoring_processes):
@@ -111,9 +127,41 @@ def layer_by_layer(
             paths = runner.submit(units.merge, {"plan": plan, "settings": settings}).result()
         progress.show(final=True)
         _publish(plan, paths, failures)
-    if failures:
-        raise UnitsFailed(f"{len(failures)} unit(s) failed:\n" + "\n".join(failures))
-    return paths
+    return paths, failures
+
+
+def _supersede_earlier_failures() -> None:
+    """After a retried flow run completed (`prefect flow-run retry`, the UI's Retry), its earlier
+    attempts' Failed and Crashed task runs become Completed, named "Superseded": every unit they failed
+    is done now, and the UI would otherwise count them as the run's outcome ("14 Completed, 1
+    Failed"). Prefect keeps every task run of a flow run across its attempts and has no state for
+    "replaced by a later attempt"; a forced state is the one way to say so, and the failure stays in
+    each task run's state history."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas import filters
+    from prefect.client.schemas.objects import StateType
+    from prefect.context import FlowRunContext
+    from prefect.states import Completed
+
+    context = FlowRunContext.get()
+    if context is None or context.flow_run is None or context.flow_run.run_count <= 1:
+        return
+    flow_run = context.flow_run
+    failed = filters.TaskRunFilterStateType(any_=[StateType.FAILED, StateType.CRASHED])
+    with get_client(sync_client=True) as client:
+        found: list = []
+        while page := client.read_task_runs(
+            flow_run_filter=filters.FlowRunFilter(id=filters.FlowRunFilterId(any_=[flow_run.id])),
+            task_run_filter=filters.TaskRunFilter(state=filters.TaskRunFilterState(type=failed)),
+            limit=200, offset=len(found),
+        ):  # fmt: skip
+            found += page
+        earlier = [t for t in found if t.flow_run_run_count < flow_run.run_count]
+        message = f"its units are done: attempt {flow_run.run_count} of this flow run completed"
+        for task_run in earlier:
+            client.set_task_run_state(task_run.id, Completed(name="Superseded", message=message), force=True)
+    if earlier:
+        get_run_logger().info(f"{len(earlier)} failed task run(s) of earlier attempts are superseded")
 
 
 class NotReady(RuntimeError):
@@ -147,8 +195,13 @@ def _record(runner: Any, spec: ExperimentSpec, plan: Plan) -> tuple[dict[str, st
 
 
 class _Progress:
-    """The progress artifact: (checkpoint, task, layer) units scored of the plan's, the failed ones
-    counted as failed, and the (checkpoint, task) embeddings done. Updated at most every few seconds."""
+    """The progress artifact: (checkpoint, task, layer) units scored of the plan's, (checkpoint, task)
+    embeddings done, units failed. Shown every EVERY_S seconds while work is in flight, counting the
+    layers and embeddings that running tasks have finished (their completion records and manifests),
+    so it moves from the first scored layer, not only when a task run ends.
+
+    The description is short (the UI's artifact card cut "0/80 units scored, 0 failed; 10/20 (check"):
+    `scored 31/80 · embedded 12/20 · 2 failed`, at most 40 characters at exp2's size."""
 
     EVERY_S = 2.0
 
@@ -156,18 +209,26 @@ class _Progress:
         self.total = len(plan.units())
         self.scored = self.failed = self.embedded = self.to_embed = 0
         self.shown = 0.0
-        self.id = create_progress_artifact(
-            0.0, key="layer-by-layer-progress", description=f"0/{self.total} units scored (starting)"
-        )
+        self.in_flight: Any = lambda: (0, 0)  # (layers scored, units embedded) by running tasks
+        self.id = create_progress_artifact(0.0, key="layer-by-layer-progress",
+                                           description=f"scored 0/{self.total} (starting)")  # fmt: skip
 
     def show(self, final: bool = False) -> None:
         if not final and time.monotonic() - self.shown < self.EVERY_S:
             return
         self.shown = time.monotonic()
-        text = f"{self.scored}/{self.total} units scored, {self.failed} failed"
-        if self.to_embed:
-            text += f"; {self.embedded}/{self.to_embed} (checkpoint, task) embedded"
-        update_progress_artifact(self.id, 100.0 * self.scored / max(1, self.total), description=text)
+        scored, embedded = (0, 0) if final else self.in_flight()
+        scored, embedded = self.scored + scored, self.embedded + embedded
+        text = progress_text(scored, self.total, embedded, self.to_embed, self.failed)
+        update_progress_artifact(self.id, 100.0 * scored / max(1, self.total), description=text)
+
+
+def progress_text(scored: int, total: int, embedded: int, to_embed: int, failed: int) -> str:
+    """'scored 31/80 · embedded 12/20 · 2 failed' (embedded when there is GPU work, failed when any)."""
+    words = [f"scored {scored}/{total}"]
+    words += [f"embedded {embedded}/{to_embed}"] if to_embed else []
+    words += [f"{failed} failed"] if failed else []
+    return " · ".join(words)
 
 
 class _Units:
@@ -197,6 +258,8 @@ class _Units:
         self.missing: dict[tuple[str, str], list[int]] = {}  # (checkpoint key, task) -> layers to score
         self.gpu_running = 0
         self.running: dict[Any, Any] = {}  # future -> what to do when it ends
+        self.scoring: dict[Any, tuple[units.Unit, units.Layers]] = {}  # score future -> what it scores
+        self.embedding: dict[Any, units.GpuWork] = {}  # gpu future -> its work
         self.finished: queue.SimpleQueue = queue.SimpleQueue()
         self.failures: list[str] = []
         self.embedded: list[units.Unit] = []  # units whose embeddings are in the store already
@@ -215,12 +278,19 @@ class _Units:
             f"block indices {self.plan.blocks})"
         )
         self.progress.show(final=True)
+        self.progress.in_flight = self._in_flight
         with self.claims:
             self._submit_gpu()
             for unit in self.embedded:
                 self._submit_scores(unit, str(self._embeddings(unit)))
             while self.running:
-                future = self.finished.get()
+                try:
+                    future = self.finished.get(timeout=self.progress.EVERY_S)
+                except queue.Empty:  # nothing ended: the progress still moves with what tasks wrote
+                    self.progress.show()
+                    continue
+                self.scoring.pop(future, None)
+                self.embedding.pop(future, None)
                 self.running.pop(future)(future)
                 self._submit_gpu()
                 self.progress.show()
@@ -233,6 +303,22 @@ class _Units:
 
     def _embeddings(self, unit: units.Unit) -> Path:
         return self.run_dir.embeddings(self.settings.id, unit.checkpoint, unit.task)
+
+    IN_FLIGHT_CHECKED = 512  # task runs whose files one progress update looks at (stats on a shared FS)
+
+    def _in_flight(self) -> tuple[int, int]:
+        """(layers, (checkpoint, task) embeddings) that running task runs have finished: their
+        completion records and manifests, written last. The oldest task runs first, at most
+        IN_FLIGHT_CHECKED of them (exp2 can have hundreds queued)."""
+        scoring = list(self.scoring.values())[: self.IN_FLIGHT_CHECKED]
+        scored = sum(
+            self.run_dir.score_record(self.settings.id, unit.checkpoint, unit.task, layer).is_file()
+            for unit, layers in scoring
+            for layer in layers
+        )
+        embedding = [u for work in self.embedding.values() for u in work.units][: self.IN_FLIGHT_CHECKED]
+        embedded = sum((self._embeddings(u) / "done.json").is_file() for u in embedding)
+        return scored, embedded
 
     def _plan_work(self, revisions: dict[str, str]) -> None:
         """What is not done: the layers without a valid record (a damaged one is removed), and each
@@ -270,6 +356,7 @@ class _Units:
             with dask.annotate(resources=GPU, priority=1):
                 future = self.runner.submit(units.gpu, {"work": work})
             self.gpu_running += 1
+            self.embedding[future] = work
             self._watch(future, functools.partial(self._gpu_done, work))
 
     def _gpu_done(self, work: units.GpuWork, future: Any) -> None:
@@ -301,6 +388,7 @@ class _Units:
             ]
         self.left[unit.checkpoint.key, unit.task] = len(batches)
         for future, layers in zip(futures, batches, strict=True):
+            self.scoring[future] = (unit, layers)
             self._watch(future, functools.partial(self._score_done, unit, layers))
 
     def _score_done(self, unit: units.Unit, layers: units.Layers, future: Any) -> None:

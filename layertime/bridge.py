@@ -28,7 +28,7 @@ from mteb.models.model_meta import ModelMeta, ScoringFunction
 
 from layertime import CODE_VERSION, fastmteb, memory, suite
 from layertime.errors import Permanent
-from layertime.hub.cache import is_offline, use_local_snapshot
+from layertime.hub.cache import has_local_snapshot, is_offline, offline, use_local_snapshot
 from layertime.io import atomic_write, atomic_write_text
 
 ENCODE_BATCH = 4096  # texts per mteb DataLoader batch; lookups are cheap, so large batches cut overhead
@@ -188,16 +188,25 @@ def _as_list_columns(data: Any) -> Any:
 def load_task(name: str, aggregation: str = "rule-a", hf_cache: Path | None = None, load: bool = True) -> Any:
     """A fresh task of the suite with its data loaded.
 
-    Offline, real tasks read their dataset's local snapshot in the HF cache: through the datasets
-    cache, reranking tasks silently lose their per-query candidate lists (docs/design.md §4).
+    Real tasks read their dataset's local snapshot in the HF cache, offline, whenever the cache holds
+    it (as checkpoints do, `from_cache_first`): without HF_HUB_OFFLINE, `datasets` asked the hub about
+    a dataset it had on disk (issue 23). Through the datasets cache, reranking tasks silently lose
+    their per-query candidate lists (docs/design.md §4). Offline, a task without a snapshot is a
+    MissingDatasetError; online, mteb fetches it.
     """
     task = suite.build_task(name, aggregation)
-    if is_offline():
+    if has_local_snapshot(task, hf_cache) or is_offline():
         use_local_snapshot(task, hf_cache)
     if load:
-        task.load_data()
+        with _cache_first(task, hf_cache):
+            task.load_data()
         _as_list_columns(task.dataset)
     return task
+
+
+def _cache_first(task: Any, hf_cache: Path | None) -> contextlib.AbstractContextManager:
+    """Offline while `task`'s data is read, when the cache holds its dataset."""
+    return offline() if has_local_snapshot(task, hf_cache) else contextlib.nullcontext()
 
 
 def recorded_texts(
@@ -219,7 +228,8 @@ def recorded_texts(
     if (found := _read_texts(path, expect)) is not None:
         return found
     encoder = RecordingEncoder()
-    _evaluate(encoder, task, None)
+    with _cache_first(task, hf_cache):
+        _evaluate(encoder, task, None)
     found = TaskTexts(
         task_name, task.metadata.revision, mteb.__version__, list(encoder.seen), encoder.requested
     )

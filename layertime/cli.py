@@ -246,19 +246,13 @@ def until_stopped(spec, device: str | None, resume: str, work: Callable[[], T]) 
     scored, where they are kept and the command that resumes; exit 130 or 143 (layertime/stopping.py)."""
     from layertime.pipeline import Settings
     from layertime.plan import make_plan
-    from layertime.stopping import run_stoppably
+    from layertime.stopping import run_stoppably, scored_line
 
     units = make_plan(spec, strict=True).units()  # prepare_run checked it resolves
     settings, run = Settings.of(spec, device), RunDir.of(spec.run_root, spec.store)
 
     def finished() -> str:
-        # Completion records are written last, so one that exists is a finished unit. Not read back:
-        # 6,400 of them on a shared file system would keep the user waiting for the stop.
-        done = sum(run.score_record(settings.id, u.checkpoint, u.task, u.layer).is_file() for u in units)
-        return (
-            f"{done} of {len(units)} (checkpoint, task, layer) units are scored and kept in {run.store}; "
-            f"`{resume}` computes the other {len(units) - done}"
-        )
+        return scored_line(run, settings.id, units, f"`{resume}`")
 
     return run_stoppably(work, finished)
 
@@ -313,7 +307,9 @@ def _check_device(device: str | None) -> None:
     try:
         check_device(device)
     except DeviceUnavailable as e:
-        fail(f"--device: {e}")
+        fail(
+            f"--device: {e.with_fix('run on a GPU node, or pass --device cpu (float32, slow)') if e.fix else e}"
+        )
 
 
 def _check_cache(spec) -> None:

@@ -40,8 +40,33 @@ class NonFiniteEmbedding(Permanent, FloatingPointError):
     """A layer produced NaN or inf (fp16 overflow in Pythia's huge-magnitude dimensions, bad weights)."""
 
 
+LIBRARY_DEVICE_FIX = "run on a GPU node, or pass device='cpu' (float32, slow)"
+
+
 class DeviceUnavailable(Permanent, ValueError):
-    """The device asked for does not exist here (`cuda` on a machine where torch sees no GPU)."""
+    """The device asked for does not exist here (`cuda` on a machine where torch sees no GPU): `what`
+    is missing, then the `fix`. The fix depends on how the run was started, so a caller that knows
+    replaces the library's (`with_fix`): `--device cpu` for `layertime run --plain`, a cluster
+    profile's `device: cpu` for a flow, the `device` argument in a notebook."""
+
+    def __init__(self, what: str, fix: str = LIBRARY_DEVICE_FIX) -> None:
+        super().__init__(f"{what}; {fix}" if fix else what)
+        self.what, self.fix = what, fix
+
+    def with_fix(self, fix: str) -> DeviceUnavailable:
+        return DeviceUnavailable(self.what, fix)
+
+    def __reduce__(self) -> tuple:  # pickled by its parts (a SLURM worker ships it to the flow)
+        return type(self), (self.what, self.fix)
+
+
+def import_model_classes() -> None:
+    """Import what loading a model takes, in the calling thread, before threads that load models start.
+
+    transformers resolves `AutoModel` and friends lazily on first use; two threads that load models at
+    once on a fresh process (two checkpoints' `gpu` tasks on a new SLURM worker) raced in that, and
+    one failed with `ImportError: cannot import name 'AutoModel' from 'transformers'` (issue 23)."""
+    from transformers import AutoConfig, AutoModel, AutoTokenizer  # noqa: F401
 
 
 @dataclass(frozen=True)
@@ -90,7 +115,7 @@ def check_device(device: str | torch.device | None) -> torch.device:
     try:
         dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     except (RuntimeError, TypeError) as e:
-        raise DeviceUnavailable(f"device {device!r} is not a torch device ({e})") from None
+        raise DeviceUnavailable(f"device {device!r} is not a torch device ({e})", fix="") from None
     if dev.type != "cuda":
         return dev
     if not torch.cuda.is_available():
@@ -102,10 +127,11 @@ def check_device(device: str | torch.device | None) -> torch.device:
         raise DeviceUnavailable(
             f"device {str(dev)!r}: no GPU is visible on {platform.node()}"
             + (f" ({'; '.join(why)})" if why else "")
-            + "; run on a GPU node, or pass --device cpu (float32, slow)"
         )
     if dev.index is not None and dev.index >= torch.cuda.device_count():
-        raise DeviceUnavailable(f"device {str(dev)!r}: only {torch.cuda.device_count()} GPU(s) are visible")
+        raise DeviceUnavailable(
+            f"device {str(dev)!r}: only {torch.cuda.device_count()} GPU(s) are visible", fix=""
+        )
     return dev
 
 

@@ -59,11 +59,25 @@ def prefetch_command(config: str = WIKITEXT_CONFIG) -> str:
 def wikitext_lines(
     n_lines: int = WIKITEXT_LINES, cache_dir: str | None = None, config: str = WIKITEXT_CONFIG
 ) -> list[str]:
-    """The first `n_lines` rows of wikitext-103 train, unfiltered; CorpusError when unavailable."""
+    """The first `n_lines` rows of wikitext-103 train, unfiltered; CorpusError when unavailable.
+
+    From the datasets cache alone when it holds them, online or not (as checkpoints load,
+    `hub.cache.from_cache_first`); only a cache without them goes to the hub, and never offline."""
     import datasets
 
+    from layertime.hub.cache import is_offline, offline
+
+    split = f"train[:{n_lines}]"
     try:
-        rows = datasets.load_dataset(WIKITEXT_REPO, config, split=f"train[:{n_lines}]", cache_dir=cache_dir)
+        if not is_offline():
+            try:
+                with offline():
+                    return list(
+                        datasets.load_dataset(WIKITEXT_REPO, config, split=split, cache_dir=cache_dir)["text"]
+                    )
+            except (OSError, ValueError):
+                pass  # not in the cache: the hub has it
+        rows = datasets.load_dataset(WIKITEXT_REPO, config, split=split, cache_dir=cache_dir)
     except (OSError, ValueError) as e:  # offline and not cached: ConnectionError, FileNotFoundError
         raise CorpusError(
             f"cannot load {WIKITEXT_REPO} ({config}, train split) from the HF datasets cache: {e}. "

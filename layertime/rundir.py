@@ -26,6 +26,7 @@ import fcntl
 import hashlib
 import json
 import os
+import re
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -58,6 +59,131 @@ class RunInUse(RuntimeError):
     """Another run holds this run root."""
 
 
+_HOLDER = re.compile(r"pid (\d+) on (\S+) since ([^,]*), parent pid (\d+)")
+_SINCE = "%Y-%m-%d %H:%M:%S"
+
+
+def _open(path: Path, root: Path) -> Any:
+    try:
+        return open(path, "a+")  # noqa: SIM115 -- the caller closes it
+    except OSError as e:
+        where = f" ({e.filename})" if e.filename else ""
+        raise OSError(e.errno, f"run_root {root} cannot be written: {e.strerror}{where}") from e
+
+
+def _locked(path: Path, root: Path, tries: int = 5) -> Any:
+    """`path` opened and flocked (exclusive), still the file at `path` (not one a takeover replaced);
+    RunInUse naming the holder when a live process holds it."""
+    for _ in range(tries):
+        handle = _open(path, root)
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            text = handle.read().strip()
+            handle.close()
+            if not _holder_gone(text):
+                raise RunInUse(_in_use(root, text)) from None
+            _take_over(path, text)
+            continue
+        if _same_file(handle, path):
+            return handle
+        handle.close()  # a takeover replaced the file meanwhile: lock the new one
+    raise RunInUse(f"run root {root} is in use: its lock {path} keeps being replaced")
+
+
+def _same_file(handle: Any, path: Path) -> bool:
+    try:
+        return os.stat(path).st_ino == os.fstat(handle.fileno()).st_ino
+    except FileNotFoundError:
+        return False
+
+
+def _holder_gone(text: str) -> bool:
+    """Whether the lock file names a pid of this host that no longer runs."""
+    found = _HOLDER.match(text)
+    return bool(found) and found[2] == os.uname().nodename and not _alive(int(found[1]), found[3])
+
+
+def _take_over(path: Path, text: str) -> None:
+    """Replace the lock file of a gone holder with a fresh one (a new inode, not locked by anyone),
+    once: takeovers take turns on `<path>.takeover`, and the file is replaced only if it still
+    names that holder."""
+    with open(path.with_name(path.name + ".takeover"), "a") as turn:
+        fcntl.flock(turn, fcntl.LOCK_EX)
+        try:
+            if path.read_text().strip() != text:
+                return  # another run took it over already
+        except FileNotFoundError:
+            return
+        fresh = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        fresh.write_text("")
+        os.replace(fresh, path)
+
+
+def _alive(pid: int, since: str) -> bool:
+    """Whether `pid` still runs and is the process that wrote the lock at `since` (not a new process
+    that was given the same pid: it would have started after the lock was written)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # another user's process
+    if _state(pid) in (None, "Z"):
+        return False
+    started = _start_time(pid)
+    try:
+        written = time.mktime(time.strptime(since.strip(), _SINCE))
+    except ValueError:
+        return True
+    return started is None or started <= written + 1
+
+
+def _start_time(pid: int) -> float | None:
+    """When `pid` started (epoch seconds), from /proc: boot time plus its start in clock ticks."""
+    try:
+        ticks = int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19])
+        boot = next(int(line.split()[1]) for line in open("/proc/stat") if line.startswith("btime "))
+    except (OSError, IndexError, ValueError, StopIteration):
+        return None
+    return boot + ticks / os.sysconf("SC_CLK_TCK")
+
+
+def _state(pid: int) -> str | None:
+    """The state letter of `pid` ('R', 'S', 'Z', ...), None when gone or not on Linux."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return None
+
+
+def _parent(pid: int) -> int | None:
+    try:
+        return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+    except (OSError, IndexError, ValueError):
+        return None
+
+
+def _in_use(root: Path, text: str) -> str:
+    """Who holds the run root, and how to end it: `kill PID` (an orphaned run, whose parent is gone,
+    says so: nothing else would end it)."""
+    found = _HOLDER.match(text)
+    holder = text or "another process"
+    if not found or found[2] != os.uname().nodename:
+        return f"run root {root} is in use by {holder}; wait for that run to finish, or give this one another run_root"
+    pid, parent = int(found[1]), int(found[4])
+    if _parent(pid) not in (None, parent):
+        return (
+            f"run root {root} is in use by {holder}: an orphaned run (pid {parent}, which started it, is gone); "
+            f"`kill {pid}` ends it, keeping the units it finished"
+        )
+    return (
+        f"run root {root} is in use by {holder}; wait for that run to finish, give this one another "
+        f"run_root, or end it: `kill {pid}` (the units it finished are kept)"
+    )
+
+
 def settings_id(settings: dict[str, Any]) -> str:
     """A short stable id of the settings that change numbers (pooling, norm, dtype, ...)."""
     blob = json.dumps(settings, sort_keys=True).encode()
@@ -75,32 +201,28 @@ class RunDir:
         return cls(run_root, Path(store) if store is not None else run_root.parent / "store")
 
     @contextlib.contextmanager
-    def lock(self) -> Iterator[None]:
+    def lock(self, holder: str | None = None) -> Iterator[None]:
         """Hold the run root for one run: a second run on it at the same time is refused, by name.
 
-        An OS file lock (flock), so it is released when the process dies, however it dies.
-        A run root that cannot be created or written is an error naming it, before any work.
+        An OS file lock (flock), so it is released when the process dies, however it dies. The lock
+        file names its holder: pid, host, start time, parent pid and `holder` (e.g. the Prefect flow
+        run). A refusal says what the holder is and the one command that ends it (`kill PID`), and
+        whether it is orphaned (its parent, the worker that started it, is gone). A lock held although
+        the pid that took it is gone on this host (a forked child of a killed run kept the file open)
+        is taken over at once. A run root that cannot be created or written is an error naming it.
         """
         path = self.root / ".lock"
         try:
             self.root.mkdir(parents=True, exist_ok=True)
-            handle = open(path, "a+")  # closed by the `with` below
         except OSError as e:
             where = f" ({e.filename})" if e.filename else ""
             raise OSError(e.errno, f"run_root {self.root} cannot be written: {e.strerror}{where}") from e
+        handle = _locked(path, self.root)
         with handle:
-            try:
-                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                handle.seek(0)
-                holder = handle.read().strip() or "another process"
-                raise RunInUse(
-                    f"run root {self.root} is in use by {holder}; wait for that run to finish, "
-                    "or give this one another run_root"
-                ) from None
             handle.truncate(0)
             handle.write(
-                f"pid {os.getpid()} on {os.uname().nodename} since {time.strftime('%Y-%m-%d %H:%M:%S')}"
+                f"pid {os.getpid()} on {os.uname().nodename} since {time.strftime(_SINCE)}, "
+                f"parent pid {os.getppid()}" + (f", {holder}" if holder else "")
             )
             handle.flush()
             try:

@@ -16,32 +16,42 @@ pid alone left the server, the scoring processes and multiprocessing's resource 
   Prefect's temporary server ends quietly on it, and SIGTERM is how Prefect stops its server and
   the pool a broken scoring process. (Blocking SIGINT in the parent would not reach them: Python
   clears the signal mask of every process it starts.)
-- on a signal: output of this process goes to /dev/null (what other threads print now is only the
-  fallout of the stop), every descendant process is killed (SIGKILL, repeated until none is left,
-  so a process started meanwhile goes too) and reaped, multiprocessing's named semaphores are
-  unlinked (the killed resource tracker would have), `describe()`'s line is printed, and the
-  process exits at once with 128 + the signal (130, 143): no finally block or Prefect state report
-  runs. Nothing is lost by that: every finished unit has its completion record, a half-written
-  temp is removed by the next write of its target (io.py), and the run-root lock is an flock that
-  the kernel releases with the process.
+- on a signal, `stop_now`: output of this process goes to /dev/null (what other threads print now
+  is only the fallout of the stop), the hooks the orchestration registered run (`on_stop`: the flow
+  `scancel`s its SLURM jobs and marks its Prefect flow run; flows/guard.py), every descendant process
+  is killed (SIGKILL, repeated until none is left, so a process started meanwhile goes too) and
+  reaped, multiprocessing's named semaphores are unlinked (the killed resource tracker would have),
+  `describe()`'s line is printed, and the process exits at once with 128 + the signal (130, 143): no
+  finally block runs. Nothing is lost by that: every finished unit has its completion record, a
+  half-written temp is removed by the next write of its target (io.py), and the run-root lock is an
+  flock that the kernel releases with the process.
+
+`stop_now` is also how a flow run stops when it is cancelled in Prefect or its worker dies
+(flows/guard.py): the same steps, from any thread.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import stat
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
+from pathlib import Path
 from typing import TypeVar
 
 T = TypeVar("T")
 
 SIGNALS = (signal.SIGINT, signal.SIGTERM)
 _STOPPING = threading.Event()  # set once a stop begins: nothing starts a new process after it
+_STOP = threading.Lock()  # held by the thread that stops the run; never released (the process exits)
+_STOPPER: list[int] = []  # that thread's ident
 KILL_WITHIN_S = 5.0  # descendants that keep appearing (a pool restarting its processes) are killed this long
+Hook = Callable[[str, str], None]  # (state: "Cancelled" | "Crashed", reason)
+_HOOKS: list[Hook] = []
 
 
 def run_stoppably(work: Callable[[], T], describe: Callable[[], str]) -> T:
@@ -68,7 +78,6 @@ def run_stoppably(work: Callable[[], T], describe: Callable[[], str]) -> T:
     finally:
         for s, handler in previous.items():
             signal.signal(s, handler)
-        os.close(stopper.stderr)
     if "error" in outcome:
         raise outcome["error"]  # type: ignore[misc]
     return outcome["result"]  # type: ignore[return-value]
@@ -77,25 +86,65 @@ def run_stoppably(work: Callable[[], T], describe: Callable[[], str]) -> T:
 class _Stopper:
     def __init__(self, describe: Callable[[], str]) -> None:
         self.describe = describe
-        self.stderr = os.dup(2)  # our line's way out once fds 1 and 2 point at /dev/null
-        self.lock = threading.Lock()
 
     def handle(self, signum: int, frame: object) -> None:
-        if not self.lock.acquire(blocking=False):
-            return  # a second signal while stopping: the first stop exits in a moment
-        _STOPPING.set()
-        lead = "\n"
-        try:
-            _silence()
-            kill_descendants()
-            _unlink_semaphores()
-            line = self.describe()
-            lead = "" if _at_line_start(self.stderr) else "\n"  # below a progress bar, not on it
-        except Exception as e:  # noqa: BLE001 -- the stop goes on: the line says what went wrong
-            line = f"the stop went wrong ({type(e).__name__}: {e}); check for processes left running"
-        name = signal.Signals(signum).name
-        os.write(self.stderr, f"{lead}layertime: stopped by {name}; {line}\n".encode())
-        os._exit(128 + signum)
+        stop_now("Cancelled", f"stopped by {signal.Signals(signum).name}", 128 + signum, self.describe)
+
+
+@contextlib.contextmanager
+def on_stop(hook: Hook) -> Iterator[None]:
+    """Run `hook(state, reason)` when this process's run stops early (`stop_now`), while the context
+    lasts: the orchestration's part of a stop (cancel its cluster jobs, mark its run). A hook must
+    bound its own time and print nothing; its errors are ignored."""
+    _HOOKS.append(hook)
+    try:
+        yield
+    finally:
+        _HOOKS.remove(hook)
+
+
+def stop_now(state: str, reason: str, code: int, describe: Callable[[], str] | None = None) -> None:
+    """Stop this process's run at once, from any thread, and exit with `code`: output silenced, the
+    `on_stop` hooks run with (`state`, `reason`), every descendant killed, semaphores unlinked, one
+    line `layertime: <reason>; <describe()>` on stderr. Returns only to a second call from the thread
+    that is stopping (a second signal); any other thread waits here for the exit."""
+    if not _STOP.acquire(blocking=False):
+        if _STOPPER and _STOPPER[0] == threading.get_ident():
+            return
+        while True:  # another thread is stopping the run: it exits the process in a moment
+            time.sleep(60)
+    _STOPPER.append(threading.get_ident())
+    _STOPPING.set()
+    stderr = os.dup(2)  # our line's way out once fds 1 and 2 point at /dev/null
+    lead = "\n"
+    try:
+        _silence()
+        for hook in list(_HOOKS):
+            with contextlib.suppress(Exception):
+                hook(state, reason)
+        kill_descendants()
+        _unlink_semaphores()
+        line = describe() if describe is not None else ""
+        lead = "" if _at_line_start(stderr) else "\n"  # below a progress bar, not on it
+    except Exception as e:  # noqa: BLE001 -- the stop goes on: the line says what went wrong
+        line = f"the stop went wrong ({type(e).__name__}: {e}); check for processes left running"
+    with contextlib.suppress(OSError):  # the reader of our output may be gone (a killed worker)
+        os.write(stderr, f"{lead}layertime: {reason}{'; ' if line else ''}{line}\n".encode())
+    os._exit(code)
+
+
+def scored_line(run: object, settings_id: str, units: Iterable, resume: str) -> str:
+    """'N of M (checkpoint, task, layer) units are scored and kept in STORE; `RESUME` computes the
+    other M-N', for `units` of run directory `run` (a layertime.rundir.RunDir).
+
+    Completion records are written last, so one that exists is a finished unit. Not read back: 6,400
+    of them on a shared file system would keep the user waiting for the stop."""
+    units = list(units)
+    done = sum(Path(run.score_record(settings_id, u.checkpoint, u.task, u.layer)).is_file() for u in units)
+    return (
+        f"{done} of {len(units)} (checkpoint, task, layer) units are scored and kept in {run.store}; "
+        f"{resume} computes the other {len(units) - done}"
+    )
 
 
 def _at_line_start(fd: int) -> bool:

@@ -23,6 +23,7 @@ from prefect.cache_policies import NO_CACHE
 
 from layertime import CODE_VERSION, pipeline
 from layertime.checkpoints import Checkpoint
+from layertime.encoder import DeviceUnavailable
 from layertime.errors import Permanent
 from layertime.plan import Plan
 from layertime.pool import ScoringPool
@@ -120,10 +121,21 @@ def _gpu(work: GpuWork, logger: pipeline.Logger = pipeline.log) -> pipeline.Chec
     reference (the lock stays in the worker)."""
     spec = work.plan.spec
     tasks = [u.task for u in work.units]
-    return pipeline.checkpoint_gpu_work(
-        spec, work.plan, RunDir.of(spec.run_root, spec.store), work.settings, work.checkpoint, tasks,
-        work.measure, gpu_lock=_GPU_LOCK, contain=(Permanent,), logger=logger,
-    )  # fmt: skip
+    try:
+        return pipeline.checkpoint_gpu_work(
+            spec, work.plan, RunDir.of(spec.run_root, spec.store), work.settings, work.checkpoint, tasks,
+            work.measure, gpu_lock=_GPU_LOCK, contain=(Permanent,), logger=logger,
+        )  # fmt: skip
+    except DeviceUnavailable as e:  # the fix is the cluster profile's, not the library's
+        raise e.with_fix(PROFILE_DEVICE_FIX) from None
+
+
+# A flow embeds on its cluster profile's `device`: the fix for a job without the GPU the profile asks for.
+PROFILE_DEVICE_FIX = (
+    "the cluster profile's `device` is cuda: run on a GPU partition (profile fields `partition`, `gpus`, "
+    "`gpu_type`), or embed on CPUs with `device: cpu` and `gpus: 0` (the `slurm-cpu` profile, or "
+    'cluster_overrides \'{"device": "cpu", "gpus": 0}\'); `layertime slurm-check` says what the cluster has'
+)
 
 
 @task(name="gpu", task_run_name="gpu[{work.label}]", retries=2, retry_delay_seconds=[10, 60],
@@ -210,15 +222,16 @@ def score(unit: Unit, layers: Layers, embeddings: str | None) -> dict[int, list[
         except Exception as e:  # noqa: BLE001 -- the other layers go on; the task fails below, naming it
             errors[layer] = e
     if done:  # one INFO line per score task run, with the numbers (exp2: 1,600 of them)
-        logger.info("scored " + "; ".join(_scores_line(unit.task, b, rows) for b, rows in done.items()))
+        logger.info(f"scored {unit.label} " + "; ".join(_scores_line(b, rows) for b, rows in done.items()))
     if errors:
         raise _layers_failed(errors)
     return done
 
 
-def _scores_line(task: str, layer: int, rows: list[dict]) -> str:
+def _scores_line(layer: int, rows: list[dict]) -> str:
+    """'layer 3: main score default/test 0.8123' (the line starts with the checkpoint and task)."""
     scores = ", ".join(f"{r['subset']}/{r['split']} {r['main_score']:.4f}" for r in rows)
-    return f"{task} layer {layer}: main score {scores}"
+    return f"layer {layer}: main score {scores}"
 
 
 @task(name="merge", task_run_name="merge[{plan.spec.name}]", **NOT_CACHED)

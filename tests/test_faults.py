@@ -179,7 +179,7 @@ BAD_INPUT = {
     ),
     "no GPU for --device cuda": (
         {"args": ["--device", "cuda"]},
-        ["--device: device 'cuda'", "no GPU is visible"],
+        ["--device: device 'cuda'", "no GPU is visible", "pass --device cpu"],
     ),
     "run root under a file": (
         {"file_parent": True},
@@ -259,7 +259,7 @@ def test_cuda_without_a_gpu_is_named_by_the_encoder(hub, demo_repo, monkeypatch)
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # so the test means the same on a GPU box
     with pytest.raises(
-        DeviceUnavailable, match=r"device 'cuda:1': .* on .*; run on a GPU node, or pass --device cpu"
+        DeviceUnavailable, match=r"device 'cuda:1': .* on .*; run on a GPU node, or pass device='cpu'"
     ):
         MultiLayerEncoder(demo_repo, revision="step2000", cache_dir=str(hub), device="cuda:1")
     with pytest.raises(DeviceUnavailable, match=r"device 'gpu0' is not a torch device"):

@@ -154,7 +154,7 @@ def test_an_unexpected_error_in_a_recording_fails_only_its_units_by_name(
     scores = pl.read_parquet(tmp_path / "demo/tables/scores.parquet")  # the tables of what exists
     assert scores.select("task", "layer").rows() == [("DemoClassification", 3)]
     progress = _artifacts(state.state_details.flow_run_id)
-    assert progress.description == "1/2 units scored, 1 failed; 1/1 (checkpoint, task) embedded"
+    assert progress.description == "scored 1/2 · embedded 1/1 · 1 failed"
 
 
 def test_the_mteb_guard_is_computed_once_per_process_whatever_the_threads(monkeypatch):
@@ -268,10 +268,7 @@ def test_gpu_tasks_overlap_scoring_starts_as_a_checkpoint_ends_and_progress_move
     # quick run may score every unit between two of them: the percent alone can jump 0 -> 100).
     assert values == sorted(values) and len({(p, d) for _, p, d in watcher.seen}) >= 3
     final = _artifacts(state.state_details.flow_run_id)
-    assert (
-        final.data == 100.0
-        and final.description == "16/16 units scored, 0 failed; 8/8 (checkpoint, task) embedded"
-    )
+    assert final.data == 100.0 and final.description == "scored 16/16 · embedded 8/8"
 
     # Task-run logs say what a long task is doing.
     said = ["loading checkpoint layertime/tiny-neox@step1000", "measuring step1000",
@@ -283,7 +280,7 @@ def test_gpu_tasks_overlap_scoring_starts_as_a_checkpoint_ends_and_progress_move
     assert sorted(n for n in runs if n.startswith("score[")) == sorted(
         f"score[{s} · {t} · L1,3]" for s in steps for t in ("DemoClassification", "DemoSTS")
     )
-    said = ["scored DemoSTS layer 1: main score", "; DemoSTS layer 3: main score"]
+    said = ["scored step1000 · DemoSTS layer 1: main score", "; layer 3: main score"]  # names the checkpoint
     log = _logs(runs["score[step1000 · DemoSTS · L1,3]"], *said)
     assert all(line in log for line in said), log
 

@@ -1,8 +1,8 @@
-"""The internals of `distributed` and `dask_jobqueue` that flows/clusters.py overrides or reads are still
-there, with the shape it relies on. pyproject bounds those packages to releases checked here: after an
+"""The internals of `distributed` and `dask_jobqueue` that flows/clusters.py and flows/slurm.py override
+or read are still there, with the shape they rely on. pyproject bounds those packages to releases checked here: after an
 upgrade this file says what moved, before a SLURM run does.
 
-Each check names the line of flows/clusters.py that needs it. Where it can, a check uses the real
+Each check names the line of flows/slurm.py (or clusters.py) that needs it. Where it can, a check uses the real
 object (a LocalCluster's scheduler, a SLURMJob's failing command), not only its signature.
 """
 
@@ -22,7 +22,7 @@ from distributed.core import Status
 from distributed.deploy.adaptive import Adaptive
 from distributed.deploy.spec import SpecCluster
 
-from flows import clusters
+from flows import clusters, slurm
 
 
 def _params(function) -> list[str]:
@@ -43,8 +43,8 @@ def _named_params(*functions) -> set[str]:
 
 
 def test_slurm_cluster_takes_its_job_class_from_a_class_attribute_and_passes_extra_kwargs_to_it():
-    # LayertimeSLURMCluster: `job_cls = _RejectAwareJob`, `super().__init__(on_sbatch=..., **kwargs)`
-    assert issubclass(clusters.LayertimeSLURMCluster, JobQueueCluster) and issubclass(
+    # LayertimeSLURMCluster: `job_cls = _Job`, `super().__init__(on_sbatch=..., **kwargs)`
+    assert issubclass(slurm.LayertimeSLURMCluster, JobQueueCluster) and issubclass(
         JobQueueCluster, SpecCluster
     )
     assert SLURMCluster.job_cls is SLURMJob
@@ -69,7 +69,7 @@ def test_every_job_argument_the_profile_passes_is_one_slurm_job_takes_by_name(tm
 
 def _job(tmp_path: Path) -> SLURMJob:
     settings = clusters.SlurmSettings(log_directory=str(tmp_path / "logs"))
-    return clusters._RejectAwareJob(
+    return slurm._Job(
         scheduler="tcp://127.0.0.1:1",
         name="probe",
         on_sbatch=None,
@@ -90,12 +90,12 @@ def test_a_job_has_the_attributes_and_coroutines_the_cluster_reads(tmp_path):
 
 
 def test_a_failing_sbatch_raises_runtime_error_whose_stderr_the_profile_can_read(tmp_path):
-    # _RejectAwareJob.start catches RuntimeError; _slurm_message keeps what follows "stderr:"
+    # _Job.start catches RuntimeError; _slurm_message keeps what follows "stderr:"
     job = _job(tmp_path)
     message = "sbatch: error: Batch job submission failed: Invalid partition name specified"
     with pytest.raises(RuntimeError) as failed:
         asyncio.run(job._call(["sh", "-c", f"echo '{message}' >&2; exit 1"]))
-    assert clusters._slurm_message(str(failed.value)) == message
+    assert slurm._slurm_message(str(failed.value)) == message
     assert "await self._submit_job" in inspect.getsource(Job.start)  # start() goes through _call's error
 
 
@@ -134,8 +134,8 @@ def test_a_live_cluster_has_the_state_the_watchdog_reads_and_cancels_by_stimulus
     with LocalCluster(n_workers=1, threads_per_worker=2, processes=False, dashboard_address=None,
                       resources={"GPU": 1}) as cluster, Client(cluster) as client:  # fmt: skip
         assert cluster.status is Status.running and set(cluster.worker_spec) == set(cluster.workers)
-        cluster.adapt(Adaptive=clusters.GpuAdaptive, minimum=1, maximum=1)
-        assert isinstance(cluster._adaptive, clusters.GpuAdaptive)
+        cluster.adapt(Adaptive=slurm.GpuAdaptive, minimum=1, maximum=1)
+        assert isinstance(cluster._adaptive, slurm.GpuAdaptive)
         assert (cluster._adaptive.minimum, cluster._adaptive.maximum) == (1, 1)
         scheduler = cluster.scheduler
         event = Event()
@@ -164,6 +164,28 @@ async def _until(condition, timeout: float = 60) -> None:
             return
         await asyncio.sleep(0.05)
     raise TimeoutError("condition not reached")
+
+
+def test_a_scheduler_plugin_hears_which_worker_finished_each_task():
+    # _TaskEnds: transition(key, start, finish, *args, stimulus_id, **kwargs) with kwargs["worker"] for
+    # processing -> memory and processing -> erred; scheduler.add_plugin(plugin, name=...)
+    heard: list[str] = []
+    with LocalCluster(n_workers=1, threads_per_worker=1, processes=False, dashboard_address=None) as cluster:
+        cluster.scheduler.add_plugin(slurm._TaskEnds(heard.append), name="probe")
+        with Client(cluster) as client:
+            assert client.submit(sum, [1, 2], pure=False).result(timeout=60) == 3
+            failed = client.submit(int, "x", pure=False)
+            with pytest.raises(ValueError):
+                failed.result(timeout=60)
+        (address,) = cluster.scheduler.workers
+    assert heard == [address, address]
+
+
+def test_dask_jobqueue_sets_a_sigint_handler_when_imported():
+    # flows/slurm._import_jobqueue restores the handler; Prefect's worker loads the flow's module in a
+    # thread, where this call raises (tests/test_stops.py: the flow's module never imports it)
+    runner = Path(inspect.getfile(SLURMCluster)).with_name("runner.py").read_text()
+    assert "signal.signal(signal.SIGINT" in runner
 
 
 def test_prefect_log_flush_the_workers_run_exists():

@@ -107,9 +107,9 @@ def test_the_runs_log_stays_readable_at_hundreds_of_task_runs(scale_run):
     assert set(per_score.values()) <= {1}, per_score.most_common(3)
     for m in logs:
         if m["task_run_id"] in score:
-            task = score[m["task_run_id"]].split(" · ")[1]
-            assert m["message"].startswith("scored ") and all(
-                f"{task} layer {b}: main score " in m["message"] for b in range(4)
+            revision, task = score[m["task_run_id"]].removeprefix("score[").split(" · ")[:2]
+            assert m["message"].startswith(f"scored {revision} · {task} layer 0: main score ") and all(
+                f"layer {b}: main score " in m["message"] for b in range(4)
             ), m["message"]
     gpu, record = (sum(r["name"].startswith(kind) for r in runs) for kind in ("gpu[", "record["))
     assert len(logs) <= 50 + gpu * (3 + record) + record + len(score), [m["message"] for m in logs[:20]]

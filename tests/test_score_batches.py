@@ -113,7 +113,8 @@ def test_one_score_task_run_per_checkpoint_task_and_a_permanent_failure_fails_it
     sts = scores.filter(pl.col("task") == "DemoSTS")
     assert sorted(set(sts["layer"])) == [0, 1, 3] and sts["main_score"].is_finite().all()
     # progress counts layers, not task runs
-    assert _progress(state.state_details.flow_run_id).startswith("7/8 units scored, 1 failed")
+    progress = _progress(state.state_details.flow_run_id)
+    assert progress.startswith("scored 7/8 · ") and progress.endswith(" · 1 failed"), progress
 
 
 def test_a_score_task_run_retried_after_a_transient_failure_scores_only_the_failed_layer(

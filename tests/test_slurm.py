@@ -24,6 +24,7 @@ import pytest
 import yaml
 
 from flows.clusters import ClusterError, SlurmSettings, job_script, load_slurm_settings, profile
+from flows.slurm import JOBS_IN_A_ROW
 
 ROOT = Path(__file__).resolve().parents[1]
 SPEC = str(ROOT / "deployments/demo.yaml")
@@ -334,7 +335,10 @@ def test_demo_runs_in_slurm_jobs_with_the_scores_of_a_local_run(
     jobs = _jobs(ci_profile)  # the work ran in real batch jobs: their workers' output is there
     assert jobs, f"no job output in {ci_profile}"
     ran = "\n".join(jobs.values())
-    assert "Start worker" in ran and "Task run 'score[main · DemoSTS · L3]' - scored DemoSTS layer 3" in ran
+    assert (
+        "Start worker" in ran
+        and "Task run 'score[main · DemoSTS · L3]' - scored main · DemoSTS layer 3" in ran
+    )
 
     flow_run_id = state.state_details.flow_run_id
     runs = {r.id: r.name for r in _task_runs(flow_run_id)}
@@ -409,7 +413,7 @@ def test_jobs_whose_worker_cannot_start_fail_the_flow_with_the_jobs_log(
     ):
         state.result()
     assert time.monotonic() - started < 60
-    assert len(_jobs(ci_profile)) == 2  # the first failure is retried once, the second ends the run
+    assert len(_jobs(ci_profile)) == JOBS_IN_A_ROW  # replaced until that many in a row ended without a task
 
 
 @pytest.mark.slow

@@ -15,8 +15,8 @@ hash is looked up in ``snapshots/`` directly, never in ``refs/``.
 
 Beside the layout: the cache in effect (`hub_cache`), offline mode (`is_offline`, `offline`), loading a
 checkpoint from the cache before asking the hub (`from_cache_first`), a task's dataset read from its local
-snapshot (`use_local_snapshot`, docs/design.md §4), and the `hf download` command that fills a gap
-(`download_command`).
+snapshot (`use_local_snapshot`, docs/design.md §4; whenever the cache holds it, online or not:
+`has_local_snapshot`), and the `hf download` command that fills a gap (`download_command`).
 """
 
 from __future__ import annotations
@@ -210,6 +210,13 @@ def dataset_snapshot(path: str, revision: str, cache_dir: str | Path | None = No
         return None
     snapshot = snapshot_dir(path, commit, cache_dir, "dataset")
     return snapshot if snapshot.is_dir() and any(snapshot.iterdir()) else None
+
+
+def has_local_snapshot(task: Any, cache_dir: str | Path | None = None) -> bool:
+    """Whether mteb task `task`'s dataset is in the cache at its pinned revision (demo tasks: no)."""
+    name = task.metadata.name
+    located = task_dataset(name) if not suite.is_demo_task(name) else None
+    return located is not None and dataset_snapshot(*located, cache_dir) is not None
 
 
 def use_local_snapshot(task: Any, cache_dir: str | Path | None = None) -> Any:
