@@ -130,21 +130,29 @@ class Guard:
                     stopping.stop_now("Cancelled", "cancelled in Prefect", self._code(), self.describe)
 
     def _on_stop(self, state: str, reason: str) -> None:
-        """The orchestration's part of a stop (stopping.on_stop): log, scancel, mark the flow run."""
-        kept = ""
-        with contextlib.suppress(Exception):
-            kept = self.describe() if self.describe is not None else ""
+        """The orchestration's part of a stop (stopping.on_stop): scancel, log, mark the flow run."""
         cancelled = cancel_jobs()
-        jobs = f"; SLURM jobs cancelled: {', '.join(cancelled)}" if cancelled else ""
-        message = f"layertime: {reason}{jobs}" + (f"; {kept}" if kept else "")
         if self.flow_run is None:
             return
-        with contextlib.suppress(Exception):
-            from prefect.logging.loggers import flow_run_logger
+        with contextlib.suppress(Exception), _client() as client:
+            current = client.read_flow_run(self.flow_run.id).state
+            if current is not None and current.is_final():
+                return  # a stop during the teardown of a finished run changes nothing
+            if current is not None and current.is_cancelling():
+                state, reason = "Cancelled", "cancelled in Prefect"  # the worker's SIGTERM, or our own poll
+            kept = ""
+            with contextlib.suppress(Exception):
+                kept = self.describe() if self.describe is not None else ""
+            jobs = f"; SLURM jobs cancelled: {', '.join(cancelled)}" if cancelled else ""
+            message = f"layertime: {reason}{jobs}" + (f"; {kept}" if kept else "")
+            with contextlib.suppress(Exception):
+                from prefect.logging.loggers import flow_run_logger
 
-            flow_run_logger(self.flow_run).error(message)
-        with contextlib.suppress(Exception):
-            _mark(self.flow_run.id, state, message)
+                flow_run_logger(self.flow_run).error(message)
+            from prefect.states import Cancelled, Crashed
+
+            new = Cancelled(message=message) if state == "Cancelled" else Crashed(message=message)
+            client.set_flow_run_state(self.flow_run.id, new, force=True)
         with contextlib.suppress(Exception):
             from prefect.logging.handlers import APILogWorker
 
@@ -159,21 +167,6 @@ def cancel_jobs() -> list[str]:
             subprocess.run(["scancel", *jobs], capture_output=True, timeout=30)
         JOBS.difference_update(jobs)
     return jobs
-
-
-def _mark(flow_run_id: Any, state: str, message: str) -> None:
-    """Set the flow run's state to Cancelled or Crashed with `message`, unless it is final already."""
-    from prefect.states import Cancelled, Crashed
-
-    with _client() as client:
-        current = client.read_flow_run(flow_run_id).state
-        if current is not None and current.is_final():
-            return
-        if state == "Cancelled" or (current is not None and current.is_cancelling()):
-            new = Cancelled(message=message)
-        else:
-            new = Crashed(message=message)
-        client.set_flow_run_state(flow_run_id, new, force=True)
 
 
 def _api_url() -> str | None:

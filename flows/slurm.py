@@ -98,6 +98,7 @@ class _Job(SLURMJob):
             self._on_close(self)
         await super().close()
         guard.JOBS.discard(str(self.job_id))
+        self.status = Status.closed  # dask-jobqueue's close leaves it running: SpecCluster's close asserts it
 
 
 def _slurm_message(error: str) -> str:

@@ -154,6 +154,28 @@ def test_submit_refuses_bad_overrides_before_submitting(deployed, overrides, nam
     assert _flow_runs(deployed) == before
 
 
+def test_submit_passes_checked_cluster_overrides_and_refuses_bad_ones(deployed, tmp_path):
+    """`layertime submit --cluster-overrides`: the profile's fields for one run, checked here first (the
+    worker's LAYERTIME_SLURM_* variables are the place for standing ones; docs/clusters.md)."""
+    before = _flow_runs(deployed)
+    for args, named in [(["--cluster", "slurm-cpu", "--cluster-overrides", '{"partiton": "cpu"}'], "partiton"),
+                        (["--cluster-overrides", '{"partition": "cpu"}'], "cluster profile local: partition"),
+                        (["--cluster", "slurm-cpu", "--cluster-overrides", "[1]"], "expected a JSON object")]:  # fmt: skip
+        out = _submit(deployed, "demo", *args)
+        assert out.returncode == 2 and named in out.stderr and "--cluster-overrides" in out.stderr, out.stderr
+    assert _flow_runs(deployed) == before
+    fields = {"partition": "cpu", "max_jobs": 1}
+    out = _submit(deployed, "demo", "--cluster", "slurm-cpu", "--cluster-overrides", json.dumps(fields))
+    assert out.returncode == 0, out.stdout + out.stderr
+    run_id = out.stdout.split("(", 1)[1].split(")", 1)[0]
+    flow_run = httpx.get(f"{deployed['PREFECT_API_URL']}/flow_runs/{run_id}", timeout=30).json()
+    try:
+        assert flow_run["parameters"]["cluster"] == "slurm-cpu"
+        assert flow_run["parameters"]["cluster_overrides"] == fields
+    finally:  # never picked up by the worker of another test
+        httpx.delete(f"{deployed['PREFECT_API_URL']}/flow_runs/{run_id}", timeout=30).raise_for_status()
+
+
 def test_submit_without_a_server_prints_no_link_but_how_to_follow_the_run(tmp_path):
     """Without PREFECT_API_URL, Prefect uses a local database (PREFECT_HOME) and there is no UI to link to."""
     env = {**{k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}, "PREFECT_HOME": str(tmp_path),

@@ -286,6 +286,40 @@ def test_gpu_tasks_overlap_scoring_starts_as_a_checkpoint_ends_and_progress_move
 
 
 @pytest.mark.slow
+def test_progress_moves_with_each_scored_layer_while_its_task_run_still_runs(
+    prefect_api, hub, tmp_path, monkeypatch
+):
+    """One score task run scores 4 layers in turn (LAYERS_PER_SCORE_TASK); the progress artifact counts
+    each layer as its record is written, not the task run when it ends (the issue: "0/80 units scored"
+    for minutes). Scoring in the worker's threads, each layer held 4 s after its record."""
+    from datetime import UTC, datetime
+
+    score_unit = pipeline.score_unit
+
+    def slow(*args, **kwargs):
+        done = score_unit(*args, **kwargs)
+        time.sleep(4)
+        return done
+
+    monkeypatch.setattr(pipeline, "score_unit", slow)
+    watcher = _Watcher(datetime.now(UTC))
+    watcher.start()
+    try:
+        state, runs = _run(_grid(tmp_path, hub, layers=[0, 1, 2, 3]), {"scoring_processes": 0})
+    finally:
+        watcher.stop.set()
+        watcher.join(timeout=30)
+    assert state.is_completed(), state.message
+    score = runs["score[step1000 · DemoSTS · L0-3]"]
+    during = {d for t, _, d in watcher.seen if t < score.end_time.timestamp()}
+    assert {
+        "scored 1/4 · embedded 1/1",
+        "scored 2/4 · embedded 1/1",
+        "scored 3/4 · embedded 1/1",
+    } <= during, sorted(during)
+
+
+@pytest.mark.slow
 def test_plain_loads_each_checkpoint_once_for_its_metrics_and_embeddings(hub, tmp_path, monkeypatch):
     spec = load_spec(SPEC, run_root=str(tmp_path / "demo"), hf_cache=str(hub), checkpoints=["step1000", "step2000"],
                      layers=[3], tasks=["DemoSTS", "DemoClassification"])  # fmt: skip

@@ -380,6 +380,34 @@ def test_the_wikitext_corpus_is_prefetched_into_the_datasets_cache_and_verifies_
     )  # 30 - blank - heading
 
 
+@pytest.mark.slow
+def test_cached_task_data_and_corpus_load_without_a_request_to_the_hub_even_online(served, tmp_path) -> None:
+    """A worker's shell without HF_HUB_OFFLINE (issue 23): a task's dataset snapshot and the wikitext
+    corpus in the cache are read from it, with the hub (the stand-in) never asked, as checkpoints are."""
+    from layertime import metrics_corpus as mc
+
+    lines = ["", " = Title = \n", *(f" line {i} of the article , long enough .\n" for i in range(40))]
+    if ("dataset", mc.WIKITEXT_REPO) not in served.repos:
+        served.add(mc.WIKITEXT_REPO, _wikitext_files(lines), ["main"], repo_type="dataset")
+    if ("dataset", "mteb/SciDocsRR") not in served.repos:
+        served.add("mteb/SciDocsRR", _reranking_files(), [], repo_type="dataset", commit=SCIDOCS_REVISION)
+    spec_path = _spec_file(tmp_path, tmp_path / "hub", tasks=["SciDocsRR"], checkpoints=["step0"],
+                           metrics={"corpus": "wikitext-103", "lines": 30})  # fmt: skip
+    assert _prefetch(served, spec_path).returncode == 0
+    load = (
+        "import sys; from pathlib import Path; from layertime import bridge, metrics_corpus\n"
+        "task = bridge.load_task('SciDocsRR', hf_cache=Path(sys.argv[1]))\n"
+        "texts = bridge.recorded_texts('SciDocsRR', Path(sys.argv[2]), hf_cache=Path(sys.argv[1]))\n"
+        "print(len(texts.texts), len(metrics_corpus.wikitext_prompts(n_lines=30)))\n"
+    )
+    served.reset_counters()
+    done = _online(served, spec_path.parent / "hf-home", sys.executable, "-c", load, str(tmp_path / "hub"),
+                   str(tmp_path / "texts"))  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.split()[-1] == "28" and int(done.stdout.split()[-2]) > 0
+    assert dict(served.requests) == {}  # everything came from the cache
+
+
 def _wikitext_files(lines: list[str]) -> dict[str, bytes]:
     """Salesforce/wikitext's layout: a card naming the configs, parquet files per config and split."""
     import io

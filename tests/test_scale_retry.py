@@ -83,6 +83,19 @@ def _attempts(server: orch.Server, flow_run: str) -> dict[int, list[str]]:
     return by_attempt
 
 
+def _outcomes(server: orch.Server, flow_run: str) -> list[tuple[str, str, str]]:
+    """(name, state type, state name) of every task run of `flow_run`, both attempts."""
+    found: list[tuple[str, str, str]] = []
+    with httpx.Client(base_url=server.api, timeout=120) as client:
+        while True:
+            page = client.post("/task_runs/filter", json={
+                "flow_runs": {"id": {"any_": [flow_run]}}, "sort": "ID_DESC", "limit": 200, "offset": len(found)})  # fmt: skip
+            page.raise_for_status()
+            found += [(r["name"], r["state"]["type"], r["state"]["name"]) for r in page.json()]
+            if len(page.json()) < 200:
+                return found
+
+
 def test_a_flow_run_retry_after_5_failures_recomputes_only_those_5_units(postgres_url, tmp_path):
     from layertime.demo.scale_model import ensure_scale_model
 
@@ -126,6 +139,7 @@ def test_a_flow_run_retry_after_5_failures_recomputes_only_those_5_units(postgre
         orch.prefect(server.env, "flow-run", "retry", flow_run)
         again = orch.watch(server, flow_run, worker, timeout=1500, every=10)
         attempts = _attempts(server, flow_run)
+        outcomes = _outcomes(server, flow_run)
     finally:
         if worker is not None:
             orch.stop(worker)
@@ -137,6 +151,11 @@ def test_a_flow_run_retry_after_5_failures_recomputes_only_those_5_units(postgre
         (tmp_path / "worker.log").read_text()[-3000:],
     )
     assert sorted(attempts) == [1, 2]
+    # The completed retry is the run's outcome: the first attempt's 5 failed score task runs are
+    # "Superseded" (a Completed state; their failure stays in their history), none is left Failed.
+    superseded = sorted(name for name, _, state in outcomes if state == "Superseded")
+    assert superseded == sorted(f"score[{r} · {t} · L0-3]" for r, t, _ in failing), superseded
+    assert {kind for _, kind, _ in outcomes} == {"COMPLETED"}, [o for o in outcomes if o[1] != "COMPLETED"]
     first_scores = [n for n in attempts[1] if n.startswith("score[")]
     # One score task run per (checkpoint, task), its 4 layers at once, each once in the first attempt.
     assert sorted(first_scores) == sorted(f"score[{r} · {t} · L0-3]" for r in revisions for t in plan.tasks)

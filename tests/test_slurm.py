@@ -113,7 +113,7 @@ def test_a_bad_field_names_itself_and_where_it_came_from(monkeypatch):
         profile("slurm", {"gpus": 0})
     with pytest.raises(ClusterError, match="memory.*not a memory size"):
         profile("slurm", {"memory": "lots"})
-    with pytest.raises(ValueError, match="unknown profile 'pbs' \\(known: local, slurm\\)"):
+    with pytest.raises(ValueError, match="unknown profile 'pbs' \\(known: local, slurm, slurm-cpu\\)"):
         profile("pbs")
 
 
@@ -167,6 +167,28 @@ def test_a_task_no_scoring_worker_can_hold_fails_before_the_run_naming_it():
 
 
 # --- a real SLURM ------------------------------------------------------------------------------
+
+
+@needs_slurm
+def test_slurm_check_names_what_the_ci_node_cannot_give_and_passes_the_small_profile(slurm):
+    """The default profile (8 CPUs, 64 GiB, a GPU per job) against the 2-CPU CI node: exit 1, each field
+    to change named with the most it can be; `slurm-cpu` (the demo's, docs/clusters.md): exit 0."""
+    from typer.testing import CliRunner
+
+    from flows.commands import app
+
+    big = CliRunner().invoke(app, ["slurm-check", "--cluster", "slurm"])
+    assert big.exit_code == 1, big.output
+    assert "change cpus: 8 CPUs asked" in big.stdout and "change memory: 64G asked" in big.stdout
+    assert (
+        "sbatch --test-only: allocation failure: Requested node configuration is not available" in big.stdout
+    )
+    assert big.stdout.rstrip().endswith(
+        "profile slurm: its jobs cannot start here: change the fields named above"
+    )
+    small = CliRunner().invoke(app, ["slurm-check", "--cluster", "slurm-cpu"])
+    assert small.exit_code == 0, small.output
+    assert "change " not in small.stdout and "profile slurm-cpu: its jobs can start here" in small.stdout
 
 
 @pytest.fixture(scope="module")
@@ -414,6 +436,54 @@ def test_jobs_whose_worker_cannot_start_fail_the_flow_with_the_jobs_log(
         state.result()
     assert time.monotonic() - started < 60
     assert len(_jobs(ci_profile)) == JOBS_IN_A_ROW  # replaced until that many in a row ended without a task
+
+
+# The jobs' python: its Dask worker connects, then the job dies on the first task it gets (the worker
+# kills its nanny, which runs the job's script, and itself), as a job killed by a bad node or a broken
+# library would.
+_DIE_ON_EVERY_TASK = """
+import os, signal, sys
+from layertime import pipeline
+
+def task_texts(*args, **kwargs):
+    print(f"layertime test: job {os.environ.get('SLURM_JOB_ID')} dies on its task", file=sys.stderr, flush=True)
+    os.kill(os.getppid(), signal.SIGKILL)
+    os._exit(1)
+
+pipeline.task_texts = task_texts
+"""
+
+
+@pytest.mark.slow
+@needs_slurm
+def test_jobs_that_die_on_every_task_fail_the_flow_naming_the_last_jobs_log(
+    prefect_api, ci_profile, hub, tmp_path, monkeypatch
+):
+    import dask
+
+    hook = tmp_path / "hook"
+    hook.mkdir()
+    (hook / "sitecustomize.py").write_text(_DIE_ON_EVERY_TASK)
+    python = tmp_path / "python"
+    python.write_text(
+        f'#!/bin/sh\nexport PYTHONPATH={hook}${{PYTHONPATH:+:$PYTHONPATH}}\nexec {sys.executable} "$@"\n'
+    )
+    python.chmod(0o755)
+    monkeypatch.setenv("LAYERTIME_SLURM_PYTHON", str(python))
+    started = time.monotonic()
+    with dask.config.set({"distributed.deploy.lost-worker-timeout": "2s"}):  # replaced quickly
+        state = _run({**GRID, "hf_cache": str(hub), "run_root": str(tmp_path / "demo")}, "slurm")
+    assert state.is_failed()
+    jobs = _jobs(ci_profile)
+    assert len(jobs) == JOBS_IN_A_ROW, sorted(jobs)  # replaced until that many died without a task
+    last = max(jobs, key=int)
+    with pytest.raises(Exception) as failed:
+        state.result()
+    message = str(failed.value)
+    assert f"{JOBS_IN_A_ROW} gpu jobs in a row ended without finishing a task" in message, message
+    assert "its worker connected, then it ended before finishing a task" in message
+    assert f"-{last}.err" in message and f"layertime test: job {last} dies on its task" in message, message
+    print(f"failed after {time.monotonic() - started:.0f} s, jobs {sorted(jobs)}")
 
 
 @pytest.mark.slow
