@@ -47,6 +47,10 @@ class ClusterError(ValueError):
     """A profile that cannot run: the message names the field, the value and where it came from."""
 
 
+class SlurmRejected(RuntimeError):
+    """SLURM refused a worker job; the message is SLURM's own."""
+
+
 _MEMORY = re.compile(r"^\s*(\d+)\s*([KMGT])(?:i?B)?\s*$", re.IGNORECASE)
 _WALLTIME = re.compile(r"^(?:(\d+)-)?(\d+)(?::(\d{1,2}))?(?::(\d{1,2}))?$")
 

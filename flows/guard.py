@@ -61,6 +61,11 @@ class Guard:
         # Started by a worker or runner for this very run (its engine sets the variable): watch the parent.
         self.by_worker = flow_run_id is not None and os.environ.get("PREFECT__FLOW_RUN_ID") == flow_run_id
         self.parent = os.getppid()
+        # Prefect's settings live in context variables of the flow's thread (the API URL; a test
+        # harness's or `layertime run`'s embedded settings): the watchers and a stop from the main
+        # thread's signal handler use a copy of this context, not their own.
+        self.context = contextvars.copy_context()
+        self.api_url = _api_url()  # None: Prefect's embedded server, private to this process
         self.describe: Callable[[], str] | None = None
         self._done = threading.Event()
         self._stack = contextlib.ExitStack()
@@ -87,7 +92,7 @@ class Guard:
                 self._stack.callback(signal.signal, sig, previous)
         if self.by_worker:
             self._start(self._watch_parent)
-        if self.flow_run is not None and _api_url():
+        if self.flow_run is not None and self.api_url:
             self._start(self._watch_state)
         return self
 
@@ -96,8 +101,7 @@ class Guard:
         self._stack.close()
 
     def _start(self, target: Callable[[], None]) -> None:
-        # A copy of this context: Prefect's settings (the API URL, a test harness's) live in context variables.
-        context = contextvars.copy_context()
+        context = self.context.copy()
         threading.Thread(
             target=context.run, args=(target,), daemon=True, name=f"layertime-{target.__name__}"
         ).start()
@@ -130,10 +134,13 @@ class Guard:
                     stopping.stop_now("Cancelled", "cancelled in Prefect", self._code(), self.describe)
 
     def _on_stop(self, state: str, reason: str) -> None:
-        """The orchestration's part of a stop (stopping.on_stop): scancel, log, mark the flow run."""
+        """The orchestration's part of a stop (stopping.on_stop): scancel, then log and mark the flow
+        run, unless it is on Prefect's embedded server (its database goes with this process)."""
         cancelled = cancel_jobs()
-        if self.flow_run is None:
-            return
+        if self.flow_run is not None and self.api_url:
+            self.context.copy().run(self._mark, state, reason, cancelled)
+
+    def _mark(self, state: str, reason: str, cancelled: list[str]) -> None:
         with contextlib.suppress(Exception), _client() as client:
             current = client.read_flow_run(self.flow_run.id).state
             if current is not None and current.is_final():

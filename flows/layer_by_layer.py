@@ -44,17 +44,19 @@ from prefect.artifacts import (
     create_table_artifact,
     update_progress_artifact,
 )
+from prefect.states import Failed
 
-from flows.clusters import GPU, profile
+from flows.clusters import GPU, ClusterError, SlurmRejected, profile
 from flows.guard import Guard
 from flows.logs import quiet_finished_task_runs
 from layertime import claims, fastmteb, pipeline
 from layertime.costs import MODELS_PER_GPU
 from layertime.demo.world import prepare_world
 from layertime.encoder import import_model_classes
+from layertime.pipeline import IncompatibleRun
 from layertime.plan import Plan, make_plan
-from layertime.rundir import RunDir
-from layertime.spec import ExperimentSpec, load_spec
+from layertime.rundir import RunDir, RunInUse
+from layertime.spec import ExperimentSpec, SpecError, load_spec
 from tasks import units
 
 quiet_finished_task_runs()  # exp2's ~6,500 "Finished in state Completed()" lines would bury the run's log
@@ -79,6 +81,15 @@ class UnitsFailed(RuntimeError):
     """Some units failed; the message names each one."""
 
 
+class NotReady(RuntimeError):
+    """Something the run needs is missing from the cache; the message lists each item and its fix."""
+
+
+# Conditions whose message says all (what failed, what to change): the flow run ends Failed with it
+# (`state.result()` raises it), without Prefect's "Encountered exception" traceback in the log.
+HANDLED = (UnitsFailed, NotReady, ClusterError, SlurmRejected, RunInUse, IncompatibleRun, SpecError)
+
+
 @flow(name="layer-by-layer")
 def layer_by_layer(
     spec: str = "deployments/demo.yaml",
@@ -93,10 +104,13 @@ def layer_by_layer(
     `cluster_overrides` profile fields (e.g. {"partition": "a100"}). `force` lets this code version
     take over a run root that another one wrote (its units are recomputed).
     """
-    with Guard() as guard:  # a cancel, a signal or the worker's death stops it all (flows/guard.py)
-        paths, failures = _run(guard, spec, cluster, overrides, cluster_overrides, force)
-    if failures:
-        raise UnitsFailed(f"{len(failures)} unit(s) failed:\n" + "\n".join(failures))
+    try:
+        with Guard() as guard:  # a cancel, a signal or the worker's death stops it all (flows/guard.py)
+            paths, failures = _run(guard, spec, cluster, overrides, cluster_overrides, force)
+        if failures:
+            raise UnitsFailed(f"{len(failures)} unit(s) failed:\n" + "\n".join(failures))
+    except HANDLED as e:  # a condition we name: its message, not a traceback in the worker's log
+        return Failed(message=f"{type(e).__name__}: {e}", data=e)
     _supersede_earlier_failures()
     return paths
 
@@ -162,10 +176,6 @@ def _supersede_earlier_failures() -> None:
             client.set_task_run_state(task_run.id, Completed(name="Superseded", message=message), force=True)
     if earlier:
         get_run_logger().info(f"{len(earlier)} failed task run(s) of earlier attempts are superseded")
-
-
-class NotReady(RuntimeError):
-    """Something the run needs is missing from the cache; the message lists each item and its fix."""
 
 
 def _verify(spec: ExperimentSpec, spec_path: str) -> None:

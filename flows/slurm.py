@@ -35,6 +35,7 @@ from distributed.deploy.adaptive import Adaptive
 from distributed.diagnostics.plugin import SchedulerPlugin
 
 from flows import guard
+from flows.clusters import SlurmRejected
 
 
 def _import_jobqueue() -> None:
@@ -60,10 +61,6 @@ log = logging.getLogger("layertime.slurm")
 # connected and died on its first task) before the run fails with the end of the last one's log. A
 # job that dies once (a bad node, preemption) is replaced; three in a row is the job, not the node.
 JOBS_IN_A_ROW = 3
-
-
-class SlurmRejected(RuntimeError):
-    """SLURM refused a worker job; the message is SLURM's own."""
 
 
 class _Job(SLURMJob):

@@ -13,6 +13,8 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["HF_HUB_DISABLE_TELEMETRY"] = "1"
 os.environ["MTEB_CACHE"] = str(_SESSION_TMP / "mteb")
 os.environ["TOKENIZERS_PARALLELISM"] = "false"
+# The tests' Prefect servers send no telemetry (offline; its write raced SQLite: a 40-line traceback).
+os.environ["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
 
 import pytest  # noqa: E402
 
