@@ -12,14 +12,16 @@ What Prefect 3.9 does by itself, and where it fell short (issue 23; docs/design.
 - *A signal to the flow's process*: Prefect raises TerminationSignal in the flow's main thread, and
   the flow unwound through the Dask cluster's and the scoring pool's closing (20-40 s).
 
-So `Guard`, around the flow's body, watches for itself:
+So `Guard`, around the flow's body, watches for itself, in a process that is the run's (a worker
+or runner started it for this run: `PREFECT__FLOW_RUN_ID` is this run's; or `layertime run`):
 - the flow run's state, read from the API every POLL_S seconds (when there is a server): Cancelling
   or Cancelled stops the run, whatever the worker's observer did;
-- its parent process, when a worker or runner started it (`PREFECT__FLOW_RUN_ID` is this run's): the
-  parent gone (this process re-parented) stops the run as Crashed;
-- SIGTERM and SIGINT, when the flow runs in the main thread (a deployment): the run stops at once.
-  (`layertime run` runs the flow in a thread; its main thread's handler, layertime/stopping.py, runs
-  the guard's hook instead.)
+- its parent process, under a worker: the parent gone (this process re-parented) stops the run as
+  Crashed;
+- SIGTERM and SIGINT, under a worker (the flow runs in the process's main thread): the run stops at
+  once. (`layertime run` runs the flow in a thread; its main thread's handler, layertime/stopping.py,
+  runs the guard's hook instead.)
+A notebook or a test that calls the flow keeps Prefect's own behaviour: nothing here exits its process.
 
 Every stop is `layertime.stopping.stop_now`, whose hook here logs the reason to the flow run's log,
 `scancel`s the run's SLURM jobs (flows/slurm.py registers each one SLURM takes in `JOBS`), and sets the
@@ -60,6 +62,7 @@ class Guard:
         flow_run_id = str(self.flow_run.id) if self.flow_run is not None else None
         # Started by a worker or runner for this very run (its engine sets the variable): watch the parent.
         self.by_worker = flow_run_id is not None and os.environ.get("PREFECT__FLOW_RUN_ID") == flow_run_id
+        self.owns_process = self.by_worker or stopping.owns_process()  # else: a notebook's, a test's
         self.parent = os.getppid()
         # Prefect's settings live in context variables of the flow's thread (the API URL; a test
         # harness's or `layertime run`'s embedded settings): the watchers and a stop from the main
@@ -86,13 +89,13 @@ class Guard:
 
     def __enter__(self) -> Guard:
         self._stack.enter_context(stopping.on_stop(self._on_stop))
-        if threading.current_thread() is threading.main_thread():
+        if self.by_worker and threading.current_thread() is threading.main_thread():
             for sig in (signal.SIGTERM, signal.SIGINT):
                 previous = signal.signal(sig, self._signalled)
                 self._stack.callback(signal.signal, sig, previous)
         if self.by_worker:
             self._start(self._watch_parent)
-        if self.flow_run is not None and self.api_url:
+        if self.owns_process and self.flow_run is not None and self.api_url:
             self._start(self._watch_state)
         return self
 

@@ -52,6 +52,7 @@ _STOPPER: list[int] = []  # that thread's ident
 KILL_WITHIN_S = 5.0  # descendants that keep appearing (a pool restarting its processes) are killed this long
 Hook = Callable[[str, str], None]  # (state: "Cancelled" | "Crashed", reason)
 _HOOKS: list[Hook] = []
+_OWNER = threading.Event()  # set while run_stoppably runs: this process is a run's, stop_now may end it
 
 
 def run_stoppably(work: Callable[[], T], describe: Callable[[], str]) -> T:
@@ -63,6 +64,7 @@ def run_stoppably(work: Callable[[], T], describe: Callable[[], str]) -> T:
     stopper = _Stopper(describe)
     previous = {s: signal.signal(s, stopper.handle) for s in SIGNALS}
     outcome: dict[str, object] = {}
+    _OWNER.set()
 
     def target() -> None:
         try:
@@ -76,6 +78,7 @@ def run_stoppably(work: Callable[[], T], describe: Callable[[], str]) -> T:
         while thread.is_alive():
             thread.join(0.5)  # a timed wait: signal handlers run between waits
     finally:
+        _OWNER.clear()
         for s, handler in previous.items():
             signal.signal(s, handler)
     if "error" in outcome:
@@ -89,6 +92,12 @@ class _Stopper:
 
     def handle(self, signum: int, frame: object) -> None:
         stop_now("Cancelled", f"stopped by {signal.Signals(signum).name}", 128 + signum, self.describe)
+
+
+def owns_process() -> bool:
+    """Whether this process runs one run under `run_stoppably` (`layertime run`): a stop may end it.
+    A notebook's or a test's process is not a run's: nothing here may exit it on its own."""
+    return _OWNER.is_set()
 
 
 @contextlib.contextmanager
