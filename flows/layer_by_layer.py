@@ -37,6 +37,7 @@ from pathlib import Path
 from typing import Any
 
 import dask
+from distributed.client import FutureCancelledError
 from prefect import flow, get_run_logger
 from prefect.artifacts import (
     create_markdown_artifact,
@@ -87,7 +88,9 @@ class NotReady(RuntimeError):
 
 # Conditions whose message says all (what failed, what to change): the flow run ends Failed with it
 # (`state.result()` raises it), without Prefect's "Encountered exception" traceback in the log.
-HANDLED = (UnitsFailed, NotReady, ClusterError, SlurmRejected, RunInUse, IncompatibleRun, SpecError)
+# A task the SLURM cluster's watchdog cancelled (jobs cannot run, SLURM refused them) says why, too.
+HANDLED = (UnitsFailed, NotReady, ClusterError, SlurmRejected, RunInUse, IncompatibleRun, SpecError,
+           FutureCancelledError)  # fmt: skip
 
 
 @flow(name="layer-by-layer")

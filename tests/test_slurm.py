@@ -434,7 +434,8 @@ def test_jobs_whose_worker_cannot_start_fail_the_flow_with_the_jobs_log(
         Exception, match="(?s)ended before its Dask worker connected.*/nonexistent/venv/bin/python"
     ):
         state.result()
-    assert time.monotonic() - started < 60
+    # Fails, not replaced forever: JOBS_IN_A_ROW short jobs (each waits for a free CPU on the shared node)
+    assert time.monotonic() - started < 120
     assert len(_jobs(ci_profile)) == JOBS_IN_A_ROW  # replaced until that many in a row ended without a task
 
 
