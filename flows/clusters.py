@@ -47,7 +47,7 @@ CHECKOUT = Path(__file__).resolve().parents[1]  # the checkout that holds flows/
 
 # The resource annotation of GPU tasks: a share of a worker's one slot (`GPU_SLOT`), so each GPU
 # worker runs MODELS_PER_GPU (2) checkpoints' tasks at once, one reading its model while another
-# computes (layertime.pipeline.checkpoint_gpu_work); the cost simulation assumes the same.
+# computes (layertime.phases.gpu.checkpoint_gpu_work); the cost simulation assumes the same.
 GPU_SLOT = 1
 GPU = {"GPU": GPU_SLOT / MODELS_PER_GPU}
 CLUSTERS = Path(__file__).resolve().parents[1] / "deployments" / "clusters"
@@ -414,7 +414,7 @@ def job_kwargs(settings: SlurmSettings, api_url: str | None, kind: str) -> dict[
     exports.update({k: os.environ[k] for k in settings.forward_env if k in os.environ and k not in exports})
     if api_url:
         exports["PREFECT_API_URL"] = api_url  # tasks on the workers log to the flow's API
-    # tasks/ is a folder of the checkout, not an installed package (layertime.cli.main): the workers
+    # tasks/ is a folder of the checkout, not an installed package (layertime_command.py): the workers
     # import the tasks they run from it, wherever SLURM starts the job. A deployment run (`prefect
     # deployment run`) loads flows/layer_by_layer.py as the top-level module `layer_by_layer`, with
     # flows/ on sys.path (Prefect's load_script_as_module), and each task's context names the flow by

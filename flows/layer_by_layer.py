@@ -47,11 +47,14 @@ from prefect.artifacts import (
 
 from flows.clusters import GPU, profile
 from flows.logs import quiet_finished_task_runs
-from layertime import claims, fastmteb, pipeline
+from layertime import claims, fastmteb, records
 from layertime.costs import MODELS_PER_GPU
 from layertime.demo.world import prepare_world
+from layertime.phases import merge, score
+from layertime.phases.context import Context
+from layertime.phases.gpu import CheckpointDone
 from layertime.plan import Plan, make_plan
-from layertime.rundir import RunDir
+from layertime.runroot import claim_run_root, write_snapshot
 from layertime.spec import ExperimentSpec, load_spec
 from tasks import units
 
@@ -98,17 +101,16 @@ def layer_by_layer(
     plan = make_plan(experiment, strict=True)
     progress = _Progress(plan)  # in the UI from the start
     needs = where.check_fits(plan.tasks, plan.hidden_size)  # before any GPU work
-    settings = pipeline.Settings.of(experiment, where.device)
-    run = RunDir.of(experiment.run_root, experiment.store)
+    ctx = Context.of(plan, where.device)
     fastmteb.mteb_unchanged()  # the mteb guard, once, before any task thread asks for it (issue 14.3)
-    with run.lock():  # a second run on the same run root is refused, by name
-        pipeline.claim_run_root(run, experiment, force)
-        pipeline.write_snapshot(plan, run, settings)
+    with ctx.run.lock():  # a second run on the same run root is refused, by name
+        claim_run_root(ctx.run, experiment, force)
+        write_snapshot(plan, ctx.run, ctx.settings)
         with where.task_runner() as runner, units.scoring_pool(where.scoring_processes):
             revisions, failures = _record(runner, experiment, plan)
-            work = _Units(runner, plan, settings, run, needs, progress, where.gpu_slots * MODELS_PER_GPU)
+            work = _Units(runner, ctx, needs, progress, where.gpu_slots * MODELS_PER_GPU)
             failures += work.run(revisions)
-            paths = runner.submit(units.merge, {"plan": plan, "settings": settings}).result()
+            paths = runner.submit(units.merge, {"ctx": ctx}).result()
         progress.show(final=True)
         _publish(plan, paths, failures)
     if failures:
@@ -184,14 +186,12 @@ class _Units:
     def __init__(
         self,
         runner: Any,
-        plan: Plan,
-        settings: pipeline.Settings,
-        run: RunDir,
+        ctx: Context,
         needs: dict[str, int],
         progress: _Progress,
         gpu_at_once: int,
     ) -> None:
-        self.runner, self.plan, self.settings, self.run_dir = runner, plan, settings, run
+        self.runner, self.ctx, self.plan = runner, ctx, ctx.plan
         self.needs, self.progress, self.gpu_at_once = needs, progress, gpu_at_once
         self.waiting: collections.deque[units.GpuWork] = collections.deque()
         self.missing: dict[tuple[str, str], list[int]] = {}  # (checkpoint key, task) -> layers to score
@@ -232,32 +232,31 @@ class _Units:
         return self.failures
 
     def _embeddings(self, unit: units.Unit) -> Path:
-        return self.run_dir.embeddings(self.settings.id, unit.checkpoint, unit.task)
+        return self.ctx.run.embeddings(self.ctx.settings.id, unit.checkpoint, unit.task)
 
     def _plan_work(self, revisions: dict[str, str]) -> None:
         """What is not done: the layers without a valid record (a damaged one is removed), and each
         checkpoint's GPU work for them and its metrics. Units of a task whose recording failed count
         as failed."""
         spec, plan = self.plan.spec, self.plan
-        measured = pipeline.recorded_metrics(plan, self.run_dir, self.settings)
+        measured = merge.recorded_metrics(self.ctx)
         for ckpt in plan.distinct_checkpoints():
             todo = []
             for task in plan.tasks:
-                layers = pipeline.missing_layers(self.run_dir, self.settings, ckpt, task, plan.blocks)
+                layers = score.missing_layers(self.ctx, ckpt, task, plan.blocks)
                 self.progress.scored += len(plan.blocks) - len(layers)
                 if layers and task not in revisions:
                     self.progress.failed += len(layers)
                 elif layers:
                     self.missing[ckpt.key, task] = layers
-                    unit = units.Unit(spec, ckpt, task, revisions[task], self.settings, tuple(plan.blocks),
-                                      plan.num_blocks)  # fmt: skip
+                    unit = units.Unit(self.ctx, ckpt, task, revisions[task])
                     self.claims.take(self._embeddings(unit))  # before any GPU work looks at the store
                     # Kept by a run whose scoring of them failed: scored again without GPU work.
-                    is_embedded = pipeline.embeddings_ok(self._embeddings(unit), layers)
+                    is_embedded = records.embeddings_ok(self._embeddings(unit), layers)
                     (self.embedded if is_embedded else todo).append(unit)
             measure = spec.metrics is not None and ckpt.key not in measured
             if todo or measure:
-                self.waiting.append(units.GpuWork(plan, self.settings, ckpt, tuple(todo), measure))
+                self.waiting.append(units.GpuWork(self.ctx, ckpt, tuple(todo), measure))
                 self.progress.to_embed += len(todo)
 
     def _watch(self, future: Any, then: Any) -> None:
@@ -278,9 +277,7 @@ class _Units:
             done = future.result()
         except Exception as e:  # noqa: BLE001 -- a failed checkpoint is reported, the sweep goes on
             error = f"{type(e).__name__}: {e}"
-            done = pipeline.CheckpointDone(
-                {}, None, {**{u.task: error for u in work.units}, "measure": error}
-            )
+            done = CheckpointDone({}, None, {**{u.task: error for u in work.units}, "measure": error})
         if work.measure and done.metrics is None:
             self.failures.append(f"measure[{work.label}]: {done.failed.get('measure', 'not measured')}")
         for unit in work.units:
@@ -308,9 +305,7 @@ class _Units:
             future.result()
         except Exception as e:  # noqa: BLE001 -- a failed unit is reported, the sweep goes on
             # The records say which layers were scored (a task that crashed may have scored some).
-            failed = pipeline.missing_layers(
-                self.run_dir, self.settings, unit.checkpoint, unit.task, list(layers)
-            )
+            failed = score.missing_layers(self.ctx, unit.checkpoint, unit.task, list(layers))
             errors = e.errors if isinstance(e, units.LayersFailed) else {}
             for layer in failed:
                 error = errors.get(layer, f"{type(e).__name__}: {e}")

@@ -1,7 +1,9 @@
-"""The library's commands: plan, prefetch, verify, report (no Prefect or Dask here).
+"""The library's commands: plan, prefetch, verify, report (no Prefect or Dask here), and the helpers
+of `run`.
 
-The `layertime` command is `main` below: these commands plus the ones that run flows (`run`,
-`submit`, `slurm-script`), which flows/commands.py adds from the checkout layertime is installed from.
+The `layertime` command is these commands plus the ones that run flows (`run`, `submit`,
+`slurm-script`), which the orchestration layer adds to `app` (layertime_command.py at the checkout's
+root). The library never imports it.
 """
 
 from __future__ import annotations
@@ -244,8 +246,8 @@ def resume_command(
 def until_stopped(spec, device: str | None, resume: str, work: Callable[[], T]) -> T:
     """`work()` (the run), ended within seconds by SIGINT or SIGTERM with one line: how many units are
     scored, where they are kept and the command that resumes; exit 130 or 143 (layertime/stopping.py)."""
-    from layertime.pipeline import Settings
     from layertime.plan import make_plan
+    from layertime.settings import Settings
     from layertime.stopping import run_stoppably
 
     units = make_plan(spec, strict=True).units()  # prepare_run checked it resolves
@@ -268,7 +270,8 @@ def run_plain(spec, device: str | None, force: bool = False, resume: str | None 
     SIGINT or SIGTERM stop it within seconds, with one line naming `resume` (the command that resumes)."""
     from tqdm import tqdm
 
-    from layertime.pipeline import IncompatibleRun, run_spec
+    from layertime.phases.plain import run_spec
+    from layertime.runroot import IncompatibleRun
 
     _check_device(device)
     _check_cache(spec)
@@ -452,30 +455,6 @@ def _quiet_libraries() -> None:
 
     datasets.disable_progress_bars()
     transformers.logging.set_verbosity_error()
-
-
-CHECKOUT = Path(__file__).resolve().parents[1]  # the folder holding layertime/, flows/ and tasks/
-
-
-def main() -> None:
-    """The `layertime` console script. flows/ and tasks/ are folders of the checkout, not installed
-    packages (top-level `flows` and `tasks` in site-packages would clash with anyone's of that name),
-    so the commands that run flows are imported from the checkout this package is installed from:
-    an editable install (`make venv`). Anything else exits 2 with one line saying so."""
-    commands = CHECKOUT / "flows" / "commands.py"
-    if not commands.is_file():
-        typer.secho(
-            f"error: {commands} not found: layertime runs from an editable install of its repository "
-            f"(`pip install -e .` there, or `make venv`), not from {CHECKOUT}",
-            fg=typer.colors.RED,
-            err=True,
-        )
-        raise SystemExit(2)
-    if sys.path[:1] != [str(CHECKOUT)]:
-        sys.path.insert(0, str(CHECKOUT))  # ours first, before any other `flows` on the path
-    from flows.commands import app as commands
-
-    commands()
 
 
 if __name__ == "__main__":

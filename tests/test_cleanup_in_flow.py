@@ -10,20 +10,20 @@ import pytest
 from prefect.testing.utilities import prefect_test_harness
 
 from flows.layer_by_layer import UnitsFailed, layer_by_layer
-from layertime import pipeline
+from layertime.phases import score
 
 ROOT = Path(__file__).resolve().parents[1]
 SPEC = str(ROOT / "deployments/demo.yaml")
 pytestmark = pytest.mark.slow
 
-_score_unit = pipeline.score_unit
+_score_unit = score.score_unit
 
 
-def _broken_score_unit(run, settings, ckpt, task, blocks, *args):
+def _broken_score_unit(ctx, ckpt, task, blocks, *args):
     """One layer of one unit cannot score. Module level, so the scoring processes can import it."""
     if ckpt.revision == "step1000" and task == "DemoSTS" and blocks == [3]:
         raise ValueError("injected failure")
-    return _score_unit(run, settings, ckpt, task, blocks, *args)
+    return _score_unit(ctx, ckpt, task, blocks, *args)
 
 
 def _task_runs(flow_run_id) -> dict[str, str]:
@@ -53,7 +53,7 @@ def test_embeddings_are_deleted_without_task_runs_and_a_failed_unit_keeps_its_ow
                  "layers": [1, 3], "tasks": ["DemoSTS", "DemoClassification"]}  # fmt: skip
     store = tmp_path / "store"
     with prefect_test_harness(server_startup_timeout=120):
-        monkeypatch.setattr(pipeline, "score_unit", _broken_score_unit)
+        monkeypatch.setattr(score, "score_unit", _broken_score_unit)
         state = layer_by_layer(SPEC, overrides=overrides, return_state=True)
         with pytest.raises(UnitsFailed, match=r"score\[step1000 · DemoSTS · L3\]"):
             state.result()
@@ -74,7 +74,7 @@ def test_embeddings_are_deleted_without_task_runs_and_a_failed_unit_keeps_its_ow
         kept = _embedded(store)
         assert [task for _, task in kept] == ["DemoSTS"], kept
 
-        monkeypatch.setattr(pipeline, "score_unit", _score_unit)
+        monkeypatch.setattr(score, "score_unit", _score_unit)
         state = layer_by_layer(SPEC, overrides=overrides, return_state=True)
         assert state.is_completed()
         again = _task_runs(state.state_details.flow_run_id)

@@ -19,14 +19,14 @@ from prefect.states import exception_to_failed_state
 from prefect.testing.utilities import prefect_test_harness
 
 from flows.layer_by_layer import UnitsFailed, layer_by_layer
-from layertime import pipeline
 from layertime.bridge import LookupMiss, UnexpectedScores
 from layertime.checkpoints import CheckpointError
 from layertime.encoder import DeviceUnavailable, NonFiniteEmbedding
 from layertime.errors import Permanent
 from layertime.hub.cache import MissingDatasetError
 from layertime.metrics_corpus import CorpusError
-from layertime.pipeline import MissingEmbeddings
+from layertime.phases import record
+from layertime.phases.score import MissingEmbeddings
 from layertime.spec import NeedsConfig, SpecError, load_spec
 from layertime.suite import UnknownTask
 from tasks import units
@@ -125,7 +125,7 @@ def test_the_record_task_retries_a_transient_error_and_never_a_permanent_one(pre
         calls.append(task)
         raise error
 
-    monkeypatch.setattr(pipeline, "task_texts", failing)
+    monkeypatch.setattr(record, "task_texts", failing)
     state = _one_recording("DemoSTS", SPEC, return_state=True)
     assert state.is_failed()
     run = _task_runs(state.state_details.flow_run_id)["record[DemoSTS]"]
@@ -133,7 +133,7 @@ def test_the_record_task_retries_a_transient_error_and_never_a_permanent_one(pre
     assert (run.state.name, run.run_count, len(calls)) == ("Failed", tries, tries)
 
 
-_task_texts = pipeline.task_texts
+_task_texts = record.task_texts
 
 
 @pytest.mark.slow
@@ -152,7 +152,7 @@ def test_the_flow_heals_a_transient_error_and_fails_a_permanent_one_at_once(
             json.loads('{"half": ')
         return _task_texts(task, *args)
 
-    monkeypatch.setattr(pipeline, "task_texts", texts)
+    monkeypatch.setattr(record, "task_texts", texts)
     grid = {"run_root": str(tmp_path / "demo"), "hf_cache": str(hub), "checkpoints": ["step1000"],
             "layers": [3], "tasks": ["DemoSTS", "DemoClassification"], "metrics": None}  # fmt: skip
     state = layer_by_layer(SPEC, overrides=grid, return_state=True)

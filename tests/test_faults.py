@@ -119,7 +119,7 @@ def test_a_full_disk_fails_the_unit_naming_the_path_keeps_finished_work_and_heal
                           tasks=["DemoSTS", "DemoClassification"])  # fmt: skip
         # The unit's texts are recorded (24 kB); its embeddings (2 layers x 333 texts x 32 floats, plus
         # the texts, ~110 kB) cannot be written into the 48 kB left, though spec and records fit.
-        from layertime.pipeline import task_texts
+        from layertime.phases.record import task_texts
         from layertime.rundir import RunDir
 
         task_texts("DemoClassification", RunDir.of(disk / "demo"), "rule-a", hub)
@@ -275,9 +275,9 @@ def test_cuda_without_a_gpu_is_named_by_the_encoder(hub, demo_repo, monkeypatch)
 _HANG_ON_THE_SECOND_EMBEDDING = """
 import os, sys, time
 from pathlib import Path
-from layertime import pipeline
+from layertime.phases import embed
 
-real, units = pipeline.save_array, []
+real, units = embed.save_array, []
 
 def save_array(path, array):
     if Path(path).parent not in units:
@@ -288,7 +288,7 @@ def save_array(path, array):
         time.sleep(600)
     real(path, array)
 
-pipeline.save_array = save_array
+embed.save_array = save_array
 from flows.commands import app
 sys.argv = ["layertime", "run", os.environ["SPEC"]]
 app()
@@ -358,9 +358,9 @@ def test_a_flow_killed_mid_run_is_resumed_recomputing_exactly_the_unfinished_uni
 _WORKER_HOOK = """
 import os, time
 from pathlib import Path
-from layertime import pipeline
+from layertime.phases import embed
 
-real = pipeline.save_array
+real = embed.save_array
 
 def save_array(path, array):
     sentinel = Path({sentinel!r})
@@ -369,7 +369,7 @@ def save_array(path, array):
         time.sleep(600)
     real(path, array)
 
-pipeline.save_array = save_array
+embed.save_array = save_array
 """
 
 

@@ -25,8 +25,10 @@ from prefect.client.schemas.sorting import ArtifactSort
 from prefect.testing.utilities import prefect_test_harness
 
 from flows.layer_by_layer import UnitsFailed, layer_by_layer
-from layertime import fastmteb, pipeline
+from layertime import fastmteb
 from layertime.encoder import NonFiniteEmbedding
+from layertime.phases import embed, record
+from layertime.phases.plain import run_spec
 from layertime.spec import load_spec
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -105,13 +107,13 @@ def test_the_records_are_the_one_truth_for_done_wherever_the_store_is(prefect_ap
     assert not (tmp_path / "b/store/prefect").exists()  # no Prefect result that could go stale or bad
 
 
-_embed_unit = pipeline.embed_unit
+_embed_unit = embed.embed_unit
 
 
-def _embed_all_but_sts(encoder, run, settings, ckpt, task, *args):
+def _embed_all_but_sts(encoder, ctx, ckpt, task, *args):
     if task == "DemoSTS":
         raise NonFiniteEmbedding("injected NaN embeddings")
-    return _embed_unit(encoder, run, settings, ckpt, task, *args)
+    return _embed_unit(encoder, ctx, ckpt, task, *args)
 
 
 @pytest.mark.slow
@@ -120,7 +122,7 @@ def test_a_failed_embed_keeps_the_rows_whose_records_are_valid(prefect_api, hub,
     state, _ = _run(grid)
     assert state.is_completed(), state.message
     next((tmp_path / "store/scores").rglob("DemoSTS/layer_3.json")).unlink()
-    monkeypatch.setattr(pipeline, "embed_unit", _embed_all_but_sts)
+    monkeypatch.setattr(embed, "embed_unit", _embed_all_but_sts)
     state, _ = _run(grid)
     with pytest.raises(
         UnitsFailed, match=r"1 unit\(s\) failed:\nembed\[step1000 · DemoSTS\]: NonFiniteEmbedding"
@@ -130,7 +132,7 @@ def test_a_failed_embed_keeps_the_rows_whose_records_are_valid(prefect_api, hub,
     assert scores.select("revision", "task", "layer").rows() == [("step1000", "DemoSTS", 2)]  # layer 2 kept
 
 
-_task_texts = pipeline.task_texts
+_task_texts = record.task_texts
 
 
 def _texts_but_sts(task, *args):
@@ -143,7 +145,7 @@ def _texts_but_sts(task, *args):
 def test_an_unexpected_error_in_a_recording_fails_only_its_units_by_name(
     prefect_api, hub, tmp_path, monkeypatch
 ):
-    monkeypatch.setattr(pipeline, "task_texts", _texts_but_sts)
+    monkeypatch.setattr(record, "task_texts", _texts_but_sts)
     state, runs = _run(_grid(tmp_path, hub, layers=[3], tasks=["DemoSTS", "DemoClassification"]))
     with pytest.raises(
         UnitsFailed, match=r"1 unit\(s\) failed:\nrecord\[DemoSTS\]: SystemError: AST constructor"
@@ -292,16 +294,16 @@ def test_gpu_tasks_overlap_scoring_starts_as_a_checkpoint_ends_and_progress_move
 def test_plain_loads_each_checkpoint_once_for_its_metrics_and_embeddings(hub, tmp_path, monkeypatch):
     spec = load_spec(SPEC, run_root=str(tmp_path / "demo"), hf_cache=str(hub), checkpoints=["step1000", "step2000"],
                      layers=[3], tasks=["DemoSTS", "DemoClassification"])  # fmt: skip
-    loads, real = [], pipeline.load_encoder
+    loads, real = [], embed.load_encoder
 
     def counted(spec, ckpt, *args, **kwargs):
         loads.append(ckpt.revision)
         return real(spec, ckpt, *args, **kwargs)
 
-    monkeypatch.setattr(pipeline, "load_encoder", counted)
-    result = pipeline.run_spec(spec)
+    monkeypatch.setattr(embed, "load_encoder", counted)
+    result = run_spec(spec)
     assert sorted(loads) == ["step1000", "step2000"]
     assert (result.scored, result.skipped) == (2 * 2, 0)
     metrics = pl.read_parquet(result.tables["metrics"])
     assert set(metrics["revision"]) == {"step1000", "step2000"} and metrics["value"].is_finite().all()
-    assert pipeline.run_spec(spec).scored == 0 and sorted(loads) == ["step1000", "step2000"]  # nothing loaded
+    assert run_spec(spec).scored == 0 and sorted(loads) == ["step1000", "step2000"]  # nothing loaded

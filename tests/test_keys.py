@@ -13,8 +13,10 @@ import polars as pl
 import pytest
 from mteb.mocks.mock_tasks.classification import MockMultilingualClassificationTask
 
-from layertime import bridge, pipeline
-from layertime.pipeline import IncompatibleRun, Settings, run_spec
+from layertime import bridge, runroot
+from layertime.phases.plain import run_spec
+from layertime.runroot import IncompatibleRun
+from layertime.settings import Settings
 from layertime.spec import ExperimentSpec, load_spec
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -197,4 +199,4 @@ def test_overrides_never_overwrite_another_grid_and_reuse_its_metrics_per_layer(
     assert measured.sort("metric", "normalization")["value"].to_list() == (
         first.sort("metric", "normalization")["value"].to_list()
     )
-    assert pipeline.RUN_STAMP in {p.name for p in (tmp_path / "one").iterdir()}
+    assert runroot.RUN_STAMP in {p.name for p in (tmp_path / "one").iterdir()}

@@ -4,7 +4,7 @@
 The scale world at 2 checkpoints × 4 layers × 32 tasks (256 evaluations, 64 score task runs: one per
 (checkpoint, task), its 4 layers each an evaluation with its own completion record). Five (checkpoint,
 task, layer) units, in 5 different (checkpoint, task) pairs, fail to score on the first run: the
-worker's Python loads a `sitecustomize` that makes `pipeline.score_unit` raise for the units listed in
+worker's Python loads a `sitecustomize` that makes `phases.score.score_unit` raise for the units listed in
 a file (the flow process and its scoring processes alike). The flow must name each failed layer. The
 file is then removed and the failed flow run retried with the CLI, as a user would. The retried
 attempt's task runs (the API's `flow_run_run_count`) must be 5 score task runs, one per (checkpoint,
@@ -36,9 +36,9 @@ CHECKPOINTS = 2
 _FAIL_LISTED_UNITS = """
 import functools, os
 from pathlib import Path
-from layertime import pipeline
+from layertime.phases import score
 
-real_write = pipeline.atomic_write_text
+real_write = score.atomic_write_text
 
 def atomic_write_text(path, text):
     written = real_write(path, text)
@@ -47,17 +47,17 @@ def atomic_write_text(path, text):
             log.write(f"{path}\\n")
     return written
 
-pipeline.atomic_write_text = atomic_write_text
-real = pipeline.score_unit
+score.atomic_write_text = atomic_write_text
+real = score.score_unit
 
 @functools.wraps(real)
-def score_unit(run, settings, ckpt, task, blocks, *args):
+def score_unit(ctx, ckpt, task, blocks, *args):
     listed = Path(os.environ["LAYERTIME_TEST_FAIL_UNITS"])
     if listed.exists() and any(f"{ckpt.revision}|{task}|{b}" in listed.read_text().split() for b in blocks):
         raise ValueError(f"injected failure of {ckpt.revision} {task} {blocks}")
-    return real(run, settings, ckpt, task, blocks, *args)
+    return real(ctx, ckpt, task, blocks, *args)
 
-pipeline.score_unit = score_unit
+score.score_unit = score_unit
 """
 
 

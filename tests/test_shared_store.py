@@ -22,10 +22,15 @@ import polars as pl
 import pytest
 import yaml
 
-from layertime import claims, pipeline
+from layertime import claims, records
 from layertime.checkpoints import Checkpoint
 from layertime.encoder import MultiLayerEncoder
+from layertime.phases.context import Context
+from layertime.phases.embed import embed_unit
+from layertime.plan import make_plan
 from layertime.rundir import RunDir
+from layertime.settings import Settings
+from layertime.spec import load_spec
 
 ROOT = Path(__file__).resolve().parents[1]
 KEY = ["revision", "task", "layer", "subset", "split"]
@@ -136,14 +141,15 @@ def test_a_claimed_unit_is_deleted_only_by_the_last_run_that_needs_it(tmp_path):
 
 def test_an_embed_adds_the_layers_it_lacks_beside_the_files_another_run_reads(hub, demo_repo, tmp_path):
     run = RunDir.of(tmp_path / "run", tmp_path / "store")
-    settings = pipeline.Settings("all", "mean", False, 128, "float32", 16384, "cpu", "rule-a", "test")
+    settings = Settings("all", "mean", False, 128, "float32", 16384, "cpu", "rule-a", "test")
+    ctx = Context(make_plan(load_spec(_spec(tmp_path, hub, "demo"))), run, settings)
     ckpt = Checkpoint(demo_repo, "step1000", None)
     texts = ["The team won the match last week.", "Rain.", "", "A short one."]
 
     def embed(blocks: list[int]) -> Path:
         encoder = MultiLayerEncoder(demo_repo, "step1000", blocks, max_length=128, dtype="float32",
                                     device="cpu", cache_dir=str(hub))  # fmt: skip
-        return pipeline.embed_unit(encoder, run, settings, ckpt, "DemoSTS", texts, blocks)
+        return embed_unit(encoder, ctx, ckpt, "DemoSTS", texts, blocks)
 
     unit = embed([2, 3])  # run B
     kept = {name: (unit / name).stat().st_ino for name in ("texts.json", "layer_2.npy", "layer_3.npy")}
@@ -152,8 +158,8 @@ def test_an_embed_adds_the_layers_it_lacks_beside_the_files_another_run_reads(hu
         assert {name: (unit / name).stat().st_ino for name in kept} == kept  # never replaced
         vectors = np.load(reading)
     assert np.array_equal(vectors, np.load(unit / "layer_2.npy"))
-    assert pipeline.embeddings_ok(unit, [0, 1, 2, 3])
-    assert sorted(pipeline.valid_files(unit)) == ["layer_0.npy", "layer_1.npy", "layer_2.npy", "layer_3.npy",
+    assert records.embeddings_ok(unit, [0, 1, 2, 3])
+    assert sorted(records.valid_files(unit)) == ["layer_0.npy", "layer_1.npy", "layer_2.npy", "layer_3.npy",
                                                   "texts.json"]  # fmt: skip
 
 

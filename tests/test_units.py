@@ -1,11 +1,12 @@
-"""A GPU worker's checkpoint tasks (tasks/units.py over pipeline.checkpoint_gpu_work): the next model
+"""A GPU worker's checkpoint tasks (tasks/units.py over phases.gpu.checkpoint_gpu_work): the next model
 loads while the current computes."""
 
 import threading
 import time
 from types import SimpleNamespace
 
-from layertime import pipeline
+from layertime.phases import embed, record
+from layertime.phases import measure as measuring
 from tasks import units
 
 LOAD_S, EMBED_S = 0.3, 0.2
@@ -45,8 +46,9 @@ def _work(ckpt: str, tasks: list[str]) -> SimpleNamespace:
     spec = SimpleNamespace(aggregation="rule-a", hf_cache=None, run_root="/run", store=None)
     checkpoint = SimpleNamespace(model="m", revision=ckpt, commit=None)
     unit = [SimpleNamespace(task=t) for t in tasks]
-    return SimpleNamespace(plan=SimpleNamespace(spec=spec, blocks=[1]), settings=None, checkpoint=checkpoint,
-                           units=tuple(unit), measure=False, label=ckpt)  # fmt: skip
+    plan = SimpleNamespace(spec=spec, blocks=[1])
+    ctx = SimpleNamespace(plan=plan, spec=spec, run=SimpleNamespace(texts="/run/texts"), settings=None)
+    return SimpleNamespace(ctx=ctx, checkpoint=checkpoint, units=tuple(unit), measure=False, label=ckpt)
 
 
 def test_a_worker_loads_the_next_checkpoint_while_the_current_one_computes(monkeypatch):
@@ -58,16 +60,16 @@ def test_a_worker_loads_the_next_checkpoint_while_the_current_one_computes(monke
         trace.add("loaded", ckpt.revision)
         return _FakeEncoder(ckpt.revision, trace)
 
-    def embed(encoder, run, settings, ckpt, task, texts, blocks):
+    def embed_unit(encoder, ctx, ckpt, task, texts, blocks):
         trace.add(f"embed {task}", ckpt.revision)
         time.sleep(EMBED_S)
         trace.add(f"embedded {task}", ckpt.revision)
         return f"/embeddings/{ckpt.revision}/{task}"
 
-    monkeypatch.setattr(pipeline, "gpu_blocks", lambda spec, plan: [1])
-    monkeypatch.setattr(pipeline, "load_encoder", load)
-    monkeypatch.setattr(pipeline, "task_texts", lambda *a: SimpleNamespace(texts=["a"]))
-    monkeypatch.setattr(pipeline, "embed_unit", embed)
+    monkeypatch.setattr(measuring, "gpu_blocks", lambda plan: [1])
+    monkeypatch.setattr(embed, "load_encoder", load)
+    monkeypatch.setattr(record, "task_texts", lambda *a: SimpleNamespace(texts=["a"]))
+    monkeypatch.setattr(embed, "embed_unit", embed_unit)
     done = {}
     threads = [threading.Thread(target=lambda c=c: done.update({c: units._gpu(_work(c, ["T1", "T2"]))}))
                for c in ("A", "B")]  # fmt: skip
