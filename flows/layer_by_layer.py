@@ -50,7 +50,7 @@ from flows.logs import quiet_finished_task_runs
 from layertime import claims, fastmteb, records
 from layertime.costs import MODELS_PER_GPU
 from layertime.demo.world import prepare_world
-from layertime.phases import merge, score
+from layertime.phases import merge, record, score
 from layertime.phases.context import Context
 from layertime.phases.gpu import CheckpointDone
 from layertime.plan import Plan, make_plan
@@ -202,6 +202,8 @@ class _Units:
         self.embedded: list[units.Unit] = []  # units whose embeddings are in the store already
         self.left: dict[tuple[str, str], int] = {}  # (checkpoint key, task) -> layers still scoring
         self.unscored: set[tuple[str, str]] = set()  # (checkpoint key, task) with a failed layer
+        self.unembedded: dict[tuple[str, str], list[int]] = {}  # layers whose embeddings scoring rejected
+        self.embedded_again: set[tuple[str, str]] = set()  # units embedded again in this run (once each)
         self.cleaned = collections.Counter()  # what became of each scored unit's embeddings
         self.claims = claims.Claims()  # the embeddings this run needs, kept from other runs' cleanup
 
@@ -251,13 +253,24 @@ class _Units:
                     self.missing[ckpt.key, task] = layers
                     unit = units.Unit(self.ctx, ckpt, task, revisions[task])
                     self.claims.take(self._embeddings(unit))  # before any GPU work looks at the store
-                    # Kept by a run whose scoring of them failed: scored again without GPU work.
-                    is_embedded = records.embeddings_ok(self._embeddings(unit), layers)
-                    (self.embedded if is_embedded else todo).append(unit)
+                    # Kept by a run whose scoring of them failed: scored again without GPU work,
+                    # once checked whole (a rejected file sends the unit to GPU work, which logs it).
+                    (self.embedded if self._kept_whole(unit, layers) else todo).append(unit)
             measure = spec.metrics is not None and ckpt.key not in measured
             if todo or measure:
                 self.waiting.append(units.GpuWork(self.ctx, ckpt, tuple(todo), measure))
                 self.progress.to_embed += len(todo)
+
+    def _kept_whole(self, unit: units.Unit, layers: list[int]) -> bool:
+        """True when the unit's kept embeddings hold `layers`, every file checked against its manifest
+        and the unit's texts (records.check_embeddings), so its scoring needs no GPU work."""
+        path = self._embeddings(unit)
+        if not (path / "done.json").is_file():
+            return False
+        spec = self.plan.spec
+        texts = record.task_texts(unit.task, self.ctx.run, spec.aggregation, spec.hf_cache).texts
+        ask = records.EmbeddingsAsk.of(unit.checkpoint.model, unit.checkpoint.commit, unit.task, texts)
+        return records.check_embeddings(path, ask).holds(layers)
 
     def _watch(self, future: Any, then: Any) -> None:
         self.running[future] = then
@@ -305,22 +318,44 @@ class _Units:
             future.result()
         except Exception as e:  # noqa: BLE001 -- a failed unit is reported, the sweep goes on
             # The records say which layers were scored (a task that crashed may have scored some).
+            key = (unit.checkpoint.key, unit.task)
             failed = score.missing_layers(self.ctx, unit.checkpoint, unit.task, list(layers))
             errors = e.errors if isinstance(e, units.LayersFailed) else {}
+            # Embeddings rejected when scored: embedded again in this run (once per unit).
+            again = (
+                [] if key in self.embedded_again else [b for b in failed if b in getattr(e, "unembedded", ())]
+            )
+            self.unembedded.setdefault(key, []).extend(again)
             for layer in failed:
-                error = errors.get(layer, f"{type(e).__name__}: {e}")
-                self.failures.append(f"score[{unit.label} · L{layer}]: {error}")
-            self.progress.failed += len(failed)
+                if layer not in again:
+                    error = errors.get(layer, f"{type(e).__name__}: {e}")
+                    self.failures.append(f"score[{unit.label} · L{layer}]: {error}")
+            self.progress.failed += len(failed) - len(again)
             self.progress.scored += len(layers) - len(failed)
             # Embeddings kept for the re-run only if a layer lacks its record (a task run can also
             # fail after its last record is written: then there is nothing to re-run).
-            if failed:
-                self.unscored.add((unit.checkpoint.key, unit.task))
+            if len(failed) > len(again):
+                self.unscored.add(key)
         else:
             self.progress.scored += len(layers)
         self.left[unit.checkpoint.key, unit.task] -= 1
         if not self.left[unit.checkpoint.key, unit.task]:
-            self._cleanup(unit)
+            if self.unembedded.get((unit.checkpoint.key, unit.task)):
+                self._embed_again(unit)
+            else:
+                self._cleanup(unit)
+
+    def _embed_again(self, unit: units.Unit) -> None:
+        """Scoring rejected the unit's embeddings (changed since they were checked): its GPU work is
+        queued again for those layers, its claim still held; its scoring follows as usual."""
+        key = (unit.checkpoint.key, unit.task)
+        self.missing[key] = sorted(self.unembedded.pop(key))
+        self.embedded_again.add(key)
+        get_run_logger().warning(
+            f"{unit.label}: embeddings of layers {self.missing[key]} rejected when scored; embedding them again"
+        )
+        self.waiting.append(units.GpuWork(self.ctx, unit.checkpoint, (unit,), False))
+        self.progress.to_embed += 1
 
     def _cleanup(self, unit: units.Unit) -> None:
         """The unit's last layer is done: release its claim, then delete its embeddings unless the

@@ -8,13 +8,15 @@ root). The library never imports it.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
+import logging
 import os
 import shlex
 import sys
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Annotated, TypeVar
 
@@ -284,7 +286,8 @@ def run_plain(spec, device: str | None, force: bool = False, resume: str | None 
     from layertime.rundir import RunInUse
 
     def work():
-        return run_spec(spec, progress=progress, device=device, force=force)
+        with _lines_above(bar):
+            return run_spec(spec, progress=progress, device=device, force=force)
 
     try:
         result = until_stopped(
@@ -307,6 +310,23 @@ def run_plain(spec, device: str | None, force: bool = False, resume: str | None 
 
 
 _DISK_ERRORS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM}
+
+
+@contextlib.contextmanager
+def _lines_above(bar) -> Iterator[None]:
+    """The library's warnings (a rejected file of the store: layertime/records.py) as lines of their
+    own above the progress bar, not glued to its end."""
+
+    class Above(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            bar.write(record.getMessage(), file=sys.stderr)
+
+    library, handler = logging.getLogger("layertime"), Above(logging.WARNING)
+    library.addHandler(handler)
+    try:
+        yield
+    finally:
+        library.removeHandler(handler)
 
 
 def _check_device(device: str | None) -> None:

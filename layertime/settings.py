@@ -64,7 +64,11 @@ class Settings:
         """Scores, embeddings (their texts depend on the subsets) and costs are stored under it."""
         return settings_id(self.as_dict())
 
+    def encoder_settings(self) -> dict[str, Any]:
+        """What decides a vector: the settings without the aggregation rule and mteb's version."""
+        return {k: v for k, v in self.as_dict().items() if k not in ("aggregation", "mteb")}
+
     @property
     def encoder_id(self) -> str:
-        """What decides a vector: metrics are stored under it (they never see mteb or the subsets)."""
-        return settings_id({k: v for k, v in self.as_dict().items() if k not in ("aggregation", "mteb")})
+        """Metrics are stored under it: they never see mteb or the subsets."""
+        return settings_id(self.encoder_settings())

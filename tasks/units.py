@@ -32,9 +32,12 @@ from layertime.phases.context import Context
 from layertime.pool import ScoringPool
 from layertime.rundir import RunDir
 from layertime.spec import ExperimentSpec
+from tasks.logs import library_to_api
 
 # Results live in the store's completion records, never in Prefect's result storage (module doc).
 NOT_CACHED = {"cache_policy": NO_CACHE, "persist_result": False}
+
+library_to_api()  # a file the library rejects is a line of the run's log (here: any process running tasks)
 
 
 @dataclass(frozen=True)
@@ -168,14 +171,17 @@ class Layers(tuple):
 
 
 class LayersFailed(RuntimeError):
-    """Layers of a score task run failed (the others were scored); `errors`: layer -> its error."""
+    """Layers of a score task run failed (the others were scored); `errors`: layer -> its error;
+    `unembedded`: the failed layers whose embeddings were missing or rejected (the flow embeds them
+    again)."""
 
-    def __init__(self, errors: dict[int, str]) -> None:
+    def __init__(self, errors: dict[int, str], unembedded: tuple[int, ...] = ()) -> None:
         super().__init__("; ".join(f"L{b}: {e}" for b, e in errors.items()))
         self.errors = errors
+        self.unembedded = unembedded
 
     def __reduce__(self) -> tuple:  # pickled by its errors, not its message (SLURM workers ship it)
-        return type(self), (self.errors,)
+        return type(self), (self.errors, self.unembedded)
 
 
 class LayersFailedPermanently(LayersFailed, Permanent):
@@ -185,7 +191,8 @@ class LayersFailedPermanently(LayersFailed, Permanent):
 def _layers_failed(errors: dict[int, Exception]) -> LayersFailed:
     permanent = all(isinstance(e, Permanent) for e in errors.values())
     kind = LayersFailedPermanently if permanent else LayersFailed
-    return kind({b: f"{type(e).__name__}: {e}" for b, e in errors.items()})
+    unembedded = tuple(b for b, e in errors.items() if isinstance(e, scoring.MissingEmbeddings))
+    return kind({b: f"{type(e).__name__}: {e}" for b, e in errors.items()}, unembedded)
 
 
 @task(name="score", task_run_name="score[{unit.label} · {layers.label}]", retries=2, retry_delay_seconds=[5, 30],

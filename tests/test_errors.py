@@ -90,6 +90,9 @@ def test_a_score_task_run_is_retried_unless_every_failed_layer_cannot_heal(error
     assert units._may_heal(None, None, state) is not permanent
     again = pickle.loads(pickle.dumps(error))
     assert (type(again), again.errors, str(again)) == (type(error), error.errors, str(error))
+    # The layers whose embeddings were missing or rejected: the flow embeds them again.
+    unembedded = tuple(b for b, e in errors.items() if isinstance(e, MissingEmbeddings))
+    assert again.unembedded == error.unembedded == unembedded
 
 
 # --- where the user sees it: task runs in the Prefect API ------------------------------------------

@@ -36,9 +36,10 @@ CHECKPOINTS = 2
 _FAIL_LISTED_UNITS = """
 import functools, os
 from pathlib import Path
+from layertime import records
 from layertime.phases import score
 
-real_write = score.atomic_write_text
+real_write = records.atomic_write_text
 
 def atomic_write_text(path, text):
     written = real_write(path, text)
@@ -47,7 +48,7 @@ def atomic_write_text(path, text):
             log.write(f"{path}\\n")
     return written
 
-score.atomic_write_text = atomic_write_text
+records.atomic_write_text = atomic_write_text
 real = score.score_unit
 
 @functools.wraps(real)

@@ -158,9 +158,9 @@ def test_an_embed_adds_the_layers_it_lacks_beside_the_files_another_run_reads(hu
         assert {name: (unit / name).stat().st_ino for name in kept} == kept  # never replaced
         vectors = np.load(reading)
     assert np.array_equal(vectors, np.load(unit / "layer_2.npy"))
-    assert records.embeddings_ok(unit, [0, 1, 2, 3])
-    assert sorted(records.valid_files(unit)) == ["layer_0.npy", "layer_1.npy", "layer_2.npy", "layer_3.npy",
-                                                  "texts.json"]  # fmt: skip
+    found = records.check_embeddings(unit, records.EmbeddingsAsk.of(demo_repo, None, "DemoSTS", texts))
+    assert found.holds([0, 1, 2, 3]) and not found.rejected
+    assert sorted(found.good) == ["layer_0.npy", "layer_1.npy", "layer_2.npy", "layer_3.npy", "texts.json"]
 
 
 MANY_CLAIMS = """

@@ -4,14 +4,12 @@ layers not yet recorded, each layer's rows a completion record of its own."""
 from __future__ import annotations
 
 import hashlib
-import json
 import time
 from pathlib import Path
 from typing import Any
 
 from layertime import memory, records
 from layertime.checkpoints import Checkpoint
-from layertime.io import atomic_write_text
 from layertime.phases import embed, record
 from layertime.phases.context import Context
 from layertime.plan import Plan
@@ -72,6 +70,21 @@ def metrics_key(spec: ExperimentSpec) -> str:
     return settings_id({**corpus, "views": m.views, "lidar_views": m.lidar_views})
 
 
+def metrics_ask(ctx: Context, ckpt: Checkpoint, layer: int) -> records.MetricsAsk:
+    """What the metrics record of (`ckpt`, `layer`) must hold: a row per metric the spec's views ask for."""
+    from layertime.measure import PER_PROMPT, metric_names
+
+    m = ctx.spec.metrics
+    return records.MetricsAsk(ckpt.model, ckpt.commit, layer, ctx.settings.encoder_settings(), metrics_key(ctx.spec),
+                              frozenset(metric_names(m.views, m.lidar_views)), PER_PROMPT)  # fmt: skip
+
+
+def recorded(ctx: Context, ckpt: Checkpoint, layer: int) -> list[dict] | None:
+    """The rows of the layer's metrics record, or None when it has none (or a rejected one, removed)."""
+    path = ctx.run.metrics_record(ctx.settings.encoder_id, ckpt, metrics_key(ctx.spec), layer)
+    return records.read_metrics(path, metrics_ask(ctx, ckpt, layer))
+
+
 def measure_unit(
     ctx: Context, ckpt: Checkpoint, device: str | None = None, encoder: Any = None
 ) -> list[dict]:
@@ -86,8 +99,7 @@ def measure_unit(
     spec, plan, run, settings = ctx.spec, ctx.plan, ctx.run, ctx.settings
     m = spec.metrics
     blocks = metrics_blocks(plan)
-    key = metrics_key(spec)
-    found = {b: records.read_record(run.metrics_record(settings.encoder_id, ckpt, key, b)) for b in blocks}
+    found = {b: recorded(ctx, ckpt, b) for b in blocks}
     missing = [b for b in blocks if found[b] is None]
     if not missing:
         return [row for b in blocks for row in found[b]]
@@ -102,14 +114,15 @@ def measure_unit(
             {"model": ckpt.model, "commit": ckpt.commit, "depth": (r["layer"] + 1) / plan.num_blocks, **r}
             for r in measure(encoder, prompts, m.views, m.lidar_views, m.seed, corpus)
         ]
-    cost = {"phase": "measure", "task": None, "seconds": time.perf_counter() - start, "device": str(encoder.device),
-            "texts": len(prompts) * (1 + max(m.views, m.lidar_views)), **used}  # fmt: skip
-    atomic_write_text(run.cost_record(settings.id, ckpt, "measure"), json.dumps(cost))
-    stamp = {"settings": settings.as_dict(), "metrics": m.model_dump(), "metrics_key": key,
-             "provenance": provenance(spec.digest)}  # fmt: skip
+    cost = records.CostRecord.seal(phase="measure", task=None, seconds=time.perf_counter() - start,
+                                   device=str(encoder.device), texts=len(prompts) * (1 + max(m.views, m.lidar_views)),
+                                   **used)  # fmt: skip
+    records.write_cost(run.cost_record(settings.id, ckpt, "measure"), cost)
+    key = metrics_key(spec)
     for b in missing:
         found[b] = [r for r in rows if r["layer"] == b]
-        atomic_write_text(
-            run.metrics_record(settings.encoder_id, ckpt, key, b), json.dumps({**stamp, "rows": found[b]})
+        path = run.metrics_record(settings.encoder_id, ckpt, key, b)
+        records.write_metrics(
+            path, metrics_ask(ctx, ckpt, b), found[b], m.model_dump(), provenance(spec.digest)
         )
     return [row for b in blocks for row in found[b]]

@@ -6,35 +6,30 @@ from pathlib import Path
 
 from layertime import records
 from layertime.io import atomic_write
+from layertime.phases import measure, score
 from layertime.phases.context import Context
-from layertime.phases.measure import metrics_blocks, metrics_key
 
 
 def recorded_rows(ctx: Context) -> dict[tuple[str, str, int], list[dict]]:
     """Rows of every completion record of the plan, by (checkpoint key, task, layer)."""
-    plan, run, settings = ctx.plan, ctx.run, ctx.settings
+    plan = ctx.plan
     rows = {}
     for ckpt in plan.distinct_checkpoints():
         for task in plan.tasks:
             for block in plan.blocks:
-                record = run.score_record(settings.id, ckpt, task, block)
-                if (found := records.read_record(record)) is not None:
+                if (found := score.recorded(ctx, ckpt, task, block)) is not None:
                     rows[(ckpt.key, task, block)] = found
     return rows
 
 
 def recorded_metrics(ctx: Context) -> dict[str, list[dict]]:
     """Metric rows of every checkpoint of the plan whose layers are all measured, by checkpoint key."""
-    plan, run, settings = ctx.plan, ctx.run, ctx.settings
+    plan = ctx.plan
     if plan.spec.metrics is None:
         return {}
-    key = metrics_key(plan.spec)
     found = {}
     for ckpt in plan.distinct_checkpoints():
-        layers = [
-            records.read_record(run.metrics_record(settings.encoder_id, ckpt, key, b))
-            for b in metrics_blocks(plan)
-        ]
+        layers = [measure.recorded(ctx, ckpt, b) for b in measure.metrics_blocks(plan)]
         if all(rows is not None for rows in layers):
             found[ckpt.key] = [row for rows in layers for row in rows]
     return found
@@ -75,7 +70,7 @@ def merge(
     # A damaged cost record is removed (a cost is measured while the work is done: the table then lacks
     # its row, and a unit whose embeddings are kept writes it again from their manifest).
     costs = [
-        {**cost, "model": ckpt.model, "commit": ckpt.commit, "revision": ckpt.revision}
+        {**cost.row(), "model": ckpt.model, "commit": ckpt.commit, "revision": ckpt.revision}
         for ckpt in plan.distinct_checkpoints()  # GPU work is per commit: counted once
         for p in run.cost_records(settings.id, ckpt)
         if (cost := records.read_cost(p)) is not None
