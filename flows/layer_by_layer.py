@@ -12,7 +12,8 @@
 A (checkpoint, task)'s embeddings are deleted by the flow itself, under the store's claims, once every
 layer of it is scored: a file deletion is not worth a task run (exp2: 1,600 of them, ~0.1 s of
 orchestration each, benchmarks/RESULTS.md). A unit with a failed layer keeps its embeddings, so the
-re-run scores it without GPU work.
+re-run scores it without GPU work; embeddings an earlier run left of units whose layers are all
+recorded (it was killed before it deleted them) are deleted when the flow starts.
 
 A checkpoint's GPU work is one task, so one worker loads each model once: split per task, Dask spread
 every checkpoint over every GPU and each GPU reloaded every checkpoint (benchmarks/RESULTS.md).
@@ -47,7 +48,8 @@ from prefect.artifacts import (
 
 from flows.clusters import GPU, profile
 from flows.logs import quiet_finished_task_runs
-from layertime import claims, fastmteb, pipeline
+from layertime import claims, fastmteb, leftovers, pipeline
+from layertime.checkpoints import Checkpoint
 from layertime.costs import MODELS_PER_GPU
 from layertime.demo.world import prepare_world
 from layertime.plan import Plan, make_plan
@@ -104,6 +106,7 @@ def layer_by_layer(
     with run.lock():  # a second run on the same run root is refused, by name
         pipeline.claim_run_root(run, experiment, force)
         pipeline.write_snapshot(plan, run, settings)
+        _delete_scored_embeddings(plan, run, settings)
         with where.task_runner() as runner, units.scoring_pool(where.scoring_processes):
             revisions, failures = _record(runner, experiment, plan)
             work = _Units(runner, plan, settings, run, needs, progress, where.gpu_slots * MODELS_PER_GPU)
@@ -114,6 +117,19 @@ def layer_by_layer(
     if failures:
         raise UnitsFailed(f"{len(failures)} unit(s) failed:\n" + "\n".join(failures))
     return paths
+
+
+def _delete_scored_embeddings(plan: Plan, run: RunDir, settings: pipeline.Settings) -> None:
+    """Embeddings an earlier run left of units whose every layer is recorded (it was killed between its
+    last record and the delete) are deleted now, unless another run claims them."""
+
+    def missing(ckpt: Checkpoint, task: str) -> list[int]:
+        return pipeline.missing_layers(run, settings, ckpt, task, plan.blocks)
+
+    if deleted := leftovers.delete_scored_embeddings(plan, run, settings.id, missing):
+        get_run_logger().info(
+            f"deleted the embeddings of {deleted} scored (checkpoint, task) unit(s) left by an earlier run"
+        )
 
 
 class NotReady(RuntimeError):

@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 import yaml
 
-from layertime import CODE_VERSION, claims, memory, suite
+from layertime import CODE_VERSION, claims, leftovers, memory, suite
 from layertime.checkpoints import Checkpoint
 from layertime.demo.world import prepare_world
 from layertime.errors import Permanent
@@ -791,6 +791,10 @@ def _run_locked(
     the scoring of every layer it embedded; any error stops the run (the flow goes on instead)."""
     settings = Settings.of(spec, device)
     write_snapshot(plan, run, settings)
+    # What an earlier run killed between its last record and the delete left:
+    leftovers.delete_scored_embeddings(
+        plan, run, settings.id, lambda ckpt, task: missing_layers(run, settings, ckpt, task, plan.blocks)
+    )
     texts = {t: task_texts(t, run, spec.aggregation, spec.hf_cache) for t in plan.tasks}
     measured = recorded_metrics(plan, run, settings)
     checkpoints = plan.distinct_checkpoints()
