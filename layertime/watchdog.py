@@ -41,7 +41,7 @@ KILL_WITHIN_S = 10.0
 
 
 @contextlib.contextmanager
-def watched() -> Iterator[Path | None]:
+def watched() -> Iterator[Path]:
     """While the context lasts, the run's processes die with this one (module doc); yields the run's
     notes directory. First removes what dead runs left (temp directories, their semaphores)."""
     leftovers.remove_dead_temp_dirs()

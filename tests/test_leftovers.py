@@ -251,6 +251,41 @@ def test_sigkills_mid_work_then_a_clean_run_leave_the_tables_of_an_untouched_run
     assert not [s for s in killed.semaphores if (leftovers.SHM / s).exists()]
 
 
+def _alive(pid: int) -> bool:
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
+def test_a_process_of_a_watched_run_dies_with_its_sigkilled_main_process_even_out_of_its_session():
+    """The watchdog alone, without a flow: a child that left the run's session (no group kill reaches
+    it) dies within seconds of a SIGKILL of the main process, and the run's notes are removed."""
+    code = (
+        "import subprocess, sys, time\n"
+        "from layertime.watchdog import watched\n"
+        "with watched() as notes:\n"
+        "    child = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(600)'], start_new_session=True)\n"
+        "    print(child.pid, notes, flush=True)\n"
+        "    time.sleep(600)\n"
+    )
+    main = subprocess.Popen([sys.executable, "-c", code], cwd=ROOT, stdout=subprocess.PIPE, text=True)
+    child, notes = main.stdout.readline().split()
+    child, notes = int(child), Path(notes)
+    try:
+        assert _alive(child) and notes.is_dir()
+        os.kill(main.pid, signal.SIGKILL)
+        main.wait()
+        deadline = time.monotonic() + GONE_WITHIN_S
+        while (_alive(child) or notes.exists()) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not _alive(child), "the run's child outlived its main process"
+        assert not notes.exists()
+    finally:
+        if _alive(child):
+            os.kill(child, signal.SIGKILL)
+
+
 # --- the slurm profile ----------------------------------------------------------------------------
 
 
