@@ -72,9 +72,7 @@ def watched() -> Iterator[Path]:
         if dog is not None:
             with contextlib.suppress(OSError):
                 os.write(write, DONE)
-            os.close(write)
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                dog.wait(timeout=5)
+            os.close(write)  # not waited for: it exits on its own, and subprocess reaps it later
         shutil.rmtree(notes, ignore_errors=True)  # its semaphores are this process's own to unlink
 
 
