@@ -231,7 +231,8 @@ def test_a_sigkill_of_the_main_pid_leaves_no_process_of_the_run_within_5_s(kille
     print(f"{len(killed.before)} processes of the run gone {killed.gone_after_s:.2f} s after the SIGKILL")
     assert killed.left == {}, killed.left
     assert _owned_temp_dirs(killed.mains) == []  # its Prefect directory and the watchdog's notes
-    assert not [s for s in killed.semaphores if (leftovers.SHM / s).exists()]
+    assert killed.semaphores  # the scoring pool's queues had some open...
+    assert not [s for s in killed.semaphores if (leftovers.SHM / s).exists()]  # ...none is left
 
 
 @pytest.mark.slow
