@@ -12,7 +12,8 @@
 A (checkpoint, task)'s embeddings are deleted by the flow itself, under the store's claims, once every
 layer of it is scored: a file deletion is not worth a task run (exp2: 1,600 of them, ~0.1 s of
 orchestration each, benchmarks/RESULTS.md). A unit with a failed layer keeps its embeddings, so the
-re-run scores it without GPU work.
+re-run scores it without GPU work; embeddings an earlier run left of units whose layers are all
+recorded (it was killed before it deleted them) are deleted when the flow starts.
 
 A checkpoint's GPU work is one task, so one worker loads each model once: split per task, Dask spread
 every checkpoint over every GPU and each GPU reloaded every checkpoint (benchmarks/RESULTS.md).
@@ -47,7 +48,7 @@ from prefect.artifacts import (
 
 from flows.clusters import GPU, profile
 from flows.logs import quiet_finished_task_runs
-from layertime import claims, fastmteb, records
+from layertime import claims, fastmteb, leftovers, records
 from layertime.costs import MODELS_PER_GPU
 from layertime.demo.world import prepare_world
 from layertime.phases import merge, record, score
@@ -106,6 +107,7 @@ def layer_by_layer(
     with ctx.run.lock():  # a second run on the same run root is refused, by name
         claim_run_root(ctx.run, experiment, force)
         write_snapshot(plan, ctx.run, ctx.settings)
+        _delete_scored_embeddings(ctx)
         with where.task_runner() as runner, units.scoring_pool(where.scoring_processes):
             revisions, failures = _record(runner, experiment, plan)
             work = _Units(runner, ctx, needs, progress, where.gpu_slots * MODELS_PER_GPU)
@@ -116,6 +118,15 @@ def layer_by_layer(
     if failures:
         raise UnitsFailed(f"{len(failures)} unit(s) failed:\n" + "\n".join(failures))
     return paths
+
+
+def _delete_scored_embeddings(ctx: Context) -> None:
+    """Embeddings an earlier run left of units whose every layer is recorded (it was killed between its
+    last record and the delete) are deleted now, unless another run claims them."""
+    if deleted := leftovers.delete_scored_embeddings(ctx):
+        get_run_logger().info(
+            f"deleted the embeddings of {deleted} scored (checkpoint, task) unit(s) left by an earlier run"
+        )
 
 
 class NotReady(RuntimeError):

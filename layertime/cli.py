@@ -95,6 +95,7 @@ def plan(
     """
     from layertime import costs
     from layertime import plan as planning
+    from layertime.checkpoints import CheckpointError
     from layertime.demo.world import prepare_world
     from layertime.spec import SpecError
 
@@ -104,7 +105,7 @@ def plan(
         prepare_world(spec)
         try:
             plans.append(planning.make_plan(spec))
-        except SpecError as e:
+        except (SpecError, CheckpointError) as e:  # a bad layer range; a damaged cache (a bad ref)
             fail(f"{path}: {e}")
     cpu_jobs = cpu_jobs or os.cpu_count() or 1
     out = {"plans": []}
@@ -196,6 +197,7 @@ def prepare_run(spec_path: Path):
     """Load the spec, point mteb's cache at the store, quiet library noise, check checkpoints exist."""
     spec = load(spec_path)
     _check_writable(spec)
+    _check_free(spec)
     os.environ.setdefault("MTEB_CACHE", str(RunDir.of(spec.run_root, spec.store).mteb_results))
     _quiet_libraries()
     _check_checkpoints(spec)
@@ -219,6 +221,16 @@ def _check_writable(spec) -> None:
                 tempfile.TemporaryFile(dir=path).close()
             except OSError as e:
                 fail(f"{field}: cannot write {path}: {e.strerror}")
+
+
+def _check_free(spec) -> None:
+    """Refuse a run root another run holds now, in a second (the flow would first start Prefect)."""
+    from layertime.rundir import RunInUse
+
+    try:
+        RunDir.of(spec.run_root, spec.store).check_free()
+    except RunInUse as e:
+        fail(str(e))
 
 
 def _check_checkpoints(spec) -> None:
@@ -297,7 +309,7 @@ def run_plain(spec, device: str | None, force: bool = False, resume: str | None 
         bar.close()
         fail(str(e))
     except OSError as e:
-        if e.errno not in _DISK_ERRORS:
+        if e.errno not in DISK_ERRORS:
             raise
         bar.close()  # a full or read-only disk: the message names the path; finished units are kept
         fail(str(e))
@@ -309,7 +321,7 @@ def run_plain(spec, device: str | None, force: bool = False, resume: str | None 
     print_tables(spec.run_root, result.tables)
 
 
-_DISK_ERRORS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM}
+DISK_ERRORS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM}
 
 
 @contextlib.contextmanager
@@ -413,6 +425,7 @@ def _verified(spec, spec_path: Path, load_tasks: bool = True, rehash: bool = Fal
 
 def _check_blocks(spec, spec_path: Path) -> None:
     """The spec's layers against the model's config where the cache has it (`run` refuses the same)."""
+    from layertime.hub.cache import CorruptRef
     from layertime.plan import make_plan
     from layertime.spec import SpecError
 
@@ -420,6 +433,8 @@ def _check_blocks(spec, spec_path: Path) -> None:
         make_plan(spec)
     except SpecError as e:
         fail(f"{spec_path}: {e}")
+    except CorruptRef:
+        pass  # verify's table names it, with its fix
 
 
 @app.command()

@@ -64,12 +64,7 @@ class RunDir:
             try:
                 fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
-                handle.seek(0)
-                holder = handle.read().strip() or "another process"
-                raise RunInUse(
-                    f"run root {self.root} is in use by {holder}; wait for that run to finish, "
-                    "or give this one another run_root"
-                ) from None
+                raise self._in_use(handle) from None
             handle.truncate(0)
             handle.write(
                 f"pid {os.getpid()} on {os.uname().nodename} since {time.strftime('%Y-%m-%d %H:%M:%S')}"
@@ -79,6 +74,33 @@ class RunDir:
                 yield
             finally:
                 fcntl.flock(handle, fcntl.LOCK_UN)
+
+    def check_free(self) -> None:
+        """RunInUse, naming the holder, when a run holds this run root now; creates nothing.
+
+        A look, not a hold: the run takes `lock()` itself later (two locks of one process on one
+        file would conflict). It lets a second `layertime run` be refused in a second, before the
+        Prefect server starts, instead of after; the lock still decides a race between two starts."""
+        try:
+            handle = open(self.root / ".lock")
+        except OSError:
+            return  # no run root or no lock file yet: nobody holds it
+        with handle:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            except BlockingIOError:
+                raise self._in_use(handle) from None
+            except OSError:
+                return  # a file system without flock: the run's own lock() says so
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+    def _in_use(self, handle) -> RunInUse:
+        handle.seek(0)
+        holder = handle.read().strip() or "another process"
+        return RunInUse(
+            f"run root {self.root} is in use by {holder}; wait for that run to finish, "
+            "or give this one another run_root"
+        )
 
     @property
     def texts(self) -> Path:

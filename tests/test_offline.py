@@ -281,6 +281,32 @@ def test_a_deleted_snapshot_link_or_revision_ref_fails_verify_and_prefetch_resto
     assert _problems(copy) == []
 
 
+def test_a_ref_that_is_not_a_commit_is_refused_by_plan_and_run_and_verify_names_its_fix(
+    served, copy: Path
+) -> None:
+    from typer.testing import CliRunner
+
+    from flows.commands import app
+
+    cache = _spec(copy).hf_cache
+    ref = repo_dir(REPO, cache) / "refs" / "step2000"
+    ref.write_text("../../../../elsewhere")  # followed, it would name a folder outside the repo
+    for command in (["plan"], ["run", "--plain"]):
+        out = CliRunner().invoke(app, [*command, str(copy)])
+        assert out.exit_code == 2 and "Traceback" not in out.output, out.output
+        assert out.stderr.count("error:") == 1 and f"{ref}: the ref of {REPO}@step2000 holds " in out.stderr
+        assert "not a 40-hex commit" in out.stderr, out.stderr
+    assert not (copy.parent / "run").exists()
+
+    (problem,) = _problems(copy)
+    assert (problem.item, problem.kind, problem.status) == (f"{REPO}@step2000", "revision", "corrupt")
+    assert "not a 40-hex commit" in problem.detail
+    assert problem.fix == f"hf download {REPO} --revision step2000 --cache-dir {cache}"
+    done = _online(served, copy.parent / "hf-home", "bash", "-c", problem.fix)
+    assert done.returncode == 0, done.stderr
+    assert _problems(copy) == []  # the fix wrote the ref again
+
+
 @pytest.mark.slow
 def test_a_truncated_weight_file_is_caught_and_prefetch_fetches_it_again(served, copy: Path) -> None:
     cache = _spec(copy).hf_cache

@@ -7,7 +7,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from layertime import claims
+from layertime import claims, leftovers
 from layertime.demo.world import prepare_world
 from layertime.phases import gpu, merge, record, score
 from layertime.phases.context import Context
@@ -51,6 +51,7 @@ def _run_locked(ctx: Context, progress: Progress | None, device: str | None) -> 
     the scoring of every layer it embedded; any error stops the run (the flow goes on instead)."""
     spec, plan, run, settings = ctx.spec, ctx.plan, ctx.run, ctx.settings
     write_snapshot(plan, run, settings)
+    leftovers.delete_scored_embeddings(ctx)  # what a run killed between its last record and the delete left
     texts = {t: record.task_texts(t, run, spec.aggregation, spec.hf_cache) for t in plan.tasks}
     measured = merge.recorded_metrics(ctx)
     checkpoints = plan.distinct_checkpoints()
