@@ -1,10 +1,24 @@
-"""The offline test world (docs/design.md §9): a fabricated HF hub cache with the tiny demo model and
-config-only Pythia-410m revisions, loaded by repo id and revision with HF_HUB_OFFLINE=1."""
+"""The offline test world (docs/design.md §9) and the fixtures every test shares (docs/development.md).
+
+- `hub`, `demo_repo`: a fabricated HF hub cache with the tiny demo model and config-only Pythia-410m
+  revisions, loaded by repo id and revision with HF_HUB_OFFLINE=1; built once per run (shared by the
+  pytest-xdist workers).
+- `prefect_server`: one real `prefect server start` for the session (tests/prefect_runs.py);
+  `prefect_api`: this process's flows and Prefect client pointed at it for one test, scoring in the
+  session's warm pool of scoring processes (`warm_scoring_pool`). A subprocess reaches it with
+  `prefect_runs.client_env(server)`.
+- `exclusive`: `with exclusive("slurm"):` one test at a time, across pytest-xdist workers, for what
+  the machine has only one of (the single-node SLURM).
+- `postgres_url`: the PostgreSQL server of .ci/postgres.sh.
+"""
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import os
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 # Before anything imports huggingface_hub or mteb: no network, and no writes to ~/.cache.
@@ -19,16 +33,39 @@ import pytest  # noqa: E402
 PYTHIA = "EleutherAI/pythia-410m"
 
 
+def _run_tmp(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A directory of this pytest run that every pytest-xdist worker sees (each has a basetemp of
+    its own below it)."""
+    base = tmp_path_factory.getbasetemp()
+    return base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
+
+
+@contextlib.contextmanager
+def _locked(path: Path) -> Iterator[None]:
+    """An exclusive lock on `path`, held across processes (flock) while the context lasts."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
 @pytest.fixture(scope="session")
-def hub() -> Path:
-    """A hub cache holding the demo model (step0..step3000, main) and Pythia-410m configs."""
+def hub(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A hub cache holding the demo model (step0..step3000, main) and Pythia-410m configs. Built once
+    per run (training the demo model: ~12 CPU-s); the pytest-xdist workers share it."""
     from layertime.demo.model import ensure_demo_model
     from layertime.hub.fake import PYTHIA_410M_CONFIG, write_config_only_repo
 
-    cache = _SESSION_TMP / "hub"
-    ensure_demo_model(cache)
-    steps = [f"step{s}" for s in range(94000, 143001, 1000)]
-    write_config_only_repo(cache, PYTHIA, PYTHIA_410M_CONFIG, steps, {"main": "step143000"})
+    cache = _run_tmp(tmp_path_factory) / "hub"
+    with _locked(cache.parent / "hub.lock"):  # the first worker builds it, the others wait and read it
+        if not (cache.parent / "hub.ready").exists():
+            ensure_demo_model(cache)
+            steps = [f"step{s}" for s in range(94000, 143001, 1000)]
+            write_config_only_repo(cache, PYTHIA, PYTHIA_410M_CONFIG, steps, {"main": "step143000"})
+            (cache.parent / "hub.ready").touch()
     return cache
 
 
@@ -78,3 +115,47 @@ def postgres_url() -> str:
             pytest.fail(f"{message} (CI must run this test; .ci/run does that)")
         pytest.skip(message)
     return url
+
+
+@pytest.fixture(scope="session")
+def exclusive(tmp_path_factory: pytest.TempPathFactory):
+    """`with exclusive(name):` held by one test at a time across the pytest-xdist workers of this run,
+    for what the machine has one of: "slurm" (the single node's 2 CPUs: two tests' jobs would queue
+    behind each other and time out)."""
+    locks = _run_tmp(tmp_path_factory) / "locks"
+    return lambda name: _locked(locks / f"{name}.lock")
+
+
+# --- Prefect: one server per session, a warm scoring pool -----------------------------------------
+
+
+@pytest.fixture(scope="session")
+def prefect_server(tmp_path_factory: pytest.TempPathFactory):
+    """One real `prefect server start` on loopback for the session (each pytest-xdist worker has its
+    own), SQLite in its own home. Flow runs of many tests share it; read back your own by id."""
+    import prefect_runs  # tests/prefect_runs.py (tests/ is on sys.path)
+
+    server = prefect_runs.start(tmp_path_factory.mktemp("prefect-server"))
+    yield server
+    prefect_runs.orch.stop(server.proc)
+
+
+@pytest.fixture(scope="session")
+def warm_scoring_pool():
+    """The session's scoring processes (`tasks.units.keep_scoring_processes`): every in-process flow
+    run of the local profile's default size (one per core) scores in them, instead of spawning two
+    that import mteb (~8 CPU-s a flow run). A flow run of another size, the CLI's subprocesses and
+    tests of the pool itself (tests/test_pool.py) start their own."""
+    from tasks import units
+
+    with units.keep_scoring_processes(os.cpu_count() or 1) as pool:
+        yield pool
+
+
+@pytest.fixture
+def prefect_api(prefect_server, warm_scoring_pool):
+    """This process's flows and Prefect client on the session's server for one test; yields the server."""
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    with temporary_settings(updates={PREFECT_API_URL: prefect_server.api}):
+        yield prefect_server

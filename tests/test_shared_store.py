@@ -41,15 +41,14 @@ def _spec(tmp_path: Path, hub: Path, name: str, **fields) -> Path:
     return path
 
 
-def _start(spec: Path, log: Path, executor: str = "--plain") -> subprocess.Popen:
-    """`layertime run --plain SPEC`, or the flow (`executor` "flow") on an embedded Prefect of its own."""
-    clean = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
+def _start(spec: Path, log: Path, executor: str = "--plain", server=None) -> subprocess.Popen:
+    """`layertime run --plain SPEC`, or the flow (`executor` "flow") on the Prefect `server`."""
     env = {
-        **clean,
+        **{k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")},
         "PYTHONPATH": str(ROOT),
         "HF_HUB_OFFLINE": "1",
         "PREFECT_HOME": str(log.with_suffix(".prefect")),
-        "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "300",  # a loaded machine starts it slowly
+        **({"PREFECT_API_URL": server.api} if server is not None else {}),
     }
     args = ["--plain"] if executor == "--plain" else []
     with open(log, "w") as out:
@@ -72,11 +71,11 @@ def _rows(root: Path) -> pl.DataFrame:
 
 @pytest.mark.slow
 @pytest.mark.parametrize("executor", ["--plain", "flow"])
-def test_two_runs_sharing_a_store_at_once_lose_no_unit(executor, hub, tmp_path):
+def test_two_runs_sharing_a_store_at_once_lose_no_unit(executor, hub, prefect_server, tmp_path):
     checkpoints = ["step1000", "step2000", "step3000"]
     a = _spec(tmp_path, hub, "a", checkpoints=checkpoints, layers="all")
     b = _spec(tmp_path, hub, "b", checkpoints=checkpoints, layers=[1, 2, 3])
-    runs = {"a": _start(a, tmp_path / "a.log", executor)}
+    runs = {"a": _start(a, tmp_path / "a.log", executor, prefect_server)}
     try:
         if executor == "flow":  # the flow embeds a checkpoint's tasks at once, then scores them for minutes
             _wait_for_embeddings(tmp_path / "store", runs["a"], tmp_path / "a.log")

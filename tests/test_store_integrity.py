@@ -66,14 +66,6 @@ def _fill(disk: Path) -> Path:
     return filler
 
 
-@pytest.fixture(scope="module")
-def prefect_api():
-    from prefect.testing.utilities import prefect_test_harness
-
-    with prefect_test_harness(server_startup_timeout=180):
-        yield
-
-
 def _flow(spec: Path):
     from flows.layer_by_layer import layer_by_layer
 
