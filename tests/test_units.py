@@ -1,5 +1,7 @@
 """A GPU worker's checkpoint tasks (tasks/units.py over pipeline.checkpoint_gpu_work): the next model
-loads while the current computes."""
+loads while the current computes. Proved by waiting on events, not by sleeps: the first checkpoint's
+forward passes wait for the second checkpoint's load to end, which they can only see if that load
+does not wait for them."""
 
 import threading
 import time
@@ -8,7 +10,7 @@ from types import SimpleNamespace
 from layertime import pipeline
 from tasks import units
 
-LOAD_S, EMBED_S = 0.3, 0.2
+OVERLAP_WITHIN_S = 60  # a load that waits for the other checkpoint's compute never ends in time
 
 
 class _Trace:
@@ -51,16 +53,19 @@ def _work(ckpt: str, tasks: list[str]) -> SimpleNamespace:
 
 def test_a_worker_loads_the_next_checkpoint_while_the_current_one_computes(monkeypatch):
     trace = _Trace()
+    loaded = {c: threading.Event() for c in "AB"}
+    overlapped: list[bool] = []
 
     def load(spec, ckpt, blocks, settings, device=None):
         trace.add("load", ckpt.revision)
-        time.sleep(LOAD_S)  # reading weights from storage: no GPU held
         trace.add("loaded", ckpt.revision)
+        loaded[ckpt.revision].set()
         return _FakeEncoder(ckpt.revision, trace)
 
     def embed(encoder, run, settings, ckpt, task, texts, blocks):
         trace.add(f"embed {task}", ckpt.revision)
-        time.sleep(EMBED_S)
+        # Computing, with the GPU held: the other checkpoint's load must be able to end meanwhile.
+        overlapped.append(loaded["B" if ckpt.revision == "A" else "A"].wait(OVERLAP_WITHIN_S))
         trace.add(f"embedded {task}", ckpt.revision)
         return f"/embeddings/{ckpt.revision}/{task}"
 
@@ -74,14 +79,13 @@ def test_a_worker_loads_the_next_checkpoint_while_the_current_one_computes(monke
     for t in threads:
         t.start()
     for t in threads:
-        t.join(timeout=30)
+        t.join(timeout=2 * OVERLAP_WITHIN_S + 30)
 
     assert {c: d.embeddings for c, d in done.items()} == {
         c: {t: f"/embeddings/{c}/{t}" for t in ("T1", "T2")} for c in ("A", "B")
     }
-    first, second = sorted("AB", key=lambda c: trace.time_of("embed T1", c))
-    # the second checkpoint's load ended before the first one's forward passes did: it overlapped them
-    assert trace.time_of("loaded", second) < trace.time_of("embedded T2", first)
+    # each checkpoint's forward passes saw the other's load end: no load waited for the other's compute
+    assert overlapped == [True] * 4, overlapped
     # forward passes never overlap, and one model at a time was on the device
     computes = sorted((trace.time_of(f"embed {t}", c), trace.time_of(f"embedded {t}", c))
                       for c in "AB" for t in ("T1", "T2"))  # fmt: skip
