@@ -76,6 +76,32 @@ def demo_repo(hub: Path) -> str:
     return DEMO_REPO
 
 
+# --- the order of the test files -------------------------------------------------------------------
+# pytest-xdist hands whole files to its workers in collection order (`make test`: --dist loadfile
+# --no-loadscope-reorder): the longest files go first, so the run does not end waiting on one of them
+# started last. Measured (docs/development.md); a file not listed keeps its place after these. Only
+# the order changes; within a file, tests run as written.
+LONGEST_FIRST = (
+    "tests/test_scale.py",
+    "tests/test_slurm.py",
+    "tests/test_scale_retry.py",
+    "tests/test_signals.py",
+    "tests/test_orchestration_slurm.py",
+    "tests/test_faults.py",
+    "tests/test_flow_promises.py",
+    "tests/test_flow.py",
+    "tests/test_shared_store.py",
+    "tests/test_offline.py",
+    "tests/test_embedded.py",
+    "tests/test_deployment.py",
+)
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.nodeid.split("::")[0], len(rank)))  # stable: files stay whole
+
+
 # --- a guarantee test that skips fails the run under CI=true ---------------------------------------
 # The Guarantees table (docs/guarantees.md) names the test that proves each guarantee; some need a real
 # SLURM, root or Chromium and skip without them. Locally a skip is fine; in CI (CI=true) it would be a
@@ -154,8 +180,71 @@ def warm_scoring_pool():
 
 @pytest.fixture
 def prefect_api(prefect_server, warm_scoring_pool):
-    """This process's flows and Prefect client on the session's server for one test; yields the server."""
+    """This process's flows and Prefect client on the session's server for one test; yields the server.
+    A setting of the test's context: a thread the test starts itself sees it when it runs in a copy
+    of that context (`contextvars.copy_context().run`); Prefect's own task threads do."""
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
     with temporary_settings(updates={PREFECT_API_URL: prefect_server.api}):
         yield prefect_server
+
+
+# --- where the suite's time goes (docs/development.md) ---------------------------------------------
+# With LAYERTIME_TEST_CPU=<file>, each test's CPU seconds (setup, call, teardown) are appended to
+# <file>: this process's, its reaped children's and its live descendants' (the session's server and
+# scoring processes, a `layertime run` subprocess), read from /proc; SLURM jobs are slurmd's, not ours.
+# The summary lists the files by CPU seconds. Under pytest-xdist each worker appends its own lines.
+
+
+def _tree_cpu_s() -> float:
+    import resource
+
+    used = sum(
+        r.ru_utime + r.ru_stime
+        for r in (resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN))
+    )
+    parents, ticks = {}, {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                fields = Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue  # ended meanwhile
+            parents[int(entry)] = int(fields[1])
+            ticks[int(entry)] = sum(int(f) for f in fields[11:15])  # utime, stime, cutime, cstime
+    below = {os.getpid()}
+    for _ in range(16):  # descendants, level by level
+        below |= {pid for pid, parent in parents.items() if parent in below}
+    return used + sum(ticks[pid] for pid in below - {os.getpid()}) / os.sysconf("SC_CLK_TCK")
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_protocol(item: pytest.Item, nextitem: pytest.Item | None):
+    report = os.environ.get("LAYERTIME_TEST_CPU")
+    if not report:
+        yield
+        return
+    import time
+
+    cpu, wall = _tree_cpu_s(), time.monotonic()
+    yield
+    cpu, wall = _tree_cpu_s() - cpu, time.monotonic() - wall
+    with open(report, "a") as out:
+        out.write(f"{item.nodeid}\t{cpu:.2f}\t{wall:.2f}\n")
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus: int, config: pytest.Config) -> None:
+    report = os.environ.get("LAYERTIME_TEST_CPU")
+    if not report or os.environ.get("PYTEST_XDIST_WORKER") or not Path(report).exists():
+        return
+    by_file: dict[str, list[float]] = {}
+    for line in Path(report).read_text().splitlines():
+        nodeid, cpu, wall = line.split("\t")
+        totals = by_file.setdefault(nodeid.split("::")[0], [0.0, 0.0])
+        totals[0] += float(cpu)
+        totals[1] += float(wall)
+    terminalreporter.section("CPU seconds by test file (LAYERTIME_TEST_CPU)")
+    for name, (cpu, wall) in sorted(by_file.items(), key=lambda kv: -kv[1][0]):
+        terminalreporter.write_line(f"{cpu:8.1f} CPU-s {wall:8.1f} s  {name}")
+    total = sum(cpu for cpu, _ in by_file.values())
+    terminalreporter.write_line(f"{total:8.1f} CPU-s in all")

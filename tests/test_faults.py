@@ -20,7 +20,7 @@ import polars as pl
 import prefect_runs  # tests/prefect_runs.py
 import pytest
 import test_slurm  # the module beside this one: the real single-node SLURM's fixtures and helpers
-import yaml
+from specs import demo_spec_file  # tests/specs.py
 from typer.testing import CliRunner
 
 from flows.commands import app
@@ -33,17 +33,9 @@ GRID, UNITS, needs_slurm = test_slurm.GRID, test_slurm.UNITS, test_slurm.needs_s
 
 
 ROOT = Path(__file__).resolve().parents[1]
-DEMO = yaml.safe_load((ROOT / "deployments/demo.yaml").read_text())
 
 
-def _spec_file(tmp_path: Path, hub: Path, name: str = "spec.yaml", **fields) -> Path:
-    """The demo spec, small (no metrics), its run root under tmp_path/run; `fields` replace its fields."""
-    data = {**DEMO, "run_root": str(tmp_path / "run/demo"), "hf_cache": str(hub), "checkpoints": ["step1000"],
-            "layers": [1, 3], "tasks": ["DemoSTS"], "metrics": None}  # fmt: skip
-    data.update(fields)
-    path = tmp_path / name
-    path.write_text(yaml.safe_dump(data, sort_keys=False))
-    return path
+_spec_file = demo_spec_file  # the demo spec, small (no metrics), its run root tmp_path/run/demo
 
 
 def _cli(*args: str):

@@ -4,6 +4,7 @@ way, `gpu` tasks overlap and scoring starts as soon as a checkpoint's GPU work e
 watched, and `--plain` loads each checkpoint once. Flow-level: real flow runs through Dask under a
 real Prefect server (the session's), task-run states and timestamps read back from the API."""
 
+import contextvars
 import json
 import shutil
 import threading
@@ -16,6 +17,7 @@ from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey, LogFilter, LogFilterTaskRunId
 from prefect.client.schemas.sorting import ArtifactSort
 from prefect_runs import artifact, task_runs  # tests/prefect_runs.py
+from specs import demo_overrides  # tests/specs.py
 
 from flows.layer_by_layer import UnitsFailed, layer_by_layer
 from layertime import fastmteb, pipeline
@@ -37,8 +39,7 @@ def _unit_runs(runs: dict) -> list[str]:
 
 
 def _grid(tmp_path: Path, hub: Path, **fields) -> dict:
-    return {"run_root": str(tmp_path / "demo"), "hf_cache": str(hub), "checkpoints": ["step1000"],
-            "layers": [2, 3], "tasks": ["DemoSTS"], "metrics": None, **fields}  # fmt: skip
+    return demo_overrides(tmp_path, hub, **{"layers": [2, 3], **fields})
 
 
 def _rows(record: Path) -> list[dict]:
@@ -173,8 +174,12 @@ class _Watcher(threading.Thread):
     def __init__(self, since) -> None:
         super().__init__(daemon=True)
         self.since, self.seen, self.stop = since, [], threading.Event()
+        self.context = contextvars.copy_context()  # the test's Prefect settings: the server its flows use
 
     def run(self) -> None:
+        self.context.run(self._watch)
+
+    def _watch(self) -> None:
         with get_client(sync_client=True) as client:
             while not self.stop.wait(0.3):
                 found = client.read_artifacts(

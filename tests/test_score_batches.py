@@ -11,6 +11,7 @@ import polars as pl
 import pytest
 from prefect.client.orchestration import get_client
 from prefect_runs import artifact, task_runs  # tests/prefect_runs.py
+from specs import demo_overrides  # tests/specs.py
 
 from flows.layer_by_layer import LAYERS_PER_SCORE_TASK, UnitsFailed, layer_by_layer
 from layertime import pipeline
@@ -24,8 +25,7 @@ pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("prefect_api")]
 
 def _grid(tmp_path: Path, hub: Path) -> dict:
     # The demo model's 4 blocks: one batch of LAYERS_PER_SCORE_TASK per (checkpoint, task).
-    return {"run_root": str(tmp_path / "demo"), "hf_cache": str(hub), "checkpoints": ["step1000"],
-            "layers": [0, 1, 2, 3], "tasks": TASKS, "metrics": None}  # fmt: skip
+    return demo_overrides(tmp_path, hub, layers=[0, 1, 2, 3], tasks=TASKS)
 
 
 def _score_runs(flow_run_id) -> dict:

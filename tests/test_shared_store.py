@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 import pytest
-import yaml
+from specs import demo_spec_file  # tests/specs.py
 
 from layertime import claims, pipeline
 from layertime.checkpoints import Checkpoint
@@ -33,12 +33,8 @@ TASKS = ["DemoSTS", "DemoClassification", "DemoPairClassification"]
 
 
 def _spec(tmp_path: Path, hub: Path, name: str, **fields) -> Path:
-    data = yaml.safe_load((ROOT / "deployments/demo.yaml").read_text())
-    data.update(name=name, run_root=str(tmp_path / name), store=str(tmp_path / "store"), hf_cache=str(hub),
-                tasks=TASKS, metrics=None, **fields)  # fmt: skip
-    path = tmp_path / f"{name}.yaml"
-    path.write_text(yaml.safe_dump(data, sort_keys=False))
-    return path
+    return demo_spec_file(tmp_path, hub, f"{name}.yaml", name=name, run_root=str(tmp_path / name),
+                          store=str(tmp_path / "store"), tasks=TASKS, **fields)  # fmt: skip
 
 
 def _start(spec: Path, log: Path, executor: str = "--plain", server=None) -> subprocess.Popen:

@@ -23,12 +23,11 @@ from pathlib import Path
 
 import polars as pl
 import pytest
-import yaml
+from specs import demo_spec_file  # tests/specs.py
 
 pytestmark = pytest.mark.slow
 
 ROOT = Path(__file__).resolve().parents[1]
-DEMO = yaml.safe_load((ROOT / "deployments/demo.yaml").read_text())
 TASKS = ["DemoSTS", "DemoClassification"]
 UNITS = 1 * 4 * len(TASKS)  # checkpoints x blocks x tasks: one checkpoint, every block, no metrics
 STARTED_WITHIN_S = 600  # the loaded machine: generous
@@ -55,11 +54,7 @@ _RUN_HOLDING = "import sys, signal_hold; from flows.commands import app; sys.arg
 
 def _spec_file(tmp_path: Path, hub: Path) -> Path:
     """The demo spec on one checkpoint, every block, two tasks, no metrics; its run root under tmp_path."""
-    data = {**DEMO, "run_root": str(tmp_path / "run/demo"), "hf_cache": str(hub), "metrics": None,
-            "checkpoints": ["step1000"], "layers": "all", "tasks": TASKS}  # fmt: skip
-    path = tmp_path / "spec.yaml"
-    path.write_text(yaml.safe_dump(data, sort_keys=False))
-    return path
+    return demo_spec_file(tmp_path, hub, layers="all", tasks=TASKS)
 
 
 def _start(spec: Path, tmp_path: Path, name: str, *args: str, server=None, hold: bool = False,
