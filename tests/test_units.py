@@ -93,3 +93,16 @@ def test_a_worker_loads_the_next_checkpoint_while_the_current_one_computes(monke
         end <= next_start for (_, end), (next_start, _) in zip(computes[:-1], computes[1:], strict=True)
     )
     assert trace.most_on_device == 1 and trace.on_device == 0
+
+
+def test_flow_runs_of_one_process_share_a_kept_pool_of_their_size_and_no_other():
+    with units.keep_scoring_processes(2) as kept:
+        for _ in range(2):  # two flow runs, one after the other
+            with units.scoring_pool(2):
+                assert units._POOL[-1] is kept  # scored in the kept processes...
+            assert not kept._closed  # ...which outlive the flow run
+        with units.scoring_pool(1):  # another size: a pool of its own, closed with its flow run
+            own = units._POOL[-1]
+            assert own is not kept and own.processes == 1
+        assert own._closed and not kept._closed and units._POOL == []
+    assert kept._closed and units._KEPT == {}
