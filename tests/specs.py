@@ -3,7 +3,7 @@
 - `demo_fields(tmp_path, hub, **fields)`: the demo spec's fields on SMALL (one checkpoint, blocks 1 and
   3, DemoSTS, no metrics), its run root `tmp_path/run/demo` (the store beside it, `tmp_path/run/store`),
   reading the session's `hub`; `fields` replace any of them.
-- `demo_spec_file(tmp_path, hub, name="spec.yaml", **fields)`: the same, written to `tmp_path/name`
+- `demo_spec_file(tmp_path, hub, filename="spec.yaml", **fields)`: the same, written to `tmp_path/filename`
   (for `layertime run`, `plan`, `verify`).
 - `demo_overrides(tmp_path, hub, **fields)`: SMALL as `overrides` of an in-process flow run of
   deployments/demo.yaml (`layer_by_layer(DEMO_SPEC, overrides=...)`), its run root `tmp_path/demo`.
@@ -27,9 +27,9 @@ def demo_fields(tmp_path: Path, hub: Path, **fields: Any) -> dict[str, Any]:
     return {**DEMO, "run_root": str(tmp_path / "run/demo"), "hf_cache": str(hub), **SMALL, **fields}
 
 
-def demo_spec_file(tmp_path: Path, hub: Path, name: str = "spec.yaml", **fields: Any) -> Path:
-    """`demo_fields(tmp_path, hub, **fields)` written to `tmp_path/name`."""
-    path = tmp_path / name
+def demo_spec_file(tmp_path: Path, hub: Path, filename: str = "spec.yaml", **fields: Any) -> Path:
+    """`demo_fields(tmp_path, hub, **fields)` written to `tmp_path/filename`."""
+    path = tmp_path / filename
     path.write_text(yaml.safe_dump(demo_fields(tmp_path, hub, **fields), sort_keys=False))
     return path
 
