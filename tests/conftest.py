@@ -187,6 +187,18 @@ def prefect_api(prefect_server, warm_scoring_pool):
 
     with temporary_settings(updates={PREFECT_API_URL: prefect_server.api}):
         yield prefect_server
+        _drain_prefect_workers()
+
+
+def _drain_prefect_workers() -> None:
+    """Send the logs and events this process still holds, while the server is known: a worker left
+    holding them tries again later, at a server that is gone (as prefect_test_harness drains)."""
+    from prefect.events.worker import EventsWorker
+    from prefect.logging.handlers import APILogHandler
+    from prefect.utilities.asyncutils import run_coro_as_sync
+
+    run_coro_as_sync(APILogHandler.aflush())
+    EventsWorker.drain_all()
 
 
 # --- where the suite's time goes (docs/development.md) ---------------------------------------------
