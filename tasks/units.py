@@ -162,12 +162,16 @@ def keep_scoring_processes(processes: int) -> Iterator[ScoringPool]:
     its processes and the tasks they loaded, instead of spawning its own that import mteb again
     (~4.5 CPU-s each). A score does not depend on what its process did before (docs/guarantees.md,
     tests/test_reproducible.py). A flow run asking for another size starts a pool of its own."""
+    outer = _KEPT.get(processes)  # a context around this one keeps its own again after it
     with ScoringPool(processes) as pool:
         _KEPT[processes] = pool
         try:
             yield pool
         finally:
-            del _KEPT[processes]
+            if outer is None:
+                del _KEPT[processes]
+            else:
+                _KEPT[processes] = outer
 
 
 def _in_scoring_process(fn: Any, *args: Any) -> Any:

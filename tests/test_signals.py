@@ -124,8 +124,10 @@ def _of_run(pid: int, marker: str) -> dict[int, str]:
         return False
 
     mark = f"LAYERTIME_TEST_RUN={marker}".encode()
-    return {p: f"{i['state']} {i['cmd']}" for p, i in procs.items()
-            if i["sid"] == pid or i["pgid"] == pid or below(p) or mark in i["environ"]}  # fmt: skip
+    # A zombie (Z) has ended: it holds nothing, only its exit status waits for its parent (init, for
+    # an orphan of the stopped run; slow to read it on a loaded machine).
+    return {p: f"{i['state']} {i['cmd']}" for p, i in procs.items() if i["state"] != "Z"
+            and (i["sid"] == pid or i["pgid"] == pid or below(p) or mark in i["environ"])}  # fmt: skip
 
 
 def _score_records(store: Path) -> dict[Path, tuple[int, int]]:

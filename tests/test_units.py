@@ -3,6 +3,7 @@ loads while the current computes. Proved by waiting on events, not by sleeps: th
 forward passes wait for the second checkpoint's load to end, which they can only see if that load
 does not wait for them."""
 
+import os
 import threading
 import time
 from types import SimpleNamespace
@@ -96,13 +97,15 @@ def test_a_worker_loads_the_next_checkpoint_while_the_current_one_computes(monke
 
 
 def test_flow_runs_of_one_process_share_a_kept_pool_of_their_size_and_no_other():
-    with units.keep_scoring_processes(2) as kept:
+    size = 1 + (os.cpu_count() or 1)  # not the size the session's own warm pool keeps
+    before = dict(units._KEPT)
+    with units.keep_scoring_processes(size) as kept:
         for _ in range(2):  # two flow runs, one after the other
-            with units.scoring_pool(2):
+            with units.scoring_pool(size):
                 assert units._POOL[-1] is kept  # scored in the kept processes...
             assert not kept._closed  # ...which outlive the flow run
-        with units.scoring_pool(1):  # another size: a pool of its own, closed with its flow run
+        with units.scoring_pool(size + 1):  # another size: a pool of its own, closed with its flow run
             own = units._POOL[-1]
-            assert own is not kept and own.processes == 1
-        assert own._closed and not kept._closed and units._POOL == []
-    assert kept._closed and units._KEPT == {}
+            assert own is not kept and own.processes == size + 1
+        assert own._closed and not kept._closed and kept not in units._POOL
+    assert kept._closed and units._KEPT == before
