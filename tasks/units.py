@@ -138,21 +138,43 @@ def gpu(work: GpuWork) -> gpu_phase.CheckpointDone:
 
 
 _POOL: list[ScoringPool] = []  # the flow process's scoring processes (local profile), while it runs
+_KEPT: dict[int, ScoringPool] = {}  # pools kept warm across flow runs (keep_scoring_processes), by size
 
 
 @contextlib.contextmanager
 def scoring_pool(processes: int) -> Iterator[None]:
     """Score in `processes` one-thread processes of this process while the context lasts (0: in the
-    calling thread). Dask threads of a local cluster submit to it; SLURM workers score in place."""
+    calling thread). Dask threads of a local cluster submit to it; SLURM workers score in place.
+    A pool of that size kept by `keep_scoring_processes` is used, and left running, if there is one."""
     if not processes:
         yield
         return
-    with ScoringPool(processes) as pool:
+    kept = _KEPT.get(processes)
+    with contextlib.nullcontext(kept) if kept else ScoringPool(processes) as pool:
         _POOL.append(pool)
         try:
             yield
         finally:
             _POOL.remove(pool)
+
+
+@contextlib.contextmanager
+def keep_scoring_processes(processes: int) -> Iterator[ScoringPool]:
+    """Keep one pool of `processes` scoring processes for every flow run of this process that asks for
+    that many while the context lasts (a notebook or a test session running many flows): each reuses
+    its processes and the tasks they loaded, instead of spawning its own that import mteb again
+    (~4.5 CPU-s each). A score does not depend on what its process did before (docs/guarantees.md,
+    tests/test_reproducible.py). A flow run asking for another size starts a pool of its own."""
+    outer = _KEPT.get(processes)  # a context around this one keeps its own again after it
+    with ScoringPool(processes) as pool:
+        _KEPT[processes] = pool
+        try:
+            yield pool
+        finally:
+            if outer is None:
+                del _KEPT[processes]
+            else:
+                _KEPT[processes] = outer
 
 
 def _in_scoring_process(fn: Any, *args: Any) -> Any:

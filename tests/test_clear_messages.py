@@ -25,14 +25,6 @@ def _lines(text: str) -> list[str]:
 # --- a full disk under the flow ---------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def prefect_api():
-    from prefect.testing.utilities import prefect_test_harness
-
-    with prefect_test_harness(server_startup_timeout=180):
-        yield
-
-
 @pytest.mark.slow
 def test_a_full_disk_under_the_flow_ends_with_one_line_naming_the_path_and_the_space_left(
     prefect_api, hub, tmp_path

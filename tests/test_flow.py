@@ -1,13 +1,10 @@
-"""The layer-by-layer flow under a real (temporary) Prefect API, on the tiny offline world."""
+"""The layer-by-layer flow under a real Prefect server (the session's), on the tiny offline world."""
 
-import asyncio
 from pathlib import Path
 
 import polars as pl
 import pytest
-from prefect.client.orchestration import get_client
-from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
-from prefect.testing.utilities import prefect_test_harness
+from prefect_runs import states, task_runs  # tests/prefect_runs.py
 
 from flows.layer_by_layer import NotReady, UnitsFailed, layer_by_layer
 from layertime.bridge import UnexpectedScores
@@ -16,31 +13,12 @@ from layertime.phases import embed, score
 
 ROOT = Path(__file__).resolve().parents[1]
 SPEC = str(ROOT / "deployments/demo.yaml")
-pytestmark = pytest.mark.slow
-
-
-@pytest.fixture(scope="module", autouse=True)
-def prefect_api():
-    with prefect_test_harness(server_startup_timeout=120):
-        yield
-
-
-def _states(flow_run_id) -> dict[str, str]:
-    """Task run name -> state name ('Completed', 'Cached', 'Failed', ...)."""
-
-    async def read():
-        async with get_client() as client:
-            runs = await client.read_task_runs(
-                flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id]))
-            )
-            return {r.name: r.state.name for r in runs}
-
-    return asyncio.run(read())
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("prefect_api")]
 
 
 def _run(overrides: dict):
     state = layer_by_layer(SPEC, overrides=overrides, return_state=True)
-    return state, _states(state.state_details.flow_run_id)
+    return state, states(state.state_details.flow_run_id)
 
 
 _score_unit = score.score_unit
@@ -162,13 +140,8 @@ def test_the_flow_refuses_to_start_when_the_cache_misses_a_checkpoint(hub, tmp_p
 
 
 def _score_runs(flow_run_id) -> list:
-    async def read():
-        async with get_client() as client:
-            return await client.read_task_runs(
-                flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id]))
-            )
-
-    return sorted((r for r in asyncio.run(read()) if r.name.startswith("score[")), key=lambda r: r.start_time)
+    runs = task_runs(flow_run_id).values()
+    return sorted((r for r in runs if r.name.startswith("score[")), key=lambda r: r.start_time)
 
 
 def test_scoring_waits_for_memory_instead_of_overcommitting_it(hub, tmp_path):

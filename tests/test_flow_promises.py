@@ -2,8 +2,9 @@
 completion records are the one truth for "done", a failure anywhere still ends the flow the documented
 way, `gpu` tasks overlap and scoring starts as soon as a checkpoint's GPU work ends, progress can be
 watched, and `--plain` loads each checkpoint once. Flow-level: real flow runs through Dask under a
-temporary Prefect API, task-run states and timestamps read back from the API."""
+real Prefect server (the session's), task-run states and timestamps read back from the API."""
 
+import contextvars
 import json
 import shutil
 import threading
@@ -13,16 +14,10 @@ from pathlib import Path
 import polars as pl
 import pytest
 from prefect.client.orchestration import get_client
-from prefect.client.schemas.filters import (
-    ArtifactFilter,
-    ArtifactFilterKey,
-    FlowRunFilter,
-    FlowRunFilterId,
-    LogFilter,
-    LogFilterTaskRunId,
-)
+from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey, LogFilter, LogFilterTaskRunId
 from prefect.client.schemas.sorting import ArtifactSort
-from prefect.testing.utilities import prefect_test_harness
+from prefect_runs import artifact, task_runs  # tests/prefect_runs.py
+from specs import demo_overrides  # tests/specs.py
 
 from flows.layer_by_layer import UnitsFailed, layer_by_layer
 from layertime import fastmteb
@@ -36,22 +31,9 @@ SPEC = str(ROOT / "deployments/demo.yaml")
 PROGRESS_KEY = "layer-by-layer-progress"
 
 
-@pytest.fixture(scope="module")
-def prefect_api():
-    with prefect_test_harness(server_startup_timeout=120):
-        yield
-
-
-def _task_runs(flow_run_id) -> dict:
-    """Task run name -> task run (state, start and end times) of one flow run, from the API."""
-    with get_client(sync_client=True) as client:
-        runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
-    return {r.name: r for r in runs}
-
-
 def _run(overrides: dict, cluster_overrides: dict | None = None):
     state = layer_by_layer(SPEC, overrides=overrides, cluster_overrides=cluster_overrides, return_state=True)
-    return state, _task_runs(state.state_details.flow_run_id)
+    return state, task_runs(state.state_details.flow_run_id)
 
 
 def _unit_runs(runs: dict) -> list[str]:
@@ -59,8 +41,7 @@ def _unit_runs(runs: dict) -> list[str]:
 
 
 def _grid(tmp_path: Path, hub: Path, **fields) -> dict:
-    return {"run_root": str(tmp_path / "demo"), "hf_cache": str(hub), "checkpoints": ["step1000"],
-            "layers": [2, 3], "tasks": ["DemoSTS"], "metrics": None, **fields}  # fmt: skip
+    return demo_overrides(tmp_path, hub, **{"layers": [2, 3], **fields})
 
 
 def _rows(record: Path) -> list[dict]:
@@ -155,7 +136,7 @@ def test_an_unexpected_error_in_a_recording_fails_only_its_units_by_name(
     assert runs["score[step1000 · DemoClassification · L3]"].state.name == "Completed"
     scores = pl.read_parquet(tmp_path / "demo/tables/scores.parquet")  # the tables of what exists
     assert scores.select("task", "layer").rows() == [("DemoClassification", 3)]
-    progress = _artifacts(state.state_details.flow_run_id)
+    progress = artifact(state.state_details.flow_run_id)
     assert progress.description == "1/2 units scored, 1 failed; 1/1 (checkpoint, task) embedded"
 
 
@@ -189,23 +170,18 @@ def test_the_mteb_guard_is_computed_once_per_process_whatever_the_threads(monkey
     assert len(calls) == 1  # and never again
 
 
-def _artifacts(flow_run_id):
-    with get_client(sync_client=True) as client:
-        found = client.read_artifacts(
-            artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=[PROGRESS_KEY])),
-            sort=ArtifactSort.CREATED_DESC,
-        )
-    return next(a for a in found if a.flow_run_id == flow_run_id)
-
-
 class _Watcher(threading.Thread):
     """Reads the newest progress artifact from the API while a flow runs: (time, percent, description)."""
 
     def __init__(self, since) -> None:
         super().__init__(daemon=True)
         self.since, self.seen, self.stop = since, [], threading.Event()
+        self.context = contextvars.copy_context()  # the test's Prefect settings: the server its flows use
 
     def run(self) -> None:
+        self.context.run(self._watch)
+
+    def _watch(self) -> None:
         with get_client(sync_client=True) as client:
             while not self.stop.wait(0.3):
                 found = client.read_artifacts(
@@ -269,7 +245,7 @@ def test_gpu_tasks_overlap_scoring_starts_as_a_checkpoint_ends_and_progress_move
     # Moving: units embedded and scored change what it says (updates are at most every 2 s, so a
     # quick run may score every unit between two of them: the percent alone can jump 0 -> 100).
     assert values == sorted(values) and len({(p, d) for _, p, d in watcher.seen}) >= 3
-    final = _artifacts(state.state_details.flow_run_id)
+    final = artifact(state.state_details.flow_run_id)
     assert (
         final.data == 100.0
         and final.description == "16/16 units scored, 0 failed; 8/8 (checkpoint, task) embedded"

@@ -28,7 +28,8 @@ import polars as pl
 import psutil
 import pytest
 import yaml
-from test_faults import DEMO, ROOT, _cli
+from specs import DEMO, ROOT  # tests/specs.py
+from test_faults import _cli
 
 from layertime import claims, leftovers
 

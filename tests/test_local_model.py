@@ -12,7 +12,8 @@ from pathlib import Path
 import polars as pl
 import pytest
 import yaml
-from test_faults import DEMO, _cli  # the in-process CLI of the tests beside this one
+from specs import DEMO  # tests/specs.py
+from test_faults import _cli  # the in-process CLI of the tests beside this one
 
 from layertime import checkpoints
 from layertime.demo.model import DEMO_REPO

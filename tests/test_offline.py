@@ -220,9 +220,19 @@ def test_select_model_files_prefers_safetensors_and_takes_the_tokenizer() -> Non
 
 
 @pytest.mark.slow
-def test_verify_passes_offline_and_never_calls_the_hub(served, fetched) -> None:
+def test_verify_passes_offline_and_never_calls_the_hub(served, fetched, monkeypatch) -> None:
+    import huggingface_hub.constants
+
     spec_path, _ = fetched
-    assert os.environ["HF_HUB_OFFLINE"] == "1"
+    # The hub is reachable here (huggingface_hub's endpoint is the stand-in's): offline, a request any
+    # code path still sent would reach it and be counted.
+    monkeypatch.setenv("HF_ENDPOINT", served.endpoint)
+    monkeypatch.setattr(huggingface_hub.constants, "ENDPOINT", served.endpoint)
+    monkeypatch.setattr(
+        huggingface_hub.constants,
+        "HUGGINGFACE_CO_URL_TEMPLATE",
+        served.endpoint + "/{repo_id}/resolve/{revision}/{filename}",
+    )
     served.reset_counters()
     items = verify.verify(_spec(spec_path), spec_path=spec_path)
     assert sum(served.requests.values()) == 0

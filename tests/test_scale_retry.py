@@ -17,7 +17,6 @@ import os
 import sys
 from pathlib import Path
 
-import httpx
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -69,15 +68,9 @@ def _records(store: Path) -> dict[Path, tuple[int, bytes]]:
 
 def _attempts(server: orch.Server, flow_run: str) -> dict[int, list[str]]:
     """Task-run names of `flow_run` by the flow run's attempt that made them (flow_run_run_count)."""
-    runs: list[dict] = []
-    with httpx.Client(base_url=server.api, timeout=120) as client:
-        while True:
-            page = client.post("/task_runs/filter", json={
-                "flow_runs": {"id": {"any_": [flow_run]}}, "sort": "ID_DESC", "limit": 200, "offset": len(runs)})  # fmt: skip
-            page.raise_for_status()
-            runs += page.json()
-            if len(page.json()) < 200:
-                break
+    runs = orch.read_all(
+        server.api, "/task_runs/filter", {"flow_runs": {"id": {"any_": [flow_run]}}, "sort": "ID_DESC"}
+    )
     by_attempt: dict[int, list[str]] = {}
     for r in runs:
         by_attempt.setdefault(r["flow_run_run_count"], []).append(r["name"])

@@ -10,9 +10,8 @@ from pathlib import Path
 import polars as pl
 import pytest
 from prefect.client.orchestration import get_client
-from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey, FlowRunFilter, FlowRunFilterId
-from prefect.client.schemas.sorting import ArtifactSort
-from prefect.testing.utilities import prefect_test_harness
+from prefect_runs import artifact, task_runs  # tests/prefect_runs.py
+from specs import demo_overrides  # tests/specs.py
 
 from flows.layer_by_layer import LAYERS_PER_SCORE_TASK, UnitsFailed, layer_by_layer
 from layertime.bridge import UnexpectedScores
@@ -21,26 +20,17 @@ from layertime.phases import score
 ROOT = Path(__file__).resolve().parents[1]
 SPEC = str(ROOT / "deployments/demo.yaml")
 TASKS = ["DemoSTS", "DemoClassification"]
-pytestmark = pytest.mark.slow
-
-
-@pytest.fixture(scope="module", autouse=True)
-def prefect_api():
-    with prefect_test_harness(server_startup_timeout=120):
-        yield
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("prefect_api")]
 
 
 def _grid(tmp_path: Path, hub: Path) -> dict:
     # The demo model's 4 blocks: one batch of LAYERS_PER_SCORE_TASK per (checkpoint, task).
-    return {"run_root": str(tmp_path / "demo"), "hf_cache": str(hub), "checkpoints": ["step1000"],
-            "layers": [0, 1, 2, 3], "tasks": TASKS, "metrics": None}  # fmt: skip
+    return demo_overrides(tmp_path, hub, layers=[0, 1, 2, 3], tasks=TASKS)
 
 
 def _score_runs(flow_run_id) -> dict:
     """Score task run name -> task run (state, run count), from the API."""
-    with get_client(sync_client=True) as client:
-        runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
-    return {r.name: r for r in runs if r.name.startswith("score[")}
+    return {n: r for n, r in task_runs(flow_run_id).items() if n.startswith("score[")}
 
 
 def _state_history(task_run) -> list:
@@ -49,12 +39,7 @@ def _state_history(task_run) -> list:
 
 
 def _progress(flow_run_id) -> str:
-    with get_client(sync_client=True) as client:
-        found = client.read_artifacts(
-            artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["layer-by-layer-progress"])),
-            sort=ArtifactSort.CREATED_DESC,
-        )
-    return next(a for a in found if a.flow_run_id == flow_run_id).description
+    return artifact(flow_run_id).description
 
 
 def _records(store: Path, task: str) -> dict[int, Path]:

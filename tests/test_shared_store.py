@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 import pytest
-import yaml
+from specs import demo_spec_file  # tests/specs.py
 
 from layertime import claims, records
 from layertime.checkpoints import Checkpoint
@@ -38,23 +38,18 @@ TASKS = ["DemoSTS", "DemoClassification", "DemoPairClassification"]
 
 
 def _spec(tmp_path: Path, hub: Path, name: str, **fields) -> Path:
-    data = yaml.safe_load((ROOT / "deployments/demo.yaml").read_text())
-    data.update(name=name, run_root=str(tmp_path / name), store=str(tmp_path / "store"), hf_cache=str(hub),
-                tasks=TASKS, metrics=None, **fields)  # fmt: skip
-    path = tmp_path / f"{name}.yaml"
-    path.write_text(yaml.safe_dump(data, sort_keys=False))
-    return path
+    return demo_spec_file(tmp_path, hub, f"{name}.yaml", name=name, run_root=str(tmp_path / name),
+                          store=str(tmp_path / "store"), tasks=TASKS, **fields)  # fmt: skip
 
 
-def _start(spec: Path, log: Path, executor: str = "--plain") -> subprocess.Popen:
-    """`layertime run --plain SPEC`, or the flow (`executor` "flow") on an embedded Prefect of its own."""
-    clean = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
+def _start(spec: Path, log: Path, executor: str = "--plain", server=None) -> subprocess.Popen:
+    """`layertime run --plain SPEC`, or the flow (`executor` "flow") on the Prefect `server`."""
     env = {
-        **clean,
+        **{k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")},
         "PYTHONPATH": str(ROOT),
         "HF_HUB_OFFLINE": "1",
         "PREFECT_HOME": str(log.with_suffix(".prefect")),
-        "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "300",  # a loaded machine starts it slowly
+        **({"PREFECT_API_URL": server.api} if server is not None else {}),
     }
     args = ["--plain"] if executor == "--plain" else []
     with open(log, "w") as out:
@@ -77,11 +72,11 @@ def _rows(root: Path) -> pl.DataFrame:
 
 @pytest.mark.slow
 @pytest.mark.parametrize("executor", ["--plain", "flow"])
-def test_two_runs_sharing_a_store_at_once_lose_no_unit(executor, hub, tmp_path):
+def test_two_runs_sharing_a_store_at_once_lose_no_unit(executor, hub, prefect_server, tmp_path):
     checkpoints = ["step1000", "step2000", "step3000"]
     a = _spec(tmp_path, hub, "a", checkpoints=checkpoints, layers="all")
     b = _spec(tmp_path, hub, "b", checkpoints=checkpoints, layers=[1, 2, 3])
-    runs = {"a": _start(a, tmp_path / "a.log", executor)}
+    runs = {"a": _start(a, tmp_path / "a.log", executor, prefect_server)}
     try:
         if executor == "flow":  # the flow embeds a checkpoint's tasks at once, then scores them for minutes
             _wait_for_embeddings(tmp_path / "store", runs["a"], tmp_path / "a.log")

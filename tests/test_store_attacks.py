@@ -160,14 +160,6 @@ def test_plain_rejects_each_planted_file_in_one_line_and_heals_in_the_same_run(
     )
 
 
-@pytest.fixture(scope="module")
-def prefect_api():
-    from prefect.testing.utilities import prefect_test_harness
-
-    with prefect_test_harness(server_startup_timeout=180):
-        yield
-
-
 def _flow_logs(flow_run_id, *expected: str) -> list[str]:
     """Every log line of the flow run and its task runs, once they hold each of `expected`."""
     import time
