@@ -21,10 +21,12 @@ pid alone left the server, the scoring processes and multiprocessing's resource 
   `scancel`s its SLURM jobs and marks its Prefect flow run; flows/guard.py), every descendant process
   is killed (SIGKILL, repeated until none is left, so a process started meanwhile goes too) and
   reaped, multiprocessing's named semaphores are unlinked (the killed resource tracker would have),
-  `describe()`'s line is printed, and the process exits at once with 128 + the signal (130, 143): no
-  finally block runs. Nothing is lost by that: every finished unit has its completion record, a
-  half-written temp is removed by the next write of its target (io.py), and the run-root lock is an
-  flock that the kernel releases with the process.
+  the run's temp directories are removed (their atexit removal would not run), `describe()`'s line
+  is printed, and the process exits at once with 128 + the signal (130, 143): no finally block runs.
+  Nothing is lost by that: every finished unit has its completion record, a half-written temp is
+  removed by the next write of its target (io.py), and the run-root lock is an flock that the
+  kernel releases with the process.
+- SIGKILL, which no handler sees, is the watchdog's (layertime/watchdog.py): the run is `watched()`.
 
 `stop_now` is also how a flow run stops when it is cancelled in Prefect or its worker dies
 (flows/guard.py): the same steps, from any thread.
@@ -42,6 +44,9 @@ import time
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import TypeVar
+
+from layertime import leftovers
+from layertime.watchdog import watched
 
 T = TypeVar("T")
 
@@ -72,11 +77,12 @@ def run_stoppably(work: Callable[[], T], describe: Callable[[], str]) -> T:
         except BaseException as e:  # noqa: BLE001 -- re-raised in the main thread below
             outcome["error"] = e
 
-    thread = threading.Thread(target=target, name="layertime-run")
-    thread.start()
     try:
-        while thread.is_alive():
-            thread.join(0.5)  # a timed wait: signal handlers run between waits
+        with watched():  # a SIGKILL of this process kills the run's processes too (watchdog.py)
+            thread = threading.Thread(target=target, name="layertime-run")
+            thread.start()
+            while thread.is_alive():
+                thread.join(0.5)  # a timed wait: signal handlers run between waits
     finally:
         _OWNER.clear()
         for s, handler in previous.items():
@@ -131,8 +137,9 @@ def stop_now(state: str, reason: str, code: int, describe: Callable[[], str] | N
         for hook in list(_HOOKS):
             with contextlib.suppress(Exception):
                 hook(state, reason)
-        kill_descendants()
+        kill_descendants()  # the watchdog among them: this stop does its work
         _unlink_semaphores()
+        leftovers.remove_dead_temp_dirs(owner_pid=os.getpid())  # os._exit skips their atexit removal
         line = describe() if describe is not None else ""
         lead = "" if _at_line_start(stderr) else "\n"  # below a progress bar, not on it
     except Exception as e:  # noqa: BLE001 -- the stop goes on: the line says what went wrong

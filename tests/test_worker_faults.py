@@ -58,25 +58,28 @@ def _hold():
             time.sleep(0.2)
 
 if _at:
-    from layertime import pipeline
+    from layertime.phases import embed, score
     if _at == "embed":
-        _save = pipeline.save_array
+        _save = embed.save_array
         def save_array(path, array):
             _hold()
             _save(path, array)
-        pipeline.save_array = save_array
+        embed.save_array = save_array
     else:
-        _score, _task = pipeline.score_unit, _at.split(":", 1)[1]
-        def score_unit(run, settings, ckpt, task, *args, **kwargs):
+        _score, _task = score.score_unit, _at.split(":", 1)[1]
+        def score_unit(ctx, ckpt, task, *args, **kwargs):
             if task == _task:
                 _hold()
-            return _score(run, settings, ckpt, task, *args, **kwargs)
-        pipeline.score_unit = score_unit
+            return _score(ctx, ckpt, task, *args, **kwargs)
+        score.score_unit = score_unit
 """
 
 
 class Api:
-    """The module's Prefect server (on SQLite in its own home); `restart` keeps its port and database."""
+    """The module's Prefect server (on SQLite in its own home); `restart` keeps its port and database.
+
+    Not the session's `prefect_server`: one test here restarts the server (the worker's cancellation
+    observer must survive it), which would break every other test of the session that uses it."""
 
     def __init__(self, home: Path) -> None:
         self.home, self.port = home, orch.free_port()
@@ -212,10 +215,11 @@ class Lab:
 
 
 @pytest.fixture
-def lab(api, tmp_path, hub, request):
-    lab = Lab(api, tmp_path, hub, request.param)
-    yield lab
-    lab.close()
+def lab(api, exclusive, tmp_path, hub, request):
+    with exclusive("slurm"):  # the single node's CPUs: another test's jobs would queue ours (conftest.py)
+        lab = Lab(api, tmp_path, hub, request.param)
+        yield lab
+        lab.close()
 
 
 def _records(store: Path) -> dict[Path, tuple[int, int]]:
