@@ -278,7 +278,9 @@ def _prefect_console_on_a_live_stream():
     """Prefect's logging set-up gives its console handlers the stderr of the moment: inside a CliRunner
     invocation that is the runner's stream, closed when the invocation ends. A warning a later test
     logs (a rejected store file, say) would then print a "--- Logging error ---" traceback into that
-    test's output. Not a problem of a real process, whose stderr stays open: put them back on it."""
+    test's output. Not a problem of a real process, whose stderr stays open: put them back on it. The
+    same holds for distributed's own stderr handler when the first `import distributed` of the session
+    happens inside an invocation (the SLURM commands import it lazily)."""
     yield
     import logging
     import sys
@@ -286,6 +288,6 @@ def _prefect_console_on_a_live_stream():
     for logger in [logging.getLogger(), *logging.Logger.manager.loggerDict.values()]:
         for handler in getattr(logger, "handlers", []):
             if isinstance(handler, logging.StreamHandler) and getattr(handler.stream, "closed", False):
-                handler.setStream(sys.__stderr__)
+                handler.stream = sys.__stderr__  # not setStream: it flushes the closed stream first
                 if hasattr(handler, "console"):  # PrefectConsoleHandler prints through a rich Console
                     handler.console.file = sys.__stderr__
