@@ -294,7 +294,8 @@ def test_a_process_of_a_watched_run_dies_with_its_sigkilled_main_process_even_ou
 def test_under_the_slurm_profile_only_the_schedulers_port_listens_beyond_loopback(tmp_path, monkeypatch):
     """The scheduler lives in the flow's process and the workers on other nodes must reach its port;
     nothing else of it (no dashboard, no HTTP server on 0.0.0.0:8787) may be reachable from them."""
-    from flows.clusters import LayertimeSLURMCluster, cluster_kwargs, load_slurm_settings
+    from flows.clusters import cluster_kwargs, load_slurm_settings
+    from flows.slurm import LayertimeSLURMCluster
 
     for name in [k for k in os.environ if k.startswith("LAYERTIME_SLURM_")]:
         monkeypatch.delenv(name)
