@@ -287,7 +287,10 @@ def _prefect_console_on_a_live_stream():
 
     for logger in [logging.getLogger(), *logging.Logger.manager.loggerDict.values()]:
         for handler in getattr(logger, "handlers", []):
-            if isinstance(handler, logging.StreamHandler) and getattr(handler.stream, "closed", False):
+            if not isinstance(handler, logging.StreamHandler):
+                continue
+            if getattr(handler.stream, "closed", False):
                 handler.stream = sys.__stderr__  # not setStream: it flushes the closed stream first
-                if hasattr(handler, "console"):  # PrefectConsoleHandler prints through a rich Console
-                    handler.console.file = sys.__stderr__
+            console = getattr(handler, "console", None)  # PrefectConsoleHandler prints through a rich Console
+            if console is not None and getattr(console.file, "closed", False):
+                console.file = sys.__stderr__
