@@ -11,7 +11,7 @@ What it measures (figures go to ``benchmarks/RESULTS.md``, machine named; the co
 1. **Per task, one layer, before vs after** — each in a fresh process:
    *before* = datasets' lazy columns and the default BLAS threads (mteb as it comes);
    *after* = ``bridge.prepare_scoring_process(dedicated=True)`` (one BLAS, OpenMP and torch thread, no
-   GPU), list columns (``bridge._as_list_columns``) and ``layertime.fastmteb``'s reranking and metrics,
+   GPU), list columns (``fastmteb.as_list_columns``) and ``layertime.fastmteb``'s reranking and metrics,
    i.e. what ``bridge.score_layers`` does. CPU-seconds, wall seconds, peak memory (ru_maxrss) of the
    scoring process, and whether every main score (and every other score mteb writes) is bit-identical.
 2. **The cost table** — the *after* figures per task, with unique texts and mean text length.
@@ -246,7 +246,7 @@ def build(name: str, scale: float, layer: int = 0) -> Built:
     """
     import numpy as np
 
-    from layertime import bridge, suite
+    from layertime import bridge, fastmteb, suite
 
     started = time.perf_counter()
     task = suite.build_task(name)
@@ -263,7 +263,7 @@ def build(name: str, scale: float, layer: int = 0) -> Built:
     rng = np.random.default_rng([SEED, layer])
     if kind == "Classification":
         recorder = bridge.RecordingEncoder()
-        bridge._as_list_columns(task.dataset)  # recording is not what is timed: take the fast path
+        fastmteb.as_list_columns(task.dataset)  # recording is not what is timed: take the fast path
         bridge._evaluate(recorder, task, None)
         task.dataset = classification_data(task, name)[0]  # fresh lazy columns for the timed run
         label_of = dict(zip(texts, labels, strict=True))
@@ -294,7 +294,7 @@ def warm_up(name: str) -> None:
 
 def measure_task(name: str, mode: str, scale: float) -> dict[str, Any]:
     """Score one layer of `name` in this (fresh) process, `mode` 'before' or 'after' layertime's fixes."""
-    from layertime import bridge
+    from layertime import bridge, fastmteb
 
     if mode == "after":
         bridge.prepare_scoring_process(dedicated=True)
@@ -302,7 +302,7 @@ def measure_task(name: str, mode: str, scale: float) -> dict[str, Any]:
     baseline = peak_gib()
     built = build(name, scale)
     if mode == "after":
-        bridge._as_list_columns(built.task.dataset)
+        fastmteb.as_list_columns(built.task.dataset)
     encoder = bridge.LookupEncoder(
         built.texts, built.vectors, bridge.model_meta("bench/synthetic", "r", DIM, {})
     )
@@ -346,13 +346,13 @@ def pool_init() -> None:
 
 def pool_unit(name: str, layer: int, scale: float) -> dict[str, Any]:
     """Score one (task, layer) in a pool process; task data kept per process (one at a time), as _LOADED does."""
-    from layertime import bridge
+    from layertime import bridge, fastmteb
 
     cpu0 = time.process_time()
     if name not in _POOL_TASKS:
         _POOL_TASKS.clear()
         built = build(name, scale, layer)
-        bridge._as_list_columns(built.task.dataset)
+        fastmteb.as_list_columns(built.task.dataset)
         _POOL_TASKS[name] = built
     built = _POOL_TASKS[name]
     import numpy as np

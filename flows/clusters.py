@@ -118,6 +118,9 @@ class SlurmSettings(BaseModel):
     task_memory_gb: dict[str, int] = Field(
         default_factory=dict, description="scoring memory (GB) of a task, replacing the cost table's figure"
     )
+    task_parts: dict[str, int] = Field(
+        default_factory=dict, description="processes a task's layer is split over, replacing the cost table's"
+    )
 
     @field_validator("walltime", mode="before")
     @classmethod
@@ -197,6 +200,9 @@ class LocalSettings(BaseModel):
     memory_gb: int | None = Field(None, ge=1, description="memory scoring may use (GB); null: 3/4 of RAM")
     task_memory_gb: dict[str, int] = Field(
         default_factory=dict, description="scoring memory (GB) of a task, replacing the cost table's figure"
+    )
+    task_parts: dict[str, int] = Field(
+        default_factory=dict, description="processes a task's layer is split over, replacing the cost table's"
     )
 
     def scoring_workers(self) -> dict[str, int]:
@@ -285,10 +291,18 @@ class Profile:
         return self.slurm.max_jobs if self.slurm else 1
 
     def memory_need(self, task: str, dim: int) -> int:
-        """MEM_GB one scoring process of `task` takes: the profile's figure, else the cost table's."""
+        """MEM_GB one scoring process of `task` takes: the profile's figure, else the cost table's
+        (for a task scored in parts, a part's)."""
         from layertime import costs
 
         return self.settings.task_memory_gb.get(task) or costs.scoring_memory_gb(task, dim)
+
+    def score_parts(self, task: str) -> int:
+        """Processes one layer of `task` is scored in (layertime/scoreparts.py): the profile's figure,
+        else the cost table's (1 for most tasks, MindSmallReranking several)."""
+        from layertime import costs
+
+        return max(1, self.settings.task_parts.get(task) or costs.score_parts(task))
 
     def check_fits(self, tasks: list[str], dim: int) -> dict[str, int]:
         """Each task's MEM_GB, after checking some worker can hold it (else it would wait forever,

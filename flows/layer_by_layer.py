@@ -47,7 +47,7 @@ from prefect.artifacts import (
 
 from flows.clusters import GPU, profile
 from flows.logs import quiet_finished_task_runs
-from layertime import claims, fastmteb, pipeline
+from layertime import claims, fastmteb, pipeline, scoreparts
 from layertime.costs import MODELS_PER_GPU
 from layertime.demo.world import prepare_world
 from layertime.plan import Plan, make_plan
@@ -75,6 +75,24 @@ def score_batches(layers: list[int]) -> list[units.Layers]:
 
 class UnitsFailed(RuntimeError):
     """Some units failed; the message names each one."""
+
+
+class _FailedParts:
+    """The failed parts of a split batch, read as one failed score task run: `result()` raises their
+    errors together (each layer's from every part that failed it)."""
+
+    def __init__(self, errors: list[Exception]) -> None:
+        self.errors = errors
+
+    def result(self) -> None:
+        other = [e for e in self.errors if not isinstance(e, units.LayersFailed)]
+        if other:  # a part that failed as a whole: every layer of the batch is named with its error
+            raise other[0]
+        errors: dict[int, str] = {}
+        for e in self.errors:
+            for layer, error in e.errors.items():
+                errors[layer] = f"{errors[layer]}; {error}" if layer in errors else error
+        raise units.LayersFailed(errors)
 
 
 @flow(name="layer-by-layer")
@@ -107,6 +125,7 @@ def layer_by_layer(
         with where.task_runner() as runner, units.scoring_pool(where.scoring_processes):
             revisions, failures = _record(runner, experiment, plan)
             work = _Units(runner, plan, settings, run, needs, progress, where.gpu_slots * MODELS_PER_GPU)
+            work.parts = {t: where.score_parts(t) for t in plan.tasks}
             failures += work.run(revisions)
             paths = runner.submit(units.merge, {"plan": plan, "settings": settings}).result()
         progress.show(final=True)
@@ -204,6 +223,7 @@ class _Units:
         self.unscored: set[tuple[str, str]] = set()  # (checkpoint key, task) with a failed layer
         self.cleaned = collections.Counter()  # what became of each scored unit's embeddings
         self.claims = claims.Claims()  # the embeddings this run needs, kept from other runs' cleanup
+        self.parts: dict[str, int] = {}  # task -> processes a layer of it is split over (1: whole)
 
     def run(self, revisions: dict[str, str]) -> list[str]:
         """Run every unit not done; the failed ones, named."""
@@ -294,14 +314,43 @@ class _Units:
 
     def _submit_scores(self, unit: units.Unit, embeddings: str) -> None:
         batches = score_batches(self.missing[unit.checkpoint.key, unit.task])
-        with dask.annotate(resources={"MEM_GB": self.needs[unit.task]}):
-            futures = [
-                self.runner.submit(units.score, {"unit": unit, "layers": b, "embeddings": embeddings})
-                for b in batches
-            ]
         self.left[unit.checkpoint.key, unit.task] = len(batches)
-        for future, layers in zip(futures, batches, strict=True):
-            self._watch(future, functools.partial(self._score_done, unit, layers))
+        parts = self.parts.get(unit.task, 1)
+        for layers in batches:
+            if parts == 1:
+                self._submit_score(unit, layers, embeddings, units.WHOLE, self._score_done)
+            else:  # each part; when all are done (and none failed), the merge
+                done = functools.partial(
+                    self._part_done, unit, layers, embeddings, {"left": parts, "failed": []}
+                )
+                for part in range(parts):
+                    self._submit_score(unit, layers, embeddings, units.Part((part, parts)), done)
+
+    def _submit_score(
+        self, unit: units.Unit, layers: units.Layers, embeddings: str, part: units.Part, then: Any
+    ) -> None:
+        with dask.annotate(resources={"MEM_GB": self.needs[unit.task]}):
+            future = self.runner.submit(
+                units.score, {"unit": unit, "layers": layers, "embeddings": embeddings, "part": part}
+            )
+        self._watch(future, functools.partial(then, unit, layers))
+
+    def _part_done(
+        self, unit: units.Unit, layers: units.Layers, embeddings: str, batch: dict, future: Any
+    ) -> None:
+        """A part of a split batch ended: after the last, the merge, or (a part failed) the batch fails."""
+        try:
+            future.result()
+        except Exception as e:  # noqa: BLE001 -- reported with the batch's layers below
+            batch["failed"].append(e)
+        batch["left"] -= 1
+        if batch["left"]:
+            return
+        if batch["failed"]:  # the layers stay without records: named by the parts' errors
+            self._score_done(unit, layers, _FailedParts(batch["failed"]))
+            return
+        merge = units.Part((scoreparts.MERGE, self.parts[unit.task]))
+        self._submit_score(unit, layers, embeddings, merge, self._score_done)
 
     def _score_done(self, unit: units.Unit, layers: units.Layers, future: Any) -> None:
         try:

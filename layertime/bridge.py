@@ -20,13 +20,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import datasets
 import mteb
 import numpy as np
 from mteb.models.abs_encoder import AbsEncoder
 from mteb.models.model_meta import ModelMeta, ScoringFunction
 
-from layertime import CODE_VERSION, fastmteb, memory, suite
+from layertime import CODE_VERSION, fastmteb, memory, reranking, scoreparts, suite
 from layertime.errors import Permanent
 from layertime.hub.cache import is_offline, use_local_snapshot
 from layertime.io import atomic_write, atomic_write_text
@@ -155,38 +154,15 @@ class TaskTexts:
     requested: int
 
 
-class _ListColumns(datasets.Dataset):
-    """A Dataset whose `ds["col"]` is a list, as in datasets 3.x, read in one batch.
-
-    datasets >= 4 returns a lazy Column that sklearn and mteb's sampling read row by row: scoring a
-    classification task took 10-80x longer (docs/design.md §10) for the same numbers. `select` keeps the
-    class, since mteb scores the undersampled training split it selects.
-    """
-
-    def __getitem__(self, key: Any) -> Any:
-        value = super().__getitem__(key)
-        return value[:] if isinstance(key, str) else value
-
-    def select(self, *args: Any, **kwargs: Any) -> Any:
-        return _as_list_columns(super().select(*args, **kwargs))
-
-
-def _as_list_columns(data: Any) -> Any:
-    """Every Dataset inside a task's loaded data (nested dicts, DatasetDicts, split objects) as _ListColumns."""
-    if isinstance(data, datasets.Dataset):
-        data.__class__ = _ListColumns
-    elif isinstance(data, Mapping):
-        for value in data.values():
-            _as_list_columns(value)
-    elif hasattr(data, "__dict__") and not isinstance(data, type):
-        for value in vars(data).values():
-            if isinstance(value, datasets.Dataset | Mapping):
-                _as_list_columns(value)
-    return data
-
-
-def load_task(name: str, aggregation: str = "rule-a", hf_cache: Path | None = None, load: bool = True) -> Any:
-    """A fresh task of the suite with its data loaded.
+def load_task(
+    name: str,
+    aggregation: str = "rule-a",
+    hf_cache: Path | None = None,
+    load: bool = True,
+    part: tuple[int, int] | None = None,
+) -> Any:
+    """A fresh task of the suite with its data loaded (with `part` = (p, parts): only what part p of
+    a split evaluation needs, layertime/scoreparts.py).
 
     Offline, real tasks read their dataset's local snapshot in the HF cache: through the datasets
     cache, reranking tasks silently lose their per-query candidate lists (docs/design.md §4).
@@ -195,8 +171,10 @@ def load_task(name: str, aggregation: str = "rule-a", hf_cache: Path | None = No
     if is_offline():
         use_local_snapshot(task, hf_cache)
     if load:
-        task.load_data()
-        _as_list_columns(task.dataset)
+        grouped = part is not None and reranking.splits_by_group(task)
+        with scoreparts.loading_part(part, grouped) if part is not None else contextlib.nullcontext():
+            task.load_data()
+        fastmteb.as_list_columns(task.dataset)
     return task
 
 
@@ -271,7 +249,7 @@ def _evaluate(encoder: Any, task: Any, export: Path | None, fast: bool = True) -
     it is never read back).
     """
     model = fastmteb.search_model(encoder, task) if fast else encoder
-    with fastmteb.installed() if fast else contextlib.nullcontext():
+    with fastmteb.installed() if fast else contextlib.nullcontext(), reranking.on_arrays(task, fast):
         result = mteb.evaluate(
             model,
             reseed(task),
@@ -281,10 +259,14 @@ def _evaluate(encoder: Any, task: Any, export: Path | None, fast: bool = True) -
         ).task_results[0]
     _check_asked(task, result)
     if export is not None:
-        meta = encoder.mteb_model_meta
-        path = mteb.ResultCache(cache_path=export).get_task_result_path(task.metadata.name, meta)
-        atomic_write(path, result.to_disk)
+        _export(result, task, encoder.mteb_model_meta, export)
     return result
+
+
+def _export(result: Any, task: Any, meta: Any, export: Path) -> None:
+    """Write a result in mteb's format under `export` (for people; never read back), atomically."""
+    path = mteb.ResultCache(cache_path=export).get_task_result_path(task.metadata.name, meta)
+    atomic_write(path, result.to_disk)
 
 
 def _check_asked(task: Any, result: Any) -> None:
@@ -319,16 +301,18 @@ class _LoadedTasks:
 
     def __init__(self, size: int = 2) -> None:
         self.size = size
-        self.entries: OrderedDict[tuple[str, str], tuple[Any, threading.Lock]] = OrderedDict()
+        self.entries: OrderedDict[tuple, tuple[Any, threading.Lock]] = OrderedDict()
         self.lock = threading.Lock()
 
-    def get(self, name: str, aggregation: str, hf_cache: Path | None) -> tuple[Any, threading.Lock]:
-        key = (name, aggregation)
+    def get(
+        self, name: str, aggregation: str, hf_cache: Path | None, part: tuple[int, int] | None = None
+    ) -> tuple[Any, threading.Lock]:
+        key = (name, aggregation, part)
         with self.lock:
             if key in self.entries:
                 self.entries.move_to_end(key)
                 return self.entries[key]
-        task = load_task(name, aggregation, hf_cache)
+        task = load_task(name, aggregation, hf_cache, part=part)
         with self.lock:
             entry = self.entries.setdefault(key, (task, threading.Lock()))
             while len(self.entries) > self.size:
@@ -410,3 +394,38 @@ def subset_scores(result: Any, peak_memory_gb: float | None = None) -> list[Subs
         for split, scores in result.scores.items()
         for s in scores
     ]
+
+
+def score_part(
+    task_name: str,
+    texts: Sequence[str],
+    vectors: np.ndarray,
+    part: tuple[int, int],
+    path: Path,
+    aggregation: str = "rule-a",
+    hf_cache: Path | None = None,
+) -> None:
+    """Part `part` = (p, parts) of one layer's evaluation of `task_name` (layertime/scoreparts.py):
+    its queries' values, written to `path`. The task is loaded for that part only, once per process."""
+    prepare_scoring_process()
+    task, lock = _LOADED.get(task_name, aggregation, hf_cache, part)
+    encoder = LookupEncoder(texts, vectors, model_meta("layertime/part", "part", vectors.shape[1], {}))
+    with lock:
+        scoreparts.compute_part(task, encoder, *part, path)
+
+
+def merge_parts(
+    task_name: str,
+    record: Path,
+    parts: int,
+    meta: Any,
+    export: Path,
+    aggregation: str = "rule-a",
+    hf_cache: Path | None = None,
+) -> list[SubsetScore]:
+    """A layer's scores from its `parts` part files (as one evaluation's), exported in mteb's format."""
+    task = load_task(task_name, aggregation, hf_cache, load=False)
+    result, peak = scoreparts.merged_result(task, record, parts)
+    _check_asked(task, result)
+    _export(result, task, meta, export)
+    return subset_scores(result, peak)

@@ -468,27 +468,42 @@ def score_unit(
 
     layers = ((b, load_embeddings(embeddings, b)) for b in todo)
     for block, subsets in score_layers(task, layers, meta, run.mteb_results, aggregation, hf_cache).items():
-        rows[block] = [
-            {
-                "model": ckpt.model,
-                "commit": ckpt.commit,
-                "layer": block,
-                "hidden_state": block + 1,
-                "depth": (block + 1) / num_blocks,
-                "task": task,
-                "task_type": suite.task_type(task),
-                "subset": s.subset,
-                "split": s.split,
-                "main_score": s.main_score,
-                "mteb_version": s.mteb_version,
-                "dataset_revision": s.dataset_revision,
-                "seconds": s.seconds,
-                "peak_memory_gb": s.peak_memory_gb,
-            }  # fmt: skip
-            for s in subsets
-        ]
-        record = {"settings": settings.as_dict(), "provenance": provenance(spec_digest), "rows": rows[block]}
-        atomic_write_text(run.score_record(settings.id, ckpt, task, block), json.dumps(record))
+        rows[block] = record_scores(run, settings, ckpt, task, block, subsets, num_blocks, spec_digest)
+    return rows
+
+
+def record_scores(
+    run: RunDir,
+    settings: Settings,
+    ckpt: Checkpoint,
+    task: str,
+    block: int,
+    subsets: list[Any],
+    num_blocks: int,
+    spec_digest: str | None,
+) -> list[dict]:
+    """One scored layer's rows (`subsets`: bridge.SubsetScore), written as its completion record (last)."""
+    rows = [
+        {
+            "model": ckpt.model,
+            "commit": ckpt.commit,
+            "layer": block,
+            "hidden_state": block + 1,
+            "depth": (block + 1) / num_blocks,
+            "task": task,
+            "task_type": suite.task_type(task),
+            "subset": s.subset,
+            "split": s.split,
+            "main_score": s.main_score,
+            "mteb_version": s.mteb_version,
+            "dataset_revision": s.dataset_revision,
+            "seconds": s.seconds,
+            "peak_memory_gb": s.peak_memory_gb,
+        }  # fmt: skip
+        for s in subsets
+    ]
+    record = {"settings": settings.as_dict(), "provenance": provenance(spec_digest), "rows": rows}
+    atomic_write_text(run.score_record(settings.id, ckpt, task, block), json.dumps(record))
     return rows
 
 
