@@ -539,23 +539,30 @@ def abstention_naucs(
     mteb's `nauc(conf, metric)` sorts `conf` and `metric` for every (metric, confidence function)
     pair. The argsort and tie groups of a confidence array do not depend on the metric, nor the
     oracle curve of a metric on the confidence function: each is computed once and reused, and every
-    remaining step is mteb's expression on the same arrays.
+    remaining step is mteb's expression on the same arrays. Metrics with equal values (NDCG@100 and
+    NDCG@1000 when no query has 100 results) get the nAUCs computed for the first of them.
     """
     from sklearn.metrics import auc
 
     rates = _abstention_rates()
     orders = {fct: _sorted_groups(conf) for fct, conf in confidence.items()}
     naucs = {}
+    done: dict[tuple, list[tuple[np.ndarray, list[float]]]] = defaultdict(list)  # equal metrics' nAUCs
     for metric_name, values in metric_scores.items():
         metric = np.array(values)
-        oracle = _abstention_curve(_sorted_groups(metric), metric, rates)
-        or_auc = auc(rates, oracle)
-        flat_auc = oracle[0] * (rates[-1] - rates[0])
-        for fct in confidence:
-            abst_auc = auc(rates, _abstention_curve(orders[fct], metric, rates))
-            naucs[f"nAUC_{metric_name}_{fct}"] = (
-                np.nan if or_auc == flat_auc else (abst_auc - flat_auc) / (or_auc - flat_auc)
-            )
+        seen = done[(metric.size, float(metric.sum()), metric[:: max(1, metric.size // 64)].tobytes())]
+        found = next((found for other, found in seen if np.array_equal(other, metric)), None)
+        if found is None:
+            oracle = _abstention_curve(_sorted_groups(metric), metric, rates)
+            or_auc = auc(rates, oracle)
+            flat_auc = oracle[0] * (rates[-1] - rates[0])
+            found = []
+            for fct in confidence:
+                abst_auc = auc(rates, _abstention_curve(orders[fct], metric, rates))
+                found.append(np.nan if or_auc == flat_auc else (abst_auc - flat_auc) / (or_auc - flat_auc))
+            seen.append((metric, found))
+        for fct, value in zip(confidence, found, strict=True):
+            naucs[f"nAUC_{metric_name}_{fct}"] = value
     return naucs
 
 

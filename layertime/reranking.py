@@ -45,7 +45,6 @@ result is then the one mteb computes on that order, the same in every process an
 
 from __future__ import annotations
 
-import array
 import functools
 import heapq
 import logging
@@ -56,6 +55,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, fields
 from functools import cache
+from itertools import chain, repeat
 from typing import Any
 
 import numpy as np
@@ -127,15 +127,13 @@ def prepare(
     qrels are put in the queries' order (module doc). NotOnArrays where the arrays path does not
     reproduce mteb; an unknown candidate id raises mteb's KeyError.
     """
-    from mteb.abstasks.retrieval import _filter_queries_without_positives
-
     if split.get("top_ranked") is None:
         raise NotOnArrays("no pre-ranked candidates (full retrieval)")
     grouped = _max_over_subqueries(task)
     k_values = tuple(task.k_values)
     if list(k_values) != sorted(set(k_values)) or k_values[0] < 1:
         raise NotOnArrays(f"k values {k_values} are not increasing and positive")
-    split["relevant_docs"], split["queries"] = _filter_queries_without_positives(
+    split["relevant_docs"], split["queries"] = _without_positives_filtered(
         split["relevant_docs"], split["queries"]
     )  # as mteb's _evaluate_subset, which keeps the filtered data too
     query_ids = list(split["queries"]["id"])
@@ -154,10 +152,9 @@ def prepare(
     distinct: dict[str, int] = {}
     text_index = [distinct.setdefault(query_texts[i], len(distinct)) for i in mine]
     corpus_ids = list(split["corpus"]["id"])
-    doc_id_to_idx = {doc: idx for idx, doc in enumerate(corpus_ids)}  # mteb's: a repeated id, its last
     groups = _subquery_groups(ids, qrels) if grouped else None
     loop_order = np.concatenate(groups) if groups else np.arange(len(ids), dtype=np.int64)
-    candidates = _candidates(ids, split["top_ranked"], qrels, doc_id_to_idx, task._top_k, loop_order)
+    candidates = _candidates(ids, split["top_ranked"], qrels, corpus_ids, task._top_k, loop_order)
     id_rank = np.empty(len(corpus_ids), dtype=np.int64)
     id_rank[sorted(range(len(corpus_ids)), key=corpus_ids.__getitem__)] = np.arange(len(corpus_ids))
     prepared = Prepared(
@@ -171,7 +168,7 @@ def prepare(
         top_ranked=split["top_ranked"],
         k_values=k_values,
         top_k=task._top_k,
-        idcg=ideal_dcg(candidates.pop("ideal"), k_values),
+        idcg=judged_idcg(*candidates.pop("judged"), len(ids), k_values),
         loop_order=loop_order,
         groups=groups,
         group_aligned=None,
@@ -186,9 +183,21 @@ def prepare(
     return prepared
 
 
+def _without_positives_filtered(qrels: Mapping[str, Any], queries: Any) -> tuple[dict[str, Any], Any]:
+    """mteb's `_filter_queries_without_positives`: the qrels with documents, and the queries that have
+    them (`select` of the same rows; given as an array, whose fingerprint datasets hashes as one
+    buffer, not element by element: 10 s for MindSmall's list)."""
+    kept = {idx: docs for idx, docs in qrels.items() if len(docs) != 0}
+    ids = queries["id"]
+    indices = np.fromiter((i for i, id_ in enumerate(ids) if id_ in kept), dtype=np.int64)
+    return kept, queries if len(indices) == len(ids) else queries.select(indices)
+
+
 def encoded_texts(task: Any, split: Mapping[str, Any]) -> tuple[list[str], list[str]]:
     """The texts mteb's encoder gets for the queries (each query's, in order) and for the corpus
-    (each document's), read from mteb's own dataloaders (instructions, titles, `Dataset.map`)."""
+    (each document's): mteb's own dataloaders for the corpus (titles, `Dataset.map`) and for queries
+    that are not plain texts; plain text queries as `_combine_queries_with_instruction_text` makes
+    them (a column that datasets would otherwise fingerprint text by text)."""
     from mteb._create_dataloaders import create_dataloader
     from mteb.types import PromptType
 
@@ -200,7 +209,15 @@ def encoded_texts(task: Any, split: Mapping[str, Any]) -> tuple[list[str], list[
         )
         return batch_texts(loader)
 
-    return texts(split["queries"], PromptType.query), texts(split["corpus"], PromptType.document)
+    queries = split["queries"]
+    if task.metadata.get_modalities(PromptType.query) == ["text"] and not isinstance(queries["text"][0], list):
+        query_texts = list(queries["text"])
+        if "instruction" in queries.column_names:
+            instructions = queries["instruction"]
+            query_texts = [t + " " + i if i is not None else t for t, i in zip(query_texts, instructions, strict=True)]
+    else:
+        query_texts = texts(queries, PromptType.query)
+    return query_texts, texts(split["corpus"], PromptType.document)
 
 
 def _in_query_order(qrels: Mapping[str, Any], query_ids: Sequence[str]) -> dict[str, Any]:
@@ -236,46 +253,60 @@ def _candidates(
     query_ids: Sequence[str],
     top_ranked: Mapping[str, list[str]],
     qrels: Mapping[str, Mapping[str, int]],
-    doc_id_to_idx: Mapping[str, int],
+    corpus_ids: Sequence[str],
     top_k: int,
     loop_order: np.ndarray,
 ) -> dict[str, Any]:
-    """Each query's candidates (corpus positions, qrels values), R and ideal gains, in compact arrays;
-    whether each query in `loop_order` has the same candidate list as the one before it.
+    """Each query's candidates (corpus positions, qrels values), R and ideal DCGs, in compact arrays;
+    whether each query in `loop_order` has the same candidate list as the one before it. Vectorised:
+    MindSmall has 97M candidates, 2.36M qrels dicts.
 
-    NotOnArrays for what mteb or trec_eval treat otherwise: a query without candidates (an empty
-    results dict), qrels values that are not non-negative integers.
+    mteb's `doc_id_to_idx` maps a repeated corpus id to its last position: such a corpus, an unknown
+    candidate id (mteb's KeyError), a query without candidates (an empty results dict) or qrels values
+    that are not non-negative integers leave the arrays path (NotOnArrays).
     """
-    offsets, candidate, relevance = array.array("q", [0]), array.array("i"), array.array("i")
-    one_at_a_time, num_rel, ideal = [], [], []
-    for qid in query_ids:
-        ranked_ids = top_ranked.get(qid)
-        if not ranked_ids:
-            raise NotOnArrays(f"query {qid} has no pre-ranked documents")
-        judged = qrels[qid]
-        values = list(judged.values())
-        if not all(type(v) is int and v >= 0 for v in values):
-            raise NotOnArrays(f"qrels of query {qid} are not non-negative integers")
-        candidate.extend([doc_id_to_idx[doc_id] for doc_id in ranked_ids])
-        relevance.extend([judged.get(doc_id, NONPOOL) for doc_id in ranked_ids])
-        offsets.append(len(candidate))
-        one_at_a_time.append(len(ranked_ids) > top_k or len(set(ranked_ids)) != len(ranked_ids))
-        num_rel.append(relevant_count(values))
-        ideal.append(ideal_gains(values))
+    lists = [top_ranked.get(q) for q in query_ids]
+    if not all(lists):
+        raise NotOnArrays("a query without pre-ranked documents")
+    position_of = {doc: idx for idx, doc in enumerate(corpus_ids)}
+    if len(position_of) != len(corpus_ids):
+        raise NotOnArrays("repeated corpus ids")
+    lengths = np.fromiter(map(len, lists), dtype=np.int64, count=len(lists))
+    offsets = np.concatenate([[0], np.cumsum(lengths)])
+    try:
+        candidate = np.fromiter(map(position_of.__getitem__, chain.from_iterable(lists)), np.int64, offsets[-1])
+    except KeyError:
+        raise NotOnArrays("a candidate id that is not in the corpus (mteb: KeyError)") from None
+    judged = [qrels[q] for q in query_ids]
+    judged_lengths = np.fromiter(map(len, judged), dtype=np.int64, count=len(judged))
+    values = list(chain.from_iterable(j.values() for j in judged))
+    if not set(map(type, values)) <= {int} or (values and min(values) < 0):
+        raise NotOnArrays("qrels values that are not non-negative integers")
+    value = np.asarray(values, dtype=np.int64)
+    judged_query = np.repeat(np.arange(len(judged)), judged_lengths)
+    # each candidate's qrels value: (query, corpus position) keys looked up in the qrels' sorted keys
+    n = len(corpus_ids) + 1
+    at = np.fromiter(map(position_of.get, chain.from_iterable(judged), repeat(-1)), np.int64, len(values))
+    keys = np.where(at >= 0, judged_query * n + at, -1)
+    order = np.argsort(keys, kind="stable")
+    keys, by_key = keys[order], value[order]
+    wanted = np.repeat(np.arange(len(lists)), lengths) * n + candidate
+    found = np.minimum(np.searchsorted(keys, wanted), len(keys) - 1)
+    relevance = np.where(keys[found] == wanted, by_key[found], NONPOOL)
+    one_at_a_time = lengths > top_k
+    for k, members in _by_length(lengths):
+        block = np.sort(candidate[offsets[members][:, None] + np.arange(k)], axis=1)
+        one_at_a_time[members] |= (block[:, 1:] == block[:, :-1]).any(axis=1)  # a repeated id
+    order = loop_order.tolist()
+    same = [False] + [lists[a] == lists[b] for a, b in zip(order[1:], order[:-1], strict=True)]
     return {
-        "offsets": np.frombuffer(offsets, dtype=np.int64).copy(),
-        "candidate": np.frombuffer(candidate, dtype=np.int32).copy(),
-        "relevance": np.frombuffer(relevance, dtype=np.int32).copy(),
-        "one_at_a_time": np.asarray(one_at_a_time, dtype=bool),
-        "same_as_previous": np.array(
-            [
-                j > 0 and top_ranked[query_ids[i]] == top_ranked[query_ids[loop_order[j - 1]]]
-                for j, i in enumerate(loop_order.tolist())
-            ],
-            dtype=bool,
-        ),
-        "num_rel": np.asarray(num_rel, dtype=np.int64),
-        "ideal": ideal,
+        "offsets": offsets,
+        "candidate": candidate.astype(np.int32),
+        "relevance": relevance.astype(np.int32),
+        "one_at_a_time": one_at_a_time,
+        "same_as_previous": np.asarray(same, dtype=bool),
+        "num_rel": np.bincount(judged_query, weights=value >= 1, minlength=len(judged)).astype(np.int64),
+        "judged": (judged_query, value),
     }
 
 
@@ -298,6 +329,23 @@ def _subquery_groups(query_ids: Sequence[str], qrels: Mapping[str, Any]) -> list
         if key in index:
             groups[base_query(key)].append(index[key])
     return [np.asarray(g, dtype=np.int64) for g in groups.values()]
+
+
+def judged_idcg(query: np.ndarray, value: np.ndarray, queries: int, k_values: Sequence[int]) -> np.ndarray:
+    """`ideal_dcg` of every query from its qrels values (`value[i]` is query `query[i]`'s)."""
+    positive = value > 0
+    query, value = query[positive], value[positive]
+    order = np.lexsort((-value, query))  # by query, each one's values largest first
+    query, value = query[order], value[order]
+    counts = np.bincount(query, minlength=queries)
+    starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
+    out = np.zeros((queries, len(k_values)))
+    for n, members in _by_length(counts):
+        if n:
+            gains = value[starts[members][:, None] + np.arange(n)].astype(np.float64)
+            sums = np.cumsum(_discounted(gains), axis=1)
+            out[members] = sums[:, [min(k, n) - 1 for k in k_values]]
+    return out
 
 
 def ideal_dcg(ideal: Sequence[Sequence[int]], k_values: Sequence[int]) -> np.ndarray:
@@ -398,46 +446,82 @@ def similarities(
 
 
 @dataclass
-class Rows:
-    """mteb's results per query, as arrays: the scores in the results dict's order (what np.std sums)
-    and the qrels values of the results in trec_eval's ranking. Also, for `max_over_subqueries`, the
-    candidate index of each dict entry (a query's candidate list position)."""
+class Block:
+    """mteb's results of queries with the same number of results, as arrays: the scores in the results
+    dict's order (what np.std sums), the qrels values of the results in trec_eval's ranking, and (for
+    `max_over_subqueries`) each dict entry's index in the query's candidate list (-1: not known)."""
 
-    values: list[np.ndarray]  # float64, dict order
-    ranked_relevance: list[np.ndarray]  # int64, rank order
-    dict_candidates: list[np.ndarray]  # int64, dict order
+    queries: np.ndarray  # int64 [m]
+    values: np.ndarray  # float64 [m, n], dict order
+    ranked_relevance: np.ndarray  # int64 [m, n], rank order
+    dict_candidates: np.ndarray  # int64 [m, n], dict order
+
+
+@dataclass
+class Rows:
+    """mteb's results of `size` queries (or `max_over_subqueries` groups), in blocks by length."""
+
+    size: int
+    blocks: list[Block]
+
+    def dict_candidates(self, queries: np.ndarray) -> np.ndarray:
+        """[len(queries), n] candidate indices in dict order, for queries that all have n results."""
+        block_of = np.empty(self.size, dtype=np.int64)
+        row_of = np.empty(self.size, dtype=np.int64)
+        for b, block in enumerate(self.blocks):
+            block_of[block.queries], row_of[block.queries] = b, np.arange(len(block.queries))
+        out = None
+        for b in np.unique(block_of[queries]).tolist():
+            mine = block_of[queries] == b
+            found = self.blocks[b].dict_candidates[row_of[queries[mine]]]
+            out = np.empty((len(queries), found.shape[1]), dtype=np.int64) if out is None else out
+            out[mine] = found
+        return out
 
 
 def result_rows(prepared: Prepared, scores: np.ndarray) -> Rows:
     """mteb's results of every prepared query from its candidates' scores (module doc)."""
-    n = prepared.size
-    rows = Rows([None] * n, [None] * n, [None] * n)  # type: ignore[list-item]
-    length = np.diff(prepared.offsets)
+    blocks = []
     scores64 = scores.astype(np.float64)
-    relevance = prepared.relevance
     one_at_a_time = np.flatnonzero(prepared.one_at_a_time).tolist()
+    length = np.diff(prepared.offsets)
     for k, members in _by_length(length, np.flatnonzero(~prepared.one_at_a_time)):
         cells = prepared.offsets[members][:, None] + np.arange(k)  # [m, k] flat candidate indices
         block = scores64[cells]
-        descending = np.argsort(-block, axis=1, kind="stable")
+        # float32 keys sort as their float64 values do, and faster
+        descending = np.argsort(-scores[cells], axis=1, kind="stable")
         ranked = np.take_along_axis(block, descending, axis=1)
         tied = (ranked[:, 1:] == ranked[:, :-1]).any(axis=1)
+        one_at_a_time += members[tied].tolist()
+        keep = ~tied
+        descending, cells = descending[keep], cells[keep]
         in_dict = descending[:, heap_order(k)]
-        values = np.take_along_axis(block, in_dict, axis=1)
-        ranked_rel = relevance[np.take_along_axis(cells, descending, axis=1)].astype(np.int64)
-        for row, i in enumerate(members.tolist()):
-            if tied[row]:
-                one_at_a_time.append(i)
-            else:
-                rows.values[i], rows.ranked_relevance[i], rows.dict_candidates[i] = (
-                    values[row], ranked_rel[row], in_dict[row]
-                )  # fmt: skip
-    for i in one_at_a_time:
-        start, stop = prepared.offsets[i], prepared.offsets[i + 1]
-        rows.values[i], rows.ranked_relevance[i], rows.dict_candidates[i] = _one_query(
-            prepared, prepared.query_ids[i], scores[start:stop]
+        blocks.append(
+            Block(
+                members[keep],
+                np.take_along_axis(block[keep], in_dict, axis=1),
+                prepared.relevance[np.take_along_axis(cells, descending, axis=1)].astype(np.int64),
+                in_dict,
+            )
         )
-    return rows
+    singles = {
+        i: _one_query(prepared, prepared.query_ids[i], scores[prepared.offsets[i] : prepared.offsets[i + 1]])
+        for i in sorted(one_at_a_time)
+    }
+    return Rows(prepared.size, blocks + _stacked(singles))
+
+
+def _stacked(rows: Mapping[int, tuple[np.ndarray, np.ndarray, np.ndarray]]) -> list[Block]:
+    """Rows computed one at a time ({query: (values, ranked relevance, dict candidates)}) as blocks."""
+    if not rows:
+        return []
+    queries = np.array(list(rows), dtype=np.int64)
+    lengths = np.array([len(r[0]) for r in rows.values()], dtype=np.int64)
+    listed = list(rows.values())
+    return [
+        Block(queries[members], *(np.stack([listed[i][f] for i in members]) for f in range(3)))
+        for _, members in _by_length(lengths)
+    ]
 
 
 def _one_query(prepared: Prepared, qid: str, scores: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -474,11 +558,11 @@ def merged_rows(prepared: Prepared, rows: Rows, scores: np.ndarray) -> Rows:
     `max(score, kept)` over the sub-queries in order (kept unless the new score is greater), in the order
     documents first appear; its qrels are the group's last sub-query's ("all the same" in mteb)."""
     groups, aligned = prepared.groups, prepared.group_aligned
-    out = Rows([None] * len(groups), [None] * len(groups), [None] * len(groups))  # type: ignore[list-item]
     scores64 = scores.astype(np.float64)
     offsets = prepared.offsets
     sizes = np.array([len(g) for g in groups], dtype=np.int64)
     lengths = np.array([offsets[g[0] + 1] - offsets[g[0]] for g in groups], dtype=np.int64)
+    blocks = []
     for (m, k), members in _by_pair(sizes, lengths, np.flatnonzero(aligned)):
         subs = np.stack([groups[g] for g in members])  # [G, m] sub-queries, in order
         cells = offsets[subs][:, :, None] + np.arange(k)  # [G, m, k]
@@ -486,29 +570,33 @@ def merged_rows(prepared: Prepared, rows: Rows, scores: np.ndarray) -> Rows:
         for t in range(1, m):
             new = scores64[cells[:, t]]
             merged = np.where(merged > new, merged, new)  # Python's max(new, kept)
-        first_dict = np.stack([rows.dict_candidates[s] for s in subs[:, 0]])  # [G, k]
-        values = np.take_along_axis(merged, first_dict, axis=1)
+        first_dict = rows.dict_candidates(subs[:, 0])  # [G, k]: the first sub-query's dict order
         last_rel = prepared.relevance[cells[:, -1]].astype(np.int64)  # [G, k], candidate order
         ranked = _ranking(merged, prepared.id_rank[prepared.candidate[cells[:, 0]]])
-        ranked_rel = np.take_along_axis(last_rel, ranked, axis=1)
-        for row, g in enumerate(members.tolist()):
-            out.values[g], out.ranked_relevance[g], out.dict_candidates[g] = (
-                values[row],
-                ranked_rel[row],
-                first_dict[row],
-            )
+        values = np.take_along_axis(merged, first_dict, axis=1)
+        blocks.append(Block(members, values, np.take_along_axis(last_rel, ranked, axis=1), first_dict))
+    singles = {}
     for g in np.flatnonzero(~aligned).tolist():
         doc_scores: dict[str, float] = {}
         for s in groups[g].tolist():
             ranked_ids = prepared.top_ranked[prepared.query_ids[s]]
-            for j, score in zip(rows.dict_candidates[s].tolist(), rows.values[s].tolist(), strict=True):
+            found = _row_of(rows, s)
+            for j, score in zip(found[2].tolist(), found[0].tolist(), strict=True):
                 doc_id = ranked_ids[j]
                 doc_scores[doc_id] = score if doc_id not in doc_scores else max(score, doc_scores[doc_id])
         last = prepared.query_ids[groups[g][-1]]
-        out.values[g], out.ranked_relevance[g], out.dict_candidates[g] = _dict_row(
-            doc_scores, prepared.qrels[last], {}
-        )
-    return out
+        singles[g] = _dict_row(doc_scores, prepared.qrels[last], {})
+    return Rows(len(groups), blocks + _stacked(singles))
+
+
+def _row_of(rows: Rows, query: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """One query's (values, ranked relevance, dict candidates)."""
+    for block in rows.blocks:
+        hit = np.flatnonzero(block.queries == query)
+        if hit.size:
+            r = hit[0]
+            return block.values[r], block.ranked_relevance[r], block.dict_candidates[r]
+    raise KeyError(query)
 
 
 def _by_pair(a: np.ndarray, b: np.ndarray, rows: np.ndarray) -> Iterator[tuple[tuple[int, int], np.ndarray]]:
@@ -566,8 +654,8 @@ class QueryValues:
 def query_values(
     rows: Rows, num_rel: np.ndarray, idcg: np.ndarray, position: np.ndarray, k_values: Sequence[int]
 ) -> QueryValues:
-    """trec_eval's and mteb's per-query values of `rows` (module doc), queries grouped by length."""
-    n, K = len(rows.values), len(k_values)
+    """trec_eval's and mteb's per-query values of `rows` (module doc), block by block."""
+    n, K = rows.size, len(k_values)
     out = QueryValues(
         position=position.astype(np.int64),
         ndcg=np.zeros((n, K)),
@@ -577,12 +665,11 @@ def query_values(
         first_relevant=np.full(n, -1, dtype=np.int64),
         confidence=np.zeros((n, len(CONFIDENCE))),
     )
-    length = np.array([len(v) for v in rows.values], dtype=np.int64)
-    for k, members in _by_length(length):
+    for block in rows.blocks:
+        members, rel, values = block.queries, block.ranked_relevance, block.values
+        k = rel.shape[1]
         if k == 0:
             raise NotOnArrays("a query without results")
-        rel = np.stack([rows.ranked_relevance[i] for i in members])  # [m, k] rank order
-        values = np.stack([rows.values[i] for i in members])  # [m, k] dict order
         relevant = rel >= 1
         count = np.cumsum(relevant, axis=1)
         precision_terms = np.where(relevant, count / np.arange(1, k + 1, dtype=np.float64), 0.0)

@@ -41,12 +41,8 @@ def random_run(rng: np.random.Generator, queries: int = 400):
 
 
 def arrays_of(results, qrels) -> reranking.QueryValues:
-    rows = reranking.Rows([], [], [])
-    for qid, found in results.items():
-        values, ranked, cand = reranking._dict_row(found, qrels[qid], {})
-        rows.values.append(values)
-        rows.ranked_relevance.append(ranked)
-        rows.dict_candidates.append(cand)
+    single = {i: reranking._dict_row(found, qrels[qid], {}) for i, (qid, found) in enumerate(results.items())}
+    rows = reranking.Rows(len(results), reranking._stacked(single))
     num_rel = np.array([reranking.relevant_count(list(qrels[q].values())) for q in results])
     idcg = reranking.ideal_dcg([reranking.ideal_gains(list(qrels[q].values())) for q in results], K_VALUES)
     return reranking.query_values(rows, num_rel, idcg, np.arange(len(results)), K_VALUES)
