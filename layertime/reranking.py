@@ -210,11 +210,15 @@ def encoded_texts(task: Any, split: Mapping[str, Any]) -> tuple[list[str], list[
         return batch_texts(loader)
 
     queries = split["queries"]
-    if task.metadata.get_modalities(PromptType.query) == ["text"] and not isinstance(queries["text"][0], list):
+    if task.metadata.get_modalities(PromptType.query) == ["text"] and not isinstance(
+        queries["text"][0], list
+    ):
         query_texts = list(queries["text"])
         if "instruction" in queries.column_names:
             instructions = queries["instruction"]
-            query_texts = [t + " " + i if i is not None else t for t, i in zip(query_texts, instructions, strict=True)]
+            query_texts = [
+                t + " " + i if i is not None else t for t, i in zip(query_texts, instructions, strict=True)
+            ]
     else:
         query_texts = texts(queries, PromptType.query)
     return query_texts, texts(split["corpus"], PromptType.document)
@@ -274,7 +278,9 @@ def _candidates(
     lengths = np.fromiter(map(len, lists), dtype=np.int64, count=len(lists))
     offsets = np.concatenate([[0], np.cumsum(lengths)])
     try:
-        candidate = np.fromiter(map(position_of.__getitem__, chain.from_iterable(lists)), np.int64, offsets[-1])
+        candidate = np.fromiter(
+            map(position_of.__getitem__, chain.from_iterable(lists)), np.int64, offsets[-1]
+        )
     except KeyError:
         raise NotOnArrays("a candidate id that is not in the corpus (mteb: KeyError)") from None
     judged = [qrels[q] for q in query_ids]
@@ -899,7 +905,7 @@ def merged_scores(
     """The scores mteb's evaluation of the whole task gives, from its parts' values: split -> subset ->
     scores (main score included), as `_evaluate_task` collects them."""
     out: dict[str, dict[str, dict[str, Any]]] = {}
-    for split, subset, _ in subsets(task) if task.data_loaded else _names(task):
+    for split, subset in _names(task):
         sub = QueryValues.joined([p[split, subset][0] for p in parts])
         bases = [p[split, subset][1] for p in parts]
         base = None if bases[0] is None else QueryValues.joined(bases)
@@ -909,8 +915,8 @@ def merged_scores(
     return out
 
 
-def _names(task: Any) -> Iterator[tuple[str, str, None]]:
-    """(split, subset, None) in `subsets`' order, for a task whose data are not loaded."""
+def _names(task: Any) -> Iterator[tuple[str, str]]:
+    """(split, subset) in `subsets`' order, without the task's data."""
     for split in task.eval_splits:
         for subset in list(task.hf_subsets):
-            yield split, subset, None
+            yield split, subset
