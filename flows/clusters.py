@@ -111,10 +111,17 @@ class SlurmSettings(BaseModel):
     score_memory: str = Field("32G", description="memory per scoring job, shared evenly by its processes")
     score_partition: str | None = Field(None, description="partition of the scoring jobs; null: `partition`")
     bigmem_jobs: int = Field(
-        0, ge=0, description="big-memory scoring jobs, one process each, for tasks (MindSmallReranking) "
-        "that no scoring process has the memory for"
+        0, ge=0, description="big-memory scoring jobs, one process each, for a task no scoring process has "
+        "the memory for (none in the suite: MindSmallReranking is scored in parts)"
     )  # fmt: skip
     bigmem_memory: str = Field("64G", description="memory per big-memory scoring job")
+    gpu_job_scoring: int = Field(
+        0, ge=0, description="one-thread scoring processes in each GPU job, on the cores its GPU worker's "
+        "`threads` leave free (the GPU hidden from them); 0: none"
+    )  # fmt: skip
+    gpu_job_scoring_memory: str = Field(
+        "32G", description="the part of a GPU job's `memory` its scoring processes share"
+    )
     task_memory_gb: dict[str, int] = Field(
         default_factory=dict, description="scoring memory (GB) of a task, replacing the cost table's figure"
     )
@@ -131,7 +138,7 @@ class SlurmSettings(BaseModel):
             raise ValueError(f"{value!r} is not a SLURM time limit ([D-]HH:MM:SS)")
         return value
 
-    @field_validator("memory", "score_memory", "bigmem_memory", mode="before")
+    @field_validator("memory", "score_memory", "bigmem_memory", "gpu_job_scoring_memory", mode="before")
     @classmethod
     def _memory(cls, value: Any) -> Any:
         if isinstance(value, str) and not _MEMORY.match(value):
@@ -144,6 +151,18 @@ class SlurmSettings(BaseModel):
             raise ValueError("device 'cuda' needs gpus: 1 (or set device: cpu for CPU-only jobs)")
         if self.min_jobs > self.max_jobs:
             raise ValueError(f"min_jobs {self.min_jobs} > max_jobs {self.max_jobs}")
+        if self.gpu_job_scoring:
+            threads = self.threads or self.cpus
+            if threads + self.gpu_job_scoring > self.cpus:
+                raise ValueError(
+                    f"gpu_job_scoring {self.gpu_job_scoring} + threads {threads} > cpus {self.cpus}: set "
+                    "threads to the GPU worker's share (e.g. 2) and cpus to cover both"
+                )
+            if _gib(self.gpu_job_scoring_memory) >= _gib(self.memory):
+                raise ValueError(
+                    f"gpu_job_scoring_memory {self.gpu_job_scoring_memory} leaves nothing of memory "
+                    f"{self.memory} to the GPU worker"
+                )
         return self
 
     @property
@@ -156,11 +175,14 @@ class SlurmSettings(BaseModel):
 
         - `score` jobs: the job's memory split evenly over its one-thread processes;
         - `bigmem` jobs: one process with the job's memory;
-        - `gpu` jobs score only when there are no scoring jobs: 3/4 of the job's memory (the rest
-          holds the model and the forward pass's host buffers).
+        - a GPU job's own scoring processes (`gpu_job_scoring`): `gpu_job_scoring_memory` split evenly;
+        - `gpu` jobs' GPU worker scores only when there are no other scoring processes: 3/4 of the
+          job's memory (the rest holds the model and the forward pass's host buffers).
         """
         workers = {"score": _gib(self.score_memory) // self.score_cpus} if self.score_jobs else {}
-        if not self.score_jobs:
+        if self.gpu_job_scoring:
+            workers["gpu-node"] = _gib(self.gpu_job_scoring_memory) // self.gpu_job_scoring
+        if not self.score_jobs and not self.gpu_job_scoring:
             workers["gpu"] = _gib(self.memory) * 3 // 4
         if self.bigmem_jobs:
             workers["bigmem"] = _gib(self.bigmem_memory)
@@ -313,8 +335,9 @@ class Profile:
         too_big = {t: n for t, n in needs.items() if n > largest}
         if too_big:
             fix = (
-                "set bigmem_jobs: 1 with bigmem_memory above that, or raise score_memory"
-                if self.slurm else "run it on the slurm profile with a big-memory job, or set memory_gb"
+                "split it in more parts (task_parts), raise score_memory, or set bigmem_jobs: 1 with "
+                "bigmem_memory above that"
+                if self.slurm else "split it in more parts (task_parts), or set memory_gb"
             )  # fmt: skip
             listed = ", ".join(f"{t} needs {n} GB" for t, n in too_big.items())
             raise ClusterError(
@@ -338,7 +361,7 @@ class Profile:
             )
         settings = self.settings
         kwargs = cluster_kwargs(settings, _api_url(required=True))
-        scoring = bool(settings.score_jobs or settings.bigmem_jobs)
+        scoring = bool(settings.score_jobs or settings.bigmem_jobs or settings.gpu_job_scoring)
         return DaskTaskRunner(
             cluster_class=LayertimeSLURMCluster,
             cluster_kwargs=kwargs,
@@ -392,7 +415,7 @@ def job_script(spec: str | Path | None = None, overrides: dict | None = None) ->
 def _script(kwargs: dict[str, Any]) -> str:
     logs = Path(kwargs["log_directory"])
     created = [p for p in (logs, *logs.parents) if not p.exists()]
-    job = SLURMJob(scheduler="tcp://<scheduler-address>:8786", name="<worker-name>", **kwargs)
+    job = _RejectAwareJob(scheduler="tcp://<scheduler-address>:8786", name="<worker-name>", **kwargs)
     for path in created:  # SLURMJob makes the log directory: a preview leaves no trace
         path.rmdir()
     return job.job_script()
@@ -455,13 +478,25 @@ def job_kwargs(settings: SlurmSettings, api_url: str | None, kind: str) -> dict[
     worker_args = ["--resources", ",".join(resources)] if resources else []
     if lifetime > 60:  # retire before SLURM kills the job at its walltime: the scheduler replaces it
         worker_args += ["--lifetime", f"{lifetime}s", "--lifetime-stagger", f"{min(300, lifetime // 20)}s"]
+    node_scoring = {}
+    if kind == "gpu" and settings.gpu_job_scoring:  # one-thread processes beside the GPU worker
+        n = settings.gpu_job_scoring
+        node_scoring = {"node_scoring": {
+            "cores": n, "processes": n, "memory": f"{_gib(settings.gpu_job_scoring_memory)}GiB",
+            "worker_extra_args": ["--resources", f"MEM_GB={settings.scoring_workers()['gpu-node']}",
+                                  *worker_args[2 if resources else 0 :]],
+            "death_timeout": settings.death_timeout, "local_directory": settings.local_directory,
+            "interface": settings.interface, "python": settings.python or sys.executable,
+        }}  # fmt: skip
+    # the worker's Dask memory limit: what a GPU job's own scoring processes leave of the job's memory
+    limit = f"{_gib(memory) - _gib(settings.gpu_job_scoring_memory)}G" if node_scoring else memory
     return {
         "queue": settings.partition if kind == "gpu" else settings.score_partition or settings.partition,
         "account": settings.account,
         "cores": threads,
         "job_cpu": cpus,
         "processes": processes,
-        "memory": f"{_slurm_memory(memory)}iB",  # Dask's name for the same amount (64GiB)
+        "memory": f"{_slurm_memory(limit)}iB",  # Dask's name for the same amount (64GiB)
         "job_mem": _slurm_memory(memory),
         "walltime": settings.walltime,
         "job_name": settings.job_name if kind == "gpu" else f"{settings.job_name}-{kind}",
@@ -473,6 +508,7 @@ def job_kwargs(settings: SlurmSettings, api_url: str | None, kind: str) -> dict[
         "worker_extra_args": worker_args,
         "local_directory": settings.local_directory,
         "death_timeout": settings.death_timeout,
+        **node_scoring,
     }  # fmt: skip
 
 
@@ -495,11 +531,23 @@ def _api_url(required: bool) -> str | None:
 
 
 class _RejectAwareJob(SLURMJob):
-    """A SLURM worker job that tells its cluster whether `sbatch` took it, instead of vanishing."""
+    """A SLURM worker job that tells its cluster whether `sbatch` took it, instead of vanishing.
 
-    def __init__(self, *args: Any, on_sbatch: Any = None, **kwargs: Any):
+    With `node_scoring` (job arguments of one-thread scoring workers, `gpu_job_scoring`), the job also
+    starts those workers in the background, GPU hidden, before its own: they use the node's cores the
+    GPU worker leaves idle, as processes of their own (mteb's scoring is half pure Python: threads of
+    the GPU worker would share its GIL). They are named `<job>-score-<i>`, outside the adaptive spec.
+    """
+
+    def __init__(self, *args: Any, on_sbatch: Any = None, node_scoring: dict | None = None, **kwargs: Any):
         super().__init__(*args, **kwargs)
         self._on_sbatch = on_sbatch  # (job name, SLURM's error or None), in the cluster's loop
+        if node_scoring:
+            scheduler = kwargs.get("scheduler", args[0] if args else None)
+            scoring = SLURMJob(scheduler=scheduler, name=f"{self.name}-score", **node_scoring)
+            self._command_template = (
+                f"CUDA_VISIBLE_DEVICES= {scoring._command_template} &\n{self._command_template}"
+            )
 
     async def start(self) -> None:
         try:
@@ -781,8 +829,15 @@ class GpuAdaptive(Adaptive):
         return sum(1 for ts in tasks if ts.state in live and "GPU" in (ts.resource_restrictions or {}))
 
     async def workers_to_close(self, target: int) -> list[str]:
-        gpu = [ws for ws in self.cluster.scheduler.workers.values() if ws.name in self.cluster.worker_spec]
-        idle = [ws.name for ws in gpu if not ws.processing]
+        workers = self.cluster.scheduler.workers.values()
+        gpu = [ws for ws in workers if ws.name in self.cluster.worker_spec]
+        busy_nodes = {
+            str(ws.name).rpartition("-score-")[0]
+            for ws in workers
+            if "-score-" in str(ws.name) and ws.processing
+        }
+        # a GPU job goes with its own scoring processes (gpu_job_scoring): retired only when they are idle too
+        idle = [ws.name for ws in gpu if not ws.processing and ws.name not in busy_nodes]
         return idle[: max(0, len(gpu) - target)]
 
 

@@ -48,7 +48,7 @@ from prefect.artifacts import (
 from flows.clusters import GPU, profile
 from flows.logs import quiet_finished_task_runs
 from layertime import claims, fastmteb, pipeline, scoreparts
-from layertime.costs import MODELS_PER_GPU
+from layertime.costs import LAYERS_PER_SCORE_TASK, MODELS_PER_GPU
 from layertime.demo.world import prepare_world
 from layertime.plan import Plan, make_plan
 from layertime.rundir import RunDir
@@ -58,13 +58,13 @@ from tasks import units
 quiet_finished_task_runs()  # exp2's ~6,500 "Finished in state Completed()" lines would bury the run's log
 
 
-# Layers of one (checkpoint, task) that one score task run scores, each still an evaluation of its own
-# with its own completion record. A task run costs Prefect CPU whatever it does: ~60 ms in the server
-# and its database alone (its states go through the server's event pipeline), plus the task engine and
-# Dask's submit in the flow. One per layer made that the larger part of exp2's non-compute time at its
-# scale; per 4 layers, exp2 is 1,683 task runs, not 6,483, and its scale run took 449 s instead of 937
+# Layers of one (checkpoint, task) that one score task run scores (layertime.costs.LAYERS_PER_SCORE_TASK:
+# the cost model simulates the same batches), each still an evaluation of its own with its own
+# completion record. A task run costs Prefect CPU whatever it does: ~60 ms in the server and its
+# database alone (its states go through the server's event pipeline), plus the task engine and Dask's
+# submit in the flow. One per layer made that the larger part of exp2's non-compute time at its scale;
+# per 4 layers, exp2 is 1,683 task runs, not 6,483, and its scale run took 449 s instead of 937
 # (benchmarks/RESULTS.md, issue 15). Not more: a layer sweep of one task still spreads over workers.
-LAYERS_PER_SCORE_TASK = 4
 
 
 def score_batches(layers: list[int]) -> list[units.Layers]:
@@ -77,9 +77,9 @@ class UnitsFailed(RuntimeError):
     """Some units failed; the message names each one."""
 
 
-class _FailedParts:
-    """The failed parts of a split batch, read as one failed score task run: `result()` raises their
-    errors together (each layer's from every part that failed it)."""
+class _FailedSteps:
+    """The failed steps (parts, merge) of a split batch, read as one failed score task run: `result()`
+    raises their errors together (each layer's from every step that failed it, in order)."""
 
     def __init__(self, errors: list[Exception]) -> None:
         self.errors = errors
@@ -319,10 +319,9 @@ class _Units:
         for layers in batches:
             if parts == 1:
                 self._submit_score(unit, layers, embeddings, units.WHOLE, self._score_done)
-            else:  # each part; when all are done (and none failed), the merge
-                done = functools.partial(
-                    self._part_done, unit, layers, embeddings, {"left": parts, "failed": []}
-                )
+            else:  # each part (layertime/scoreparts.py); when all have ended, the merge
+                batch = {"left": parts, "failed": []}
+                done = functools.partial(self._part_done, batch=batch, embeddings=embeddings)
                 for part in range(parts):
                     self._submit_score(unit, layers, embeddings, units.Part((part, parts)), done)
 
@@ -333,24 +332,30 @@ class _Units:
             future = self.runner.submit(
                 units.score, {"unit": unit, "layers": layers, "embeddings": embeddings, "part": part}
             )
-        self._watch(future, functools.partial(then, unit, layers))
+        self._watch(future, lambda f: then(unit, layers, f))
 
     def _part_done(
-        self, unit: units.Unit, layers: units.Layers, embeddings: str, batch: dict, future: Any
+        self, unit: units.Unit, layers: units.Layers, future: Any, batch: dict, embeddings: str
     ) -> None:
-        """A part of a split batch ended: after the last, the merge, or (a part failed) the batch fails."""
+        """A part of a split batch ended; after the last, the merge: it records each layer whose parts
+        are all there and names the others (with their parts' errors, `_merge_done`)."""
         try:
             future.result()
-        except Exception as e:  # noqa: BLE001 -- reported with the batch's layers below
+        except Exception as e:  # noqa: BLE001 -- reported with the merge's outcome
             batch["failed"].append(e)
         batch["left"] -= 1
-        if batch["left"]:
-            return
-        if batch["failed"]:  # the layers stay without records: named by the parts' errors
-            self._score_done(unit, layers, _FailedParts(batch["failed"]))
-            return
-        merge = units.Part((scoreparts.MERGE, self.parts[unit.task]))
-        self._submit_score(unit, layers, embeddings, merge, self._score_done)
+        if not batch["left"]:
+            merge = units.Part((scoreparts.MERGE, self.parts[unit.task]))
+            then = functools.partial(self._merge_done, failed_parts=batch["failed"])
+            self._submit_score(unit, layers, embeddings, merge, then)
+
+    def _merge_done(self, unit: units.Unit, layers: units.Layers, future: Any, failed_parts: list) -> None:
+        try:
+            future.result()
+        except Exception as e:  # noqa: BLE001 -- each layer named with its parts' and the merge's errors
+            self._score_done(unit, layers, _FailedSteps([*failed_parts, e]))
+        else:
+            self._score_done(unit, layers, future)
 
     def _score_done(self, unit: units.Unit, layers: units.Layers, future: Any) -> None:
         try:
