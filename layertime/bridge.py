@@ -196,11 +196,12 @@ def recorded_texts(
     expect = {"task": task_name, "dataset_revision": task.metadata.revision, "mteb_version": mteb.__version__}
     if (found := _read_texts(path, expect)) is not None:
         return found
-    encoder = RecordingEncoder()
-    _evaluate(encoder, task, None)
-    found = TaskTexts(
-        task_name, task.metadata.revision, mteb.__version__, list(encoder.seen), encoder.requested
-    )
+    seen = reranking.recorded_texts(task, hf_cache)
+    if seen is None:
+        encoder = RecordingEncoder()
+        _evaluate(encoder, task, None)
+        seen = list(encoder.seen), encoder.requested
+    found = TaskTexts(task_name, task.metadata.revision, mteb.__version__, *seen)
     atomic_write_text(path, json.dumps({**found.__dict__, "digest": _digest(found.texts)}))
     return found
 

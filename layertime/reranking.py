@@ -183,6 +183,33 @@ def prepare(
     return prepared
 
 
+def recorded_texts(task: Any, hf_cache: Any = None) -> tuple[list[str], int] | None:
+    """What a recording pass of a reranking task (an unloaded task object) gives without scoring it:
+    mteb's encoder gets, per (split, subset), every query mteb keeps (its filter) then every corpus
+    document (`SearchEncoderWrapper.search`, then `rerank_top_ranked_documents`): (the distinct texts
+    in first-seen order, how many texts it was passed). The task is loaded without its candidate lists
+    (`scoreparts.loading_part`: MindSmall's 97M ids are most of its memory). None for any other task,
+    or another mteb than the verified one: those are recorded by an evaluation."""
+    from layertime import fastmteb, scoreparts
+
+    if task.metadata.type != "Reranking" or not fastmteb.mteb_unchanged():
+        return None
+    with scoreparts.loading_part((0, 1), splits_by_group(task), candidates=False):
+        task.load_data()
+    fastmteb.as_list_columns(task.dataset)
+    seen: dict[str, None] = {}
+    requested = 0
+    for _, _, split in subsets(task):
+        split["relevant_docs"], split["queries"] = _without_positives_filtered(
+            split["relevant_docs"], split["queries"]
+        )
+        query_texts, doc_texts = encoded_texts(task, split)
+        seen.update(dict.fromkeys(query_texts))
+        seen.update(dict.fromkeys(doc_texts))
+        requested += len(query_texts) + len(doc_texts)
+    return list(seen), requested
+
+
 def _without_positives_filtered(qrels: Mapping[str, Any], queries: Any) -> tuple[dict[str, Any], Any]:
     """mteb's `_filter_queries_without_positives`: the qrels with documents, and the queries that have
     them (`select` of the same rows; given as an array, whose fingerprint datasets hashes as one

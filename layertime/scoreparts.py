@@ -111,12 +111,13 @@ _INSTALL = threading.Lock()
 
 
 @contextmanager
-def loading_part(part: tuple[int, int] | None, grouped: bool) -> Iterator[None]:
+def loading_part(part: tuple[int, int] | None, grouped: bool, candidates: bool = True) -> Iterator[None]:
     """mteb's retrieval loader, in this thread, keeps only part `(p, parts)`'s queries: their qrels and
     candidate lists are filtered while still arrow/polars rows, so the others never become Python
-    objects (MindSmall's 97M candidate ids are most of its memory). See `_load`."""
+    objects (MindSmall's 97M candidate ids are most of its memory); without `candidates`, none at all
+    (a recording pass needs only the texts). See `_load`."""
     _install_loader()
-    _PART.value = (part, grouped)
+    _PART.value = (part, grouped, candidates)
     try:
         yield
     finally:
@@ -138,7 +139,7 @@ def _install_loader() -> None:
             _INSTALLED.append(True)
 
 
-def _load(loader: Any, num_proc: int | None, part: tuple[int, int], grouped: bool) -> Any:
+def _load(loader: Any, num_proc: int | None, part: tuple[int, int], grouped: bool, candidates: bool) -> Any:
     """mteb's `RetrievalDatasetLoader.load` (and its `_load_qrels`, `_load_top_ranked`) for the queries
     of `part` only: the same steps on their rows, and each query's position in the queries dataset
     (`layertime_position`, the order a merge puts them back in)."""
@@ -178,7 +179,7 @@ def _load(loader: Any, num_proc: int | None, part: tuple[int, int], grouped: boo
 
     top_ranked = None
     top_config = f"{loader.config}-top_ranked" if loader.config is not None else "top_ranked"
-    if top_config in loader.dataset_configs:
+    if top_config in loader.dataset_configs and candidates:
         ranked_ds = loader._load_dataset_split(top_config, num_proc)
         ranked_ds = ranked_ds.cast(
             Features({"query-id": Value("string"), "corpus-ids": Sequence(Value("string"))})

@@ -178,3 +178,15 @@ def test_a_split_layer_in_the_store_records_what_one_evaluation_records(tmp_path
         for p in r.mteb_results.rglob(f"{task}.json")
     ]
     assert len(exported) == 2 and same(exported[0], exported[1])
+
+
+def test_a_reranking_tasks_recording_needs_no_evaluation_and_no_candidate_lists(tmp_path):
+    """The texts a recording pass gives (`reranking.recorded_texts`: loaded without candidate lists,
+    not evaluated) are those mteb's evaluation asks for, in the same order, counted the same."""
+    root = tmp_path / "MindSmallReranking"
+    _local_dataset(root, np.random.default_rng(1))
+    for fresh in (lambda: _local_task(root), lambda: mind_task(mini_mind(np.random.default_rng(4))[0])):
+        recorder = bridge.RecordingEncoder()
+        bridge._evaluate(recorder, fresh(), None, fast=False)
+        assert reranking.recorded_texts(fresh()) == (list(recorder.seen), recorder.requested)
+    assert reranking.recorded_texts(suite.build_task("STS12")) is None  # not a reranking task: evaluated
