@@ -236,7 +236,7 @@ def reranking_data(
     docs = docs if shared else n_queries * top
     mine = range(n_queries)
     if part is not None:
-        from layertime.reranking import part_of
+        from layertime.partload import part_of
 
         mine = [i for i in mine if part_of(qid(i), part[1], shared) == part[0]]
     queries = Dataset.from_dict(

@@ -25,12 +25,11 @@ import numpy as np
 from mteb.models.abs_encoder import AbsEncoder
 from mteb.models.model_meta import ModelMeta, ScoringFunction
 
-from layertime import CODE_VERSION, fastmteb, memory, reranking, scoreparts, suite
+from layertime import CODE_VERSION, fastmteb, memory, partload, reranking, scoreparts, suite
 from layertime.errors import Permanent
+from layertime.fastmteb import ENCODE_BATCH, batch_texts
 from layertime.hub.cache import is_offline, use_local_snapshot
 from layertime.io import atomic_write, atomic_write_text
-
-ENCODE_BATCH = 4096  # texts per mteb DataLoader batch; lookups are cheap, so large batches cut overhead
 
 
 class LookupMiss(Permanent, KeyError):
@@ -60,16 +59,6 @@ def model_meta(model: str, revision: str, dim: int, experiment: Mapping[str, Any
             "use_instructions": False,
         }
     )
-
-
-def batch_texts(inputs: Any) -> list[str]:
-    """The texts of an mteb DataLoader, read from its dataset column when there is one (fast path)."""
-    dataset = getattr(inputs, "dataset", None)
-    names = getattr(dataset, "column_names", None) or []
-    if "text" in names:
-        texts = dataset["text"]
-        return texts if isinstance(texts, list) else texts[:]  # a datasets Column: one batched read
-    return [text for batch in inputs for text in batch["text"]]
 
 
 class _BridgeEncoder(AbsEncoder):
@@ -172,7 +161,7 @@ def load_task(
         use_local_snapshot(task, hf_cache)
     if load:
         grouped = part is not None and reranking.splits_by_group(task)
-        with scoreparts.loading_part(part, grouped) if part is not None else contextlib.nullcontext():
+        with partload.loading_part(part, grouped) if part is not None else contextlib.nullcontext():
             task.load_data()
         fastmteb.as_list_columns(task.dataset)
     return task

@@ -171,6 +171,19 @@ def as_list_columns(data: Any) -> Any:
     return data
 
 
+ENCODE_BATCH = 4096  # texts per mteb DataLoader batch; lookups are cheap, so large batches cut overhead
+
+
+def batch_texts(inputs: Any) -> list[str]:
+    """The texts of an mteb DataLoader, read from its dataset column when there is one (fast path)."""
+    dataset = getattr(inputs, "dataset", None)
+    names = getattr(dataset, "column_names", None) or []
+    if "text" in names:
+        texts = dataset["text"]
+        return texts if isinstance(texts, list) else texts[:]  # a datasets Column: one batched read
+    return [text for batch in inputs for text in batch["text"]]
+
+
 # ---------------------------------------------------------------------------------------------- search
 
 

@@ -49,7 +49,6 @@ import functools
 import heapq
 import logging
 import math
-import zlib
 from collections import defaultdict
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -60,6 +59,8 @@ from typing import Any
 
 import numpy as np
 
+from layertime.partload import base_query, part_of
+
 logger = logging.getLogger(__name__)
 
 NONPOOL = -1  # trec_eval's relevance of a retrieved document that is not in the qrels
@@ -68,18 +69,6 @@ CONFIDENCE = ("max", "std", "diff1")  # mteb's `confidence_scores` keys, in its 
 
 class NotOnArrays(Exception):
     """The evaluation is outside what the arrays path reproduces; mteb's own code runs instead."""
-
-
-def base_query(query_id: str) -> str:
-    """The query a sub-query id belongs to, as mteb's `max_over_subqueries` groups them ("<q>_<n>")."""
-    return "_".join(query_id.split("_")[:-1])
-
-
-def part_of(query_id: str, parts: int, grouped: bool) -> int:
-    """The part (0 .. parts-1) of a split evaluation a query is in: a hash of its group (its query of
-    `max_over_subqueries` when `grouped`), so a group is never split, the same in every process."""
-    key = base_query(query_id) if grouped else query_id
-    return zlib.crc32(key.encode()) % parts
 
 
 # ---------------------------------------------------------------------------------------------- prepared
@@ -188,13 +177,13 @@ def recorded_texts(task: Any, hf_cache: Any = None) -> tuple[list[str], int] | N
     mteb's encoder gets, per (split, subset), every query mteb keeps (its filter) then every corpus
     document (`SearchEncoderWrapper.search`, then `rerank_top_ranked_documents`): (the distinct texts
     in first-seen order, how many texts it was passed). The task is loaded without its candidate lists
-    (`scoreparts.loading_part`: MindSmall's 97M ids are most of its memory). None for any other task,
+    (`partload.loading_part`: MindSmall's 97M ids are most of its memory). None for any other task,
     or another mteb than the verified one: those are recorded by an evaluation."""
-    from layertime import fastmteb, scoreparts
+    from layertime import fastmteb, partload
 
     if task.metadata.type != "Reranking" or not fastmteb.mteb_unchanged():
         return None
-    with scoreparts.loading_part((0, 1), splits_by_group(task), candidates=False):
+    with partload.loading_part((0, 1), splits_by_group(task), candidates=False):
         task.load_data()
     fastmteb.as_list_columns(task.dataset)
     seen: dict[str, None] = {}
@@ -228,7 +217,7 @@ def encoded_texts(task: Any, split: Mapping[str, Any]) -> tuple[list[str], list[
     from mteb._create_dataloaders import create_dataloader
     from mteb.types import PromptType
 
-    from layertime.bridge import ENCODE_BATCH, batch_texts
+    from layertime.fastmteb import ENCODE_BATCH, batch_texts
 
     def texts(data: Any, prompt_type: Any) -> list[str]:
         loader = create_dataloader(

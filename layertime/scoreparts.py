@@ -4,8 +4,8 @@ per-query values a file in the store, merged bit-identically into the one comple
 MindSmallReranking in one process needs ~37 GiB (its 2.36M sub-queries' data and results); split into
 `parts` (the cost table's, `costs.score_parts`) no process holds more than its share:
 
-    part p of P   loads only its queries (`loading_part`: mteb's loader, the other parts' rows dropped
-                  before they become Python objects), computes their per-query values on arrays
+    part p of P   loads only its queries (`partload.loading_part`: mteb's loader, the other parts'
+                  rows dropped before they become Python objects), computes their per-query values on arrays
                   (layertime.reranking) and writes them to `<record>.parts/part-<p>-of-<P>.npz`;
     merge         reads the P files, puts the queries back in mteb's order, computes mteb's averages
                   and nAUCs (`reranking.merged_scores`), writes the layer's completion record, last,
@@ -21,10 +21,8 @@ from __future__ import annotations
 
 import json
 import shutil
-import threading
 import time
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from dataclasses import fields
 from pathlib import Path
 from typing import Any
@@ -102,104 +100,6 @@ def read_part(path: Path) -> tuple[dict, dict] | None:
     return values, meta
 
 
-# ---------------------------------------------------------------------------------------------- loading
-
-
-_PART = threading.local()  # the part this thread's task loads are for (`loading_part`)
-_INSTALLED: list[bool] = []
-_INSTALL = threading.Lock()
-
-
-@contextmanager
-def loading_part(part: tuple[int, int] | None, grouped: bool, candidates: bool = True) -> Iterator[None]:
-    """mteb's retrieval loader, in this thread, keeps only part `(p, parts)`'s queries: their qrels and
-    candidate lists are filtered while still arrow/polars rows, so the others never become Python
-    objects (MindSmall's 97M candidate ids are most of its memory); without `candidates`, none at all
-    (a recording pass needs only the texts). See `_load`."""
-    _install_loader()
-    _PART.value = (part, grouped, candidates)
-    try:
-        yield
-    finally:
-        _PART.value = None
-
-
-def _install_loader() -> None:
-    from mteb.abstasks.retrieval_dataset_loaders import RetrievalDatasetLoader
-
-    with _INSTALL:
-        if not _INSTALLED:
-            own = RetrievalDatasetLoader.load
-
-            def load(self: Any, num_proc: int | None = None) -> Any:
-                active = getattr(_PART, "value", None)
-                return own(self, num_proc) if active is None else _load(self, num_proc, *active)
-
-            RetrievalDatasetLoader.load = load
-            _INSTALLED.append(True)
-
-
-def _load(loader: Any, num_proc: int | None, part: tuple[int, int], grouped: bool, candidates: bool) -> Any:
-    """mteb's `RetrievalDatasetLoader.load` (and its `_load_qrels`, `_load_top_ranked`) for the queries
-    of `part` only: the same steps on their rows, and each query's position in the queries dataset
-    (`layertime_position`, the order a merge puts them back in)."""
-    import polars as pl
-    from datasets import Features, Sequence, Value
-    from mteb.abstasks.retrieval_dataset_loaders import (
-        RetrievalSplitData,
-        _combine_queries_with_instructions_datasets,
-    )
-
-    queries = loader._load_queries(num_proc)
-    all_ids = list(queries["id"])
-    mine = pl.Series(
-        [q for q in all_ids if reranking.part_of(q, part[1], grouped) == part[0]], dtype=pl.String
-    )
-
-    config = f"{loader.config}-qrels" if loader.config is not None else "default"
-    if config == "default" and config not in loader.dataset_configs:
-        if "qrels" not in loader.dataset_configs:
-            raise ValueError(
-                "No qrels or default config found. Please specify a valid config or ensure the dataset has qrels."
-            )
-        config = "qrels"
-    qrels_ds = loader._load_dataset_split(config, num_proc).select_columns(["query-id", "corpus-id", "score"])
-    qrels_ds = qrels_ds.cast(
-        Features({"query-id": Value("string"), "corpus-id": Value("string"), "score": Value("int32")})
-    )
-    qrels_ds = qrels_ds.to_polars().filter(pl.col("query-id").is_in(mine))
-    qrels = {
-        query_id[0]: dict(zip(group["corpus-id"], group["score"], strict=True))
-        for query_id, group in qrels_ds.group_by("query-id", maintain_order=False)
-    }
-    del qrels_ds
-    corpus = loader._load_corpus(num_proc)
-    indices = [i for i, id_ in enumerate(all_ids) if id_ in qrels]
-    queries = queries.select(indices)
-
-    top_ranked = None
-    top_config = f"{loader.config}-top_ranked" if loader.config is not None else "top_ranked"
-    if top_config in loader.dataset_configs and candidates:
-        ranked_ds = loader._load_dataset_split(top_config, num_proc)
-        ranked_ds = ranked_ds.cast(
-            Features({"query-id": Value("string"), "corpus-ids": Sequence(Value("string"))})
-        )
-        ranked_ds = ranked_ds.select_columns(["query-id", "corpus-ids"]).to_polars()
-        ranked_ds = ranked_ds.filter(pl.col("query-id").is_in(mine))
-        top_ranked = dict(
-            zip(ranked_ds["query-id"].to_list(), ranked_ds["corpus-ids"].to_list(), strict=True)
-        )
-        del ranked_ds
-    instruction_config = f"{loader.config}-instruction" if loader.config is not None else "instruction"
-    if instruction_config in loader.dataset_configs:
-        queries = _combine_queries_with_instructions_datasets(
-            queries, loader._load_instructions(num_proc), num_proc
-        )
-    split = RetrievalSplitData(corpus=corpus, queries=queries, relevant_docs=qrels, top_ranked=top_ranked)
-    split["layertime_position"] = {all_ids[i]: i for i in indices}
-    return split
-
-
 # ---------------------------------------------------------------------------------------------- steps
 
 
@@ -244,51 +144,3 @@ def remove_parts(record: Path) -> None:
 def part_labels(parts: int) -> Sequence[int]:
     """The `part` of each score task run of a split batch: each part, then the merge."""
     return [*range(parts), MERGE]
-
-
-def score_layer(  # noqa: PLR0913 (pipeline.score_unit's arguments, and the part)
-    run: Any,
-    settings: Any,
-    ckpt: Any,
-    task: str,
-    block: int,
-    embeddings: Path | None,
-    part: int,
-    parts: int,
-    aggregation: str,
-    num_blocks: int,
-    hf_cache: Path | None = None,
-    spec_digest: str | None = None,
-) -> list[dict] | None:
-    """One step of a split layer (`part` in 0..parts-1, or MERGE): the layer's rows when its record
-    exists or this step merges it (writing the record, last, then dropping the parts); None after a
-    part (computed, or kept from an earlier try). MissingEmbeddings / MissingParts when inputs lack."""
-    from layertime import bridge, pipeline
-
-    record = run.score_record(settings.id, ckpt, task, block)
-    if (rows := pipeline.read_record(record)) is not None:
-        return rows
-    if part == MERGE:
-        dims = {
-            meta["dim"]
-            for p in range(parts)
-            if (found := read_part(part_file(record, p, parts)))
-            for meta in [found[1]]
-        }
-        meta = bridge.model_meta(
-            ckpt.model, ckpt.key, max(dims, default=0), {"layer": block, **settings.as_dict()}
-        )
-        subsets = bridge.merge_parts(task, record, parts, meta, run.mteb_results, aggregation, hf_cache)
-        rows = pipeline.record_scores(run, settings, ckpt, task, block, subsets, num_blocks, spec_digest)
-        remove_parts(record)
-        return rows
-    path = part_file(record, part, parts)
-    if read_part(path) is not None:
-        return None
-    if embeddings is None or not pipeline.embeddings_ok(embeddings, [block]):
-        raise pipeline.MissingEmbeddings(
-            f"embeddings of {ckpt.revision} · {task} are missing or damaged at {embeddings}"
-        )
-    texts, vectors = pipeline.load_embeddings(embeddings, block)
-    bridge.score_part(task, texts, vectors, (part, parts), path, aggregation, hf_cache)
-    return None

@@ -21,7 +21,7 @@ from typing import Any
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
-from layertime import CODE_VERSION, pipeline, scoreparts
+from layertime import CODE_VERSION, pipeline, scoreparts, splitscore
 from layertime.checkpoints import Checkpoint
 from layertime.errors import Permanent
 from layertime.plan import Plan
@@ -223,7 +223,7 @@ def score(unit: Unit, layers: Layers, embeddings: str | None, part: Part = WHOLE
         try:
             if part:
                 rows = _in_scoring_process(
-                    scoreparts.score_layer,
+                    splitscore.score_layer,
                     unit.run, unit.settings, unit.checkpoint, unit.task, layer, where, *part,
                     unit.spec.aggregation, unit.num_blocks, unit.spec.hf_cache, unit.spec.digest,
                 )  # fmt: skip

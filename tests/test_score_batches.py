@@ -15,7 +15,7 @@ from prefect.client.schemas.sorting import ArtifactSort
 from prefect.testing.utilities import prefect_test_harness
 
 from flows.layer_by_layer import LAYERS_PER_SCORE_TASK, UnitsFailed, layer_by_layer
-from layertime import pipeline, scoreparts
+from layertime import pipeline, scoreparts, splitscore
 from layertime.bridge import UnexpectedScores
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -165,7 +165,7 @@ def test_a_score_task_run_that_fails_with_every_layer_recorded_leaves_no_embeddi
     assert not list((tmp_path / "store").glob("embeddings/**/layer_*.npy"))
 
 
-_score_layer = scoreparts.score_layer
+_score_layer = splitscore.score_layer
 
 
 def _part_fails_once(run, settings, ckpt, task, block, embeddings, part, parts, *args):
@@ -190,7 +190,7 @@ def test_a_split_layer_is_scored_in_parts_then_merged_a_failed_part_fails_its_la
     """DemoReranking in 2 parts (a profile's `task_parts`): per batch, a task run per part, then one
     merging them. Part 2 of L2 fails: the merge records the other layers and the flow names L2 with the
     part's error; the re-run computes only that part, merges L2, and the scores equal a whole run's."""
-    monkeypatch.setattr(scoreparts, "score_layer", _part_fails_once)
+    monkeypatch.setattr(splitscore, "score_layer", _part_fails_once)
     grid = {**_grid(tmp_path / "split", hub), "tasks": ["DemoReranking"]}
     split = {"task_parts": {"DemoReranking": 2}}
     state = layer_by_layer(SPEC, overrides=grid, cluster_overrides=split, return_state=True)

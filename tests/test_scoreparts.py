@@ -10,7 +10,7 @@ import pytest
 from datasets import Dataset
 from test_fastmteb import META, every_score, mind_task, mini_mind  # noqa: E402
 
-from layertime import bridge, pipeline, reranking, scoreparts, suite
+from layertime import bridge, partload, pipeline, reranking, scoreparts, splitscore, suite
 from layertime.checkpoints import Checkpoint
 from layertime.rundir import RunDir
 
@@ -97,12 +97,12 @@ def test_a_part_loads_only_its_queries_and_the_parts_score_as_the_whole(tmp_path
     plain = bridge._evaluate(bridge.LookupEncoder(texts, vectors, META), whole, None, fast=False)
     parts, record, seen = 3, tmp_path / "layer_0.json", []
     for p in range(parts):
-        with scoreparts.loading_part((p, parts), grouped=True):
+        with partload.loading_part((p, parts), grouped=True):
             task = _local_task(root)
             task.load_data()
         split = task.dataset["default"]["test"]
         mine = list(split["queries"]["id"])
-        assert all(reranking.part_of(q, parts, True) == p for q in mine)
+        assert all(partload.part_of(q, parts, True) == p for q in mine)
         assert set(split["top_ranked"]) == set(split["relevant_docs"]) == set(mine)
         assert split["layertime_position"] == {q: ids.index(q) for q in mine}
         assert all(split["top_ranked"][q] == full["top_ranked"][q] for q in mine)
@@ -156,7 +156,7 @@ def test_a_split_layer_in_the_store_records_what_one_evaluation_records(tmp_path
     monkeypatch.setattr(bridge, "score_part", lambda *a, **k: computed.append(a[3]) or real(*a, **k))
 
     def step(part):
-        return scoreparts.score_layer(run, settings, ckpt, task, 0, emb, part, 3, "rule-a", 4)
+        return splitscore.score_layer(run, settings, ckpt, task, 0, emb, part, 3, "rule-a", 4)
 
     assert step(0) is None and step(1) is None and computed == [(0, 3), (1, 3)]
     assert step(0) is None and computed == [(0, 3), (1, 3)]  # kept, not computed again
