@@ -315,8 +315,10 @@ def warm_up(name: str) -> None:
 def measure_task(
     name: str, mode: str, scale: float, part: tuple[int, int] | None = None, workdir: str | None = None
 ) -> dict[str, Any]:
-    """Score `name` in this (fresh) process, `mode` 'before' (mteb as shipped: one layer) or 'after'
-    (as a scoring process of the flow runs it: two layers of a task run, results written).
+    """Score `name` in this (fresh) process, `mode` 'before' (mteb as shipped: one layer), 'previous'
+    (layertime before issue 22: one thread, list columns, `fastmteb`'s reranking and metrics, no arrays
+    path, no clustering lists; one layer) or 'after' (as a scoring process of the flow runs it: two
+    layers of a task run, results written).
 
     after: `cpu_s` is the second layer's CPU-seconds (warm: the task loaded and prepared), `load_cpu_s`
     what the task run paid once (building the task's synthetic data, which stands in for mteb's
@@ -326,22 +328,31 @@ def measure_task(
     from layertime import bridge, fastmteb, scoreparts
     from layertime.io import atomic_write_text
 
-    if mode == "after":
+    if mode == "previous":  # what issue 22 changed, turned off
+        import contextlib
+
+        import datasets
+
+        from layertime import reranking
+
+        reranking.on_arrays = lambda task, active=True: contextlib.nullcontext()
+        fastmteb.ListColumns.from_dict = classmethod(lambda cls, *a, **k: datasets.Dataset.from_dict(*a, **k))
+    if mode in ("after", "previous"):
         bridge.prepare_scoring_process(dedicated=True)
     warm_up(name)
     baseline = peak_gib()
     cpu = time.process_time()
     built = build(name, scale, part=part)
-    if mode == "after":
+    if mode in ("after", "previous"):
         fastmteb.as_list_columns(built.task.dataset)
     load = time.process_time() - cpu
     meta = bridge.model_meta("bench/synthetic", "r", DIM, {})
     out = {"task": name, "mode": mode, "scale": scale, "baseline_gb": baseline, "build_s": built.build_s,
            "unique": len(built.texts), "part": part}  # fmt: skip
-    if mode == "before":
+    if mode in ("before", "previous"):
         encoder = bridge.LookupEncoder(built.texts, built.vectors, meta)
         wall, cpu = time.perf_counter(), time.process_time()
-        result = bridge._evaluate(encoder, built.task, None, fast=False)
+        result = bridge._evaluate(encoder, built.task, None, fast=mode == "previous")
         out.update(wall_s=time.perf_counter() - wall, cpu_s=time.process_time() - cpu)
         return {**out, **_scores(result), "peak_gb": peak_gib()}
     import numpy as np
@@ -589,6 +600,7 @@ class Report:
     settings: dict[str, Any]
     after: dict[str, dict[str, Any]] = field(default_factory=dict)
     before: dict[str, dict[str, Any]] = field(default_factory=dict)
+    previous: dict[str, dict[str, Any]] = field(default_factory=dict)
     pool: dict[str, Any] | None = None
     schedules: list[tuple[str, dict[str, Any]]] = field(default_factory=list)
     seconds: float = 0.0
@@ -623,11 +635,13 @@ def render_tasks(report: Report) -> str:
         after = a["cpu_s"] + a.get("merge_cpu_s", 0.0)
         before = ("—", "—", "—") if b is None else (f"{b['cpu_s']:.1f}", f"{b['cpu_s'] / after:.1f}×",
                                                       a.get("identical") or identical(b, a))  # fmt: skip
-        rows.append((name + scale, suite.task_type(name), f"{a['unique']:,}", before[0], f"{after:.1f}{split}",
+        p = report.previous.get(name)
+        prev = "—" if p is None else f"{p['cpu_s']:.1f}"
+        rows.append((name + scale, suite.task_type(name), f"{a['unique']:,}", before[0], prev, f"{after:.1f}{split}",
                      f"{a.get('load_cpu_s', 0.0):.1f}", before[1], f"{a['peak_gb']:.2f}", before[2]))  # fmt: skip
-    headers = ("task", "type", "unique texts", "before CPU s", "after CPU s (warm layer)",
-               "after load CPU s (per task run)", "before/after", "after peak GiB (per process)",
-               "every score bit-identical")  # fmt: skip
+    headers = ("task", "type", "unique texts", "before CPU s (mteb as shipped)", "previous CPU s (layertime before issue 22)",
+               "after CPU s (warm layer)", "after load CPU s (per task run)", "before/after",
+               "after peak GiB (per process)", "every score bit-identical")  # fmt: skip
     return md_table(headers, rows)
 
 
@@ -731,17 +745,20 @@ def render_section(report: Report) -> str:
     return "\n\n".join(parts) + "\n"
 
 
-EXPLANATION_TITLE = "## Scoring benchmark (`benchmarks/scoring.py`): what the numbers mean"
+EXPLANATION_TITLE = "## Scoring benchmark (`benchmarks/scoring.py`, since issue 22): what the numbers mean"
 EXPLANATION = f"""{EXPLANATION_TITLE}
 
 Synthetic tasks of the 32 tasks' real shapes (mteb 2.26's shipped descriptive statistics; the real
-task classes with synthetic data and d=1024 synthetic embeddings). Per task, one layer: *before*
-(lazy `datasets` columns, default BLAS threads) against *after* (`bridge.prepare_scoring_process()`,
-list columns, `fastmteb`'s reranking and metrics), CPU-seconds, peak memory and whether the main
-scores (and, where recorded, all scores) are bit-identical. The
-*after* figures are the cost table `layertime/task_costs.csv` that `layertime plan` and
-`costs.scoring_memory_gb` read. Then 4 layers × 32 tasks on a local pool of one-thread processes,
-and exp2's simulated schedule. MindSmallReranking is measured scaled down and extrapolated linearly.
+task classes with synthetic data and d=1024 synthetic embeddings with a few huge-magnitude dimensions,
+as hidden states have). Per task: *before*, mteb as shipped (lazy `datasets` columns, default BLAS
+threads, mteb's own reranking and metrics) on one layer; *after*, a scoring process as the flow runs
+it (one thread, list columns, reranking on arrays, clustering on lists): the CPU-seconds of a task
+run's second layer with its results written (warm), and what the run paid once (`load`: the synthetic
+data build, standing in for mteb's load, and the first layer's extra: preparing the task). Both in
+fresh processes, task by task, back to back, so the machine's load affects both alike. Every score key
+of the two is compared. MindSmallReranking (43 GiB for mteb as shipped) is compared at a fraction of
+its queries, and measured after in parts at full size: the row of the cost table, which `layertime
+plan` and `costs.scoring_memory_gb` read. Then exp2's simulated schedule on that table.
 """
 
 
@@ -762,6 +779,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--tasks", nargs="+", help="tasks to measure (default: the 32)")
     parser.add_argument("--before-tasks", nargs="+", default=["all"],
                         help="tasks measured 'before' too: all (default), none, or names")  # fmt: skip
+    parser.add_argument(
+        "--previous-tasks",
+        nargs="+",
+        default=["none"],
+        help="tasks measured as layertime scored them before issue 22 too: all, none (default), or names",
+    )
     parser.add_argument(
         "--mind-scale",
         type=float,
@@ -809,6 +832,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         tasks = list(args.tasks or suite.LAYER_BY_LAYER_32)
         before = {"all": tasks, "none": []}.get(args.before_tasks[0], args.before_tasks)
+        previous = {"all": tasks, "none": []}.get(args.previous_tasks[0], args.previous_tasks)
         scale_of = {t: (args.mind_scale if t == MIND else 1.0) for t in tasks}
         report = Report(machine_info(torch.device("cpu")), {
             "tasks": len(tasks), "before_tasks": len(before), "mind_scale": args.mind_scale,
@@ -823,6 +847,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                 if name in before:
                     log(f"{name}: before")
                     report.before[name] = in_fresh_process(name, "before", 1.0)
+            if name in previous:
+                scale = args.mind_scale if name == MIND else 1.0
+                log(f"{name}: previous, at {scale:g}")
+                report.previous[name] = extrapolate(in_fresh_process(name, "previous", scale))
             merge_table(table_rows({name: report.after[name]}, report.machine), table)  # refreshed as we go
             log(f"{name}: after {report.after[name]['cpu_s']:.1f} CPU-s, "
                 f"before {report.before.get(name, {}).get('cpu_s', float('nan')):.1f}")  # fmt: skip
