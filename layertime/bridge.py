@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import json
 import threading
 from collections import OrderedDict
 from collections.abc import Iterable, Mapping, Sequence
@@ -25,11 +24,11 @@ import numpy as np
 from mteb.models.abs_encoder import AbsEncoder
 from mteb.models.model_meta import ModelMeta, ScoringFunction
 
-from layertime import CODE_VERSION, fastmteb, memory, partload, reranking, scoreparts, suite
+from layertime import CODE_VERSION, fastmteb, memory, partload, records, reranking, scoreparts, suite
 from layertime.errors import Permanent
 from layertime.fastmteb import ENCODE_BATCH, batch_texts
 from layertime.hub.cache import is_offline, use_local_snapshot
-from layertime.io import atomic_write, atomic_write_text
+from layertime.io import atomic_write
 
 
 class LookupMiss(Permanent, KeyError):
@@ -173,8 +172,9 @@ def recorded_texts(
     """The texts `task_name` will ask for; one recording pass, cached per (task, dataset revision, mteb
     version, code version, aggregation rule).
 
-    The cached file is checked before it is used (its fields, and a digest of its texts); a damaged
-    one (a crash, a full disk, a stray edit) is recorded again and replaced, never an error.
+    The cached file is checked before it is used (records.read_texts: its version, fields and digests,
+    and that it is this task's); a damaged one (a crash, a full disk, a stray edit) is recorded
+    again and replaced, never an error.
     """
     task = load_task(task_name, aggregation, hf_cache, load=False)
     # the rule last: report.load.texts_info finds a task's texts by `<task>__*__<aggregation>.json`
@@ -182,42 +182,20 @@ def recorded_texts(
         f"{task_name}__{task.metadata.revision}__mteb-{mteb.__version__}__code-{CODE_VERSION}__{aggregation}"
     )
     path = Path(cache_dir) / f"{key}.json"
-    expect = {"task": task_name, "dataset_revision": task.metadata.revision, "mteb_version": mteb.__version__}
-    if (found := _read_texts(path, expect)) is not None:
-        return found
+    if (found := records.read_texts(path, task_name, task.metadata.revision, mteb.__version__)) is not None:
+        return TaskTexts(
+            found.task, found.dataset_revision, found.mteb_version, list(found.texts), found.requested
+        )
     seen = reranking.recorded_texts(task, hf_cache)
     if seen is None:
         encoder = RecordingEncoder()
         _evaluate(encoder, task, None)
         seen = list(encoder.seen), encoder.requested
     found = TaskTexts(task_name, task.metadata.revision, mteb.__version__, *seen)
-    atomic_write_text(path, json.dumps({**found.__dict__, "digest": _digest(found.texts)}))
-    return found
-
-
-def _digest(texts: list[str]) -> str:
-    return hashlib.sha256(json.dumps(texts).encode()).hexdigest()
-
-
-def _read_texts(path: Path, expect: Mapping[str, str]) -> TaskTexts | None:
-    """The recorded texts at `path` if the file is whole and is the one asked for, else None."""
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, ValueError):  # none, unreadable, not UTF-8, not JSON
-        return None
-    if not isinstance(data, dict) or set(data) != {*TaskTexts.__dataclass_fields__, "digest"}:
-        return None
-    digest, texts, requested = data.pop("digest"), data["texts"], data["requested"]
-    whole = (
-        isinstance(texts, list)
-        and len(texts) > 0
-        and all(isinstance(t, str) for t in texts)
-        and isinstance(requested, int)
-        and requested >= len(texts)
-        and all(data[k] == v for k, v in expect.items())
-        and digest == _digest(texts)
+    records.write_texts(
+        path, found.task, found.dataset_revision, found.mteb_version, found.texts, found.requested
     )
-    return TaskTexts(**data) if whole else None
+    return found
 
 
 def reseed(task: Any) -> Any:
@@ -392,16 +370,18 @@ def score_part(
     vectors: np.ndarray,
     part: tuple[int, int],
     path: Path,
+    source: str = "",
     aggregation: str = "rule-a",
     hf_cache: Path | None = None,
 ) -> None:
     """Part `part` = (p, parts) of one layer's evaluation of `task_name` (layertime/scoreparts.py):
-    its queries' values, written to `path`. The task is loaded for that part only, once per process."""
+    its queries' values, written to `path` with `source`, the sha256 of the embedding file `vectors`
+    came from. The task is loaded for that part only, once per process."""
     prepare_scoring_process()
     task, lock = _LOADED.get(task_name, aggregation, hf_cache, part)
     encoder = LookupEncoder(texts, vectors, model_meta("layertime/part", "part", vectors.shape[1], {}))
     with lock:
-        scoreparts.compute_part(task, encoder, *part, path)
+        scoreparts.compute_part(task, encoder, *part, path, source)
 
 
 def merge_parts(

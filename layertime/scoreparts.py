@@ -52,9 +52,12 @@ def part_file(record: Path, part: int, parts: int) -> Path:
 # ---------------------------------------------------------------------------------------------- files
 
 
-def write_part(path: Path, values: dict, seconds: float, peak_memory_gb: float | None, dim: int) -> None:
+def write_part(  # noqa: PLR0913 (the values and what the merge needs to know of them)
+    path: Path, values: dict, seconds: float, peak_memory_gb: float | None, dim: int, source: str = ""
+) -> None:
     """One part's values (`reranking.part_values`) as an .npz, atomically; with its CPU seconds, peak
-    memory and the embeddings' width (the merge's mteb export names the model by it)."""
+    memory, the embeddings' width (the merge's mteb export names the model by it) and `source`, the
+    sha256 of the embedding file (the layer's record names it; parts of different files never merge)."""
     arrays: dict[str, np.ndarray] = {}
     for (split, subset), (sub, base) in values.items():
         for level, found in (("sub", sub), ("base", base)):
@@ -64,6 +67,7 @@ def write_part(path: Path, values: dict, seconds: float, peak_memory_gb: float |
         "seconds": seconds,
         "peak_memory_gb": peak_memory_gb,
         "dim": dim,
+        "source": source,
         "subsets": [list(k) for k in values],
     }
     arrays["meta"] = np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8)
@@ -103,12 +107,14 @@ def read_part(path: Path) -> tuple[dict, dict] | None:
 # ---------------------------------------------------------------------------------------------- steps
 
 
-def compute_part(task: Any, encoder: Any, part: int, parts: int, path: Path) -> None:
-    """Part `part` of `parts` of one layer (`encoder`: its LookupEncoder) of a loaded task, to `path`."""
+def compute_part(task: Any, encoder: Any, part: int, parts: int, path: Path, source: str = "") -> None:
+    """Part `part` of `parts` of one layer (`encoder`: its LookupEncoder) of a loaded task, to `path`
+    (`source`: the embedding file's sha256)."""
     started = time.process_time()
     with memory.peak() as used:
         values = reranking.part_values(task, encoder, (part, parts))
-    write_part(path, values, time.process_time() - started, used["peak_memory_gb"], encoder.matrix.shape[1])
+    seconds = time.process_time() - started
+    write_part(path, values, seconds, used["peak_memory_gb"], encoder.matrix.shape[1], source)
 
 
 def merged_result(task: Any, record: Path, parts: int) -> Any:

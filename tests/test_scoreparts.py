@@ -2,6 +2,7 @@
 queries split over processes, each part a file in the store, merged into the one completion record,
 resumable part by part (docs/design.md §10)."""
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -10,9 +11,17 @@ import pytest
 from datasets import Dataset
 from test_fastmteb import META, every_score, mind_task, mini_mind  # noqa: E402
 
-from layertime import bridge, partload, pipeline, reranking, scoreparts, splitscore, suite
+from layertime import bridge, partload, reranking, scoreparts, splitscore, suite
 from layertime.checkpoints import Checkpoint
+from layertime.phases import embed, score
+from layertime.phases import record as recording
+from layertime.phases.context import Context
+from layertime.plan import make_plan
 from layertime.rundir import RunDir
+from layertime.settings import Settings
+from layertime.spec import load_spec
+
+DEMO = Path(__file__).resolve().parents[1] / "deployments/demo.yaml"
 
 
 def same(a, b) -> bool:
@@ -118,45 +127,43 @@ def test_a_part_loads_only_its_queries_and_the_parts_score_as_the_whole(tmp_path
 # ---------------------------------------------------------------------------------------------- store
 
 
-def _embeddings(run: RunDir, settings, ckpt, task: str, blocks: list[int]) -> Path:
-    """A (checkpoint, task) unit's embeddings in the store, as the GPU step writes them."""
-    texts = bridge.recorded_texts(task, run.texts).texts
-    path = run.embeddings(settings.id, ckpt, task)
-    path.mkdir(parents=True)
-    (path / "texts.json").write_text(json.dumps(texts))
-    rng = np.random.default_rng(7)
-    for b in blocks:
-        np.save(path / f"layer_{b}.npy", rng.standard_normal((len(texts), 16)).astype(np.float32))
-    files = {p.name: p.stat().st_size for p in path.iterdir()}
-    (path / "done.json").write_text(json.dumps({"files": files}))
-    return path
+class _Fixed:
+    """An encoder of fixed random vectors (the same for every run): embed_unit writes them as the GPU
+    step does (files, digests, manifest last)."""
+
+    device, last_stats = "cpu", None
+
+    def encode(self, texts: list[str]) -> dict[int, np.ndarray]:
+        return {0: np.random.default_rng(7).standard_normal((len(texts), 16)).astype(np.float32)}
 
 
-def _unit(tmp_path: Path, name: str):
-    run = RunDir.of(tmp_path / name / "root")
-    settings = pipeline.Settings("none", "mean", False, 64, "float32", 4096, "cpu", "rule-a", "2.26.24")
+def _unit(tmp_path: Path, name: str, task: str) -> tuple[Context, Checkpoint, Path]:
+    """A run with DemoReranking's layer 0 of one checkpoint embedded in its store."""
+    run = RunDir.of(tmp_path / name / "root", tmp_path / name / "store")
+    spec = load_spec(DEMO, run_root=run.root, store=run.store, tasks=[task], layers=[0], metrics=None)
+    plan = dataclasses.replace(make_plan(spec, resolve=False), num_blocks=4)
+    ctx = Context(plan, run, Settings("none", "mean", False, 64, "float32", 4096, "cpu", "rule-a", "t"))
     ckpt = Checkpoint("layertime/tiny-neox", "step1", "a" * 40)
-    return run, settings, ckpt
+    texts = recording.task_texts(task, run, "rule-a").texts
+    return ctx, ckpt, embed.embed_unit(_Fixed(), ctx, ckpt, task, texts, [0])
 
 
 def test_a_split_layer_in_the_store_records_what_one_evaluation_records(tmp_path, monkeypatch):
     """Parts are files beside the record until the merge writes the record (last) and removes them; a
-    part whose file is whole is not computed again; a merge missing a part names it; the rows equal
-    those of the layer scored whole, the mteb export's scores too."""
+    part whose file is whole and of the same embeddings is not computed again; a merge missing a part
+    names it; the rows equal those of the layer scored whole, the mteb export's scores too."""
     task = "DemoReranking"
-    whole_run, settings, ckpt = _unit(tmp_path, "whole")
-    emb = _embeddings(whole_run, settings, ckpt, task, [0])
-    want = pipeline.score_unit(whole_run, settings, ckpt, task, [0], emb, "rule-a", 4)[0]
+    whole, ckpt, emb = _unit(tmp_path, "whole", task)
+    want = score.score_unit(whole, ckpt, task, [0], emb)[0]
 
-    run, settings, ckpt = _unit(tmp_path, "split")
-    emb = _embeddings(run, settings, ckpt, task, [0])
-    record = run.score_record(settings.id, ckpt, task, 0)
+    ctx, ckpt, emb = _unit(tmp_path, "split", task)
+    record = ctx.run.score_record(ctx.settings.id, ckpt, task, 0)
     computed = []
     real = bridge.score_part
     monkeypatch.setattr(bridge, "score_part", lambda *a, **k: computed.append(a[3]) or real(*a, **k))
 
     def step(part):
-        return splitscore.score_layer(run, settings, ckpt, task, 0, emb, part, 3, "rule-a", 4)
+        return splitscore.score_layer(ctx, ckpt, task, 0, emb, part, 3)
 
     assert step(0) is None and step(1) is None and computed == [(0, 3), (1, 3)]
     assert step(0) is None and computed == [(0, 3), (1, 3)]  # kept, not computed again
@@ -174,7 +181,7 @@ def test_a_split_layer_in_the_store_records_what_one_evaluation_records(tmp_path
     assert step(0) == rows and computed[4:] == []  # recorded: nothing runs
     exported = [
         json.loads(p.read_text())["scores"]
-        for r in (whole_run, run)
+        for r in (whole.run, ctx.run)
         for p in r.mteb_results.rglob(f"{task}.json")
     ]
     assert len(exported) == 2 and same(exported[0], exported[1])
