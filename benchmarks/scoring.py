@@ -646,37 +646,40 @@ def render_tasks(report: Report) -> str:
 
 
 def render_types(report: Report) -> str:
-    """Per task type: Σ before, Σ after (warm), Σ after with each task run's load spread over its 4 layers."""
+    """Per task type: Σ after (warm) over every task measured, Σ after with each task run's load spread
+    over its 4 layers; and where mteb as shipped was measured too (some tasks), Σ before against Σ after
+    over those tasks."""
     from layertime import costs, suite
 
-    rows, totals = [], [0.0, 0.0, 0.0]
+    def after(t: str) -> float:
+        return report.after[t]["cpu_s"] + report.after[t].get("merge_cpu_s", 0.0)
+
+    def load(t: str) -> float:
+        return report.after[t].get("load_cpu_s", 0.0) * report.after[t].get("parts", 1)
+
+    rows, totals = [], [0.0, 0.0, 0.0, 0.0]
     for kind in dict.fromkeys(suite.task_type(t) for t in suite.LAYER_BY_LAYER_32):
-        names = [t for t in report.after if suite.task_type(t) == kind and t in report.before]
+        names = [t for t in report.after if suite.task_type(t) == kind]
         if not names:
             continue
-        before = sum(report.before[t]["cpu_s"] for t in names)
-        after = sum(report.after[t]["cpu_s"] + report.after[t].get("merge_cpu_s", 0.0) for t in names)
-        loads = sum(report.after[t].get("load_cpu_s", 0.0) * report.after[t].get("parts", 1) for t in names)
-        with_loads = after + loads / costs.LAYERS_PER_SCORE_TASK
-        totals = [totals[0] + before, totals[1] + after, totals[2] + with_loads]
-        rows.append(
-            (
-                f"{kind} ({len(names)})",
-                f"{before:.1f}",
-                f"{after:.1f}",
-                f"{with_loads:.1f}",
-                f"{before / after:.1f}×",
-            )
+        warm = sum(after(t) for t in names)
+        with_loads = warm + sum(load(t) for t in names) / costs.LAYERS_PER_SCORE_TASK
+        both = [t for t in names if t in report.before]
+        before = sum(report.before[t]["cpu_s"] for t in both)
+        after_both = sum(after(t) for t in both)
+        totals = [totals[0] + warm, totals[1] + with_loads, totals[2] + before, totals[3] + after_both]
+        compared = (
+            f"{before:.1f} / {after_both:.1f} = {before / after_both:.1f}× ({len(both)})" if both else "—"
         )
+        rows.append((f"{kind} ({len(names)})", f"{warm:.1f}", f"{with_loads:.1f}", compared))
     if rows:
-        rows.append(("**Σ**", f"**{totals[0]:.0f}**", f"**{totals[1]:.0f}**", f"**{totals[2]:.0f}**",
-                     f"{totals[0] / totals[1]:.1f}×"))  # fmt: skip
+        compared = f"{totals[2]:.0f} / {totals[3]:.1f} = {totals[2] / totals[3]:.1f}×" if totals[3] else "—"
+        rows.append(("**Σ**", f"**{totals[0]:.0f}**", f"**{totals[1]:.0f}**", compared))
     headers = (
-        "type (tasks)",
-        "before CPU s",
+        "type (tasks measured)",
         "after CPU s (warm)",
         "after with task loads (÷ 4 layers)",
-        "before/after",
+        "before / after CPU s over the tasks measured before too (how many)",
     )
     return md_table(headers, rows)
 
@@ -810,6 +813,15 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--table", type=Path, default=None, help="cost table to refresh (default: the package's)"
     )
+    parser.add_argument(
+        "--save", type=Path, default=None, help="the figures so far, as JSON, rewritten after each task"
+    )
+    parser.add_argument(
+        "--render-saved",
+        type=Path,
+        default=None,
+        help="measure nothing: append the figures a --save file holds (a run stopped early) to --out",
+    )
     return parser.parse_args(argv)
 
 
@@ -821,8 +833,32 @@ def isolate_environment(tmp: Path) -> None:
     os.environ["TOKENIZERS_PARALLELISM"] = "false"
 
 
+def save(report: Report, path: Path) -> None:
+    """The figures so far: a run stopped early still leaves what it measured (`--render-saved`)."""
+    import dataclasses
+
+    from layertime.io import atomic_write_text
+
+    atomic_write_text(path, json.dumps(dataclasses.asdict(report)))
+
+
+def render_saved(args: argparse.Namespace) -> int:
+    """Append the section of a saved (maybe partial) run to `--out`, with the schedules on the table."""
+    from layertime import costs, suite
+
+    report = Report(**json.loads(args.render_saved.read_text()))
+    report.settings["rendered from"] = f"{args.render_saved.name} ({len(report.after)} tasks measured)"
+    if "schedule" in args.parts and set(suite.LAYER_BY_LAYER_32) <= set(costs.table()):
+        report.schedules = [(label, exp2_schedule(*jobs)) for label, *jobs in SCHEDULES]
+    write_report(report, args.out)
+    print(render_section(report))
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.render_saved:
+        return render_saved(args)
     started = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="layertime-scoring-bench-") as tmp:
         isolate_environment(Path(tmp))
@@ -852,6 +888,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                 log(f"{name}: previous, at {scale:g}")
                 report.previous[name] = extrapolate(in_fresh_process(name, "previous", scale))
             merge_table(table_rows({name: report.after[name]}, report.machine), table)  # refreshed as we go
+            if args.save:
+                report.seconds = time.perf_counter() - started
+                save(report, args.save)
             log(f"{name}: after {report.after[name]['cpu_s']:.1f} CPU-s, "
                 f"before {report.before.get(name, {}).get('cpu_s', float('nan')):.1f}")  # fmt: skip
         costs.table.cache_clear()
@@ -866,6 +905,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             report.schedules = [(label, exp2_schedule(*jobs)) for label, *jobs in SCHEDULES]
         report.seconds = time.perf_counter() - started
         report.machine["load avg (1 min) at end"] = load_average()
+        if args.save:
+            save(report, args.save)
         write_report(report, args.out)
     print(render_section(report))
     log(f"done in {report.seconds:.0f} s; appended to {args.out}")
