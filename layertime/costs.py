@@ -378,7 +378,8 @@ def simulate(
             if batch.merge:
                 index = len(merges)
                 merges.append((batch.merge, big, [len(batch.parts)]))
-            ready += [(at, len(ready), seconds, big, index) for seconds in batch.parts]
+            # each run its own submission order (ties in readiness: the flow's order, not the shortest)
+            ready += [(at, len(ready) + i, seconds, big, index) for i, seconds in enumerate(batch.parts)]
     heapq.heapify(ready)
     pools = {False: [0.0] * cpu_slots, True: [0.0] * big_memory_slots}
     gpu_end = max(done, default=0.0)
