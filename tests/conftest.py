@@ -283,6 +283,6 @@ def _prefect_console_on_a_live_stream():
     for logger in [logging.getLogger(), *logging.Logger.manager.loggerDict.values()]:
         for handler in getattr(logger, "handlers", []):
             if isinstance(handler, logging.StreamHandler) and getattr(handler.stream, "closed", False):
-                handler.setStream(sys.__stderr__)
+                handler.stream = sys.__stderr__  # not setStream: it flushes the closed stream first
                 if hasattr(handler, "console"):  # PrefectConsoleHandler prints through a rich Console
                     handler.console.file = sys.__stderr__
