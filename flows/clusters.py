@@ -100,12 +100,22 @@ class SlurmSettings(BaseModel):
     score_memory: str = Field("32G", description="memory per scoring job, shared evenly by its processes")
     score_partition: str | None = Field(None, description="partition of the scoring jobs; null: `partition`")
     bigmem_jobs: int = Field(
-        0, ge=0, description="big-memory scoring jobs, one process each, for tasks (MindSmallReranking) "
-        "that no scoring process has the memory for"
+        0, ge=0, description="big-memory scoring jobs, one process each, for a task no scoring process has "
+        "the memory for (none in the suite: MindSmallReranking is scored in parts)"
     )  # fmt: skip
     bigmem_memory: str = Field("64G", description="memory per big-memory scoring job")
+    gpu_job_scoring: int = Field(
+        0, ge=0, description="one-thread scoring processes in each GPU job, on the cores its GPU worker's "
+        "`threads` leave free (the GPU hidden from them); 0: none"
+    )  # fmt: skip
+    gpu_job_scoring_memory: str = Field(
+        "32G", description="the part of a GPU job's `memory` its scoring processes share"
+    )
     task_memory_gb: dict[str, int] = Field(
         default_factory=dict, description="scoring memory (GB) of a task, replacing the cost table's figure"
+    )
+    task_parts: dict[str, int] = Field(
+        default_factory=dict, description="processes a task's layer is split over, replacing the cost table's"
     )
 
     @field_validator("walltime", mode="before")
@@ -117,7 +127,7 @@ class SlurmSettings(BaseModel):
             raise ValueError(f"{value!r} is not a SLURM time limit ([D-]HH:MM:SS)")
         return value
 
-    @field_validator("memory", "score_memory", "bigmem_memory", mode="before")
+    @field_validator("memory", "score_memory", "bigmem_memory", "gpu_job_scoring_memory", mode="before")
     @classmethod
     def _memory(cls, value: Any) -> Any:
         if isinstance(value, str) and not _MEMORY.match(value):
@@ -130,6 +140,18 @@ class SlurmSettings(BaseModel):
             raise ValueError("device 'cuda' needs gpus: 1 (or set device: cpu for CPU-only jobs)")
         if self.min_jobs > self.max_jobs:
             raise ValueError(f"min_jobs {self.min_jobs} > max_jobs {self.max_jobs}")
+        if self.gpu_job_scoring:
+            threads = self.threads or self.cpus
+            if threads + self.gpu_job_scoring > self.cpus:
+                raise ValueError(
+                    f"gpu_job_scoring {self.gpu_job_scoring} + threads {threads} > cpus {self.cpus}: set "
+                    "threads to the GPU worker's share (e.g. 2) and cpus to cover both"
+                )
+            if _gib(self.gpu_job_scoring_memory) >= _gib(self.memory):
+                raise ValueError(
+                    f"gpu_job_scoring_memory {self.gpu_job_scoring_memory} leaves nothing of memory "
+                    f"{self.memory} to the GPU worker"
+                )
         return self
 
     @property
@@ -142,11 +164,14 @@ class SlurmSettings(BaseModel):
 
         - `score` jobs: the job's memory split evenly over its one-thread processes;
         - `bigmem` jobs: one process with the job's memory;
-        - `gpu` jobs score only when there are no scoring jobs: 3/4 of the job's memory (the rest
-          holds the model and the forward pass's host buffers).
+        - a GPU job's own scoring processes (`gpu_job_scoring`): `gpu_job_scoring_memory` split evenly;
+        - `gpu` jobs' GPU worker scores only when there are no other scoring processes: 3/4 of the
+          job's memory (the rest holds the model and the forward pass's host buffers).
         """
         workers = {"score": _gib(self.score_memory) // self.score_cpus} if self.score_jobs else {}
-        if not self.score_jobs:
+        if self.gpu_job_scoring:
+            workers["gpu-node"] = _gib(self.gpu_job_scoring_memory) // self.gpu_job_scoring
+        if not self.score_jobs and not self.gpu_job_scoring:
             workers["gpu"] = _gib(self.memory) * 3 // 4
         if self.bigmem_jobs:
             workers["bigmem"] = _gib(self.bigmem_memory)
@@ -186,6 +211,9 @@ class LocalSettings(BaseModel):
     memory_gb: int | None = Field(None, ge=1, description="memory scoring may use (GB); null: 3/4 of RAM")
     task_memory_gb: dict[str, int] = Field(
         default_factory=dict, description="scoring memory (GB) of a task, replacing the cost table's figure"
+    )
+    task_parts: dict[str, int] = Field(
+        default_factory=dict, description="processes a task's layer is split over, replacing the cost table's"
     )
     dashboard_address: str | None = Field(
         None, description="the Dask dashboard (':8787' listens on 127.0.0.1); null: none"
@@ -289,10 +317,18 @@ class Profile:
         return self.slurm.max_jobs if self.slurm else 1
 
     def memory_need(self, task: str, dim: int) -> int:
-        """MEM_GB one scoring process of `task` takes: the profile's figure, else the cost table's."""
+        """MEM_GB one scoring process of `task` takes: the profile's figure, else the cost table's
+        (for a task scored in parts, a part's)."""
         from layertime import costs
 
         return self.settings.task_memory_gb.get(task) or costs.scoring_memory_gb(task, dim)
+
+    def score_parts(self, task: str) -> int:
+        """Processes one layer of `task` is scored in (layertime/scoreparts.py): the profile's figure,
+        else the cost table's (1 for most tasks, MindSmallReranking several)."""
+        from layertime import costs
+
+        return max(1, self.settings.task_parts.get(task) or costs.score_parts(task))
 
     def check_fits(self, tasks: list[str], dim: int) -> dict[str, int]:
         """Each task's MEM_GB, after checking some worker can hold it (else it would wait forever,
@@ -303,8 +339,9 @@ class Profile:
         too_big = {t: n for t, n in needs.items() if n > largest}
         if too_big:
             fix = (
-                "set bigmem_jobs: 1 with bigmem_memory above that, or raise score_memory"
-                if self.slurm else "run it on the slurm profile with a big-memory job, or set memory_gb"
+                "split it in more parts (task_parts), raise score_memory, or set bigmem_jobs: 1 with "
+                "bigmem_memory above that"
+                if self.slurm else "split it in more parts (task_parts), or set memory_gb"
             )  # fmt: skip
             listed = ", ".join(f"{t} needs {n} GB" for t, n in too_big.items())
             raise ClusterError(
@@ -332,7 +369,7 @@ class Profile:
 
         settings = self.settings
         kwargs = cluster_kwargs(settings, _api_url(required=True))
-        scoring = bool(settings.score_jobs or settings.bigmem_jobs)
+        scoring = bool(settings.score_jobs or settings.bigmem_jobs or settings.gpu_job_scoring)
         return DaskTaskRunner(
             cluster_class=LayertimeSLURMCluster,
             cluster_kwargs=kwargs,
@@ -484,13 +521,25 @@ def job_kwargs(settings: SlurmSettings, api_url: str | None, kind: str) -> dict[
     worker_args += ["--no-dashboard", "--dashboard-address", LOOPBACK_ANY_PORT]
     if lifetime > 60:  # retire before SLURM kills the job at its walltime: the scheduler replaces it
         worker_args += ["--lifetime", f"{lifetime}s", "--lifetime-stagger", f"{min(300, lifetime // 20)}s"]
+    node_scoring = {}
+    if kind == "gpu" and settings.gpu_job_scoring:  # one-thread processes beside the GPU worker
+        n = settings.gpu_job_scoring
+        node_scoring = {"node_scoring": {
+            "cores": n, "processes": n, "memory": f"{_gib(settings.gpu_job_scoring_memory)}GiB",
+            "worker_extra_args": ["--resources", f"MEM_GB={settings.scoring_workers()['gpu-node']}",
+                                  *worker_args[2 if resources else 0 :]],
+            "death_timeout": settings.death_timeout, "local_directory": settings.local_directory,
+            "interface": settings.interface, "python": settings.python or sys.executable,
+        }}  # fmt: skip
+    # the worker's Dask memory limit: what a GPU job's own scoring processes leave of the job's memory
+    limit = f"{_gib(memory) - _gib(settings.gpu_job_scoring_memory)}G" if node_scoring else memory
     return {
         "queue": settings.partition if kind == "gpu" else settings.score_partition or settings.partition,
         "account": settings.account,
         "cores": threads,
         "job_cpu": cpus,
         "processes": processes,
-        "memory": f"{_slurm_memory(memory)}iB",  # Dask's name for the same amount (64GiB)
+        "memory": f"{_slurm_memory(limit)}iB",  # Dask's name for the same amount (64GiB)
         "job_mem": _slurm_memory(memory),
         "walltime": settings.walltime,
         "job_name": settings.job_name if kind == "gpu" else f"{settings.job_name}-{kind}",
@@ -502,6 +551,7 @@ def job_kwargs(settings: SlurmSettings, api_url: str | None, kind: str) -> dict[
         "worker_extra_args": worker_args,
         "local_directory": settings.local_directory,
         "death_timeout": settings.death_timeout,
+        **node_scoring,
     }  # fmt: skip
 
 

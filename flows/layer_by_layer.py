@@ -51,8 +51,8 @@ from prefect.states import Failed
 from flows.clusters import GPU, ClusterError, SlurmRejected, profile
 from flows.guard import Guard
 from flows.logs import quiet_finished_task_runs
-from layertime import claims, fastmteb, leftovers, records
-from layertime.costs import MODELS_PER_GPU
+from layertime import claims, fastmteb, leftovers, records, scoreparts
+from layertime.costs import LAYERS_PER_SCORE_TASK, MODELS_PER_GPU
 from layertime.demo.world import prepare_world
 from layertime.encoder import import_model_classes
 from layertime.phases import merge, record, score
@@ -67,13 +67,13 @@ from tasks import units
 quiet_finished_task_runs()  # exp2's ~6,500 "Finished in state Completed()" lines would bury the run's log
 
 
-# Layers of one (checkpoint, task) that one score task run scores, each still an evaluation of its own
-# with its own completion record. A task run costs Prefect CPU whatever it does: ~60 ms in the server
-# and its database alone (its states go through the server's event pipeline), plus the task engine and
-# Dask's submit in the flow. One per layer made that the larger part of exp2's non-compute time at its
-# scale; per 4 layers, exp2 is 1,683 task runs, not 6,483, and its scale run took 449 s instead of 937
+# Layers of one (checkpoint, task) that one score task run scores (layertime.costs.LAYERS_PER_SCORE_TASK:
+# the cost model simulates the same batches), each still an evaluation of its own with its own
+# completion record. A task run costs Prefect CPU whatever it does: ~60 ms in the server and its
+# database alone (its states go through the server's event pipeline), plus the task engine and Dask's
+# submit in the flow. One per layer made that the larger part of exp2's non-compute time at its scale;
+# per 4 layers, exp2 is 1,683 task runs, not 6,483, and its scale run took 449 s instead of 937
 # (benchmarks/RESULTS.md, issue 15). Not more: a layer sweep of one task still spreads over workers.
-LAYERS_PER_SCORE_TASK = 4
 
 
 def score_batches(layers: list[int]) -> list[units.Layers]:
@@ -95,6 +95,25 @@ class NotReady(RuntimeError):
 # A task the SLURM cluster's watchdog cancelled (jobs cannot run, SLURM refused them) says why, too.
 HANDLED = (UnitsFailed, NotReady, ClusterError, SlurmRejected, RunInUse, IncompatibleRun, SpecError,
            FutureCancelledError)  # fmt: skip
+
+
+class _FailedSteps:
+    """The failed steps (parts, merge) of a split batch, read as one failed score task run: `result()`
+    raises their errors together (each layer's from every step that failed it, in order)."""
+
+    def __init__(self, errors: list[Exception]) -> None:
+        self.errors = errors
+
+    def result(self) -> None:
+        other = [e for e in self.errors if not isinstance(e, units.LayersFailed)]
+        if other:  # a part that failed as a whole: every layer of the batch is named with its error
+            raise other[0]
+        errors: dict[int, str] = {}
+        for e in self.errors:
+            for layer, error in e.errors.items():
+                errors[layer] = f"{errors[layer]}; {error}" if layer in errors else error
+        unembedded = sorted({b for e in self.errors for b in e.unembedded})  # the flow embeds them again
+        raise units.LayersFailed(errors, tuple(unembedded))
 
 
 @flow(name="layer-by-layer")
@@ -144,6 +163,7 @@ def _run(
         with where.task_runner() as runner, units.scoring_pool(where.scoring_processes):
             revisions, failures = _record(runner, experiment, plan)
             work = _Units(runner, ctx, needs, progress, where.gpu_slots * MODELS_PER_GPU)
+            work.parts = {t: where.score_parts(t) for t in plan.tasks}
             failures += work.run(revisions)
             paths = runner.submit(units.merge, {"ctx": ctx}).result()
         progress.show(final=True)
@@ -293,6 +313,7 @@ class _Units:
         self.embedded_again: set[tuple[str, str]] = set()  # units embedded again in this run (once each)
         self.cleaned = collections.Counter()  # what became of each scored unit's embeddings
         self.claims = claims.Claims()  # the embeddings this run needs, kept from other runs' cleanup
+        self.parts: dict[str, int] = {}  # task -> processes a layer of it is split over (1: whole)
 
     def run(self, revisions: dict[str, str]) -> list[str]:
         """Run every unit not done; the failed ones, named."""
@@ -415,15 +436,50 @@ class _Units:
 
     def _submit_scores(self, unit: units.Unit, embeddings: str) -> None:
         batches = score_batches(self.missing[unit.checkpoint.key, unit.task])
-        with dask.annotate(resources={"MEM_GB": self.needs[unit.task]}):
-            futures = [
-                self.runner.submit(units.score, {"unit": unit, "layers": b, "embeddings": embeddings})
-                for b in batches
-            ]
         self.left[unit.checkpoint.key, unit.task] = len(batches)
-        for future, layers in zip(futures, batches, strict=True):
+        parts = self.parts.get(unit.task, 1)
+        for layers in batches:
+            if parts == 1:
+                self._submit_score(unit, layers, embeddings, units.WHOLE, self._score_done)
+            else:  # each part (layertime/scoreparts.py); when all have ended, the merge
+                batch = {"left": parts, "failed": []}
+                done = functools.partial(self._part_done, batch=batch, embeddings=embeddings)
+                for part in range(parts):
+                    self._submit_score(unit, layers, embeddings, units.Part((part, parts)), done)
+
+    def _submit_score(
+        self, unit: units.Unit, layers: units.Layers, embeddings: str, part: units.Part, then: Any
+    ) -> None:
+        with dask.annotate(resources={"MEM_GB": self.needs[unit.task]}):
+            future = self.runner.submit(
+                units.score, {"unit": unit, "layers": layers, "embeddings": embeddings, "part": part}
+            )
+        if part == units.WHOLE or part[0] == scoreparts.MERGE:  # the steps that write its records
             self.scoring[future] = (unit, layers)
-            self._watch(future, functools.partial(self._score_done, unit, layers))
+        self._watch(future, lambda f: then(unit, layers, f))
+
+    def _part_done(
+        self, unit: units.Unit, layers: units.Layers, future: Any, batch: dict, embeddings: str
+    ) -> None:
+        """A part of a split batch ended; after the last, the merge: it records each layer whose parts
+        are all there and names the others (with their parts' errors, `_merge_done`)."""
+        try:
+            future.result()
+        except Exception as e:  # noqa: BLE001 -- reported with the merge's outcome
+            batch["failed"].append(e)
+        batch["left"] -= 1
+        if not batch["left"]:
+            merge = units.Part((scoreparts.MERGE, self.parts[unit.task]))
+            then = functools.partial(self._merge_done, failed_parts=batch["failed"])
+            self._submit_score(unit, layers, embeddings, merge, then)
+
+    def _merge_done(self, unit: units.Unit, layers: units.Layers, future: Any, failed_parts: list) -> None:
+        try:
+            future.result()
+        except Exception as e:  # noqa: BLE001 -- each layer named with its parts' and the merge's errors
+            self._score_done(unit, layers, _FailedSteps([*failed_parts, e]))
+        else:
+            self._score_done(unit, layers, future)
 
     def _score_done(self, unit: units.Unit, layers: units.Layers, future: Any) -> None:
         try:

@@ -66,12 +66,30 @@ JOBS_IN_A_ROW = 3
 class _Job(SLURMJob):
     """A SLURM worker job that tells its cluster whether `sbatch` took it (instead of vanishing) and
     when it closes, and remembers what became of it: whether a worker of it connected and whether it
-    finished a task."""
+    finished a task.
+
+    With `node_scoring` (job arguments of one-thread scoring workers, `gpu_job_scoring`), the job also
+    starts those workers in the background, GPU hidden, before its own: they use the node's cores the
+    GPU worker leaves idle, as processes of their own (mteb's scoring is half pure Python: threads of
+    the GPU worker would share its GIL). They are named `<job>-score-<i>`, outside the adaptive spec.
+    """
 
     def __init__(
-        self, *args: Any, on_sbatch: Any = None, on_close: Any = None, kind: str = "gpu", **kwargs: Any
+        self,
+        *args: Any,
+        on_sbatch: Any = None,
+        on_close: Any = None,
+        kind: str = "gpu",
+        node_scoring: dict | None = None,
+        **kwargs: Any,
     ):
         super().__init__(*args, **kwargs)
+        if node_scoring:
+            scheduler = kwargs.get("scheduler", args[0] if args else None)
+            scoring = SLURMJob(scheduler=scheduler, name=f"{self.name}-score", **node_scoring)
+            self._command_template = (
+                f"CUDA_VISIBLE_DEVICES= {scoring._command_template} &\n{self._command_template}"
+            )
         self._on_sbatch = on_sbatch  # (job, SLURM's error or None), in the cluster's loop
         self._on_close = on_close  # (job), before it is cancelled
         self.kind = kind  # gpu, score or bigmem
@@ -404,8 +422,15 @@ class GpuAdaptive(Adaptive):
         return sum(1 for ts in tasks if ts.state in live and "GPU" in (ts.resource_restrictions or {}))
 
     async def workers_to_close(self, target: int) -> list[str]:
-        gpu = [ws for ws in self.cluster.scheduler.workers.values() if ws.name in self.cluster.worker_spec]
-        idle = [ws.name for ws in gpu if not ws.processing]
+        workers = self.cluster.scheduler.workers.values()
+        gpu = [ws for ws in workers if ws.name in self.cluster.worker_spec]
+        busy_nodes = {
+            str(ws.name).rpartition("-score-")[0]
+            for ws in workers
+            if "-score-" in str(ws.name) and ws.processing
+        }
+        # a GPU job goes with its own scoring processes (gpu_job_scoring): retired only when they are idle too
+        idle = [ws.name for ws in gpu if not ws.processing and ws.name not in busy_nodes]
         return idle[: max(0, len(gpu) - target)]
 
 
@@ -413,7 +438,7 @@ def preview_script(kwargs: dict[str, Any]) -> str:
     """The batch script a job of these arguments would get (a placeholder scheduler address)."""
     logs = Path(kwargs["log_directory"])
     created = [p for p in (logs, *logs.parents) if not p.exists()]
-    job = SLURMJob(scheduler="tcp://<scheduler-address>:8786", name="<worker-name>", **kwargs)
+    job = _Job(scheduler="tcp://<scheduler-address>:8786", name="<worker-name>", **kwargs)
     for path in created:  # SLURMJob makes the log directory: a preview leaves no trace
         path.rmdir()
     return job.job_script()

@@ -19,18 +19,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import datasets
 import mteb
 import numpy as np
 from mteb.models.abs_encoder import AbsEncoder
 from mteb.models.model_meta import ModelMeta, ScoringFunction
 
-from layertime import CODE_VERSION, fastmteb, memory, records, suite
+from layertime import CODE_VERSION, fastmteb, memory, partload, records, reranking, scoreparts, suite
 from layertime.errors import Permanent
+from layertime.fastmteb import ENCODE_BATCH, batch_texts
 from layertime.hub.cache import has_local_snapshot, is_offline, offline, use_local_snapshot
 from layertime.io import atomic_write
-
-ENCODE_BATCH = 4096  # texts per mteb DataLoader batch; lookups are cheap, so large batches cut overhead
 
 
 class LookupMiss(Permanent, KeyError):
@@ -60,16 +58,6 @@ def model_meta(model: str, revision: str, dim: int, experiment: Mapping[str, Any
             "use_instructions": False,
         }
     )
-
-
-def batch_texts(inputs: Any) -> list[str]:
-    """The texts of an mteb DataLoader, read from its dataset column when there is one (fast path)."""
-    dataset = getattr(inputs, "dataset", None)
-    names = getattr(dataset, "column_names", None) or []
-    if "text" in names:
-        texts = dataset["text"]
-        return texts if isinstance(texts, list) else texts[:]  # a datasets Column: one batched read
-    return [text for batch in inputs for text in batch["text"]]
 
 
 class _BridgeEncoder(AbsEncoder):
@@ -154,38 +142,15 @@ class TaskTexts:
     requested: int
 
 
-class _ListColumns(datasets.Dataset):
-    """A Dataset whose `ds["col"]` is a list, as in datasets 3.x, read in one batch.
-
-    datasets >= 4 returns a lazy Column that sklearn and mteb's sampling read row by row: scoring a
-    classification task took 10-80x longer (docs/design.md §10) for the same numbers. `select` keeps the
-    class, since mteb scores the undersampled training split it selects.
-    """
-
-    def __getitem__(self, key: Any) -> Any:
-        value = super().__getitem__(key)
-        return value[:] if isinstance(key, str) else value
-
-    def select(self, *args: Any, **kwargs: Any) -> Any:
-        return _as_list_columns(super().select(*args, **kwargs))
-
-
-def _as_list_columns(data: Any) -> Any:
-    """Every Dataset inside a task's loaded data (nested dicts, DatasetDicts, split objects) as _ListColumns."""
-    if isinstance(data, datasets.Dataset):
-        data.__class__ = _ListColumns
-    elif isinstance(data, Mapping):
-        for value in data.values():
-            _as_list_columns(value)
-    elif hasattr(data, "__dict__") and not isinstance(data, type):
-        for value in vars(data).values():
-            if isinstance(value, datasets.Dataset | Mapping):
-                _as_list_columns(value)
-    return data
-
-
-def load_task(name: str, aggregation: str = "rule-a", hf_cache: Path | None = None, load: bool = True) -> Any:
-    """A fresh task of the suite with its data loaded.
+def load_task(
+    name: str,
+    aggregation: str = "rule-a",
+    hf_cache: Path | None = None,
+    load: bool = True,
+    part: tuple[int, int] | None = None,
+) -> Any:
+    """A fresh task of the suite with its data loaded (with `part` = (p, parts): only what part p of
+    a split evaluation needs, layertime/scoreparts.py).
 
     Real tasks read their dataset's local snapshot in the HF cache, offline, whenever the cache holds
     it (as checkpoints do, `from_cache_first`): without HF_HUB_OFFLINE, `datasets` asked the hub about
@@ -197,9 +162,13 @@ def load_task(name: str, aggregation: str = "rule-a", hf_cache: Path | None = No
     if has_local_snapshot(task, hf_cache) or is_offline():
         use_local_snapshot(task, hf_cache)
     if load:
-        with _cache_first(task, hf_cache):
+        grouped = part is not None and reranking.splits_by_group(task)
+        with (
+            _cache_first(task, hf_cache),
+            partload.loading_part(part, grouped) if part is not None else contextlib.nullcontext(),
+        ):
             task.load_data()
-        _as_list_columns(task.dataset)
+        fastmteb.as_list_columns(task.dataset)
     return task
 
 
@@ -228,12 +197,13 @@ def recorded_texts(
         return TaskTexts(
             found.task, found.dataset_revision, found.mteb_version, list(found.texts), found.requested
         )
-    encoder = RecordingEncoder()
     with _cache_first(task, hf_cache):
-        _evaluate(encoder, task, None)
-    found = TaskTexts(
-        task_name, task.metadata.revision, mteb.__version__, list(encoder.seen), encoder.requested
-    )
+        seen = reranking.recorded_texts(task, hf_cache)
+        if seen is None:
+            encoder = RecordingEncoder()
+            _evaluate(encoder, task, None)
+            seen = list(encoder.seen), encoder.requested
+    found = TaskTexts(task_name, task.metadata.revision, mteb.__version__, *seen)
     records.write_texts(
         path, found.task, found.dataset_revision, found.mteb_version, found.texts, found.requested
     )
@@ -259,7 +229,7 @@ def _evaluate(encoder: Any, task: Any, export: Path | None, fast: bool = True) -
     it is never read back).
     """
     model = fastmteb.search_model(encoder, task) if fast else encoder
-    with fastmteb.installed() if fast else contextlib.nullcontext():
+    with fastmteb.installed() if fast else contextlib.nullcontext(), reranking.on_arrays(task, fast):
         result = mteb.evaluate(
             model,
             reseed(task),
@@ -269,10 +239,14 @@ def _evaluate(encoder: Any, task: Any, export: Path | None, fast: bool = True) -
         ).task_results[0]
     _check_asked(task, result)
     if export is not None:
-        meta = encoder.mteb_model_meta
-        path = mteb.ResultCache(cache_path=export).get_task_result_path(task.metadata.name, meta)
-        atomic_write(path, result.to_disk)
+        _export(result, task, encoder.mteb_model_meta, export)
     return result
+
+
+def _export(result: Any, task: Any, meta: Any, export: Path) -> None:
+    """Write a result in mteb's format under `export` (for people; never read back), atomically."""
+    path = mteb.ResultCache(cache_path=export).get_task_result_path(task.metadata.name, meta)
+    atomic_write(path, result.to_disk)
 
 
 def _check_asked(task: Any, result: Any) -> None:
@@ -307,16 +281,18 @@ class _LoadedTasks:
 
     def __init__(self, size: int = 2) -> None:
         self.size = size
-        self.entries: OrderedDict[tuple[str, str], tuple[Any, threading.Lock]] = OrderedDict()
+        self.entries: OrderedDict[tuple, tuple[Any, threading.Lock]] = OrderedDict()
         self.lock = threading.Lock()
 
-    def get(self, name: str, aggregation: str, hf_cache: Path | None) -> tuple[Any, threading.Lock]:
-        key = (name, aggregation)
+    def get(
+        self, name: str, aggregation: str, hf_cache: Path | None, part: tuple[int, int] | None = None
+    ) -> tuple[Any, threading.Lock]:
+        key = (name, aggregation, part)
         with self.lock:
             if key in self.entries:
                 self.entries.move_to_end(key)
                 return self.entries[key]
-        task = load_task(name, aggregation, hf_cache)
+        task = load_task(name, aggregation, hf_cache, part=part)
         with self.lock:
             entry = self.entries.setdefault(key, (task, threading.Lock()))
             while len(self.entries) > self.size:
@@ -398,3 +374,40 @@ def subset_scores(result: Any, peak_memory_gb: float | None = None) -> list[Subs
         for split, scores in result.scores.items()
         for s in scores
     ]
+
+
+def score_part(
+    task_name: str,
+    texts: Sequence[str],
+    vectors: np.ndarray,
+    part: tuple[int, int],
+    path: Path,
+    source: str = "",
+    aggregation: str = "rule-a",
+    hf_cache: Path | None = None,
+) -> None:
+    """Part `part` = (p, parts) of one layer's evaluation of `task_name` (layertime/scoreparts.py):
+    its queries' values, written to `path` with `source`, the sha256 of the embedding file `vectors`
+    came from. The task is loaded for that part only, once per process."""
+    prepare_scoring_process()
+    task, lock = _LOADED.get(task_name, aggregation, hf_cache, part)
+    encoder = LookupEncoder(texts, vectors, model_meta("layertime/part", "part", vectors.shape[1], {}))
+    with lock:
+        scoreparts.compute_part(task, encoder, *part, path, source)
+
+
+def merge_parts(
+    task_name: str,
+    record: Path,
+    parts: int,
+    meta: Any,
+    export: Path,
+    aggregation: str = "rule-a",
+    hf_cache: Path | None = None,
+) -> list[SubsetScore]:
+    """A layer's scores from its `parts` part files (as one evaluation's), exported in mteb's format."""
+    task = load_task(task_name, aggregation, hf_cache, load=False)
+    result, peak = scoreparts.merged_result(task, record, parts)
+    _check_asked(task, result)
+    _export(result, task, meta, export)
+    return subset_scores(result, peak)

@@ -72,9 +72,7 @@ def plan(
     ] = None,
     bigmem_jobs: Annotated[
         int,
-        typer.Option(
-            "--bigmem-jobs", min=0, help="big-memory scoring slots for MindSmallReranking (0: none)"
-        ),
+        typer.Option("--bigmem-jobs", min=0, help="big-memory scoring slots (0: none; no task needs one)"),
     ] = 0,
     gpu_tflops: Annotated[
         float, typer.Option("--gpu-tflops", min=0.001, help="ASSUMED achieved TFLOP/s of one GPU")
@@ -85,13 +83,21 @@ def plan(
             "--gpu-from", help="a finished run's root: take the GPU's rate from its tables/costs.csv instead"
         ),
     ] = None,
+    costs_from: Annotated[
+        Path | None,
+        typer.Option(
+            "--costs-from",
+            help="a finished run's root: take each task's scoring seconds from its tables/scores.csv instead",
+        ),
+    ] = None,
 ) -> None:
     """Print the grid of each spec without touching a GPU: checkpoints, layers, tasks, evaluations, units,
     and what it will cost: CPU- and GPU-hours per phase, memory per worker, wall-clock on the given jobs.
 
     With several specs, also how many (commit, task, layer) units they share (computed once).
-    CPU figures come from the measured cost table (layertime/task_costs.csv); GPU figures are derived
-    from FLOPs at an ASSUMED achieved rate (--gpu-tflops).
+    CPU figures come from the measured cost table (layertime/task_costs.csv), or a finished run's own
+    measurements (--costs-from); GPU figures are derived from FLOPs at an ASSUMED achieved rate
+    (--gpu-tflops), or a finished run's (--gpu-from).
     """
     from layertime import costs
     from layertime import plan as planning
@@ -112,7 +118,10 @@ def plan(
     for p in plans:
         grid = p.cost_grid()  # before summary(): it may add a note
         flops, source = _gpu_rate(gpu_tflops, gpu_from, costs.forward_params(grid.num_blocks, grid.hidden))
-        est = costs.estimate(grid, gpu_jobs, cpu_jobs, bigmem_jobs, flops, source)
+        rows, rows_source = _score_costs(costs_from, grid.hidden)
+        est = costs.estimate(
+            grid, gpu_jobs, cpu_jobs, bigmem_jobs, flops, source, rows=rows, rows_source=rows_source
+        )
         out["plans"].append({**p.summary(), "costs": est})
     if len(plans) > 1:
         out["combined"] = planning.combined(plans)
@@ -151,6 +160,21 @@ def _gpu_rate(tflops: float, run_root: Path | None, params: int) -> tuple[float,
         raise  # unreachable: fail() exits
 
 
+def _score_costs(run_root: Path | None, dim: int) -> tuple[dict | None, str | None]:
+    """Scoring costs measured by a finished run (its tables/scores), else None: the shipped table's."""
+    from layertime import costs
+
+    if run_root is None:
+        return None, None
+    tables = run_root / "tables"
+    path = tables / "scores.parquet" if (tables / "scores.parquet").is_file() else tables / "scores.csv"
+    try:
+        return costs.measured_score_costs(path, dim)
+    except (OSError, ValueError) as e:
+        fail(f"--costs-from: {e}")
+        raise  # unreachable: fail() exits
+
+
 def _hours(hours: float) -> str:
     return f"{hours * 60:.0f} min" if hours < 1 else f"{hours:,.1f} h"
 
@@ -159,8 +183,9 @@ def _echo_costs(c: dict) -> None:
     """The plan's cost lines: hours per phase, memory per worker class, simulated wall-clock time."""
     h, mem, jobs = c["hours"], c["memory_gb"], c["jobs"]
     typer.echo(
-        f"  CPU-hours   score {h['score']['cpu']:,.1f} ({c['score_cpu_s_per_checkpoint_layer']:,.0f} CPU-s per "
-        f"checkpoint × layer), record {h['record']['cpu']:.2f}"
+        f"  CPU-hours   score {h['score']['cpu']:,.1f} ({c['score_cpu_s_per_checkpoint_layer_with_loads']:,.0f} "
+        f"CPU-s per checkpoint × layer with task loads, {c['score_cpu_s_per_checkpoint_layer']:,.0f} warm), "
+        f"record {h['record']['cpu']:.2f}"
     )
     typer.echo(
         f"  GPU-hours   embed {h['embed']['gpu']:,.2f}, measure {h['measure']['gpu']:,.2f}, waiting for "
@@ -171,9 +196,10 @@ def _echo_costs(c: dict) -> None:
         where = (
             "on its own jobs" if jobs["big_memory"] else "no big-memory jobs: every scoring worker needs it"
         )
-        big = f", big-memory worker {mem['big_memory_worker']} GB (MindSmallReranking; {where})"
+        big = f", big-memory worker {mem['big_memory_worker']} GB ({where})"
+    split = "".join(f"; {t} in {n} parts per layer" for t, n in c.get("split", {}).items())
     typer.echo(
-        f"  memory      GPU worker {mem['gpu_worker']} GB, scoring worker {mem['scoring_worker']} GB{big}"
+        f"  memory      GPU worker {mem['gpu_worker']} GB, scoring worker {mem['scoring_worker']} GB{big}{split}"
     )
     typer.echo(
         f"  wall-clock  {_hours(c['wall_hours'])} on {jobs['gpu']} GPU + {jobs['cpu']} CPU"
@@ -184,7 +210,7 @@ def _echo_costs(c: dict) -> None:
     gpu, measure = c["assumptions"][:2]
     typer.echo(f"  assumed     {gpu}")
     typer.echo(f"              {measure}")
-    typer.echo(f"  measured    CPU: {c['table']} (task_costs.csv, one BLAS thread)")
+    typer.echo(f"  measured    CPU: {c['table']} (one BLAS thread; a score task run loads its task once)")
 
 
 def _ranges(blocks: list[int]) -> str:

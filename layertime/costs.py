@@ -1,9 +1,13 @@
 """What a run costs before it runs: the measured per-task cost table, estimates per phase, a schedule.
 
 `task_costs.csv` (package data, refreshed by `python benchmarks/scoring.py`) holds, per task of the
-32-task suite, what scoring ONE layer costs: CPU-seconds at d=1024 with one thread, the scoring
-process's peak memory, and the task's unique texts and mean text length (for GPU estimates), with the
-machine, mteb version and date they were measured on.
+32-task suite, what scoring costs at d=1024 with one thread, measured warm in a long-lived scoring
+process as the flow runs it: ONE layer's CPU-seconds (results written), what a score task run pays
+once for loading the task (and preparing it, layertime/reranking.py), the scoring process's peak
+memory, the number of processes a layer is split over (layertime/scoreparts.py: MindSmallReranking)
+and the merge's CPU-seconds; and the task's unique texts and mean text length (for GPU estimates),
+with the machine, mteb version and date they were measured on. After a real run, its own measured
+scoring seconds can replace the table's (`measured_score_costs`, `layertime plan --costs-from`).
 
 From it, `estimate(...)` gives CPU- and GPU-hours per phase (record, embed, measure, score) and the
 memory each worker class needs, and `simulate(...)` the wall-clock time of a grid on G GPU slots and
@@ -16,10 +20,11 @@ No Prefect or Dask here (a test asserts it): the flow reads `scoring_memory_gb` 
 from __future__ import annotations
 
 import csv
+import dataclasses
 import heapq
 import math
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
@@ -41,14 +46,23 @@ COLUMNS: tuple[str, ...] = (
     "mteb_version",
     "measured_on",
     "note",
+    "parts",  # processes a layer is scored in (layertime/scoreparts.py); peak memory is a part's
+    "load_cpu_s",  # CPU-seconds a score task run pays once: loading the task (its part), preparing it
+    "merge_cpu_s",  # a split layer's merge (0 when parts = 1)
 )
+OPTIONAL: dict[str, str] = {"parts": "1", "load_cpu_s": "0", "merge_cpu_s": "0"}  # tables before them
 
 REFERENCE_DIM = 1024  # the table's width (Pythia-410m)
 MEMORY_HEADROOM = 1.25  # over the measured peak: real texts, Python overhead, allocator fragmentation
 MEMORY_MARGIN_GB = 0.5
 DEFAULT_MEMORY_GB = 2  # tasks not in the table (the demo's Demo* tasks are a few hundred texts)
 DEFAULT_SCORE_CPU_S = 1.0  # tasks not in the table, one layer
-BIG_MEMORY_TASKS: frozenset[str] = frozenset({"MindSmallReranking"})
+# Tasks whose scoring process needs a big-memory job: none since MindSmallReranking is split into
+# parts (layertime/scoreparts.py); `big_memory_jobs` still serve any task listed here.
+BIG_MEMORY_TASKS: frozenset[str] = frozenset()
+# Layers of one (checkpoint, task) that one score task run scores, one after another (the flow's
+# batches, flows/layer_by_layer.py: a task run costs Prefect ~0.1 core-second whatever it does).
+LAYERS_PER_SCORE_TASK = 4
 
 # GPU assumptions (no GPU here to measure on): stated in every output that uses them.
 GPU_FLOPS = 100e12  # achieved FLOP/s: an A100-class GPU in bf16 at ~1/3 of its 312 TFLOP/s peak
@@ -79,6 +93,9 @@ class TaskCost:
     mteb_version: str
     measured_on: str
     note: str = ""
+    parts: int = 1
+    load_cpu_s: float = 0.0
+    merge_cpu_s: float = 0.0
 
     def row(self) -> dict[str, str]:
         return {name: str(getattr(self, name)) for name in COLUMNS}
@@ -88,11 +105,12 @@ def read_table(path: Path | str) -> dict[str, TaskCost]:
     """The cost table at `path`, by task name. A missing column or a bad number raises ValueError."""
     with open(path, newline="", encoding="utf-8") as f:
         reader = csv.DictReader(f)
-        missing = set(COLUMNS) - set(reader.fieldnames or [])
+        missing = set(COLUMNS) - set(OPTIONAL) - set(reader.fieldnames or [])
         if missing:
             raise ValueError(f"{path}: cost table lacks columns {sorted(missing)}")
         out: dict[str, TaskCost] = {}
         for line, r in enumerate(reader, start=2):
+            r = {**OPTIONAL, **{k: v for k, v in r.items() if v is not None}}
             try:
                 out[r["task"]] = TaskCost(
                     task=r["task"],
@@ -108,7 +126,12 @@ def read_table(path: Path | str) -> dict[str, TaskCost]:
                     mteb_version=r["mteb_version"],
                     measured_on=r["measured_on"],
                     note=r["note"],
+                    parts=int(r["parts"]),
+                    load_cpu_s=float(r["load_cpu_s"]),
+                    merge_cpu_s=float(r["merge_cpu_s"]),
                 )
+                if out[r["task"]].parts < 1:
+                    raise ValueError(f"parts {r['parts']} < 1")
             except ValueError as e:
                 raise ValueError(f"{path}:{line}: {e}") from None
     return out
@@ -132,9 +155,16 @@ def table() -> dict[str, TaskCost]:
     return read_table(TABLE)
 
 
-def task_cost(task: str) -> TaskCost | None:
-    """The table's row for `task`, or None for a task it does not cover (the demo tasks)."""
-    return table().get(task)
+def task_cost(task: str, rows: Mapping[str, TaskCost] | None = None) -> TaskCost | None:
+    """`rows`' (default: the shipped table's) row for `task`, or None for a task it does not cover
+    (the demo tasks)."""
+    return (table() if rows is None else rows).get(task)
+
+
+def score_parts(task: str) -> int:
+    """Processes one layer of `task` is scored in (layertime/scoreparts.py): the table's `parts`."""
+    row = task_cost(task)
+    return 1 if row is None else row.parts
 
 
 def scoring_memory_gb(task: str, dim: int = REFERENCE_DIM) -> int:
@@ -142,7 +172,8 @@ def scoring_memory_gb(task: str, dim: int = REFERENCE_DIM) -> int:
 
         MEM_GB = max(1, ceil(MEMORY_HEADROOM * peak * max(1, dim / 1024) + MEMORY_MARGIN_GB))
 
-    `peak` is the measured peak resident memory of a one-thread process that scored the task at d=1024.
+    `peak` is the measured peak resident memory of a one-thread process that scored the task (a part
+    of it, for a task scored in parts) at d=1024.
     Widths above 1024 scale the whole peak (an upper bound: only embeddings and similarity matrices grow
     with d); narrower models keep the d=1024 figure. Tasks not in the table (e.g. the demo's `Demo*`
     tasks) get `DEFAULT_MEMORY_GB`.
@@ -154,11 +185,39 @@ def scoring_memory_gb(task: str, dim: int = REFERENCE_DIM) -> int:
     return max(1, math.ceil(MEMORY_HEADROOM * peak + MEMORY_MARGIN_GB))
 
 
-def score_cpu_seconds(task: str, dim: int = REFERENCE_DIM) -> float:
-    """CPU-seconds to score one layer of `task`: the table's figure × dim/1024 (similarities and
-    classifiers are linear in d); `DEFAULT_SCORE_CPU_S` for tasks not in the table."""
-    row = task_cost(task)
-    return DEFAULT_SCORE_CPU_S if row is None else row.score_cpu_s * dim / REFERENCE_DIM
+def score_cpu_seconds(
+    task: str, dim: int = REFERENCE_DIM, rows: Mapping[str, TaskCost] | None = None
+) -> float:
+    """CPU-seconds to score one layer of `task`, warm (all its parts and its merge): the table's
+    figures × dim/1024 (similarities and classifiers are linear in d); `DEFAULT_SCORE_CPU_S` for tasks
+    not in the table."""
+    row = task_cost(task, rows)
+    if row is None:
+        return DEFAULT_SCORE_CPU_S
+    return (row.score_cpu_s + row.merge_cpu_s) * dim / REFERENCE_DIM
+
+
+def score_runs(
+    task: str, layers: int, dim: int = REFERENCE_DIM, rows: Mapping[str, TaskCost] | None = None
+) -> list[ScoreBatch]:
+    """The score task runs of one (checkpoint, task) with `layers` layers, as the flow submits them:
+    batches of LAYERS_PER_SCORE_TASK layers scored one after another, each run paying the task's load
+    once; a split task's batch is `parts` runs of its share, then the merge of its layers.
+
+        part run  = load_cpu_s + L · score_cpu_s / parts     merge run = L · merge_cpu_s
+    (× dim/1024 for the scoring terms; a task not in the table: one run of L · DEFAULT_SCORE_CPU_S)
+    """
+    row = task_cost(task, rows)
+    scale = dim / REFERENCE_DIM
+    out = []
+    for start in range(0, layers, LAYERS_PER_SCORE_TASK):
+        n = min(LAYERS_PER_SCORE_TASK, layers - start)
+        if row is None:
+            out.append(ScoreBatch((n * DEFAULT_SCORE_CPU_S,)))
+            continue
+        part = row.load_cpu_s + n * row.score_cpu_s * scale / row.parts
+        out.append(ScoreBatch((part,) * row.parts, n * row.merge_cpu_s * scale if row.parts > 1 else 0.0))
+    return out
 
 
 # ---------------------------------------------------------------------------------------------- GPU model
@@ -221,8 +280,21 @@ def measure_gpu_seconds(views: int, lidar_views: int, params: int, flops: float 
 
 
 @dataclass(frozen=True)
+class ScoreBatch:
+    """Score task runs of one batch of layers: `parts` run at once, then (after the last) the merge."""
+
+    parts: tuple[float, ...]  # CPU-seconds of each run
+    merge: float = 0.0  # CPU-seconds of the merge run; 0: none
+
+    @property
+    def seconds(self) -> float:
+        return sum(self.parts) + self.merge
+
+
+@dataclass(frozen=True)
 class EmbedUnit:
-    """GPU work that, once done, makes its scoring units available (one per layer).
+    """GPU work that, once done, makes its scoring units available (`score_seconds`: independent runs,
+    one per layer in a per-layer model; `batches`: the flow's score task runs, `ScoreBatch`).
 
     `group` is the model the unit runs (the checkpoint): a group's units run together on one GPU slot
     after one load of `setup_seconds` (its first unit's), as the flow's one GPU task per checkpoint
@@ -235,6 +307,10 @@ class EmbedUnit:
     big_memory: bool = False  # its scoring units need a big-memory slot (when there are any)
     group: str | None = None
     setup_seconds: float = 0.0
+    batches: tuple[ScoreBatch, ...] = ()
+
+    def runs(self) -> list[ScoreBatch]:
+        return [ScoreBatch((s,)) for s in self.score_seconds] + list(self.batches)
 
 
 @dataclass(frozen=True)
@@ -281,10 +357,10 @@ def simulate(
     first (ties: lowest slot). A slot holds `models_per_gpu` jobs at once: a job loads
     (`setup_seconds`) as soon as it has a place, then computes its units one after another once the
     slot's GPU is free, and gives its place back when done. A slot is held until its last unit ends.
-    CPU: when a unit's GPU work ends, its scoring units become ready; ready scoring units start in
-    order of readiness (ties: submission order) on the scoring slot that frees first. With
-    `big_memory_slots` > 0, scoring units of `big_memory` units run only on those slots and the others
-    only on the `cpu_slots`; with none, every scoring unit runs on the `cpu_slots`.
+    CPU: when a unit's GPU work ends, its score runs become ready (each batch's parts; a batch's merge
+    when its last part ends); ready runs start in order of readiness (ties: submission order) on the
+    scoring slot that frees first. With `big_memory_slots` > 0, runs of `big_memory` units run only on
+    those slots and the others only on the `cpu_slots`; with none, every run uses the `cpu_slots`.
     GPU work never waits for scoring (embeddings go to storage), as in the flow.
     """
     if gpu_slots < 1 or cpu_slots < 1 or big_memory_slots < 0 or models_per_gpu < 1:
@@ -293,26 +369,42 @@ def simulate(
             f"{big_memory_slots} big, {models_per_gpu} models per GPU"
         )
     done, held, setup = _gpu_phase(units, gpu_slots, models_per_gpu)
-    ready: list[tuple[float, int, float, bool]] = []  # (ready time, order, seconds, big memory)
+    ready: list[tuple[float, int, float, bool, int]] = []  # (ready, order, seconds, big, batch or -1)
+    merges: list[tuple[float, bool, list[int]]] = []  # per split batch: merge seconds, big, [parts left]
     for unit, at in zip(units, done, strict=True):
         big = unit.big_memory and big_memory_slots > 0
-        ready += [(at, len(ready), s, big) for s in unit.score_seconds]
-    ready.sort()
+        for batch in unit.runs():
+            index = -1
+            if batch.merge:
+                index = len(merges)
+                merges.append((batch.merge, big, [len(batch.parts)]))
+            # each run its own submission order (ties in readiness: the flow's order, not the shortest)
+            ready += [(at, len(ready) + i, seconds, big, index) for i, seconds in enumerate(batch.parts)]
+    heapq.heapify(ready)
     pools = {False: [0.0] * cpu_slots, True: [0.0] * big_memory_slots}
     gpu_end = max(done, default=0.0)
-    end = gpu_end
-    for at, _, seconds, big in ready:
+    end, order = gpu_end, len(ready)
+    last_part: dict[int, float] = {}
+    while ready:
+        at, _, seconds, big, batch = heapq.heappop(ready)
         pool = pools[big]
         start = max(heapq.heappop(pool), at)  # a min-heap of the slots' free times
         heapq.heappush(pool, start + seconds)
         end = max(end, start + seconds)
+        if batch >= 0:  # a part: the merge is ready once every part has ended
+            merge, merge_big, left = merges[batch]
+            last_part[batch] = max(last_part.get(batch, 0.0), start + seconds)
+            left[0] -= 1
+            if not left[0]:
+                heapq.heappush(ready, (last_part[batch], order, merge, merge_big, -1))
+                order += 1
     return Schedule(
         makespan=end,
         gpu_makespan=gpu_end,
         gpu_held_seconds=sum(held),
         gpu_seconds=sum(u.gpu_seconds for u in units),
         setup_seconds=setup,
-        cpu_seconds=sum(s for u in units for s in u.score_seconds),
+        cpu_seconds=sum(b.seconds for u in units for b in u.runs()),
         gpu_slots=gpu_slots,
         cpu_slots=cpu_slots,
         big_memory_slots=big_memory_slots,
@@ -359,9 +451,11 @@ class Grid:
     measure_views: tuple[int, int] | None = (2, 16)  # (views, lidar_views); None: no metrics
 
 
-def grid_units(grid: Grid, flops: float = GPU_FLOPS, big_memory: bool = True) -> list[EmbedUnit]:
+def grid_units(
+    grid: Grid, flops: float = GPU_FLOPS, big_memory: bool = True, rows: Mapping[str, TaskCost] | None = None
+) -> list[EmbedUnit]:
     """The grid's GPU units in the flow's order: per checkpoint (a group: one model load), its measure
-    unit, then one embed unit per task, each with one scoring unit per layer."""
+    unit, then one embed unit per task, each with its score task runs (`score_runs`)."""
     params = forward_params(grid.num_blocks, grid.hidden)
     units: list[EmbedUnit] = []
     for c in range(grid.checkpoints):
@@ -375,16 +469,16 @@ def grid_units(grid: Grid, flops: float = GPU_FLOPS, big_memory: bool = True) ->
                 EmbedUnit(
                     f"embed[{c} · {task}]",
                     embed_gpu_seconds(task, params, grid.max_length, flops),
-                    (score_cpu_seconds(task, grid.hidden),) * grid.layers,
-                    big_memory and task in BIG_MEMORY_TASKS,
+                    big_memory=big_memory and task in BIG_MEMORY_TASKS,
                     group=f"checkpoint {c}",
                     setup_seconds=CHECKPOINT_LOAD_S,
+                    batches=tuple(score_runs(task, grid.layers, grid.hidden, rows)),
                 )
             )
     return units
 
 
-def estimate(
+def estimate(  # noqa: PLR0913
     grid: Grid,
     gpu_jobs: int,
     cpu_jobs: int,
@@ -392,6 +486,8 @@ def estimate(
     flops: float = GPU_FLOPS,
     flops_source: str | None = None,
     models_per_gpu: int = MODELS_PER_GPU,
+    rows: Mapping[str, TaskCost] | None = None,
+    rows_source: str | None = None,
 ) -> dict:
     """Hours per phase, memory per worker class and the simulated wall-clock time of `grid`.
 
@@ -402,21 +498,22 @@ def estimate(
     - loads (GPU slots held, GPU idle): CHECKPOINT_LOAD_S per checkpoint, read while the worker's
       other checkpoint computes (`models_per_gpu` 2, as the flow runs; 1: the GPU idles during every
       load); only the time the GPU waits for a model counts.
-    - score (CPU): checkpoints × layers × Σ_task score_cpu_seconds — measured (the cost table).
+    - score (CPU): every score task run of the grid (`score_runs`: task loads, layers, parts, merges)
+      — measured (the cost table, or `rows`: a run's own measurements, `rows_source` says which).
 
     Memory (whole GB): `gpu_worker` (host RAM of an embedding job), `scoring_worker` (the largest
-    `scoring_memory_gb` of the tasks other than BIG_MEMORY_TASKS), `big_memory_worker` (of
-    BIG_MEMORY_TASKS; 0 when the grid has none). Without big-memory jobs, scoring workers need the latter.
+    `scoring_memory_gb` of the tasks other than BIG_MEMORY_TASKS: for a split task, a part's),
+    `big_memory_worker` (of BIG_MEMORY_TASKS; 0 when the grid has none).
     """
     params = forward_params(grid.num_blocks, grid.hidden)
-    per_layer = sum(score_cpu_seconds(t, grid.hidden) for t in grid.tasks)
+    per_layer = sum(score_cpu_seconds(t, grid.hidden, rows) for t in grid.tasks)
     embed = grid.checkpoints * sum(embed_gpu_seconds(t, params, grid.max_length, flops) for t in grid.tasks)
     measure = 0.0 if grid.measure_views is None else measure_gpu_seconds(*grid.measure_views, params, flops)
-    schedule = simulate(
-        grid_units(grid, flops, big_memory_jobs > 0), gpu_jobs, cpu_jobs, big_memory_jobs, models_per_gpu
-    )
+    units = grid_units(grid, flops, big_memory_jobs > 0, rows)
+    schedule = simulate(units, gpu_jobs, cpu_jobs, big_memory_jobs, models_per_gpu)
     big = [t for t in grid.tasks if t in BIG_MEMORY_TASKS]
     small = [t for t in grid.tasks if t not in BIG_MEMORY_TASKS]
+    evaluations = grid.checkpoints * grid.layers
     return {
         "hours": {
             "record": {"cpu": per_layer / 3600, "gpu": 0.0},  # one recording pass per task
@@ -424,14 +521,18 @@ def estimate(
             # the GPU waiting for a model: slots held but not computing
             "loads": {"cpu": 0.0, "gpu": (schedule.gpu_held_seconds - schedule.gpu_seconds) / 3600},
             "measure": {"cpu": 0.0, "gpu": grid.checkpoints * measure / 3600},
-            "score": {"cpu": grid.checkpoints * grid.layers * per_layer / 3600, "gpu": 0.0},
+            "score": {"cpu": schedule.cpu_seconds / 3600, "gpu": 0.0},
         },
-        "score_cpu_s_per_checkpoint_layer": per_layer,
+        "score_cpu_s_per_checkpoint_layer": per_layer,  # warm: no task loads
+        "score_cpu_s_per_checkpoint_layer_with_loads": schedule.cpu_seconds / evaluations
+        if evaluations
+        else 0.0,
         "memory_gb": {
             "gpu_worker": gpu_worker_memory_gb(grid),
             "scoring_worker": max((scoring_memory_gb(t, grid.hidden) for t in small), default=0),
             "big_memory_worker": max((scoring_memory_gb(t, grid.hidden) for t in big), default=0),
         },
+        "split": {t: score_parts(t) for t in grid.tasks if score_parts(t) > 1},
         "jobs": {"gpu": gpu_jobs, "cpu": cpu_jobs, "big_memory": big_memory_jobs},
         "wall_hours": schedule.makespan / 3600,
         "gpu_phase_hours": schedule.gpu_makespan / 3600,
@@ -439,7 +540,7 @@ def estimate(
         "gpu_busy": schedule.gpu_busy,
         "gpu_busy_whole_run": schedule.gpu_busy_whole_run,
         "assumptions": assumptions(flops, flops_source),
-        "table": table_provenance(grid.tasks),
+        "table": rows_source or table_provenance(grid.tasks),
     }
 
 
@@ -482,3 +583,38 @@ def table_provenance(tasks: Sequence[str]) -> str:
         return f"no task of the plan is in the cost table: defaults ({DEFAULT_SCORE_CPU_S:g} CPU-s, {DEFAULT_MEMORY_GB} GB)"
     machines = sorted({f"{r.machine}, mteb {r.mteb_version}, {r.measured_on}" for r in rows})
     return f"{len(rows)}/{len(tasks)} tasks measured on " + "; ".join(machines)
+
+
+def measured_score_costs(scores_table: Path | str, dim: int) -> tuple[dict[str, TaskCost], str]:
+    """The cost table with each task's warm `score_cpu_s` replaced by a finished run's own measurement:
+    the median `seconds` of its score rows for that task (mteb's evaluation time of one layer, in a
+    one-thread scoring process; a split layer's is its parts' CPU-seconds), at `dim` (the run is
+    assumed to have scored a model of that width), scaled to d=1024:
+
+        score_cpu_s = median(seconds) · 1024 / dim          (and merge_cpu_s 0: the merge is in it)
+
+    Loads, parts and memory stay the table's; tasks the run did not score keep the table's row.
+    Returns the rows and a line saying where they come from; a table without score rows raises ValueError.
+    """
+    import statistics
+
+    import polars as pl
+
+    path = Path(scores_table)
+    frame = pl.read_parquet(path) if path.suffix == ".parquet" else pl.read_csv(path)
+    if frame.is_empty() or not {"task", "seconds"} <= set(frame.columns):
+        raise ValueError(f"{path}: no score rows with seconds")
+    rows = dict(table())
+    measured = []
+    for task, seconds in frame.group_by("task").agg(pl.col("seconds")).iter_rows():
+        base = rows.get(task) or TaskCost(task, "?", 0.0, DEFAULT_MEMORY_GB, 1000, 1000, 256.0, REFERENCE_DIM,
+                                         1.0, "?", "?", "?")  # fmt: skip
+        cpu = statistics.median(float(s) for s in seconds) * REFERENCE_DIM / dim
+        rows[task] = dataclasses.replace(
+            base, score_cpu_s=cpu, merge_cpu_s=0.0, note=f"measured by the run ({path})"
+        )
+        measured.append(task)
+    return (
+        rows,
+        f"{len(measured)} tasks' scoring seconds measured by the run ({path}), the rest from the table",
+    )

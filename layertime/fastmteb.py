@@ -37,6 +37,7 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import Any
 
+import datasets
 import numpy as np
 from mteb._evaluators import retrieval_metrics as _retrieval_metrics
 from mteb.models.search_wrappers import SearchEncoderWrapper
@@ -45,15 +46,23 @@ logger = logging.getLogger(__name__)
 
 # sha256 of the sources below in mteb 2.26.24 (`mirrored_source_hash`). Re-verify before changing it:
 # run tests/test_fastmteb.py against the new mteb and read the diff of these functions.
-MIRRORED_SOURCE_SHA256 = "0ad7d00b950ac04f3cb4bd4f6b48ef06e3666e902012020b3fd735356a28432b"
+MIRRORED_SOURCE_SHA256 = "18102cb8371df5570c554e5c010aa90ff9c4161cb2b0a99b70fd61fb4e766362"
 
 
 def _mirrored() -> list[Any]:
-    """The mteb code this module reproduces or relies on (its dispatch to a SearchProtocol model)."""
-    from mteb import similarity_functions
-    from mteb._evaluators import retrieval_evaluator, retrieval_metrics
+    """The mteb code this module and layertime.reranking reproduce or rely on: the reranking search
+    and its dispatch to a SearchProtocol model, the retrieval metrics, the evaluation of a retrieval
+    subset and of a legacy clustering subset, the dataloaders that decide the texts encoded, and the
+    building of a TaskResult that a split evaluation's merge repeats."""
+    import importlib
+
+    from mteb import _create_dataloaders, similarity_functions
+    from mteb._evaluators import clustering_evaluator, retrieval_evaluator, retrieval_metrics
+    from mteb.abstasks import abstask, clustering_legacy, retrieval
     from mteb.abstasks.retrieval import AbsTaskRetrieval
     from mteb.models import abs_encoder, search_wrappers
+    from mteb.results import task_result
+    from mteb.tasks.reranking.eng.mind_small_reranking import MindSmallReranking
 
     return [
         search_wrappers.SearchEncoderWrapper,
@@ -71,6 +80,22 @@ def _mirrored() -> list[Any]:
         retrieval_metrics.evaluate_abstention,
         retrieval_metrics.confidence_scores,
         retrieval_metrics.nauc,
+        retrieval_metrics.max_over_subqueries,
+        retrieval_metrics.make_score_dict,
+        retrieval._filter_queries_without_positives,
+        AbsTaskRetrieval.task_specific_scores,
+        MindSmallReranking.task_specific_scores,
+        abstask.AbsTask.evaluate,
+        abstask.AbsTask._add_main_score,
+        importlib.import_module("mteb.evaluate")._evaluate_task,  # the package's `evaluate` is the function
+        task_result.TaskResult.from_task_results,
+        _create_dataloaders.create_dataloader,
+        _create_dataloaders._prepare_dataset,
+        _create_dataloaders._corpus_to_dict,
+        _create_dataloaders._combine_queries_with_instruction_text,
+        _create_dataloaders._create_dataloader_from_texts,
+        clustering_legacy.AbsTaskClusteringLegacy._evaluate_subset,
+        clustering_evaluator.ClusteringEvaluator.__call__,
     ]
 
 
@@ -112,6 +137,53 @@ def _mteb_unchanged() -> bool:
 mteb_unchanged.cache_clear = _mteb_unchanged.cache_clear  # type: ignore[attr-defined]  # tests re-check
 
 
+# ---------------------------------------------------------------------------------------------- columns
+
+
+class ListColumns(datasets.Dataset):
+    """A Dataset whose `ds["col"]` is a list, as in datasets 3.x, read in one batch.
+
+    datasets >= 4 returns a lazy Column that sklearn and mteb's sampling read row by row: scoring a
+    classification task took 10-80x longer (docs/design.md §10) for the same numbers. `select` keeps the
+    class, since mteb scores the undersampled training split it selects. `from_dict` makes one too:
+    `installed()` hands it to mteb's legacy clustering, which builds a dataset per cluster set.
+    """
+
+    def __getitem__(self, key: Any) -> Any:
+        value = super().__getitem__(key)
+        return value[:] if isinstance(key, str) else value
+
+    def select(self, *args: Any, **kwargs: Any) -> Any:
+        return as_list_columns(super().select(*args, **kwargs))
+
+
+def as_list_columns(data: Any) -> Any:
+    """Every Dataset inside a task's loaded data (nested dicts, DatasetDicts, split objects) as ListColumns."""
+    if isinstance(data, datasets.Dataset):
+        data.__class__ = ListColumns
+    elif isinstance(data, Mapping):
+        for value in data.values():
+            as_list_columns(value)
+    elif hasattr(data, "__dict__") and not isinstance(data, type):
+        for value in vars(data).values():
+            if isinstance(value, datasets.Dataset | Mapping):
+                as_list_columns(value)
+    return data
+
+
+ENCODE_BATCH = 4096  # texts per mteb DataLoader batch; lookups are cheap, so large batches cut overhead
+
+
+def batch_texts(inputs: Any) -> list[str]:
+    """The texts of an mteb DataLoader, read from its dataset column when there is one (fast path)."""
+    dataset = getattr(inputs, "dataset", None)
+    names = getattr(dataset, "column_names", None) or []
+    if "text" in names:
+        texts = dataset["text"]
+        return texts if isinstance(texts, list) else texts[:]  # a datasets Column: one batched read
+    return [text for batch in inputs for text in batch["text"]]
+
+
 # ---------------------------------------------------------------------------------------------- search
 
 
@@ -137,7 +209,7 @@ class FastRerankSearch(SearchEncoderWrapper):
         timer: Any = None,
         **kwargs: Any,
     ) -> dict[str, dict[str, float]]:
-        if top_ranked is None or not _fast_rerank_applies(self.model) or self.index_backend is not None:
+        if top_ranked is None or not fast_rerank_applies(self.model) or self.index_backend is not None:
             return super().search(
                 queries,
                 task_metadata=task_metadata,
@@ -206,7 +278,7 @@ class FastRerankSearch(SearchEncoderWrapper):
         return results
 
 
-def _fast_rerank_applies(encoder: Any) -> bool:
+def fast_rerank_applies(encoder: Any) -> bool:
     """The fast path reproduces mteb only for float32 cosine scoring on the CPU, with the mirrored mteb.
 
     mteb's `cos_sim` converts other dtypes first, and may move work to a GPU or torch.compile it unless
@@ -480,23 +552,30 @@ def abstention_naucs(
     mteb's `nauc(conf, metric)` sorts `conf` and `metric` for every (metric, confidence function)
     pair. The argsort and tie groups of a confidence array do not depend on the metric, nor the
     oracle curve of a metric on the confidence function: each is computed once and reused, and every
-    remaining step is mteb's expression on the same arrays.
+    remaining step is mteb's expression on the same arrays. Metrics with equal values (NDCG@100 and
+    NDCG@1000 when no query has 100 results) get the nAUCs computed for the first of them.
     """
     from sklearn.metrics import auc
 
     rates = _abstention_rates()
     orders = {fct: _sorted_groups(conf) for fct, conf in confidence.items()}
     naucs = {}
+    done: dict[tuple, list[tuple[np.ndarray, list[float]]]] = defaultdict(list)  # equal metrics' nAUCs
     for metric_name, values in metric_scores.items():
         metric = np.array(values)
-        oracle = _abstention_curve(_sorted_groups(metric), metric, rates)
-        or_auc = auc(rates, oracle)
-        flat_auc = oracle[0] * (rates[-1] - rates[0])
-        for fct in confidence:
-            abst_auc = auc(rates, _abstention_curve(orders[fct], metric, rates))
-            naucs[f"nAUC_{metric_name}_{fct}"] = (
-                np.nan if or_auc == flat_auc else (abst_auc - flat_auc) / (or_auc - flat_auc)
-            )
+        seen = done[(metric.size, float(metric.sum()), metric[:: max(1, metric.size // 64)].tobytes())]
+        found = next((found for other, found in seen if np.array_equal(other, metric)), None)
+        if found is None:
+            oracle = _abstention_curve(_sorted_groups(metric), metric, rates)
+            or_auc = auc(rates, oracle)
+            flat_auc = oracle[0] * (rates[-1] - rates[0])
+            found = []
+            for fct in confidence:
+                abst_auc = auc(rates, _abstention_curve(orders[fct], metric, rates))
+                found.append(np.nan if or_auc == flat_auc else (abst_auc - flat_auc) / (or_auc - flat_auc))
+            seen.append((metric, found))
+        for fct, value in zip(confidence, found, strict=True):
+            naucs[f"nAUC_{metric_name}_{fct}"] = value
     return naucs
 
 
@@ -548,12 +627,17 @@ def _metric_modules() -> list[Any]:
 
 @contextmanager
 def installed() -> Iterator[bool]:
-    """Our `calculate_retrieval_scores` in place of mteb's while the context lasts; yields whether it is.
+    """mteb with our faster, identical parts while the context lasts; yields whether they are in:
+    our `calculate_retrieval_scores` in place of mteb's, and `ListColumns` as the Dataset class mteb's
+    legacy clustering builds each cluster set with (it read a lazy column row by row: 45% of
+    RedditClustering's time).
 
     Counted, so overlapping scoring threads share one installation and the last to leave restores
-    mteb's function (another thread's plain mteb call meanwhile gets ours: the same floats). Nothing
-    is installed when `mteb_unchanged()` is false.
+    mteb's own (another thread's plain mteb call meanwhile gets ours: the same floats). Nothing is
+    installed when `mteb_unchanged()` is false.
     """
+    from mteb.abstasks import clustering_legacy
+
     if not mteb_unchanged():
         yield False
         return
@@ -561,6 +645,7 @@ def installed() -> Iterator[bool]:
         if _INSTALL_DEPTH[0] == 0:
             for module in _metric_modules():
                 module.calculate_retrieval_scores = calculate_retrieval_scores
+            clustering_legacy.Dataset = ListColumns
         _INSTALL_DEPTH[0] += 1
     try:
         yield True
@@ -570,6 +655,7 @@ def installed() -> Iterator[bool]:
             if _INSTALL_DEPTH[0] == 0:
                 for module in _metric_modules():
                     module.calculate_retrieval_scores = _MTEB_CALCULATE_RETRIEVAL_SCORES
+                clustering_legacy.Dataset = datasets.Dataset
 
 
 def search_model(encoder: Any, task: Any) -> Any:
@@ -577,6 +663,6 @@ def search_model(encoder: Any, task: Any) -> Any:
     (reranking is one) when the fast path applies, else `encoder` unchanged."""
     from mteb.abstasks.retrieval import AbsTaskRetrieval
 
-    if isinstance(task, AbsTaskRetrieval) and _fast_rerank_applies(encoder):
+    if isinstance(task, AbsTaskRetrieval) and fast_rerank_applies(encoder):
         return FastRerankSearch(encoder)
     return encoder

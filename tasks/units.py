@@ -21,7 +21,7 @@ from typing import Any
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
-from layertime import CODE_VERSION
+from layertime import CODE_VERSION, scoreparts, splitscore
 from layertime.checkpoints import Checkpoint
 from layertime.encoder import DeviceUnavailable
 from layertime.errors import Permanent
@@ -217,36 +217,64 @@ class LayersFailedPermanently(LayersFailed, Permanent):
     """Every failed layer's error is Permanent: a retry would fail the same way."""
 
 
-def _layers_failed(errors: dict[int, Exception]) -> LayersFailed:
+def _layers_failed(errors: dict[int, Exception], step: str = "") -> LayersFailed:
     permanent = all(isinstance(e, Permanent) for e in errors.values())
     kind = LayersFailedPermanently if permanent else LayersFailed
+    prefix = f"{step}: " if step else ""
     unembedded = tuple(b for b, e in errors.items() if isinstance(e, scoring.MissingEmbeddings))
-    return kind({b: f"{type(e).__name__}: {e}" for b, e in errors.items()}, unembedded)
+    return kind({b: f"{prefix}{type(e).__name__}: {e}" for b, e in errors.items()}, unembedded)
 
 
-@task(name="score", task_run_name="score[{unit.label} · {layers.label}]", retries=2, retry_delay_seconds=[5, 30],
-      retry_condition_fn=_may_heal, **NOT_CACHED)  # fmt: skip
-def score(unit: Unit, layers: Layers, embeddings: str | None) -> dict[int, list[dict]]:
+class Part(tuple):
+    """Which step of a split layer a score task run is (layertime/scoreparts.py): `Part()` the whole
+    evaluation, `Part((p, parts))` part p, `Part((MERGE, parts))` the merge; named in the UI."""
+
+    @property
+    def label(self) -> str:
+        if not self:
+            return ""
+        index, parts = self
+        return " · merge" if index == scoreparts.MERGE else f" · part {index + 1}/{parts}"
+
+
+WHOLE = Part()
+
+
+@task(name="score", task_run_name="score[{unit.label} · {layers.label}{part.label}]", retries=2,
+      retry_delay_seconds=[5, 30], retry_condition_fn=_may_heal, **NOT_CACHED)  # fmt: skip
+def score(unit: Unit, layers: Layers, embeddings: str | None, part: Part = WHOLE) -> dict[int, list[dict]]:
     """mteb main scores of some layers of one (checkpoint, task): layer -> rows. Each layer is an
     evaluation of its own, scored in a free scoring process and written to its completion record as
     it ends; one that fails does not stop the others, and the task then fails naming each failed
-    layer (a retry reads the scored ones back from their records and scores only the rest)."""
+    layer (a retry reads the scored ones back from their records and scores only the rest). A `part`
+    of a split layer writes its part file instead (no rows), its merge the record."""
     logger = get_run_logger()
-    logger.debug(f"scoring {unit.task} {layers.label} of {unit.checkpoint.revision} from {embeddings}")
+    logger.debug(
+        f"scoring {unit.task} {layers.label}{part.label} of {unit.checkpoint.revision} from {embeddings}"
+    )
     done: dict[int, list[dict]] = {}
     errors: dict[int, Exception] = {}
+    where = Path(embeddings) if embeddings else None
     for layer in layers:
         try:
+            if part:
+                rows = _in_scoring_process(
+                    splitscore.score_layer, unit.ctx, unit.checkpoint, unit.task, layer, where, *part
+                )  # fmt: skip
+                if rows is not None:
+                    done[layer] = rows
+                continue
             done[layer] = _in_scoring_process(
-                scoring.score_unit, unit.ctx, unit.checkpoint, unit.task, [layer],
-                Path(embeddings) if embeddings else None,
+                scoring.score_unit, unit.ctx, unit.checkpoint, unit.task, [layer], where,
             )[layer]  # fmt: skip
         except Exception as e:  # noqa: BLE001 -- the other layers go on; the task fails below, naming it
             errors[layer] = e
     if done:  # one INFO line per score task run, with the numbers (exp2: 1,600 of them)
         logger.info(f"scored {unit.label} " + "; ".join(_scores_line(b, rows) for b, rows in done.items()))
+    elif part and not errors:
+        logger.info(f"{unit.label} {layers.label}{part.label}: computed")
     if errors:
-        raise _layers_failed(errors)
+        raise _layers_failed(errors, part.label.removeprefix(" · "))
     return done
 
 

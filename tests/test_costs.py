@@ -20,9 +20,11 @@ def test_the_shipped_table_covers_every_suite_task_with_plausible_figures():
         assert row.score_cpu_s > 0 and row.peak_memory_gb > 0 and row.dim == costs.REFERENCE_DIM
         assert 0 < row.unique_texts <= row.requested_texts and row.mean_text_chars > 0
         assert row.machine and row.mteb_version and row.measured_on
-    # MindSmallReranking is the one that needs a big-memory worker (docs/design.md §10).
-    mind = costs.scoring_memory_gb("MindSmallReranking")
-    assert mind == max(costs.scoring_memory_gb(t) for t in suite.LAYER_BY_LAYER_32)
+    # MindSmallReranking is scored in parts: no scoring process needs more than 8 GB, no task a
+    # big-memory job (docs/design.md §10).
+    assert table["MindSmallReranking"].parts > 1 and table["MindSmallReranking"].merge_cpu_s > 0
+    assert max(costs.scoring_memory_gb(t) for t in suite.LAYER_BY_LAYER_32) <= 8
+    assert costs.BIG_MEMORY_TASKS == frozenset()
 
 
 def test_read_table_names_a_missing_column(tmp_path):
@@ -90,17 +92,75 @@ def test_simulate_keeps_big_memory_units_on_big_memory_slots():
         simulate(units, gpu_slots=0, cpu_slots=1)
 
 
+def test_simulate_runs_a_split_batchs_merge_after_its_last_part():
+    # One GPU unit [0, 1] with a whole run of 1 s, then a split batch (parts 4 s, 2 s, 3 s; merge 5 s),
+    # in submission order. Two CPU slots: whole c0 [1, 2], p1 c1 [1, 5], p2 c0 [2, 4], p3 c0 [4, 7];
+    # the merge after the last part (7), not after the first slot frees (5): [7, 12].
+    unit = EmbedUnit("M", 1, (1,), batches=(costs.ScoreBatch((4, 2, 3), merge=5),))
+    s = simulate([unit], gpu_slots=1, cpu_slots=2)
+    assert (s.makespan, s.cpu_seconds) == (12, 15)
+    # Without a merge the parts are independent runs.
+    assert simulate([EmbedUnit("W", 1, batches=(costs.ScoreBatch((4, 2, 3)),))], 1, 2).makespan == 6
+
+
+def _split_row(task: str) -> costs.TaskCost:
+    return costs.TaskCost(task, "Reranking", 80.0, 3.0, 10, 20, 50.0, 1024, 1.0, "m", "2.26.24", "d",
+                          parts=8, load_cpu_s=6.0, merge_cpu_s=2.0)  # fmt: skip
+
+
+def test_score_runs_are_the_flows_task_runs_with_one_load_each(tmp_path, monkeypatch):
+    path = tmp_path / "t.csv"
+    costs.write_table([_split_row("Split"), _row("Small", 0.5)], path)
+    rows = costs.read_table(path)
+    assert rows["Split"] == _split_row("Split")  # the new columns round-trip
+    runs = costs.score_runs("Split", layers=6, rows=rows)  # batches of 4 and 2 layers
+    assert runs == [
+        costs.ScoreBatch((6.0 + 4 * 80 / 8,) * 8, 4 * 2.0),
+        costs.ScoreBatch((6.0 + 2 * 80 / 8,) * 8, 2 * 2.0),
+    ]
+    assert costs.score_runs("Small", 5, dim=2048, rows=rows) == [
+        costs.ScoreBatch((8 * 2.0,)),
+        costs.ScoreBatch((2 * 2.0,)),
+    ]
+    assert costs.score_cpu_seconds("Split", rows=rows) == 82.0
+    old = tmp_path / "old.csv"  # a table from before parts: whole tasks, no loads
+    old.write_text("\n".join(line.rsplit(",", 3)[0] for line in path.read_text().splitlines()) + "\n")
+    assert costs.read_table(old)["Split"].parts == 1
+
+
+def test_a_runs_measured_seconds_replace_the_tables_scoring_costs(tmp_path):
+    scores = tmp_path / "scores.csv"
+    scores.write_text(
+        "task,layer,seconds\nSTS12,0,3.0\nSTS12,1,5.0\nSTS12,2,4.0\nMindSmallReranking,0,90.0\n"
+    )
+    rows, source = costs.measured_score_costs(scores, dim=2048)
+    assert rows["STS12"].score_cpu_s == 4.0 * 1024 / 2048 and rows["MindSmallReranking"].merge_cpu_s == 0.0
+    assert (
+        rows["MindSmallReranking"].parts == costs.table()["MindSmallReranking"].parts
+    )  # loads, parts: the table's
+    assert rows["BIOSSES"] == costs.table()["BIOSSES"] and "2 tasks" in source
+    scores.write_text("task,layer,seconds\n")
+    with pytest.raises(ValueError, match="no score rows"):
+        costs.measured_score_costs(scores, 1024)
+
+
 def test_estimate_of_exp2_adds_up_per_phase():
     grid = costs.Grid(checkpoints=50, layers=4, tasks=suite.LAYER_BY_LAYER_32, num_blocks=24, hidden=1024)
-    est = costs.estimate(grid, gpu_jobs=8, cpu_jobs=64, big_memory_jobs=2)
+    est = costs.estimate(grid, gpu_jobs=8, cpu_jobs=64)
     per_layer = sum(costs.score_cpu_seconds(t) for t in suite.LAYER_BY_LAYER_32)
-    assert est["hours"]["score"]["cpu"] == pytest.approx(50 * 4 * per_layer / 3600)
+    runs = sum(b.seconds for t in suite.LAYER_BY_LAYER_32 for b in costs.score_runs(t, 4))
+    assert est["hours"]["score"]["cpu"] == pytest.approx(
+        50 * runs / 3600
+    )  # every task run, its load included
+    assert est["score_cpu_s_per_checkpoint_layer"] == pytest.approx(per_layer)
+    assert per_layer < runs / 4  # a task run's load on top of its warm layers
     assert est["hours"]["record"]["cpu"] == pytest.approx(per_layer / 3600)
     assert est["hours"]["embed"]["gpu"] > 0 and est["hours"]["measure"]["gpu"] > 0
     mem = est["memory_gb"]
-    assert mem["big_memory_worker"] == costs.scoring_memory_gb("MindSmallReranking") > mem["scoring_worker"]
+    assert mem["big_memory_worker"] == 0 and mem["scoring_worker"] <= 8
+    assert est["split"] == {"MindSmallReranking": costs.score_parts("MindSmallReranking")}
     # More CPU slots never make the run longer, and the run is never shorter than its GPU phase.
-    more = costs.estimate(grid, gpu_jobs=8, cpu_jobs=128, big_memory_jobs=2)
+    more = costs.estimate(grid, gpu_jobs=8, cpu_jobs=128)
     assert more["wall_hours"] <= est["wall_hours"] and est["wall_hours"] >= est["gpu_phase_hours"]
     assert any("ASSUMED" in a for a in est["assumptions"])
 
@@ -112,7 +172,7 @@ def test_layertime_stays_free_of_prefect_and_dask():
     assert out.stdout.strip() == "[]"
 
 
-def test_cli_plan_prints_the_estimates_for_the_given_jobs(hub):
+def test_cli_plan_prints_the_estimates_for_the_given_jobs(hub, tmp_path):
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(hub)}
     args = [
         sys.executable,
@@ -146,9 +206,24 @@ def test_cli_plan_prints_the_estimates_for_the_given_jobs(hub):
     assert js.returncode == 0, js.stderr
     c = json.loads(js.stdout)["costs"]
     assert c["jobs"] == {"gpu": 8, "cpu": 64, "big_memory": 2}
-    assert c["memory_gb"]["big_memory_worker"] == costs.scoring_memory_gb("MindSmallReranking")
+    assert c["memory_gb"]["big_memory_worker"] == 0  # no task needs one
     grid = costs.Grid(checkpoints=50, layers=4, tasks=suite.LAYER_BY_LAYER_32, num_blocks=24, hidden=1024)
     assert c["wall_hours"] == pytest.approx(costs.estimate(grid, 8, 64, 2)["wall_hours"])
+    # A finished run's own scoring seconds: its tables/scores.csv, for the tasks it scored.
+    run = tmp_path / "run"
+    (run / "tables").mkdir(parents=True)
+    (run / "tables" / "scores.csv").write_text("task,layer,seconds\nMindSmallReranking,20,500.0\n")
+    measured = subprocess.run([*args, "--costs-from", str(run), "--json"], capture_output=True, text=True,
+                              env=env, cwd=ROOT, timeout=120)  # fmt: skip
+    assert measured.returncode == 0, measured.stderr
+    m = json.loads(measured.stdout)["costs"]
+    assert m["score_cpu_s_per_checkpoint_layer"] == pytest.approx(
+        c["score_cpu_s_per_checkpoint_layer"] - costs.score_cpu_seconds("MindSmallReranking") + 500.0
+    )
+    assert "1 tasks' scoring seconds measured by the run" in m["table"]
+    bad = subprocess.run([*args, "--costs-from", str(tmp_path / "none")], capture_output=True, text=True,
+                         env=env, cwd=ROOT, timeout=120)  # fmt: skip
+    assert bad.returncode == 2 and "--costs-from" in bad.stderr
 
 
 def test_the_gpu_rate_can_come_from_a_finished_runs_costs_table(tmp_path):

@@ -2,13 +2,14 @@
 
 import json
 
+import datasets
 import mteb
 import numpy as np
 import pytest
 import torch
 from mteb._evaluators import retrieval_evaluator, retrieval_metrics
 
-from layertime import bridge, fastmteb, suite
+from layertime import bridge, fastmteb, reranking, suite
 
 META = bridge.model_meta("layertime/tiny-neox", "c" * 40, 16, {"layer": 0})
 
@@ -69,20 +70,20 @@ def score_mind(seed: int, fast: bool, vectors_edit=None):
 
 @pytest.fixture
 def spy(monkeypatch):
-    """Counts calls of the fast reranking loop and the fast abstention metrics."""
+    """Counts calls of the arrays path's similarity loop and of the fast abstention metrics."""
     calls = {"rerank": 0, "naucs": 0}
 
-    def counted(name, key):
-        real = getattr(fastmteb, name)
+    def counted(module, name, key):
+        real = getattr(module, name)
 
         def wrapper(*args, **kwargs):
             calls[key] += 1
             return real(*args, **kwargs)
 
-        monkeypatch.setattr(fastmteb, name, wrapper)
+        monkeypatch.setattr(module, name, wrapper)
 
-    counted("rerank_heaps", "rerank")
-    counted("abstention_naucs", "naucs")
+    counted(reranking, "similarities", "rerank")
+    counted(fastmteb, "abstention_naucs", "naucs")
     return calls
 
 
@@ -91,7 +92,7 @@ def test_reranking_every_score_is_bit_identical_to_mteb(seed, spy):
     plain = score_mind(seed, fast=False)
     assert spy == {"rerank": 0, "naucs": 0}
     fast = score_mind(seed, fast=True)
-    assert spy["rerank"] == 1 and spy["naucs"] == 4  # the fast paths ran: sub-queries and merged queries
+    assert spy["rerank"] == 1 and spy["naucs"] == 4  # the arrays path ran: sub-queries and merged queries
     assert every_score(fast) == every_score(plain)
     assert fast.main_score == plain.main_score
     assert [p["name"] for p in fast.evaluation_phases] == [p["name"] for p in plain.evaluation_phases]
@@ -216,3 +217,47 @@ def test_fast_search_returns_mteb_results_in_mteb_order(seed):
         out.append([(qid, list(docs.items())) for qid, docs in results.items()])
     assert out[0] == out[1]
     assert any(len({s for _, s in docs}) < len(docs) for _, docs in out[0])  # tied scores occurred
+
+
+def _cluster_sets(rng: np.random.Generator):
+    """A legacy clustering task's data as mteb loads it: rows of (sentences, labels), one per cluster
+    set, texts shared between sets, one set with a single label (mteb skips its encoding)."""
+    from datasets import Dataset, DatasetDict
+
+    texts = [f"text {i}" for i in range(120)]
+    sentences, labels = [], []
+    for s in range(5):
+        picks = rng.choice(len(texts), size=int(rng.integers(30, 60)), replace=False)
+        sentences.append([texts[i] for i in picks])
+        labels.append([0] * len(picks) if s == 2 else [int(i % (3 + s)) for i in picks])
+    data = {"default": DatasetDict({"test": Dataset.from_dict({"sentences": sentences, "labels": labels})})}
+    vectors = rng.standard_normal((len(texts), 16)).astype(np.float32)
+    vectors[:, 0] *= 300.0  # a huge-magnitude dimension, as hidden states have
+    return data, texts, vectors
+
+
+def test_legacy_clustering_on_list_columns_scores_every_key_as_mteb(monkeypatch):
+    """mteb's legacy clustering builds a Dataset per cluster set and reads its lazy columns row by row;
+    with `installed()` it builds ListColumns (one batched read): the same scores, key by key."""
+    results = []
+    for fast in (False, True):
+        data, texts, vectors = _cluster_sets(np.random.default_rng(0))
+        task = suite.build_task("RedditClustering")
+        task.dataset, task.data_loaded = data, True
+        results.append(bridge._evaluate(bridge.LookupEncoder(texts, vectors, META), task, None, fast=fast))
+    built = []
+    real = fastmteb.ListColumns.from_dict.__func__
+    monkeypatch.setattr(
+        fastmteb.ListColumns,
+        "from_dict",
+        classmethod(lambda cls, *a, **k: built.append(1) or real(cls, *a, **k)),
+    )
+    data, texts, vectors = _cluster_sets(np.random.default_rng(0))
+    task = suite.build_task("RedditClustering")
+    task.dataset, task.data_loaded = data, True
+    again = bridge._evaluate(bridge.LookupEncoder(texts, vectors, META), task, None)
+    assert every_score(results[0]) == every_score(results[1]) == every_score(again)
+    assert len(built) == 4  # one per cluster set with more than one label
+    from mteb.abstasks import clustering_legacy
+
+    assert clustering_legacy.Dataset is datasets.Dataset  # restored

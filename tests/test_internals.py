@@ -70,6 +70,21 @@ def test_every_job_argument_the_profile_passes_is_one_slurm_job_takes_by_name(tm
         assert unknown == set(), f"{kind} job arguments SLURMJob no longer takes: {sorted(unknown)}"
 
 
+def test_a_gpu_jobs_own_scoring_workers_are_one_more_command_of_its_script(tmp_path):
+    # _RejectAwareJob with `node_scoring` (gpu_job_scoring): a second SLURMJob's worker command, put
+    # before the job's own in `self._command_template`, which the job script is made of
+    assert "self._command_template" in inspect.getsource(Job.job_script)
+    assert "_command_template" in inspect.getsource(Job.__init__)
+    settings = clusters.SlurmSettings(log_directory=str(tmp_path / "logs"), cpus=8, threads=2, memory="64G",
+                                      gpu_job_scoring=6, gpu_job_scoring_memory="48G")  # fmt: skip
+    kwargs = clusters.job_kwargs(settings, None, "gpu")
+    unknown = set(kwargs["node_scoring"]) - _named_params(SLURMJob.__init__, Job.__init__)
+    assert unknown == set(), f"scoring worker arguments SLURMJob no longer takes: {sorted(unknown)}"
+    job = clusters._RejectAwareJob(scheduler="tcp://127.0.0.1:1", name="probe", **kwargs)
+    workers = [line for line in job.job_script().splitlines() if "distributed.cli.dask_worker" in line]
+    assert len(workers) == 2 and "--name probe-score" in workers[0] and "--name probe " in workers[1]
+
+
 def _job(tmp_path: Path) -> SLURMJob:
     settings = clusters.SlurmSettings(log_directory=str(tmp_path / "logs"))
     return slurm._Job(

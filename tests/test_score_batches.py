@@ -14,6 +14,7 @@ from prefect_runs import artifact, task_runs  # tests/prefect_runs.py
 from specs import demo_overrides  # tests/specs.py
 
 from flows.layer_by_layer import LAYERS_PER_SCORE_TASK, UnitsFailed, layer_by_layer
+from layertime import scoreparts, splitscore
 from layertime.bridge import UnexpectedScores
 from layertime.phases import score
 
@@ -149,3 +150,65 @@ def test_a_score_task_run_that_fails_with_every_layer_recorded_leaves_no_embeddi
     # ...and nothing is left for a re-run to score from the embeddings: they are deleted (a re-run
     # would find every record and never look at them again).
     assert not list((tmp_path / "store").glob("embeddings/**/layer_*.npy"))
+
+
+_score_layer = splitscore.score_layer
+
+
+def _part_fails_once(ctx, ckpt, task, block, embeddings, part, parts):
+    """Part 2 of layer 2 fails on the first run (permanently: not retried); every step says in the
+    run root whether it found its part file there already (the scoring processes share no memory)."""
+    run = ctx.run
+    record = run.score_record(ctx.settings.id, ckpt, task, block)
+    found = (
+        part != scoreparts.MERGE
+        and scoreparts.read_part(scoreparts.part_file(record, part, parts)) is not None
+    )
+    with (run.root / "steps.log").open("a") as log:
+        log.write(f"{block} {part} {'kept' if found else 'ran'}\n")
+    if block == 2 and part == 1 and not (run.root / "part-failed").exists():
+        (run.root / "part-failed").touch()
+        raise UnexpectedScores("injected part failure")
+    return _score_layer(ctx, ckpt, task, block, embeddings, part, parts)
+
+
+def test_a_split_layer_is_scored_in_parts_then_merged_a_failed_part_fails_its_layer_and_a_rerun_redoes_only_it(
+    hub, tmp_path, monkeypatch
+):
+    """DemoReranking in 2 parts (a profile's `task_parts`): per batch, a task run per part, then one
+    merging them. Part 2 of L2 fails: the merge records the other layers and the flow names L2 with the
+    part's error; the re-run computes only that part, merges L2, and the scores equal a whole run's."""
+    monkeypatch.setattr(splitscore, "score_layer", _part_fails_once)
+    grid = {**_grid(tmp_path / "split", hub), "tasks": ["DemoReranking"]}
+    split = {"task_parts": {"DemoReranking": 2}}
+    state = layer_by_layer(SPEC, overrides=grid, cluster_overrides=split, return_state=True)
+    assert state.is_failed()
+    with pytest.raises(UnitsFailed, match=r"1 unit\(s\) failed:\nscore\[step1000 · DemoReranking · L2\]: part 2/2: "
+                       r"UnexpectedScores: injected part failure; merge: MissingParts: .*part\(s\) 2/2"):  # fmt: skip
+        state.result()
+    runs = _score_runs(state.state_details.flow_run_id)
+    name = "score[step1000 · DemoReranking · L0-3"
+    assert {n: (r.state.name, r.run_count) for n, r in runs.items()} == {
+        f"{name} · part 1/2]": ("Completed", 1),
+        f"{name} · part 2/2]": ("Failed", 1),  # cannot heal: not retried
+        f"{name} · merge]": ("Failed", 1),
+    }
+    store = tmp_path / "split" / "store"
+    assert sorted(_records(store, "DemoReranking")) == [0, 1, 3]
+    assert [p.name for p in store.glob("scores/**/layer_2.parts/*")] == ["part-0-of-2.npz"]
+
+    log = tmp_path / "split" / "demo" / "steps.log"
+    log.unlink()
+    state = layer_by_layer(SPEC, overrides=grid, cluster_overrides=split, return_state=True)
+    assert state.is_completed(), state.message
+    assert sorted(log.read_text().splitlines()) == ["2 -1 ran", "2 0 kept", "2 1 ran"]
+    assert sorted(_records(store, "DemoReranking")) == [0, 1, 2, 3] and not list(
+        store.glob("scores/**/*.parts")
+    )
+
+    whole = {**_grid(tmp_path / "whole", hub), "tasks": ["DemoReranking"]}
+    assert layer_by_layer(SPEC, overrides=whole, return_state=True).is_completed()
+    scores = [
+        pl.read_parquet(tmp_path / w / "demo/tables/scores.parquet").sort("layer") for w in ("split", "whole")
+    ]
+    assert scores[0]["main_score"].to_list() == scores[1]["main_score"].to_list() and scores[0].height == 4

@@ -73,7 +73,8 @@ def test_the_default_profile_is_one_gpu_eight_cpus():
     defaults = load_slurm_settings(path=ROOT / "deployments/clusters/slurm.yaml")
     assert (defaults.gpus, defaults.cpus, defaults.device) == (1, 8, "cuda")
     exp2 = ["SciDocsRR", "MindSmallReranking"]  # the file's profile can score every task of the suite
-    assert profile("slurm").check_fits(exp2, 1024)["MindSmallReranking"] <= _gib_of(defaults.bigmem_memory)
+    assert profile("slurm").check_fits(exp2, 1024)["MindSmallReranking"] <= _gib_of(defaults.memory) * 3 // 4
+    assert defaults.bigmem_jobs == 0 and defaults.gpu_job_scoring == 0  # MindSmall is scored in parts
     assert profile("slurm").device == "cuda" and profile("slurm", {"device": "cpu"}).device == "cpu"
 
 
@@ -145,15 +146,52 @@ def test_scoring_jobs_ask_for_cpus_and_memory_and_never_a_gpu():
     assert list(only_gpu) == ["gpu"] and "--resources GPU=1,MEM_GB=48 " in only_gpu["gpu"]  # 3/4 scores
 
 
+def test_gpu_jobs_can_score_on_their_idle_cores_in_one_thread_processes():
+    """`gpu_job_scoring`: each GPU job starts one-thread scoring workers (GPU hidden, MEM_GB each) beside
+    its GPU worker, which then offers no scoring memory; the job asks SLURM for all of it once."""
+    fields = {
+        "cpus": 16,
+        "threads": 4,
+        "memory": "128G",
+        "gpu_job_scoring": 12,
+        "gpu_job_scoring_memory": "96G",
+    }
+    scripts = _scripts(job_script(None, fields))
+    assert list(scripts) == ["gpu"]
+    gpu = scripts["gpu"]
+    assert {"--cpus-per-task=16", "--mem=128G", "--gres=gpu:1"} <= set(
+        re.findall(r"^#SBATCH (.+)$", gpu, re.M)
+    )
+    workers = [line for line in gpu.splitlines() if "distributed.cli.dask_worker" in line]
+    assert len(workers) == 2
+    scoring, main = workers
+    assert scoring.startswith("CUDA_VISIBLE_DEVICES= ") and scoring.endswith(" &")
+    assert "--nworkers 12" in scoring and "--nthreads 1" in scoring and "--resources MEM_GB=8 " in scoring
+    assert "--memory-limit 8.00GiB" in scoring and "GPU" not in scoring.split("--resources")[1]
+    assert "--resources GPU=1 " in main and "MEM_GB" not in main and "--nthreads 4" in main
+    assert "--memory-limit 32.00GiB" in main  # what the scoring processes leave
+    assert profile("slurm", fields).settings.scoring_workers() == {"gpu-node": 8}
+    with pytest.raises(ClusterError, match="gpu_job_scoring 12 \\+ threads 8 > cpus 16"):
+        load_slurm_settings({**fields, "threads": 8})
+    with pytest.raises(ClusterError, match="leaves nothing"):
+        load_slurm_settings({**fields, "gpu_job_scoring_memory": "128G"})
+
+
 def test_a_task_no_scoring_worker_can_hold_fails_before_the_run_naming_it():
-    small = profile("slurm", {"score_jobs": 2, "score_cpus": 8, "score_memory": "32G", "bigmem_jobs": 0})
+    whole = {"MindSmallReranking": 40}  # as if scored in one process
+    small = profile(
+        "slurm", {"score_jobs": 2, "score_cpus": 8, "score_memory": "32G", "task_memory_gb": whole}
+    )
     with pytest.raises(
-        ClusterError, match=r"MindSmallReranking needs \d+ GB.*largest offers 4 GB.*bigmem_jobs"
+        ClusterError, match=r"MindSmallReranking needs 40 GB.*largest offers 4 GB.*task_parts.*bigmem_jobs"
     ):
         small.check_fits(["SciDocsRR", "MindSmallReranking"], 1024)
-    big = profile("slurm", {"score_jobs": 2, "score_memory": "32G", "bigmem_jobs": 1, "bigmem_memory": "64G"})
-    needs = big.check_fits(["SciDocsRR", "MindSmallReranking"], 1024)
-    assert needs["MindSmallReranking"] > 4 and needs["SciDocsRR"] < needs["MindSmallReranking"] <= 64
+    big = profile("slurm", {"score_jobs": 2, "score_memory": "32G", "bigmem_jobs": 1, "bigmem_memory": "64G",
+                            "task_memory_gb": whole})  # fmt: skip
+    assert big.check_fits(["SciDocsRR", "MindSmallReranking"], 1024)["MindSmallReranking"] == 40
+    # in parts (the cost table's), a scoring job's process holds a part
+    assert profile("slurm", {"score_jobs": 2, "score_memory": "64G"}).check_fits(["MindSmallReranking"], 1024)
+    assert profile("slurm", {"task_parts": {"SciDocsRR": 3}}).score_parts("SciDocsRR") == 3
     pinned = profile("slurm", {"task_memory_gb": {"SciDocsRR": 40}, "memory": "64G"})
     assert pinned.check_fits(["SciDocsRR"], 1024) == {"SciDocsRR": 40}  # the profile's figure wins
     with pytest.raises(ClusterError, match="SciDocsRR needs 40 GB.*local: 8 GB"):

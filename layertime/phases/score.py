@@ -77,30 +77,40 @@ def score_unit(
     def meta(block: int) -> Any:
         return model_meta(ckpt.model, ckpt.key, dims[block], {"layer": block, **settings.as_dict()})
 
-    num_blocks = ctx.plan.num_blocks
     for block, subsets in score_layers(
         task, layers(), meta, run.mteb_results, spec.aggregation, spec.hf_cache
     ).items():
-        rows[block] = [
-            {
-                "model": ckpt.model,
-                "commit": ckpt.commit,
-                "layer": block,
-                "hidden_state": block + 1,
-                "depth": (block + 1) / num_blocks,
-                "task": task,
-                "task_type": suite.task_type(task),
-                "subset": s.subset,
-                "split": s.split,
-                "main_score": s.main_score,
-                "mteb_version": s.mteb_version,
-                "dataset_revision": s.dataset_revision,
-                "seconds": s.seconds,
-                "peak_memory_gb": s.peak_memory_gb,
-            }  # fmt: skip
-            for s in subsets
-        ]
-        path = run.score_record(settings.id, ckpt, task, block)
-        records.write_score(path, score_ask(ctx, ckpt, task, block), rows[block], settings.as_dict(),
-                            provenance(spec.digest), digests[block])  # fmt: skip
+        rows[block] = record_scores(ctx, ckpt, task, block, subsets, digests[block])
+    return rows
+
+
+def record_scores(
+    ctx: Context, ckpt: Checkpoint, task: str, block: int, subsets: list[Any], digest: str
+) -> list[dict]:
+    """One scored layer's rows (`subsets`: bridge.SubsetScore), written as its completion record, last,
+    stamped with the digest of the embedding file it was scored from (a split layer's merge too,
+    layertime/splitscore.py)."""
+    num_blocks = ctx.plan.num_blocks
+    rows = [
+        {
+            "model": ckpt.model,
+            "commit": ckpt.commit,
+            "layer": block,
+            "hidden_state": block + 1,
+            "depth": (block + 1) / num_blocks,
+            "task": task,
+            "task_type": suite.task_type(task),
+            "subset": s.subset,
+            "split": s.split,
+            "main_score": s.main_score,
+            "mteb_version": s.mteb_version,
+            "dataset_revision": s.dataset_revision,
+            "seconds": s.seconds,
+            "peak_memory_gb": s.peak_memory_gb,
+        }  # fmt: skip
+        for s in subsets
+    ]
+    path = ctx.run.score_record(ctx.settings.id, ckpt, task, block)
+    records.write_score(path, score_ask(ctx, ckpt, task, block), rows, ctx.settings.as_dict(),
+                        provenance(ctx.spec.digest), digest)  # fmt: skip
     return rows
