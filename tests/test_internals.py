@@ -71,7 +71,7 @@ def test_every_job_argument_the_profile_passes_is_one_slurm_job_takes_by_name(tm
 
 
 def test_a_gpu_jobs_own_scoring_workers_are_one_more_command_of_its_script(tmp_path):
-    # _RejectAwareJob with `node_scoring` (gpu_job_scoring): a second SLURMJob's worker command, put
+    # slurm._Job with `node_scoring` (gpu_job_scoring): a second SLURMJob's worker command, put
     # before the job's own in `self._command_template`, which the job script is made of
     assert "self._command_template" in inspect.getsource(Job.job_script)
     assert "_command_template" in inspect.getsource(Job.__init__)
@@ -80,7 +80,7 @@ def test_a_gpu_jobs_own_scoring_workers_are_one_more_command_of_its_script(tmp_p
     kwargs = clusters.job_kwargs(settings, None, "gpu")
     unknown = set(kwargs["node_scoring"]) - _named_params(SLURMJob.__init__, Job.__init__)
     assert unknown == set(), f"scoring worker arguments SLURMJob no longer takes: {sorted(unknown)}"
-    job = clusters._RejectAwareJob(scheduler="tcp://127.0.0.1:1", name="probe", **kwargs)
+    job = slurm._Job(scheduler="tcp://127.0.0.1:1", name="probe", **kwargs)
     workers = [line for line in job.job_script().splitlines() if "distributed.cli.dask_worker" in line]
     assert len(workers) == 2 and "--name probe-score" in workers[0] and "--name probe " in workers[1]
 
