@@ -19,8 +19,11 @@ lint: venv
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 
+# Test files on TEST_WORKERS pytest-xdist workers (docs/development.md: where the time goes); each file
+# stays on one worker (--dist loadfile), in the order tests/conftest.py gives (the longest first).
+TEST_WORKERS ?= 2
 test: lint
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder
 
 # The offline demo: no hub, no server, no cluster. Tables land in runs/demo/tables/.
 demo: venv

@@ -379,35 +379,37 @@ def _seconds(created: str, start: str | None, end: str | None) -> tuple[float, f
     return (t[1] - t[0]).total_seconds(), (t[2] - t[1]).total_seconds()
 
 
-def task_runs(server: Server, flow_run: str) -> list[dict]:
-    """Every task run of `flow_run` from the API (name, state type), page by page."""
-    runs: list[dict] = []
-    with httpx.Client(base_url=server.api, timeout=120) as client:
+PAGE = 200  # the most rows the server answers per filter call (PREFECT_API_DEFAULT_LIMIT)
+
+
+def read_all(api: str, path: str, body: dict[str, Any]) -> list[dict]:
+    """Every row of a filter endpoint (`/task_runs/filter`, `/logs/filter`, ...), page by page: the
+    server answers at most PAGE rows per call, exp2 has ~1,700 task runs."""
+    rows: list[dict] = []
+    with httpx.Client(base_url=api, timeout=120) as client:
         while True:
-            page = client.post("/task_runs/filter", json={
-                "flow_runs": {"id": {"any_": [flow_run]}}, "sort": "ID_DESC", "limit": 200, "offset": len(runs)})  # fmt: skip
+            page = client.post(path, json={**body, "limit": PAGE, "offset": len(rows)})
             page.raise_for_status()
             batch = page.json()
-            runs += [
-                {"id": r["id"], "name": r["name"], "state": (r.get("state") or {}).get("type")} for r in batch
-            ]
-            if len(batch) < 200:
-                return runs
+            rows += batch
+            if len(batch) < PAGE:
+                return rows
+
+
+def task_runs(server: Server, flow_run: str) -> list[dict]:
+    """Every task run of `flow_run` from the API (name, state type)."""
+    runs = read_all(
+        server.api, "/task_runs/filter", {"flow_runs": {"id": {"any_": [flow_run]}}, "sort": "ID_DESC"}
+    )
+    return [{"id": r["id"], "name": r["name"], "state": (r.get("state") or {}).get("type")} for r in runs]
 
 
 def flow_run_logs(server: Server, flow_run: str) -> list[dict]:
     """Every log of `flow_run` stored by the server: message and task_run_id (None: the flow's own)."""
-    messages: list[dict] = []
-    with httpx.Client(base_url=server.api, timeout=120) as client:
-        while True:
-            page = client.post("/logs/filter", json={
-                "logs": {"flow_run_id": {"any_": [flow_run]}}, "sort": "TIMESTAMP_ASC", "limit": 200,
-                "offset": len(messages)})  # fmt: skip
-            page.raise_for_status()
-            batch = [{"message": r["message"], "task_run_id": r.get("task_run_id")} for r in page.json()]
-            messages += batch
-            if len(batch) < 200:
-                return messages
+    logs = read_all(
+        server.api, "/logs/filter", {"logs": {"flow_run_id": {"any_": [flow_run]}}, "sort": "TIMESTAMP_ASC"}
+    )
+    return [{"message": r["message"], "task_run_id": r.get("task_run_id")} for r in logs]
 
 
 def expected_task_runs(plan: Any) -> Counter:

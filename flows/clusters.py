@@ -47,7 +47,7 @@ CHECKOUT = Path(__file__).resolve().parents[1]  # the checkout that holds flows/
 
 # The resource annotation of GPU tasks: a share of a worker's one slot (`GPU_SLOT`), so each GPU
 # worker runs MODELS_PER_GPU (2) checkpoints' tasks at once, one reading its model while another
-# computes (layertime.pipeline.checkpoint_gpu_work); the cost simulation assumes the same.
+# computes (layertime.phases.gpu.checkpoint_gpu_work); the cost simulation assumes the same.
 GPU_SLOT = 1
 GPU = {"GPU": GPU_SLOT / MODELS_PER_GPU}
 CLUSTERS = Path(__file__).resolve().parents[1] / "deployments" / "clusters"
@@ -102,7 +102,9 @@ class SlurmSettings(BaseModel):
     )
     local_directory: str | None = Field(None, description="worker scratch space on the node ($TMPDIR)")
     death_timeout: int = Field(120, ge=1, description="seconds a worker waits for a lost scheduler")
-    dashboard_address: str | None = Field(":8787", description="the Dask dashboard; null: none")
+    dashboard_address: str | None = Field(
+        None, description="the Dask dashboard (':8787' listens on 127.0.0.1); null: none"
+    )
     preflight: bool = Field(True, description="check the job script with `sbatch --test-only` first")
     score_jobs: int = Field(
         0, ge=0, description="CPU-only scoring jobs (no GPU); 0: scoring runs on the GPU jobs' threads"
@@ -197,6 +199,9 @@ class LocalSettings(BaseModel):
     memory_gb: int | None = Field(None, ge=1, description="memory scoring may use (GB); null: 3/4 of RAM")
     task_memory_gb: dict[str, int] = Field(
         default_factory=dict, description="scoring memory (GB) of a task, replacing the cost table's figure"
+    )
+    dashboard_address: str | None = Field(
+        None, description="the Dask dashboard (':8787' listens on 127.0.0.1); null: none"
     )
 
     def scoring_workers(self) -> dict[str, int]:
@@ -310,6 +315,7 @@ class Profile:
         return needs
 
     def task_runner(self) -> DaskTaskRunner:
+        quiet_dashboard_link(self.settings.dashboard_address is None)
         if isinstance(self.settings, LocalSettings):
             resources = {"GPU": GPU_SLOT, "MEM_GB": self.settings.scoring_workers()["local"]}
             return DaskTaskRunner(
@@ -319,7 +325,8 @@ class Profile:
                     "processes": False,
                     "threads_per_worker": self._scoring_threads() + MODELS_PER_GPU,  # + GPU tasks
                     "resources": resources,
-                    "dashboard_address": None,
+                    "scheduler_kwargs": dashboard(self.settings.dashboard_address),
+                    "worker_dashboard_address": LOOPBACK_ANY_PORT,
                 },
             )
         settings = self.settings
@@ -334,6 +341,38 @@ class Profile:
                 **({"Adaptive": GpuAdaptive} if scoring else {}),
             },
         )
+
+
+LOOPBACK_ANY_PORT = "127.0.0.1:0"
+
+
+def dashboard(address: str | None) -> dict[str, Any]:
+    """The Dask scheduler's arguments for the profile's `dashboard_address` (docs/design.md §6).
+
+    A distributed Scheduler (and Worker) starts an HTTP server whatever `dashboard` says: routes for
+    JSON state, logs, Prometheus metrics and health. Without an address it listens on port 8787 of
+    every interface (IPv4 and IPv6; a worker on a random port), as `LocalCluster(dashboard_address=None)`
+    and dask-jobqueue's default ':8787' both did. So: no dashboard and that server on loopback, or the
+    dashboard where asked, on 127.0.0.1 when the address names a port alone (':8787', '8787')."""
+    if address is None:
+        return {"dashboard": False, "dashboard_address": LOOPBACK_ANY_PORT}
+    host, _, port = address.strip().rpartition(":")
+    return {"dashboard": True, "dashboard_address": f"{host or '127.0.0.1'}:{port}"}
+
+
+def quiet_dashboard_link(quiet: bool) -> None:
+    """prefect-dask logs "The Dask dashboard is available at <link>" whenever the scheduler has an HTTP
+    server, dashboard or not: dropped (in this process) unless the profile asks for a dashboard."""
+    logger = logging.getLogger("prefect.task_runner.dask")
+    for f in [f for f in logger.filters if isinstance(f, _NoDashboardLink)]:
+        logger.removeFilter(f)
+    if quiet:
+        logger.addFilter(_NoDashboardLink())
+
+
+class _NoDashboardLink(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("The Dask dashboard is available at")
 
 
 def profile(name: str, overrides: dict | None = None) -> Profile:
@@ -393,8 +432,8 @@ def cluster_kwargs(settings: SlurmSettings, api_url: str | None) -> dict[str, An
     """LayertimeSLURMCluster keyword arguments: the GPU jobs' (adaptive), then the scoring jobs'."""
     return {
         **job_kwargs(settings, api_url, "gpu"),
-        "scheduler_options": {"dashboard_address": settings.dashboard_address}
-        if settings.dashboard_address else {"dashboard": False},
+        # The scheduler's own port listens on every interface: the workers on other nodes connect to it.
+        "scheduler_options": dashboard(settings.dashboard_address),
         "preflight": settings.preflight,
         "scoring_jobs": [(kind, count, job_kwargs(settings, api_url, kind))
                          for kind, count in job_counts(settings).items() if kind != "gpu" and count],
@@ -414,7 +453,7 @@ def job_kwargs(settings: SlurmSettings, api_url: str | None, kind: str) -> dict[
     exports.update({k: os.environ[k] for k in settings.forward_env if k in os.environ and k not in exports})
     if api_url:
         exports["PREFECT_API_URL"] = api_url  # tasks on the workers log to the flow's API
-    # tasks/ is a folder of the checkout, not an installed package (layertime.cli.main): the workers
+    # tasks/ is a folder of the checkout, not an installed package (layertime_command.py): the workers
     # import the tasks they run from it, wherever SLURM starts the job. A deployment run (`prefect
     # deployment run`) loads flows/layer_by_layer.py as the top-level module `layer_by_layer`, with
     # flows/ on sys.path (Prefect's load_script_as_module), and each task's context names the flow by
@@ -439,6 +478,9 @@ def job_kwargs(settings: SlurmSettings, api_url: str | None, kind: str) -> dict[
     prologue = [f"export {k}={_quote(v)}" for k, v in exports.items()] + list(settings.job_script_prologue)
     lifetime = settings.walltime_seconds - min(600, settings.walltime_seconds // 10)
     worker_args = ["--resources", ",".join(resources)] if resources else []
+    # A worker's HTTP server (metrics, health; its dashboard) on its node's loopback only: its own
+    # port, which the scheduler and the other workers connect to, is all it offers the network.
+    worker_args += ["--no-dashboard", "--dashboard-address", LOOPBACK_ANY_PORT]
     if lifetime > 60:  # retire before SLURM kills the job at its walltime: the scheduler replaces it
         worker_args += ["--lifetime", f"{lifetime}s", "--lifetime-stagger", f"{min(300, lifetime // 20)}s"]
     return {

@@ -13,13 +13,12 @@ import contextlib
 import logging
 import random
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
-from layertime import cli
+from layertime import cli, leftovers
 from layertime.cli import SpecPath
 
 app = cli.app
@@ -63,8 +62,21 @@ def run(
 
     state = cli.until_stopped(spec, where.device, resume, work)  # SIGINT/SIGTERM: one line, exit 130/143
     if not state.is_completed():
-        cli.fail(f"the run did not complete ({state.name}): {state.message}")
+        cli.fail(_why(state))
     cli.print_tables(spec.run_root, state.result())
+
+
+def _why(state) -> str:
+    """The last line of a run that did not complete: a full or read-only disk as `--plain` says it
+    (the path being written and the space left, layertime/io.py), else the flow's own message."""
+    try:
+        state.result()
+    except OSError as e:
+        if e.errno in cli.DISK_ERRORS:
+            return str(e)
+    except Exception:  # noqa: BLE001 -- any other failure: the state's message says it
+        pass
+    return f"the run did not complete ({state.name}): {state.message}"
 
 
 EMBEDDED_STARTUP_TIMEOUT_S = 600  # Prefect's 20 s was not enough on a loaded 2-core machine (issue 14.9)
@@ -89,7 +101,9 @@ def _embedded_prefect() -> contextlib.AbstractContextManager:
     # Reseeding from the OS gives each run its own draw; scores never read this generator (mteb
     # reseeds its evaluators, and scoring runs in processes of its own).
     random.seed()
-    home = Path(tempfile.mkdtemp(prefix="layertime-prefect-"))
+    # Its owner is named inside, so a run killed before its atexit (SIGKILL) has it removed by the
+    # next run's start (layertime/leftovers.py), and never one of another live run.
+    home = leftovers.owned_temp_dir("prefect")
     # Registered before the server starts, so it runs after Prefect's own exit handler stops it (LIFO).
     atexit.register(shutil.rmtree, home, ignore_errors=True)
     return temporary_settings(

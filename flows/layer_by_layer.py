@@ -12,7 +12,8 @@
 A (checkpoint, task)'s embeddings are deleted by the flow itself, under the store's claims, once every
 layer of it is scored: a file deletion is not worth a task run (exp2: 1,600 of them, ~0.1 s of
 orchestration each, benchmarks/RESULTS.md). A unit with a failed layer keeps its embeddings, so the
-re-run scores it without GPU work.
+re-run scores it without GPU work; embeddings an earlier run left of units whose layers are all
+recorded (it was killed before it deleted them) are deleted when the flow starts.
 
 A checkpoint's GPU work is one task, so one worker loads each model once: split per task, Dask spread
 every checkpoint over every GPU and each GPU reloaded every checkpoint (benchmarks/RESULTS.md).
@@ -47,11 +48,14 @@ from prefect.artifacts import (
 
 from flows.clusters import GPU, profile
 from flows.logs import quiet_finished_task_runs
-from layertime import claims, fastmteb, pipeline
+from layertime import claims, fastmteb, leftovers, records
 from layertime.costs import MODELS_PER_GPU
 from layertime.demo.world import prepare_world
+from layertime.phases import merge, record, score
+from layertime.phases.context import Context
+from layertime.phases.gpu import CheckpointDone
 from layertime.plan import Plan, make_plan
-from layertime.rundir import RunDir
+from layertime.runroot import claim_run_root, write_snapshot
 from layertime.spec import ExperimentSpec, load_spec
 from tasks import units
 
@@ -98,22 +102,31 @@ def layer_by_layer(
     plan = make_plan(experiment, strict=True)
     progress = _Progress(plan)  # in the UI from the start
     needs = where.check_fits(plan.tasks, plan.hidden_size)  # before any GPU work
-    settings = pipeline.Settings.of(experiment, where.device)
-    run = RunDir.of(experiment.run_root, experiment.store)
+    ctx = Context.of(plan, where.device)
     fastmteb.mteb_unchanged()  # the mteb guard, once, before any task thread asks for it (issue 14.3)
-    with run.lock():  # a second run on the same run root is refused, by name
-        pipeline.claim_run_root(run, experiment, force)
-        pipeline.write_snapshot(plan, run, settings)
+    with ctx.run.lock():  # a second run on the same run root is refused, by name
+        claim_run_root(ctx.run, experiment, force)
+        write_snapshot(plan, ctx.run, ctx.settings)
+        _delete_scored_embeddings(ctx)
         with where.task_runner() as runner, units.scoring_pool(where.scoring_processes):
             revisions, failures = _record(runner, experiment, plan)
-            work = _Units(runner, plan, settings, run, needs, progress, where.gpu_slots * MODELS_PER_GPU)
+            work = _Units(runner, ctx, needs, progress, where.gpu_slots * MODELS_PER_GPU)
             failures += work.run(revisions)
-            paths = runner.submit(units.merge, {"plan": plan, "settings": settings}).result()
+            paths = runner.submit(units.merge, {"ctx": ctx}).result()
         progress.show(final=True)
         _publish(plan, paths, failures)
     if failures:
         raise UnitsFailed(f"{len(failures)} unit(s) failed:\n" + "\n".join(failures))
     return paths
+
+
+def _delete_scored_embeddings(ctx: Context) -> None:
+    """Embeddings an earlier run left of units whose every layer is recorded (it was killed between its
+    last record and the delete) are deleted now, unless another run claims them."""
+    if deleted := leftovers.delete_scored_embeddings(ctx):
+        get_run_logger().info(
+            f"deleted the embeddings of {deleted} scored (checkpoint, task) unit(s) left by an earlier run"
+        )
 
 
 class NotReady(RuntimeError):
@@ -184,14 +197,12 @@ class _Units:
     def __init__(
         self,
         runner: Any,
-        plan: Plan,
-        settings: pipeline.Settings,
-        run: RunDir,
+        ctx: Context,
         needs: dict[str, int],
         progress: _Progress,
         gpu_at_once: int,
     ) -> None:
-        self.runner, self.plan, self.settings, self.run_dir = runner, plan, settings, run
+        self.runner, self.ctx, self.plan = runner, ctx, ctx.plan
         self.needs, self.progress, self.gpu_at_once = needs, progress, gpu_at_once
         self.waiting: collections.deque[units.GpuWork] = collections.deque()
         self.missing: dict[tuple[str, str], list[int]] = {}  # (checkpoint key, task) -> layers to score
@@ -202,6 +213,8 @@ class _Units:
         self.embedded: list[units.Unit] = []  # units whose embeddings are in the store already
         self.left: dict[tuple[str, str], int] = {}  # (checkpoint key, task) -> layers still scoring
         self.unscored: set[tuple[str, str]] = set()  # (checkpoint key, task) with a failed layer
+        self.unembedded: dict[tuple[str, str], list[int]] = {}  # layers whose embeddings scoring rejected
+        self.embedded_again: set[tuple[str, str]] = set()  # units embedded again in this run (once each)
         self.cleaned = collections.Counter()  # what became of each scored unit's embeddings
         self.claims = claims.Claims()  # the embeddings this run needs, kept from other runs' cleanup
 
@@ -232,33 +245,43 @@ class _Units:
         return self.failures
 
     def _embeddings(self, unit: units.Unit) -> Path:
-        return self.run_dir.embeddings(self.settings.id, unit.checkpoint, unit.task)
+        return self.ctx.run.embeddings(self.ctx.settings.id, unit.checkpoint, unit.task)
 
     def _plan_work(self, revisions: dict[str, str]) -> None:
         """What is not done: the layers without a valid record (a damaged one is removed), and each
         checkpoint's GPU work for them and its metrics. Units of a task whose recording failed count
         as failed."""
         spec, plan = self.plan.spec, self.plan
-        measured = pipeline.recorded_metrics(plan, self.run_dir, self.settings)
+        measured = merge.recorded_metrics(self.ctx)
         for ckpt in plan.distinct_checkpoints():
             todo = []
             for task in plan.tasks:
-                layers = pipeline.missing_layers(self.run_dir, self.settings, ckpt, task, plan.blocks)
+                layers = score.missing_layers(self.ctx, ckpt, task, plan.blocks)
                 self.progress.scored += len(plan.blocks) - len(layers)
                 if layers and task not in revisions:
                     self.progress.failed += len(layers)
                 elif layers:
                     self.missing[ckpt.key, task] = layers
-                    unit = units.Unit(spec, ckpt, task, revisions[task], self.settings, tuple(plan.blocks),
-                                      plan.num_blocks)  # fmt: skip
+                    unit = units.Unit(self.ctx, ckpt, task, revisions[task])
                     self.claims.take(self._embeddings(unit))  # before any GPU work looks at the store
-                    # Kept by a run whose scoring of them failed: scored again without GPU work.
-                    is_embedded = pipeline.embeddings_ok(self._embeddings(unit), layers)
-                    (self.embedded if is_embedded else todo).append(unit)
+                    # Kept by a run whose scoring of them failed: scored again without GPU work,
+                    # once checked whole (a rejected file sends the unit to GPU work, which logs it).
+                    (self.embedded if self._kept_whole(unit, layers) else todo).append(unit)
             measure = spec.metrics is not None and ckpt.key not in measured
             if todo or measure:
-                self.waiting.append(units.GpuWork(plan, self.settings, ckpt, tuple(todo), measure))
+                self.waiting.append(units.GpuWork(self.ctx, ckpt, tuple(todo), measure))
                 self.progress.to_embed += len(todo)
+
+    def _kept_whole(self, unit: units.Unit, layers: list[int]) -> bool:
+        """True when the unit's kept embeddings hold `layers`, every file checked against its manifest
+        and the unit's texts (records.check_embeddings), so its scoring needs no GPU work."""
+        path = self._embeddings(unit)
+        if not (path / "done.json").is_file():
+            return False
+        spec = self.plan.spec
+        texts = record.task_texts(unit.task, self.ctx.run, spec.aggregation, spec.hf_cache).texts
+        ask = records.EmbeddingsAsk.of(unit.checkpoint.model, unit.checkpoint.commit, unit.task, texts)
+        return records.check_embeddings(path, ask).holds(layers)
 
     def _watch(self, future: Any, then: Any) -> None:
         self.running[future] = then
@@ -278,9 +301,7 @@ class _Units:
             done = future.result()
         except Exception as e:  # noqa: BLE001 -- a failed checkpoint is reported, the sweep goes on
             error = f"{type(e).__name__}: {e}"
-            done = pipeline.CheckpointDone(
-                {}, None, {**{u.task: error for u in work.units}, "measure": error}
-            )
+            done = CheckpointDone({}, None, {**{u.task: error for u in work.units}, "measure": error})
         if work.measure and done.metrics is None:
             self.failures.append(f"measure[{work.label}]: {done.failed.get('measure', 'not measured')}")
         for unit in work.units:
@@ -308,24 +329,44 @@ class _Units:
             future.result()
         except Exception as e:  # noqa: BLE001 -- a failed unit is reported, the sweep goes on
             # The records say which layers were scored (a task that crashed may have scored some).
-            failed = pipeline.missing_layers(
-                self.run_dir, self.settings, unit.checkpoint, unit.task, list(layers)
-            )
+            key = (unit.checkpoint.key, unit.task)
+            failed = score.missing_layers(self.ctx, unit.checkpoint, unit.task, list(layers))
             errors = e.errors if isinstance(e, units.LayersFailed) else {}
+            # Embeddings rejected when scored: embedded again in this run (once per unit).
+            again = (
+                [] if key in self.embedded_again else [b for b in failed if b in getattr(e, "unembedded", ())]
+            )
+            self.unembedded.setdefault(key, []).extend(again)
             for layer in failed:
-                error = errors.get(layer, f"{type(e).__name__}: {e}")
-                self.failures.append(f"score[{unit.label} · L{layer}]: {error}")
-            self.progress.failed += len(failed)
+                if layer not in again:
+                    error = errors.get(layer, f"{type(e).__name__}: {e}")
+                    self.failures.append(f"score[{unit.label} · L{layer}]: {error}")
+            self.progress.failed += len(failed) - len(again)
             self.progress.scored += len(layers) - len(failed)
             # Embeddings kept for the re-run only if a layer lacks its record (a task run can also
             # fail after its last record is written: then there is nothing to re-run).
-            if failed:
-                self.unscored.add((unit.checkpoint.key, unit.task))
+            if len(failed) > len(again):
+                self.unscored.add(key)
         else:
             self.progress.scored += len(layers)
         self.left[unit.checkpoint.key, unit.task] -= 1
         if not self.left[unit.checkpoint.key, unit.task]:
-            self._cleanup(unit)
+            if self.unembedded.get((unit.checkpoint.key, unit.task)):
+                self._embed_again(unit)
+            else:
+                self._cleanup(unit)
+
+    def _embed_again(self, unit: units.Unit) -> None:
+        """Scoring rejected the unit's embeddings (changed since they were checked): its GPU work is
+        queued again for those layers, its claim still held; its scoring follows as usual."""
+        key = (unit.checkpoint.key, unit.task)
+        self.missing[key] = sorted(self.unembedded.pop(key))
+        self.embedded_again.add(key)
+        get_run_logger().warning(
+            f"{unit.label}: embeddings of layers {self.missing[key]} rejected when scored; embedding them again"
+        )
+        self.waiting.append(units.GpuWork(self.ctx, unit.checkpoint, (unit,), False))
+        self.progress.to_embed += 1
 
     def _cleanup(self, unit: units.Unit) -> None:
         """The unit's last layer is done: release its claim, then delete its embeddings unless the

@@ -8,5 +8,5 @@ __version__ = "0.1.0"
 
 # Bump when a change alters numbers (pooling, scoring, tables); refactors and comments keep results.
 # It is part of every unit's settings id, so results of two code versions never share a record, and a
-# run root refuses to mix them in its tables without --force (pipeline.claim_run_root).
+# run root refuses to mix them in its tables without --force (runroot.claim_run_root).
 CODE_VERSION = "3"  # 3: CPU embeddings on one torch thread; full-precision scores, never mteb's cache

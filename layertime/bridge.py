@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import json
 import threading
 from collections import OrderedDict
 from collections.abc import Iterable, Mapping, Sequence
@@ -26,10 +25,10 @@ import numpy as np
 from mteb.models.abs_encoder import AbsEncoder
 from mteb.models.model_meta import ModelMeta, ScoringFunction
 
-from layertime import CODE_VERSION, fastmteb, memory, suite
+from layertime import CODE_VERSION, fastmteb, memory, records, suite
 from layertime.errors import Permanent
 from layertime.hub.cache import is_offline, use_local_snapshot
-from layertime.io import atomic_write, atomic_write_text
+from layertime.io import atomic_write
 
 ENCODE_BATCH = 4096  # texts per mteb DataLoader batch; lookups are cheap, so large batches cut overhead
 
@@ -206,8 +205,9 @@ def recorded_texts(
     """The texts `task_name` will ask for; one recording pass, cached per (task, dataset revision, mteb
     version, code version, aggregation rule).
 
-    The cached file is checked before it is used (its fields, and a digest of its texts); a damaged
-    one (a crash, a full disk, a stray edit) is recorded again and replaced, never an error.
+    The cached file is checked before it is used (records.read_texts: its version, fields and digests,
+    and that it is this task's); a damaged one (a crash, a full disk, a stray edit) is recorded
+    again and replaced, never an error.
     """
     task = load_task(task_name, aggregation, hf_cache, load=False)
     # the rule last: report.load.texts_info finds a task's texts by `<task>__*__<aggregation>.json`
@@ -215,41 +215,19 @@ def recorded_texts(
         f"{task_name}__{task.metadata.revision}__mteb-{mteb.__version__}__code-{CODE_VERSION}__{aggregation}"
     )
     path = Path(cache_dir) / f"{key}.json"
-    expect = {"task": task_name, "dataset_revision": task.metadata.revision, "mteb_version": mteb.__version__}
-    if (found := _read_texts(path, expect)) is not None:
-        return found
+    if (found := records.read_texts(path, task_name, task.metadata.revision, mteb.__version__)) is not None:
+        return TaskTexts(
+            found.task, found.dataset_revision, found.mteb_version, list(found.texts), found.requested
+        )
     encoder = RecordingEncoder()
     _evaluate(encoder, task, None)
     found = TaskTexts(
         task_name, task.metadata.revision, mteb.__version__, list(encoder.seen), encoder.requested
     )
-    atomic_write_text(path, json.dumps({**found.__dict__, "digest": _digest(found.texts)}))
-    return found
-
-
-def _digest(texts: list[str]) -> str:
-    return hashlib.sha256(json.dumps(texts).encode()).hexdigest()
-
-
-def _read_texts(path: Path, expect: Mapping[str, str]) -> TaskTexts | None:
-    """The recorded texts at `path` if the file is whole and is the one asked for, else None."""
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, ValueError):  # none, unreadable, not UTF-8, not JSON
-        return None
-    if not isinstance(data, dict) or set(data) != {*TaskTexts.__dataclass_fields__, "digest"}:
-        return None
-    digest, texts, requested = data.pop("digest"), data["texts"], data["requested"]
-    whole = (
-        isinstance(texts, list)
-        and len(texts) > 0
-        and all(isinstance(t, str) for t in texts)
-        and isinstance(requested, int)
-        and requested >= len(texts)
-        and all(data[k] == v for k, v in expect.items())
-        and digest == _digest(texts)
+    records.write_texts(
+        path, found.task, found.dataset_revision, found.mteb_version, found.texts, found.requested
     )
-    return TaskTexts(**data) if whole else None
+    return found
 
 
 def reseed(task: Any) -> Any:

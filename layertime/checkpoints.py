@@ -16,12 +16,8 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from layertime.errors import Permanent
-from layertime.hub.cache import cached_commit, from_cache_first, hub_cache, is_offline
-
-
-class CheckpointError(Permanent, LookupError):
-    """A revision that cannot be resolved or loaded; the message says how to fix it."""
+from layertime.file_hashes import FileHashes, directory_digest, memo_file
+from layertime.hub.cache import CheckpointError, cached_commit, from_cache_first, hub_cache, is_offline
 
 
 @dataclass(frozen=True)
@@ -30,7 +26,7 @@ class Checkpoint:
 
     model: str
     revision: str
-    commit: str | None
+    commit: str | None  # a local model directory: the sha256 of its files (checkpoints.local_digest)
 
     @property
     def key(self) -> str:
@@ -47,9 +43,14 @@ class Checkpoint:
 def resolve(
     model: str, revision: str, cache_dir: str | Path | None = None, offline: bool | None = None
 ) -> Checkpoint:
-    """Resolve `revision` of `model` to its commit: local path, cache ref, then (online) the hub."""
+    """Resolve `revision` of `model` to its commit: local path, cache ref, then (online) the hub.
+
+    A local model directory has no commit: its "commit" is the sha256 digest of its files
+    (`local_digest`), so its units are keyed by what the weights are, not by the path or a revision
+    name: replaced weights are new units, computed again, and every record says which content it
+    scored. Every revision of a directory is the same content (one unit of work)."""
     if Path(model).is_dir():
-        return Checkpoint(model, revision, None)
+        return Checkpoint(model, revision, local_digest(model, cache_dir))
     commit = cached_commit(model, revision, cache_dir)
     if commit is not None:
         return Checkpoint(model, revision, commit)
@@ -73,6 +74,18 @@ def resolve(
             f"could not reach the hub to resolve {model}@{revision} ({type(e).__name__}: {e}); "
             "on a machine without internet set HF_HUB_OFFLINE=1 to use the HF cache"
         ) from e
+
+
+def local_digest(model: str | Path, cache_dir: str | Path | None = None) -> str:
+    """The content digest of a local model directory (`file_hashes.directory_digest`, 64 hex: a git
+    commit has 40). File hashes are remembered beside the HF cache, so a re-run costs a stat per file."""
+    hashes = FileHashes(memo_file(hub_cache(cache_dir)))
+    try:
+        return directory_digest(Path(model), hashes)
+    except OSError as e:
+        raise CheckpointError(f"model: cannot read the local model directory {model}: {e}") from None
+    finally:
+        hashes.save()
 
 
 def load_config(model: str, revision: str | None, cache_dir: str | Path | None = None):

@@ -6,7 +6,7 @@ unit directory, `.<task>.claim`, from before it looks at the embeddings until it
 unit is scored. `delete_unclaimed` takes that lock exclusively without waiting: it deletes only when
 no run holds a claim, and while it deletes, a run that wants a claim waits (then finds the embeddings
 gone and embeds again). Two runs writing one unit take `.<task>.write` in turn (`writing`), and the
-writer adds the layers it lacks beside the files other runs may be reading (pipeline.embed_unit).
+writer adds the layers it lacks beside the files other runs may be reading (phases.embed.embed_unit).
 
 Assumptions:
 - Lock files are never deleted: deleting one would let two holders lock two different files.

@@ -1,18 +1,22 @@
-"""The library's commands: plan, prefetch, verify, report (no Prefect or Dask here).
+"""The library's commands: plan, prefetch, verify, report (no Prefect or Dask here), and the helpers
+of `run`.
 
-The `layertime` command is `main` below: these commands plus the ones that run flows (`run`,
-`submit`, `slurm-script`), which flows/commands.py adds from the checkout layertime is installed from.
+The `layertime` command is these commands plus the ones that run flows (`run`, `submit`,
+`slurm-script`), which the orchestration layer adds to `app` (layertime_command.py at the checkout's
+root). The library never imports it.
 """
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
+import logging
 import os
 import shlex
 import sys
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Annotated, TypeVar
 
@@ -91,6 +95,7 @@ def plan(
     """
     from layertime import costs
     from layertime import plan as planning
+    from layertime.checkpoints import CheckpointError
     from layertime.demo.world import prepare_world
     from layertime.spec import SpecError
 
@@ -100,7 +105,7 @@ def plan(
         prepare_world(spec)
         try:
             plans.append(planning.make_plan(spec))
-        except SpecError as e:
+        except (SpecError, CheckpointError) as e:  # a bad layer range; a damaged cache (a bad ref)
             fail(f"{path}: {e}")
     cpu_jobs = cpu_jobs or os.cpu_count() or 1
     out = {"plans": []}
@@ -192,6 +197,7 @@ def prepare_run(spec_path: Path):
     """Load the spec, point mteb's cache at the store, quiet library noise, check checkpoints exist."""
     spec = load(spec_path)
     _check_writable(spec)
+    _check_free(spec)
     os.environ.setdefault("MTEB_CACHE", str(RunDir.of(spec.run_root, spec.store).mteb_results))
     _quiet_libraries()
     _check_checkpoints(spec)
@@ -215,6 +221,16 @@ def _check_writable(spec) -> None:
                 tempfile.TemporaryFile(dir=path).close()
             except OSError as e:
                 fail(f"{field}: cannot write {path}: {e.strerror}")
+
+
+def _check_free(spec) -> None:
+    """Refuse a run root another run holds now, in a second (the flow would first start Prefect)."""
+    from layertime.rundir import RunInUse
+
+    try:
+        RunDir.of(spec.run_root, spec.store).check_free()
+    except RunInUse as e:
+        fail(str(e))
 
 
 def _check_checkpoints(spec) -> None:
@@ -244,8 +260,8 @@ def resume_command(
 def until_stopped(spec, device: str | None, resume: str, work: Callable[[], T]) -> T:
     """`work()` (the run), ended within seconds by SIGINT or SIGTERM with one line: how many units are
     scored, where they are kept and the command that resumes; exit 130 or 143 (layertime/stopping.py)."""
-    from layertime.pipeline import Settings
     from layertime.plan import make_plan
+    from layertime.settings import Settings
     from layertime.stopping import run_stoppably
 
     units = make_plan(spec, strict=True).units()  # prepare_run checked it resolves
@@ -268,7 +284,8 @@ def run_plain(spec, device: str | None, force: bool = False, resume: str | None 
     SIGINT or SIGTERM stop it within seconds, with one line naming `resume` (the command that resumes)."""
     from tqdm import tqdm
 
-    from layertime.pipeline import IncompatibleRun, run_spec
+    from layertime.phases.plain import run_spec
+    from layertime.runroot import IncompatibleRun
 
     _check_device(device)
     _check_cache(spec)
@@ -281,7 +298,8 @@ def run_plain(spec, device: str | None, force: bool = False, resume: str | None 
     from layertime.rundir import RunInUse
 
     def work():
-        return run_spec(spec, progress=progress, device=device, force=force)
+        with _lines_above(bar):
+            return run_spec(spec, progress=progress, device=device, force=force)
 
     try:
         result = until_stopped(
@@ -291,7 +309,7 @@ def run_plain(spec, device: str | None, force: bool = False, resume: str | None 
         bar.close()
         fail(str(e))
     except OSError as e:
-        if e.errno not in _DISK_ERRORS:
+        if e.errno not in DISK_ERRORS:
             raise
         bar.close()  # a full or read-only disk: the message names the path; finished units are kept
         fail(str(e))
@@ -303,7 +321,24 @@ def run_plain(spec, device: str | None, force: bool = False, resume: str | None 
     print_tables(spec.run_root, result.tables)
 
 
-_DISK_ERRORS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM}
+DISK_ERRORS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM}
+
+
+@contextlib.contextmanager
+def _lines_above(bar) -> Iterator[None]:
+    """The library's warnings (a rejected file of the store: layertime/records.py) as lines of their
+    own above the progress bar, not glued to its end."""
+
+    class Above(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            bar.write(record.getMessage(), file=sys.stderr)
+
+    library, handler = logging.getLogger("layertime"), Above(logging.WARNING)
+    library.addHandler(handler)
+    try:
+        yield
+    finally:
+        library.removeHandler(handler)
 
 
 def _check_device(device: str | None) -> None:
@@ -390,6 +425,7 @@ def _verified(spec, spec_path: Path, load_tasks: bool = True, rehash: bool = Fal
 
 def _check_blocks(spec, spec_path: Path) -> None:
     """The spec's layers against the model's config where the cache has it (`run` refuses the same)."""
+    from layertime.hub.cache import CorruptRef
     from layertime.plan import make_plan
     from layertime.spec import SpecError
 
@@ -397,6 +433,8 @@ def _check_blocks(spec, spec_path: Path) -> None:
         make_plan(spec)
     except SpecError as e:
         fail(f"{spec_path}: {e}")
+    except CorruptRef:
+        pass  # verify's table names it, with its fix
 
 
 @app.command()
@@ -452,30 +490,6 @@ def _quiet_libraries() -> None:
 
     datasets.disable_progress_bars()
     transformers.logging.set_verbosity_error()
-
-
-CHECKOUT = Path(__file__).resolve().parents[1]  # the folder holding layertime/, flows/ and tasks/
-
-
-def main() -> None:
-    """The `layertime` console script. flows/ and tasks/ are folders of the checkout, not installed
-    packages (top-level `flows` and `tasks` in site-packages would clash with anyone's of that name),
-    so the commands that run flows are imported from the checkout this package is installed from:
-    an editable install (`make venv`). Anything else exits 2 with one line saying so."""
-    commands = CHECKOUT / "flows" / "commands.py"
-    if not commands.is_file():
-        typer.secho(
-            f"error: {commands} not found: layertime runs from an editable install of its repository "
-            f"(`pip install -e .` there, or `make venv`), not from {CHECKOUT}",
-            fg=typer.colors.RED,
-            err=True,
-        )
-        raise SystemExit(2)
-    if sys.path[:1] != [str(CHECKOUT)]:
-        sys.path.insert(0, str(CHECKOUT))  # ours first, before any other `flows` on the path
-    from flows.commands import app as commands
-
-    commands()
 
 
 if __name__ == "__main__":

@@ -12,6 +12,7 @@ from __future__ import annotations
 import errno
 import glob
 import os
+import re
 import secrets
 import shutil
 import socket
@@ -75,8 +76,8 @@ def _atomically(
             shutil.rmtree(tmp, ignore_errors=True)
         else:
             tmp.unlink(missing_ok=True)
-        if isinstance(e, OSError):
-            raise _naming(e, path) from e
+        if (os_error := _as_os_error(e)) is not None:
+            raise _naming(os_error, path) from e
         raise
 
 
@@ -191,6 +192,22 @@ def _mkdir(directory: Path) -> None:
         directory.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise _naming(e, directory) from e
+
+
+_RUST_OS_ERROR = re.compile(r"\(os error (\d+)\)")
+
+
+def _as_os_error(error: BaseException) -> OSError | None:
+    """`error` as an OSError with its errno, or None when it is not one. polars reports a failed write
+    as `ComputeError: parquet: ... No space left on device (os error 28)` (or an OSError without an
+    errno, for CSV): the errno in its text is taken, so a full disk is ENOSPC whoever wrote."""
+    if isinstance(error, OSError) and error.errno is not None:
+        return error
+    found = _RUST_OS_ERROR.search(str(error))
+    if found is None:
+        return error if isinstance(error, OSError) else None
+    number = int(found[1])
+    return OSError(number, os.strerror(number))
 
 
 def _naming(error: OSError, path: Path) -> OSError:

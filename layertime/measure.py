@@ -78,6 +78,20 @@ def pooled_views(
     return {b: x.reshape(n_views, len(texts), -1).transpose(0, 1) for b, x in pooled.items()}  # (N, V, D)
 
 
+PER_PROMPT = frozenset({"prompt_entropy", "curvature"})  # means over prompts: NaN when none could be measured
+
+
+def metric_names(n_views: int, lidar_views: int) -> list[tuple[str, str]]:
+    """(metric, normalization) of every row `layer_values` gives a layer, in its order."""
+    names = [("prompt_entropy", "max_entropy"), ("curvature", "raw"), ("dataset_entropy", "max_entropy"),
+             ("effective_rank", "raw")]  # fmt: skip
+    if n_views:
+        names += [("infonce", "raw"), ("infonce", "mi_lower_bound"), ("dime", "raw"), ("dime", "max_entropy")]
+    if lidar_views:
+        names += [("lidar", "raw"), ("lidar", "max_entropy")]
+    return names
+
+
 def layer_values(
     tokens: TokenPass, views: dict[int, Tensor], b: int, n_views: int, lidar_views: int, seed: int
 ) -> list[tuple]:

@@ -44,9 +44,33 @@ def filter_lines(lines: Iterable[str]) -> list[str]:
     return [line for line in lines if not is_heading(line) and len(line) >= MIN_CHARS]
 
 
+MIN_PROMPTS = 2  # the metrics compare prompts: one alone has no spread (measure.measure)
+
+
 def file_prompts(path: str | Path) -> list[str]:
-    """`filter_lines` over the lines of a UTF-8 text file (line endings removed)."""
-    return filter_lines(Path(path).read_text(encoding="utf-8").splitlines())
+    """`filter_lines` over the lines of a UTF-8 text file (line endings removed).
+
+    CorpusError, naming the file, when it cannot be read, is not UTF-8 (the byte and its offset) or
+    keeps fewer than MIN_PROMPTS prompts: refused before any model is loaded, not after."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise CorpusError(
+            f"metrics.corpus: {path} is not UTF-8 text (byte {e.object[e.start : e.start + 1]!r} at "
+            f"offset {e.start}); save it as UTF-8"
+        ) from None
+    except OSError as e:
+        raise CorpusError(f"metrics.corpus: cannot read {path}: {e.strerror}") from None
+    lines = text.splitlines()
+    prompts = filter_lines(lines)
+    if len(prompts) < MIN_PROMPTS:
+        raise CorpusError(
+            f"metrics.corpus: {path} keeps {len(prompts)} prompt(s) of its {len(lines)} line(s); the "
+            f"metrics need at least {MIN_PROMPTS} (a prompt is a line of at least {MIN_CHARS} characters "
+            "that is not a '= heading ='); add lines, or use corpus: wikitext-103 or tasks"
+        )
+    return prompts
 
 
 def prefetch_command(config: str = WIKITEXT_CONFIG) -> str:

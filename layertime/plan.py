@@ -9,10 +9,11 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from layertime import architecture, checkpoints, costs
 from layertime.checkpoints import Checkpoint
-from layertime.hub.cache import cached_commit
+from layertime.hub.cache import CorruptRef, cached_commit
 from layertime.spec import ExperimentSpec, NeedsConfig, SpecError
 
 
@@ -114,6 +115,8 @@ def make_plan(spec: ExperimentSpec, resolve: bool = True, strict: bool = False) 
     it could not check. `strict` (before a run): every revision must resolve, else CheckpointError.
     """
     notes: list[str] = []
+    if strict:
+        check_metrics_corpus(spec)
     num_blocks, hidden_size, unreadable = _model_shape(spec, notes, strict)
     try:
         blocks = spec.blocks(num_blocks)
@@ -127,8 +130,8 @@ def make_plan(spec: ExperimentSpec, resolve: bool = True, strict: bool = False) 
         if resolve:
             try:
                 ckpt = checkpoints.resolve(spec.model, rev, spec.hf_cache)
-            except checkpoints.CheckpointError:
-                if strict:
+            except checkpoints.CheckpointError as e:
+                if strict or isinstance(e, CorruptRef):  # a damaged cache is never planned around
                     raise
                 resolved = False
         ckpts.append(ckpt or Checkpoint(spec.model, rev, cached_commit(spec.model, rev, spec.hf_cache)))
@@ -148,11 +151,27 @@ def _model_shape(
     try:
         config = checkpoints.load_config(spec.model, spec.checkpoints[0], spec.hf_cache)
     except checkpoints.CheckpointError as e:
-        if strict:
+        if strict or isinstance(e, CorruptRef):
             raise
         notes.append(f"model config of {spec.model} not available offline: block range not checked")
         return None, None, str(e)
     return architecture.num_blocks(config), architecture.hidden_size(config), None
+
+
+def check_metrics_corpus(spec: ExperimentSpec) -> None:
+    """A metrics corpus file that cannot serve (not UTF-8, fewer than 2 usable lines) is a SpecError
+    before a run, not an error after its first model load. Built-in corpora are checked by verify."""
+    from layertime import metrics_corpus
+
+    m = spec.metrics
+    if m is None or m.corpus in ("wikitext-103", "tasks"):
+        return
+    if not Path(m.corpus).is_file():
+        raise SpecError(f"metrics.corpus: {m.corpus!r} is neither wikitext-103, tasks nor a file")
+    try:
+        metrics_corpus.file_prompts(m.corpus)
+    except metrics_corpus.CorpusError as e:
+        raise SpecError(str(e)) from None
 
 
 def combined(plans: Sequence[Plan]) -> dict:

@@ -4,12 +4,12 @@ Two roots:
 - the **run root** (one per experiment): the spec snapshot, the environment, the tables;
 - the **store** (shared by experiments, default `<run root>/../store`): everything computed per unit —
   recorded texts, embeddings, completion records, costs and an mteb-format export of the scores —
-  keyed by model, commit, task, layer and every setting that changes a number (`pipeline.Settings`:
+  keyed by model, commit, task, layer and every setting that changes a number (`settings.Settings`:
   aggregation rule, mteb and code version, embedding settings). exp1 and exp2 side by side under
   `runs/` share one store, so `main` = `step143000` is computed once for both; experiments whose
   settings differ share the store but no unit.
 
-Layout (S = `Settings.id`, E = `Settings.encoder_id`, M = `pipeline.metrics_key`, model as `org--name`):
+Layout (S = `Settings.id`, E = `Settings.encoder_id`, M = `phases.measure.metrics_key`, model as `org--name`):
 
     texts/<task>__<dataset revision>__mteb-<v>__code-<v>__<aggregation>.json   recorded texts
     embeddings/S/<model>/<commit>/<task>/{texts.json, layer_<b>.npy, done.json}
@@ -23,45 +23,17 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
-import hashlib
-import json
 import os
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from layertime.checkpoints import Checkpoint
 
 
-def read_cost(path: Path) -> dict | None:
-    """A cost record (a JSON object with its phase and seconds), or None when there is none or it is
-    damaged (then it is removed)."""
-    try:
-        cost = json.loads(path.read_text())
-    except FileNotFoundError:
-        return None
-    except (OSError, ValueError):
-        cost = None
-    if (
-        isinstance(cost, dict)
-        and isinstance(cost.get("phase"), str)
-        and isinstance(cost.get("seconds"), float | int)
-    ):
-        return cost
-    path.unlink(missing_ok=True)
-    return None
-
-
 class RunInUse(RuntimeError):
     """Another run holds this run root."""
-
-
-def settings_id(settings: dict[str, Any]) -> str:
-    """A short stable id of the settings that change numbers (pooling, norm, dtype, ...)."""
-    blob = json.dumps(settings, sort_keys=True).encode()
-    return hashlib.sha256(blob).hexdigest()[:12]
 
 
 @dataclass(frozen=True)
@@ -92,12 +64,7 @@ class RunDir:
             try:
                 fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
-                handle.seek(0)
-                holder = handle.read().strip() or "another process"
-                raise RunInUse(
-                    f"run root {self.root} is in use by {holder}; wait for that run to finish, "
-                    "or give this one another run_root"
-                ) from None
+                raise self._in_use(handle) from None
             handle.truncate(0)
             handle.write(
                 f"pid {os.getpid()} on {os.uname().nodename} since {time.strftime('%Y-%m-%d %H:%M:%S')}"
@@ -107,6 +74,33 @@ class RunDir:
                 yield
             finally:
                 fcntl.flock(handle, fcntl.LOCK_UN)
+
+    def check_free(self) -> None:
+        """RunInUse, naming the holder, when a run holds this run root now; creates nothing.
+
+        A look, not a hold: the run takes `lock()` itself later (two locks of one process on one
+        file would conflict). It lets a second `layertime run` be refused in a second, before the
+        Prefect server starts, instead of after; the lock still decides a race between two starts."""
+        try:
+            handle = open(self.root / ".lock")
+        except OSError:
+            return  # no run root or no lock file yet: nobody holds it
+        with handle:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            except BlockingIOError:
+                raise self._in_use(handle) from None
+            except OSError:
+                return  # a file system without flock: the run's own lock() says so
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+    def _in_use(self, handle) -> RunInUse:
+        handle.seek(0)
+        holder = handle.read().strip() or "another process"
+        return RunInUse(
+            f"run root {self.root} is in use by {holder}; wait for that run to finish, "
+            "or give this one another run_root"
+        )
 
     @property
     def texts(self) -> Path:
@@ -135,13 +129,10 @@ class RunDir:
         return self._unit("costs", settings, ckpt, name).with_suffix(".json")
 
     def cost_records(self, settings: str, ckpt: Checkpoint) -> list[Path]:
-        """The checkpoint's cost records that read back as records; a damaged one is removed (a cost is
-        measured while the work is done: the table then lacks its row, and a unit whose embeddings are
-        kept writes it again from their manifest)."""
-        found = sorted(
+        """The checkpoint's cost record files (read them with `records.read_cost`)."""
+        return sorted(
             (self.store / "costs" / settings / ckpt.model.replace("/", "--") / ckpt.key).glob("*.json")
         )
-        return [p for p in found if read_cost(p) is not None]
 
     def metrics_record(self, settings: str, ckpt: Checkpoint, metrics: str, layer: int) -> Path:
         """Completion record of one layer's metrics, keyed by the encoder settings and the metrics key.

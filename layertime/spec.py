@@ -351,8 +351,11 @@ class ExperimentSpec(BaseModel):
 
 
 def load_spec(path: str | Path, **overrides: Any) -> ExperimentSpec:
-    """Read and validate a spec file; relative `run_root`/`hf_cache` resolve against the working dir."""
-    path = Path(os.path.expanduser(str(path)))
+    """Read and validate a spec file; relative `run_root`/`hf_cache` resolve against the working dir.
+
+    `~` and `$VARIABLES` in `path` are expanded as the shell would (a path quoted in a script reaches
+    us as written); an unset variable is a SpecError naming it."""
+    path = expand_path(path, "spec file")
     if path.is_dir():
         raise SpecError(f"spec file {str(path)!r} is a directory, not a YAML file")
     if not path.is_file():

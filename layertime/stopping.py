@@ -19,11 +19,13 @@ pid alone left the server, the scoring processes and multiprocessing's resource 
 - on a signal: output of this process goes to /dev/null (what other threads print now is only the
   fallout of the stop), every descendant process is killed (SIGKILL, repeated until none is left,
   so a process started meanwhile goes too) and reaped, multiprocessing's named semaphores are
-  unlinked (the killed resource tracker would have), `describe()`'s line is printed, and the
+  unlinked (the killed resource tracker would have), the run's temp directories are removed (their
+  atexit removal would not run), `describe()`'s line is printed, and the
   process exits at once with 128 + the signal (130, 143): no finally block or Prefect state report
   runs. Nothing is lost by that: every finished unit has its completion record, a half-written
   temp is removed by the next write of its target (io.py), and the run-root lock is an flock that
   the kernel releases with the process.
+- SIGKILL, which no handler sees, is the watchdog's (layertime/watchdog.py): the run is `watched()`.
 """
 
 from __future__ import annotations
@@ -36,6 +38,9 @@ import threading
 import time
 from collections.abc import Callable
 from typing import TypeVar
+
+from layertime import leftovers
+from layertime.watchdog import watched
 
 T = TypeVar("T")
 
@@ -60,11 +65,12 @@ def run_stoppably(work: Callable[[], T], describe: Callable[[], str]) -> T:
         except BaseException as e:  # noqa: BLE001 -- re-raised in the main thread below
             outcome["error"] = e
 
-    thread = threading.Thread(target=target, name="layertime-run")
-    thread.start()
     try:
-        while thread.is_alive():
-            thread.join(0.5)  # a timed wait: signal handlers run between waits
+        with watched():  # a SIGKILL of this process kills the run's processes too (watchdog.py)
+            thread = threading.Thread(target=target, name="layertime-run")
+            thread.start()
+            while thread.is_alive():
+                thread.join(0.5)  # a timed wait: signal handlers run between waits
     finally:
         for s, handler in previous.items():
             signal.signal(s, handler)
@@ -87,8 +93,9 @@ class _Stopper:
         lead = "\n"
         try:
             _silence()
-            kill_descendants()
+            kill_descendants()  # the watchdog among them: this handler does its work
             _unlink_semaphores()
+            leftovers.remove_dead_temp_dirs(owner_pid=os.getpid())  # os._exit skips their atexit removal
             line = self.describe()
             lead = "" if _at_line_start(self.stderr) else "\n"  # below a progress bar, not on it
         except Exception as e:  # noqa: BLE001 -- the stop goes on: the line says what went wrong

@@ -6,6 +6,8 @@ validation never import mteb; mteb task objects are built only when a task is sc
 
 from __future__ import annotations
 
+import functools
+from dataclasses import dataclass
 from typing import Any
 
 from layertime.errors import Permanent
@@ -68,6 +70,18 @@ RULE_A_SUBSETS: dict[str, tuple[str, ...]] = {
 BENCHMARK = "MTEB(eng, v1)"
 SPLIT = "test"
 
+# The range of each main score the suites' tasks report (mteb 2.26: `task.metadata.main_score`).
+# Accuracy, V-measure, max AP and MAP@1000 (MindSmallReranking: its max over sub-queries) are
+# fractions; cosine Spearman is a rank correlation. A score outside its range is no score.
+MAIN_SCORE_RANGE: dict[str, tuple[float, float]] = {
+    "accuracy": (0.0, 1.0),
+    "v_measure": (0.0, 1.0),
+    "max_ap": (0.0, 1.0),
+    "map_at_1000": (0.0, 1.0),
+    "max_over_subqueries_map_at_1000": (0.0, 1.0),
+    "cosine_spearman": (-1.0, 1.0),
+}
+
 
 class UnknownTask(Permanent, KeyError):
     """A task name that no layertime suite (or mteb's benchmark) holds."""
@@ -119,3 +133,25 @@ def build_task(name: str, aggregation: str = "rule-a") -> Any:
         subsets = list(RULE_A_SUBSETS[name])
     task.filter_languages(None, hf_subsets=subsets)
     return task
+
+
+@dataclass(frozen=True)
+class Requested:
+    """What one evaluation of a task yields: a main score (`metric`, inside `bounds`) for each of
+    exactly these (split, subset) pairs."""
+
+    scores: frozenset[tuple[str, str]]
+    metric: str
+    bounds: tuple[float, float]
+
+
+@functools.cache
+def requested(name: str, aggregation: str = "rule-a") -> Requested:
+    """The (split, subset) pairs `name` is evaluated on under `aggregation` (the test split, the
+    suite's subsets: `build_task`) and its main score's range. Builds the task (imports mteb)."""
+    task = build_task(name, aggregation)
+    metric = task.metadata.main_score
+    if metric not in MAIN_SCORE_RANGE:
+        raise UnknownTask(f"task {name!r}: main score {metric!r} has no range in suite.MAIN_SCORE_RANGE")
+    pairs = frozenset((split, subset) for split in task.eval_splits for subset in task.hf_subsets)
+    return Requested(pairs, metric, MAIN_SCORE_RANGE[metric])

@@ -1,1 +1,1 @@
-"""Prefect tasks: thin wrappers over `layertime.pipeline` that add names, caching and retries."""
+"""Prefect tasks: thin wrappers over the library's phases (`layertime.phases`) that add names, caching and retries."""

@@ -1,31 +1,24 @@
-"""The user's whole path on a real Prefect server on loopback: work pool, `prefect deploy --all`,
-a process worker, `prefect deployment run 'layer-by-layer/demo'`, tables on disk; `layertime submit`.
+"""The user's whole path on a real Prefect server on loopback (the session's): work pool, `prefect
+deploy --all`, a process worker, `prefect deployment run 'layer-by-layer/demo'`, tables on disk; `layertime submit`.
 
 The shell is a user's who never set HF_HUB_OFFLINE, with the hub at a counting server on loopback:
 a deployment of a spec whose checkpoints are cached must not send it one request (issue 14.7)."""
 
 import json
 import os
-import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import httpx
 import polars as pl
+import prefect_runs  # tests/prefect_runs.py
 import pytest
 from hubserver import FakeHub  # tests/ is on sys.path (rootdir conftest, prepend import mode)
 
 ROOT = Path(__file__).resolve().parents[1]
 PREFECT = str(Path(sys.executable).parent / "prefect")
 pytestmark = pytest.mark.slow
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -36,40 +29,16 @@ def counter():
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory, counter):
-    """A Prefect server, and the shell of a user who never set HF_HUB_OFFLINE (issue 14.7)."""
-    home = tmp_path_factory.mktemp("prefect-home")
-    port = _free_port()
-    env = {
-        **{k: v for k, v in os.environ.items() if k != "HF_HUB_OFFLINE"},
-        "PREFECT_HOME": str(home),
-        "PREFECT_API_URL": f"http://127.0.0.1:{port}/api",
-        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-        "HF_ENDPOINT": counter.endpoint,
-    }
-    log = open(home / "server.log", "w")  # noqa: SIM115 -- closed at teardown
-    proc = subprocess.Popen([PREFECT, "server", "start", "--host", "127.0.0.1", "--port", str(port)],
-                            env=env, stdout=log, stderr=subprocess.STDOUT, cwd=home)  # fmt: skip
-    try:
-        _wait_healthy(env["PREFECT_API_URL"], proc, home / "server.log")
-        yield env
-    finally:
-        proc.terminate()
-        proc.wait(timeout=60)
-        log.close()
-
-
-def _wait_healthy(api: str, proc: subprocess.Popen, log: Path, timeout: float = 180) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        assert proc.poll() is None, f"prefect server exited:\n{log.read_text()[-3000:]}"
-        try:
-            if httpx.get(f"{api}/health", timeout=2).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(1)
-    raise TimeoutError(f"prefect server not healthy after {timeout} s")
+def server(prefect_server, tmp_path_factory, counter):
+    """The session's Prefect server, and the shell of a user who never set HF_HUB_OFFLINE (issue 14.7)."""
+    env = prefect_runs.client_env(
+        prefect_server,
+        PREFECT_HOME=str(tmp_path_factory.mktemp("prefect-home")),
+        PREFECT_SERVER_ANALYTICS_ENABLED="false",
+        HF_ENDPOINT=counter.endpoint,
+    )
+    env.pop("HF_HUB_OFFLINE", None)
+    return env
 
 
 def _prefect(env: dict, *args: str, timeout: float = 120) -> subprocess.CompletedProcess:

@@ -1,35 +1,45 @@
 """Each `layertime run` on Prefect's embedded default draws its own temporary server port.
 
-Importing mteb seeds Python's global `random` with 42, and Prefect draws the port from it: every run
-chose 8654, and of two runs at once the second's health check could reach the first's server, so it
-ran on the first's database and failed when the first run exited (CI, 2026-12-06).
+Creating an mteb task (every run loads its tasks; importing mteb creates some) seeds Python's global
+`random` with 42, and Prefect draws the port from it: every run chose 8654, and of two runs at once
+the second's health check could reach the first's server, so it ran on the first's database and
+failed when the first run exited (CI, 2026-12-06). `flows.commands._embedded_prefect` reseeds the
+generator from the OS. Proved here in this process, as each run would meet it: a task seeds the
+generator, then the run's embedded settings are entered and the port drawn.
 """
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-from pathlib import Path
+import random
 
-ROOT = Path(__file__).resolve().parents[1]
-
-_DRAW = """
-import mteb  # seeds the global random, as every run's task loading does
-from flows.commands import _embedded_prefect
 from prefect.server.api.server import SubprocessASGIServer
-with _embedded_prefect():
-    print(SubprocessASGIServer().find_available_port())
-"""
+
+from flows.commands import _embedded_prefect
+from layertime.demo.tasks import _TASK_CLASSES
 
 
-def _port() -> int:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}  # the embedded default
-    out = subprocess.run([sys.executable, "-c", _DRAW], cwd=ROOT, env={**env, "PYTHONPATH": str(ROOT)},
-                         capture_output=True, text=True, timeout=300, check=True)  # fmt: skip
-    return int(out.stdout.split()[-1])
+def _seeded_by_a_task() -> None:
+    _TASK_CLASSES["DemoSTS"]()  # an mteb task: seeds the global `random` with 42 when created
+
+
+def _draw() -> int:
+    return SubprocessASGIServer().find_available_port()
 
 
 def test_runs_started_after_importing_mteb_draw_different_server_ports():
-    ports = [_port() for _ in range(3)]
-    assert len(set(ports)) > 1, f"every run would start its temporary server on port {ports[0]}"
+    random.seed(42)
+    seeded = random.getstate()
+    _seeded_by_a_task()
+    assert random.getstate() == seeded  # the cause: what a run does before it starts its server...
+    port = _draw()
+    _seeded_by_a_task()
+    assert _draw() == port  # ...fixes the port it draws: every run would take this one
+
+    runs = []
+    for _ in range(3):  # three runs, each after its tasks seeded the generator
+        _seeded_by_a_task()
+        with _embedded_prefect():
+            runs.append((random.getstate(), _draw()))
+    states = [state for state, _ in runs]
+    # Each run draws from a generator of its own, seeded by the OS: not the tasks' 42, not another run's.
+    assert seeded not in states and len({hash(state) for state in states}) == 3, [p for _, p in runs]

@@ -13,20 +13,18 @@ from pathlib import Path
 
 import pytest
 from prefect import flow
-from prefect.client.orchestration import get_client
-from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
 from prefect.states import exception_to_failed_state
-from prefect.testing.utilities import prefect_test_harness
+from prefect_runs import task_runs  # tests/prefect_runs.py
 
 from flows.layer_by_layer import UnitsFailed, layer_by_layer
-from layertime import pipeline
 from layertime.bridge import LookupMiss, UnexpectedScores
 from layertime.checkpoints import CheckpointError
 from layertime.encoder import DeviceUnavailable, NonFiniteEmbedding
 from layertime.errors import Permanent
 from layertime.hub.cache import MissingDatasetError
 from layertime.metrics_corpus import CorpusError
-from layertime.pipeline import MissingEmbeddings
+from layertime.phases import record
+from layertime.phases.score import MissingEmbeddings
 from layertime.spec import NeedsConfig, SpecError, load_spec
 from layertime.suite import UnknownTask
 from tasks import units
@@ -90,22 +88,12 @@ def test_a_score_task_run_is_retried_unless_every_failed_layer_cannot_heal(error
     assert units._may_heal(None, None, state) is not permanent
     again = pickle.loads(pickle.dumps(error))
     assert (type(again), again.errors, str(again)) == (type(error), error.errors, str(error))
+    # The layers whose embeddings were missing or rejected: the flow embeds them again.
+    unembedded = tuple(b for b, e in errors.items() if isinstance(e, MissingEmbeddings))
+    assert again.unembedded == error.unembedded == unembedded
 
 
 # --- where the user sees it: task runs in the Prefect API ------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def prefect_api():
-    with prefect_test_harness(server_startup_timeout=120):
-        yield
-
-
-def _task_runs(flow_run_id) -> dict:
-    """Task run name -> task run (state, run count), from the API."""
-    with get_client(sync_client=True) as client:
-        runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
-    return {r.name: r for r in runs}
 
 
 @flow
@@ -125,15 +113,15 @@ def test_the_record_task_retries_a_transient_error_and_never_a_permanent_one(pre
         calls.append(task)
         raise error
 
-    monkeypatch.setattr(pipeline, "task_texts", failing)
+    monkeypatch.setattr(record, "task_texts", failing)
     state = _one_recording("DemoSTS", SPEC, return_state=True)
     assert state.is_failed()
-    run = _task_runs(state.state_details.flow_run_id)["record[DemoSTS]"]
+    run = task_runs(state.state_details.flow_run_id)["record[DemoSTS]"]
     tries = 1 if isinstance(error, Permanent) else 1 + units.record.retries
     assert (run.state.name, run.run_count, len(calls)) == ("Failed", tries, tries)
 
 
-_task_texts = pipeline.task_texts
+_task_texts = record.task_texts
 
 
 @pytest.mark.slow
@@ -152,13 +140,13 @@ def test_the_flow_heals_a_transient_error_and_fails_a_permanent_one_at_once(
             json.loads('{"half": ')
         return _task_texts(task, *args)
 
-    monkeypatch.setattr(pipeline, "task_texts", texts)
+    monkeypatch.setattr(record, "task_texts", texts)
     grid = {"run_root": str(tmp_path / "demo"), "hf_cache": str(hub), "checkpoints": ["step1000"],
             "layers": [3], "tasks": ["DemoSTS", "DemoClassification"], "metrics": None}  # fmt: skip
     state = layer_by_layer(SPEC, overrides=grid, return_state=True)
     with pytest.raises(UnitsFailed, match=r"1 unit\(s\) failed:\nrecord\[DemoSTS\]: CorpusError: injected"):
         state.result()
-    runs = _task_runs(state.state_details.flow_run_id)
+    runs = task_runs(state.state_details.flow_run_id)
     assert (runs["record[DemoSTS]"].state.name, runs["record[DemoSTS]"].run_count) == ("Failed", 1)
     healed = runs["record[DemoClassification]"]
     assert (healed.state.name, healed.run_count) == ("Completed", 2)

@@ -17,32 +17,25 @@ from pathlib import Path
 
 import numpy as np
 import polars as pl
+import prefect_runs  # tests/prefect_runs.py
 import pytest
 import test_slurm  # the module beside this one: the real single-node SLURM's fixtures and helpers
-import yaml
+from specs import demo_spec_file  # tests/specs.py
 from typer.testing import CliRunner
 
 from flows.commands import app
 from layertime import io
 
 # Fixtures are found by name in the module that uses them.
-slurm, prefect_api, ci_profile = test_slurm.slurm, test_slurm.prefect_api, test_slurm.ci_profile
+slurm, ci_profile = test_slurm.slurm, test_slurm.ci_profile
 _no_profile_from_the_environment = test_slurm._no_profile_from_the_environment
 GRID, UNITS, needs_slurm = test_slurm.GRID, test_slurm.UNITS, test_slurm.needs_slurm
 
 
 ROOT = Path(__file__).resolve().parents[1]
-DEMO = yaml.safe_load((ROOT / "deployments/demo.yaml").read_text())
 
 
-def _spec_file(tmp_path: Path, hub: Path, name: str = "spec.yaml", **fields) -> Path:
-    """The demo spec, small (no metrics), its run root under tmp_path/run; `fields` replace its fields."""
-    data = {**DEMO, "run_root": str(tmp_path / "run/demo"), "hf_cache": str(hub), "checkpoints": ["step1000"],
-            "layers": [1, 3], "tasks": ["DemoSTS"], "metrics": None}  # fmt: skip
-    data.update(fields)
-    path = tmp_path / name
-    path.write_text(yaml.safe_dump(data, sort_keys=False))
-    return path
+_spec_file = demo_spec_file  # the demo spec, small (no metrics), its run root tmp_path/run/demo
 
 
 def _cli(*args: str):
@@ -119,7 +112,7 @@ def test_a_full_disk_fails_the_unit_naming_the_path_keeps_finished_work_and_heal
                           tasks=["DemoSTS", "DemoClassification"])  # fmt: skip
         # The unit's texts are recorded (24 kB); its embeddings (2 layers x 333 texts x 32 floats, plus
         # the texts, ~110 kB) cannot be written into the 48 kB left, though spec and records fit.
-        from layertime.pipeline import task_texts
+        from layertime.phases.record import task_texts
         from layertime.rundir import RunDir
 
         task_texts("DemoClassification", RunDir.of(disk / "demo"), "rule-a", hub)
@@ -169,6 +162,7 @@ BAD_INPUT = {
     "unknown key": ({"layer": [1]}, ["unknown key 'layer'"]),
     "unknown task": ({"tasks": ["DemoSTS", "NoSuchTask"]}, ["tasks: unknown task 'NoSuchTask'"]),
     "block out of range": ({"layers": [1, 7]}, ["block 7 is outside", "4 blocks"]),
+    "block = n, one past the last": ({"layers": [1, 4]}, ["block 4 is outside", "4 blocks (0..3)"]),
     "unknown revision": (
         {"checkpoints": ["step1000", "step9000"]},
         ["layertime/tiny-neox@step9000 is not in the HF cache", "layertime prefetch"],
@@ -211,6 +205,14 @@ def test_bad_input_is_one_clear_message_exit_2_and_nothing_written(case, hub, tm
     assert all(words in out.stderr for words in expected), out.stderr
     assert "Traceback" not in out.output and out.stderr.count("error:") == 1
     assert sorted(p for p in tmp_path.rglob("*") if "hub" not in p.parts) == before  # nothing written
+
+
+def test_the_last_block_n_minus_1_is_in_range(hub, tmp_path):
+    """The other side of the range check: block n - 1 (3 of the demo model's 4) runs."""
+    out = _cli("run", "--plain", str(_spec_file(tmp_path, hub, layers=[3])))
+    assert out.exit_code == 0, out.output
+    scores = pl.read_parquet(tmp_path / "run/demo/tables/scores.parquet")
+    assert scores["layer"].to_list() == [3] and scores["hidden_state"].to_list() == [4]
 
 
 def test_a_read_only_run_root_is_refused_naming_it(hub, tmp_path):
@@ -269,15 +271,15 @@ def test_cuda_without_a_gpu_is_named_by_the_encoder(hub, demo_repo, monkeypatch)
 
 # --- the flow's process killed mid-run ---------------------------------------------------------------
 
-# Runs `layertime run SPEC` (the flow, on Prefect's embedded default) with one injected fault: the
+# Runs `layertime run SPEC` (the flow, on the session's Prefect server) with one injected fault: the
 # second unit's embeddings stop half-written until the process is killed, so the kill lands mid-write
 # (the checkpoint's GPU work embeds its units one after another; their scoring waits for all of them).
 _HANG_ON_THE_SECOND_EMBEDDING = """
 import os, sys, time
 from pathlib import Path
-from layertime import pipeline
+from layertime.phases import embed
 
-real, units = pipeline.save_array, []
+real, units = embed.save_array, []
 
 def save_array(path, array):
     if Path(path).parent not in units:
@@ -288,7 +290,7 @@ def save_array(path, array):
         time.sleep(600)
     real(path, array)
 
-pipeline.save_array = save_array
+embed.save_array = save_array
 from flows.commands import app
 sys.argv = ["layertime", "run", os.environ["SPEC"]]
 app()
@@ -296,12 +298,13 @@ app()
 
 
 def _layertime_run(
-    spec: Path, home: Path, log: Path, script: str | None = None, **env: str
+    spec: Path, server, home: Path, log: Path, script: str | None = None, **env: str
 ) -> subprocess.Popen:
-    """`layertime run SPEC` in a process group of its own, on a fresh embedded Prefect (PREFECT_HOME);
-    its output goes to `log` (a pipe nobody reads would fill up and stall it)."""
-    clean = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
-    environ = {**clean, "HF_HUB_OFFLINE": "1", "PREFECT_HOME": str(home), "SPEC": str(spec), **env}
+    """`layertime run SPEC` in a process group of its own, on the session's Prefect `server`
+    (PREFECT_HOME `home`); its output goes to `log` (a pipe nobody reads would fill up and stall it)."""
+    environ = prefect_runs.client_env(
+        server, HF_HUB_OFFLINE="1", PREFECT_HOME=str(home), SPEC=str(spec), **env
+    )
     args = ["-c", script] if script else ["-m", "flows.commands", "run", str(spec)]
     with open(log, "w") as out:
         return subprocess.Popen([sys.executable, *args], cwd=ROOT, env=environ, start_new_session=True,
@@ -315,18 +318,20 @@ def _score_records(store: Path) -> dict[Path, tuple[int, int]]:
 
 
 @pytest.mark.slow
-def test_a_flow_killed_mid_run_is_resumed_recomputing_exactly_the_unfinished_units(hub, tmp_path):
+def test_a_flow_killed_mid_run_is_resumed_recomputing_exactly_the_unfinished_units(
+    prefect_server, hub, tmp_path
+):
     spec = _spec_file(tmp_path, hub, layers=[1, 3],
                       tasks=["DemoSTS", "DemoPairClassification", "DemoClassification"])  # fmt: skip
     store, sentinel = tmp_path / "run/store", tmp_path / "hung"
     log = tmp_path / "killed.log"
     flow = _layertime_run(
-        spec, tmp_path / "prefect", log, _HANG_ON_THE_SECOND_EMBEDDING, SENTINEL=str(sentinel)
+        spec, prefect_server, tmp_path / "prefect", log, _HANG_ON_THE_SECOND_EMBEDDING, SENTINEL=str(sentinel)
     )
     try:
         deadline = time.monotonic() + 240
         # One unit embedded, the second half-written: kill the whole process group (the flow, its
-        # threads and Prefect's temporary server), as a lost login node would.
+        # threads, Dask and the scoring processes), as a lost login node would.
         while not sentinel.exists():
             assert flow.poll() is None, log.read_text()[-3000:]
             assert time.monotonic() < deadline, "the second unit's embeddings were never written"
@@ -340,7 +345,7 @@ def test_a_flow_killed_mid_run_is_resumed_recomputing_exactly_the_unfinished_uni
     leftover = _temps(store / "embeddings")  # killed mid-write: half a unit in its temp directory
     assert len(leftover) == 1 and leftover[0].is_dir() and list(leftover[0].glob("layer_*.npy"))
 
-    again = _layertime_run(spec, tmp_path / "prefect", tmp_path / "rerun.log")
+    again = _layertime_run(spec, prefect_server, tmp_path / "prefect", tmp_path / "rerun.log")
     assert again.wait(timeout=300) == 0, (tmp_path / "rerun.log").read_text()[-3000:]
 
     assert len(_score_records(store)) == 6  # every (task, layer) unit scored, once
@@ -358,9 +363,9 @@ def test_a_flow_killed_mid_run_is_resumed_recomputing_exactly_the_unfinished_uni
 _WORKER_HOOK = """
 import os, time
 from pathlib import Path
-from layertime import pipeline
+from layertime.phases import embed
 
-real = pipeline.save_array
+real = embed.save_array
 
 def save_array(path, array):
     sentinel = Path({sentinel!r})
@@ -369,7 +374,7 @@ def save_array(path, array):
         time.sleep(600)
     real(path, array)
 
-pipeline.save_array = save_array
+embed.save_array = save_array
 """
 
 

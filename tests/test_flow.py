@@ -1,63 +1,41 @@
-"""The layer-by-layer flow under a real (temporary) Prefect API, on the tiny offline world."""
+"""The layer-by-layer flow under a real Prefect server (the session's), on the tiny offline world."""
 
-import asyncio
 from pathlib import Path
 
 import polars as pl
 import pytest
-from prefect.client.orchestration import get_client
-from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
-from prefect.testing.utilities import prefect_test_harness
+from prefect_runs import states, task_runs  # tests/prefect_runs.py
 
 from flows.layer_by_layer import NotReady, UnitsFailed, layer_by_layer
-from layertime import pipeline
 from layertime.bridge import UnexpectedScores
 from layertime.encoder import NonFiniteEmbedding
+from layertime.phases import embed, score
 
 ROOT = Path(__file__).resolve().parents[1]
 SPEC = str(ROOT / "deployments/demo.yaml")
-pytestmark = pytest.mark.slow
-
-
-@pytest.fixture(scope="module", autouse=True)
-def prefect_api():
-    with prefect_test_harness(server_startup_timeout=120):
-        yield
-
-
-def _states(flow_run_id) -> dict[str, str]:
-    """Task run name -> state name ('Completed', 'Cached', 'Failed', ...)."""
-
-    async def read():
-        async with get_client() as client:
-            runs = await client.read_task_runs(
-                flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id]))
-            )
-            return {r.name: r.state.name for r in runs}
-
-    return asyncio.run(read())
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("prefect_api")]
 
 
 def _run(overrides: dict):
     state = layer_by_layer(SPEC, overrides=overrides, return_state=True)
-    return state, _states(state.state_details.flow_run_id)
+    return state, states(state.state_details.flow_run_id)
 
 
-_score_unit = pipeline.score_unit
+_score_unit = score.score_unit
 
 
-def _broken_score_unit(run, settings, ckpt, task, blocks, *args):
+def _broken_score_unit(ctx, ckpt, task, blocks, *args):
     """A test-only hook: one unit cannot score. Module level, so the scoring processes can import it."""
     if ckpt.revision == "step1000" and task == "DemoSTS" and blocks == [3]:
         raise UnexpectedScores("injected failure")  # permanent: not retried
-    return _score_unit(run, settings, ckpt, task, blocks, *args)
+    return _score_unit(ctx, ckpt, task, blocks, *args)
 
 
 def test_a_failed_unit_fails_the_flow_by_name_and_a_rerun_recomputes_only_it(hub, tmp_path, monkeypatch):
     overrides = {"run_root": str(tmp_path / "demo"), "hf_cache": str(hub), "checkpoints": ["step1000", "step3000", "main"],
                  "layers": [1, 3], "tasks": ["DemoSTS", "DemoClassification"]}  # fmt: skip
-    real = pipeline.score_unit
-    monkeypatch.setattr(pipeline, "score_unit", _broken_score_unit)
+    real = score.score_unit
+    monkeypatch.setattr(score, "score_unit", _broken_score_unit)
     state, states = _run(overrides)
     assert state.is_failed()
     with pytest.raises(
@@ -76,7 +54,7 @@ def test_a_failed_unit_fails_the_flow_by_name_and_a_rerun_recomputes_only_it(hub
     same_run = partial.filter((pl.col("revision") == "step1000") & (pl.col("task") == "DemoSTS"))
     assert same_run["layer"].to_list() == [1]  # the failed layer's batch mate has its row
 
-    monkeypatch.setattr(pipeline, "score_unit", real)
+    monkeypatch.setattr(score, "score_unit", real)
     state, states = _run(overrides)
     assert state.is_completed()
     # only the failed unit gets a task (and the recordings, which read the stored texts back), scored
@@ -98,19 +76,19 @@ def test_each_checkpoint_is_loaded_once_for_its_metrics_and_embeddings_and_a_bad
 ):
     overrides = {"run_root": str(tmp_path / "demo"), "hf_cache": str(hub), "checkpoints": ["step1000", "step2000"],
                  "layers": [1, 3], "tasks": ["DemoSTS", "DemoClassification"]}  # fmt: skip
-    loads, real_load, real_embed = [], pipeline.load_encoder, pipeline.embed_unit
+    loads, real_load, real_embed = [], embed.load_encoder, embed.embed_unit
 
     def counted_load(spec, ckpt, blocks, *args, **kwargs):
         loads.append((ckpt.revision, list(blocks)))
         return real_load(spec, ckpt, blocks, *args, **kwargs)
 
-    def embed_but_one(encoder, run, settings, ckpt, task, *args):
+    def embed_but_one(encoder, ctx, ckpt, task, *args):
         if (ckpt.revision, task) == ("step2000", "DemoClassification"):
             raise NonFiniteEmbedding("injected NaN embeddings")
-        return real_embed(encoder, run, settings, ckpt, task, *args)
+        return real_embed(encoder, ctx, ckpt, task, *args)
 
-    monkeypatch.setattr(pipeline, "load_encoder", counted_load)
-    monkeypatch.setattr(pipeline, "embed_unit", embed_but_one)
+    monkeypatch.setattr(embed, "load_encoder", counted_load)
+    monkeypatch.setattr(embed, "embed_unit", embed_but_one)
     state, states = _run(overrides)
     assert state.is_failed()
     with pytest.raises(
@@ -162,13 +140,8 @@ def test_the_flow_refuses_to_start_when_the_cache_misses_a_checkpoint(hub, tmp_p
 
 
 def _score_runs(flow_run_id) -> list:
-    async def read():
-        async with get_client() as client:
-            return await client.read_task_runs(
-                flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id]))
-            )
-
-    return sorted((r for r in asyncio.run(read()) if r.name.startswith("score[")), key=lambda r: r.start_time)
+    runs = task_runs(flow_run_id).values()
+    return sorted((r for r in runs if r.name.startswith("score[")), key=lambda r: r.start_time)
 
 
 def test_scoring_waits_for_memory_instead_of_overcommitting_it(hub, tmp_path):

@@ -2,8 +2,9 @@
 completion records are the one truth for "done", a failure anywhere still ends the flow the documented
 way, `gpu` tasks overlap and scoring starts as soon as a checkpoint's GPU work ends, progress can be
 watched, and `--plain` loads each checkpoint once. Flow-level: real flow runs through Dask under a
-temporary Prefect API, task-run states and timestamps read back from the API."""
+real Prefect server (the session's), task-run states and timestamps read back from the API."""
 
+import contextvars
 import json
 import shutil
 import threading
@@ -13,20 +14,16 @@ from pathlib import Path
 import polars as pl
 import pytest
 from prefect.client.orchestration import get_client
-from prefect.client.schemas.filters import (
-    ArtifactFilter,
-    ArtifactFilterKey,
-    FlowRunFilter,
-    FlowRunFilterId,
-    LogFilter,
-    LogFilterTaskRunId,
-)
+from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey, LogFilter, LogFilterTaskRunId
 from prefect.client.schemas.sorting import ArtifactSort
-from prefect.testing.utilities import prefect_test_harness
+from prefect_runs import artifact, task_runs  # tests/prefect_runs.py
+from specs import demo_overrides  # tests/specs.py
 
 from flows.layer_by_layer import UnitsFailed, layer_by_layer
-from layertime import fastmteb, pipeline
+from layertime import fastmteb
 from layertime.encoder import NonFiniteEmbedding
+from layertime.phases import embed, record
+from layertime.phases.plain import run_spec
 from layertime.spec import load_spec
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -34,22 +31,9 @@ SPEC = str(ROOT / "deployments/demo.yaml")
 PROGRESS_KEY = "layer-by-layer-progress"
 
 
-@pytest.fixture(scope="module")
-def prefect_api():
-    with prefect_test_harness(server_startup_timeout=120):
-        yield
-
-
-def _task_runs(flow_run_id) -> dict:
-    """Task run name -> task run (state, start and end times) of one flow run, from the API."""
-    with get_client(sync_client=True) as client:
-        runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
-    return {r.name: r for r in runs}
-
-
 def _run(overrides: dict, cluster_overrides: dict | None = None):
     state = layer_by_layer(SPEC, overrides=overrides, cluster_overrides=cluster_overrides, return_state=True)
-    return state, _task_runs(state.state_details.flow_run_id)
+    return state, task_runs(state.state_details.flow_run_id)
 
 
 def _unit_runs(runs: dict) -> list[str]:
@@ -57,8 +41,7 @@ def _unit_runs(runs: dict) -> list[str]:
 
 
 def _grid(tmp_path: Path, hub: Path, **fields) -> dict:
-    return {"run_root": str(tmp_path / "demo"), "hf_cache": str(hub), "checkpoints": ["step1000"],
-            "layers": [2, 3], "tasks": ["DemoSTS"], "metrics": None, **fields}  # fmt: skip
+    return demo_overrides(tmp_path, hub, **{"layers": [2, 3], **fields})
 
 
 def _rows(record: Path) -> list[dict]:
@@ -105,13 +88,13 @@ def test_the_records_are_the_one_truth_for_done_wherever_the_store_is(prefect_ap
     assert not (tmp_path / "b/store/prefect").exists()  # no Prefect result that could go stale or bad
 
 
-_embed_unit = pipeline.embed_unit
+_embed_unit = embed.embed_unit
 
 
-def _embed_all_but_sts(encoder, run, settings, ckpt, task, *args):
+def _embed_all_but_sts(encoder, ctx, ckpt, task, *args):
     if task == "DemoSTS":
         raise NonFiniteEmbedding("injected NaN embeddings")
-    return _embed_unit(encoder, run, settings, ckpt, task, *args)
+    return _embed_unit(encoder, ctx, ckpt, task, *args)
 
 
 @pytest.mark.slow
@@ -120,7 +103,7 @@ def test_a_failed_embed_keeps_the_rows_whose_records_are_valid(prefect_api, hub,
     state, _ = _run(grid)
     assert state.is_completed(), state.message
     next((tmp_path / "store/scores").rglob("DemoSTS/layer_3.json")).unlink()
-    monkeypatch.setattr(pipeline, "embed_unit", _embed_all_but_sts)
+    monkeypatch.setattr(embed, "embed_unit", _embed_all_but_sts)
     state, _ = _run(grid)
     with pytest.raises(
         UnitsFailed, match=r"1 unit\(s\) failed:\nembed\[step1000 · DemoSTS\]: NonFiniteEmbedding"
@@ -130,7 +113,7 @@ def test_a_failed_embed_keeps_the_rows_whose_records_are_valid(prefect_api, hub,
     assert scores.select("revision", "task", "layer").rows() == [("step1000", "DemoSTS", 2)]  # layer 2 kept
 
 
-_task_texts = pipeline.task_texts
+_task_texts = record.task_texts
 
 
 def _texts_but_sts(task, *args):
@@ -143,7 +126,7 @@ def _texts_but_sts(task, *args):
 def test_an_unexpected_error_in_a_recording_fails_only_its_units_by_name(
     prefect_api, hub, tmp_path, monkeypatch
 ):
-    monkeypatch.setattr(pipeline, "task_texts", _texts_but_sts)
+    monkeypatch.setattr(record, "task_texts", _texts_but_sts)
     state, runs = _run(_grid(tmp_path, hub, layers=[3], tasks=["DemoSTS", "DemoClassification"]))
     with pytest.raises(
         UnitsFailed, match=r"1 unit\(s\) failed:\nrecord\[DemoSTS\]: SystemError: AST constructor"
@@ -153,7 +136,7 @@ def test_an_unexpected_error_in_a_recording_fails_only_its_units_by_name(
     assert runs["score[step1000 · DemoClassification · L3]"].state.name == "Completed"
     scores = pl.read_parquet(tmp_path / "demo/tables/scores.parquet")  # the tables of what exists
     assert scores.select("task", "layer").rows() == [("DemoClassification", 3)]
-    progress = _artifacts(state.state_details.flow_run_id)
+    progress = artifact(state.state_details.flow_run_id)
     assert progress.description == "1/2 units scored, 1 failed; 1/1 (checkpoint, task) embedded"
 
 
@@ -187,23 +170,18 @@ def test_the_mteb_guard_is_computed_once_per_process_whatever_the_threads(monkey
     assert len(calls) == 1  # and never again
 
 
-def _artifacts(flow_run_id):
-    with get_client(sync_client=True) as client:
-        found = client.read_artifacts(
-            artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=[PROGRESS_KEY])),
-            sort=ArtifactSort.CREATED_DESC,
-        )
-    return next(a for a in found if a.flow_run_id == flow_run_id)
-
-
 class _Watcher(threading.Thread):
     """Reads the newest progress artifact from the API while a flow runs: (time, percent, description)."""
 
     def __init__(self, since) -> None:
         super().__init__(daemon=True)
         self.since, self.seen, self.stop = since, [], threading.Event()
+        self.context = contextvars.copy_context()  # the test's Prefect settings: the server its flows use
 
     def run(self) -> None:
+        self.context.run(self._watch)
+
+    def _watch(self) -> None:
         with get_client(sync_client=True) as client:
             while not self.stop.wait(0.3):
                 found = client.read_artifacts(
@@ -267,7 +245,7 @@ def test_gpu_tasks_overlap_scoring_starts_as_a_checkpoint_ends_and_progress_move
     # Moving: units embedded and scored change what it says (updates are at most every 2 s, so a
     # quick run may score every unit between two of them: the percent alone can jump 0 -> 100).
     assert values == sorted(values) and len({(p, d) for _, p, d in watcher.seen}) >= 3
-    final = _artifacts(state.state_details.flow_run_id)
+    final = artifact(state.state_details.flow_run_id)
     assert (
         final.data == 100.0
         and final.description == "16/16 units scored, 0 failed; 8/8 (checkpoint, task) embedded"
@@ -292,16 +270,16 @@ def test_gpu_tasks_overlap_scoring_starts_as_a_checkpoint_ends_and_progress_move
 def test_plain_loads_each_checkpoint_once_for_its_metrics_and_embeddings(hub, tmp_path, monkeypatch):
     spec = load_spec(SPEC, run_root=str(tmp_path / "demo"), hf_cache=str(hub), checkpoints=["step1000", "step2000"],
                      layers=[3], tasks=["DemoSTS", "DemoClassification"])  # fmt: skip
-    loads, real = [], pipeline.load_encoder
+    loads, real = [], embed.load_encoder
 
     def counted(spec, ckpt, *args, **kwargs):
         loads.append(ckpt.revision)
         return real(spec, ckpt, *args, **kwargs)
 
-    monkeypatch.setattr(pipeline, "load_encoder", counted)
-    result = pipeline.run_spec(spec)
+    monkeypatch.setattr(embed, "load_encoder", counted)
+    result = run_spec(spec)
     assert sorted(loads) == ["step1000", "step2000"]
     assert (result.scored, result.skipped) == (2 * 2, 0)
     metrics = pl.read_parquet(result.tables["metrics"])
     assert set(metrics["revision"]) == {"step1000", "step2000"} and metrics["value"].is_finite().all()
-    assert pipeline.run_spec(spec).scored == 0 and sorted(loads) == ["step1000", "step2000"]  # nothing loaded
+    assert run_spec(spec).scored == 0 and sorted(loads) == ["step1000", "step2000"]  # nothing loaded

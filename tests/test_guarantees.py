@@ -126,26 +126,26 @@ def test_a_malformed_spec_is_one_message_and_exit_2_from_every_command(command, 
 
 
 def test_a_run_root_another_mteb_version_wrote_is_refused_unless_forced(hub, tmp_path):
-    from layertime import pipeline
+    from layertime import CODE_VERSION, runroot
     from layertime.rundir import RunDir
     from layertime.spec import load_spec
 
     spec = load_spec(ROOT / "deployments/demo.yaml", run_root=str(tmp_path / "demo"), hf_cache=str(hub))
     run = RunDir.of(spec.run_root)
-    stamp_path = run.root / pipeline.RUN_STAMP
-    mine = pipeline.claim_run_root(run, spec)
+    stamp_path = run.root / runroot.RUN_STAMP
+    mine = runroot.claim_run_root(run, spec)
     installed = metadata.version("mteb")
-    assert mine["mteb"] == installed and mine["code_version"] == pipeline.CODE_VERSION
-    assert pipeline.claim_run_root(run, spec)["since"] == mine["since"]  # the same versions: kept
+    assert mine["mteb"] == installed and mine["code_version"] == CODE_VERSION
+    assert runroot.claim_run_root(run, spec)["since"] == mine["since"]  # the same versions: kept
 
     theirs = {**mine, "mteb": "1.14.19"}  # the same code, scored with the paper's mteb
     stamp_path.write_text(json.dumps(theirs))
     with pytest.raises(
-        pipeline.IncompatibleRun,
+        runroot.IncompatibleRun,
         match=rf"holds results of mteb 1\.14\.19; this is mteb {re.escape(installed)},.*--force",
     ):
-        pipeline.claim_run_root(run, spec)
+        runroot.claim_run_root(run, spec)
     assert json.loads(stamp_path.read_text()) == theirs  # refused: the stamp is untouched
 
-    forced = pipeline.claim_run_root(run, spec, force=True)
+    forced = runroot.claim_run_root(run, spec, force=True)
     assert json.loads(stamp_path.read_text()) == forced and forced["mteb"] == installed

@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import asyncio
 import inspect
+import uuid
 from pathlib import Path
 
 import dask
+import prefect_runs  # tests/prefect_runs.py
 import pytest
 from dask_jobqueue import SLURMCluster
 from dask_jobqueue.core import Job, JobQueueCluster
@@ -21,6 +23,7 @@ from distributed import Client, Event, LocalCluster
 from distributed.core import Status
 from distributed.deploy.adaptive import Adaptive
 from distributed.deploy.spec import SpecCluster
+from prefect import flow
 
 from flows import clusters
 
@@ -166,7 +169,20 @@ async def _until(condition, timeout: float = 60) -> None:
     raise TimeoutError("condition not reached")
 
 
-def test_prefect_log_flush_the_workers_run_exists():
-    from prefect.logging.handlers import APILogHandler
+@flow
+def _log_and_flush(line: str) -> list[str]:
+    """Log `line` in a flow run, flush as `_flush_worker_logs` has each SLURM worker do before its job
+    ends, then read the run's log from the API at once (the flow's own end would flush it too)."""
+    from prefect import get_run_logger
+    from prefect.context import get_run_context
+    from prefect.utilities.asyncutils import run_coro_as_sync
 
-    assert inspect.iscoroutinefunction(APILogHandler.aflush)  # _flush_prefect_logs
+    get_run_logger().info(line)
+    run_coro_as_sync(clusters._flush_prefect_logs())
+    return [entry.message for entry in prefect_runs.logs(get_run_context().flow_run.id)]
+
+
+def test_a_workers_queued_prefect_logs_reach_the_api_when_it_flushes(prefect_api):
+    # Unflushed, a line waits for the next batch (every 2 s): a job that ends first loses it.
+    line = f"a task's last words {uuid.uuid4()}"
+    assert line in _log_and_flush(line)

@@ -4,7 +4,6 @@ grid differs never overwrites another grid's run root."""
 
 from __future__ import annotations
 
-import asyncio
 import json
 from pathlib import Path
 
@@ -12,9 +11,12 @@ import numpy as np
 import polars as pl
 import pytest
 from mteb.mocks.mock_tasks.classification import MockMultilingualClassificationTask
+from prefect_runs import states  # tests/prefect_runs.py
 
-from layertime import bridge, pipeline
-from layertime.pipeline import IncompatibleRun, Settings, run_spec
+from layertime import bridge, runroot
+from layertime.phases.plain import run_spec
+from layertime.runroot import IncompatibleRun
+from layertime.settings import Settings
 from layertime.spec import ExperimentSpec, load_spec
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -145,28 +147,6 @@ def test_a_spec_that_shrinks_or_changes_the_grid_is_refused_one_that_grows_it_go
 # --- through the flow: overrides on a deployment ------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def prefect_api():
-    from prefect.testing.utilities import prefect_test_harness
-
-    with prefect_test_harness(server_startup_timeout=180):
-        yield
-
-
-def _task_runs(flow_run_id) -> dict[str, str]:
-    from prefect.client.orchestration import get_client
-    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
-
-    async def read():
-        async with get_client() as client:
-            runs = await client.read_task_runs(
-                flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id]))
-            )
-            return {r.name: r.state.name for r in runs}
-
-    return asyncio.run(read())
-
-
 @pytest.mark.slow
 def test_overrides_never_overwrite_another_grid_and_reuse_its_metrics_per_layer(prefect_api, hub, tmp_path):
     from flows.layer_by_layer import layer_by_layer
@@ -189,7 +169,7 @@ def test_overrides_never_overwrite_another_grid_and_reuse_its_metrics_per_layer(
     state = layer_by_layer(SPEC, overrides={**base, "run_root": str(tmp_path / "one"), "layers": [1]},
                            return_state=True)  # fmt: skip
     assert state.is_completed(), state
-    runs = _task_runs(state.state_details.flow_run_id)
+    runs = states(state.state_details.flow_run_id)
     assert not [name for name in runs if name.startswith("gpu[")], runs  # no model load, no metrics pass
     measured = pl.read_parquet(tmp_path / "one/tables/metrics.parquet")
     assert set(measured["layer"]) == {1} and measured["value"].is_not_null().all()
@@ -197,4 +177,4 @@ def test_overrides_never_overwrite_another_grid_and_reuse_its_metrics_per_layer(
     assert measured.sort("metric", "normalization")["value"].to_list() == (
         first.sort("metric", "normalization")["value"].to_list()
     )
-    assert pipeline.RUN_STAMP in {p.name for p in (tmp_path / "one").iterdir()}
+    assert runroot.RUN_STAMP in {p.name for p in (tmp_path / "one").iterdir()}

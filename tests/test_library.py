@@ -4,7 +4,7 @@ import sys
 
 def test_the_library_imports_no_orchestration():
     code = (
-        "import sys, layertime.spec, layertime.plan, layertime.encoder, layertime.pipeline, layertime.tables, "
+        "import sys, layertime.spec, layertime.plan, layertime.encoder, layertime.phases.plain, layertime.phases.gpu, layertime.records, layertime.runroot, layertime.tables, "
         "layertime.bridge, layertime.cli, layertime.report, layertime.report.figures, layertime.measure, layertime.metrics, "
         "layertime.costs, layertime.pool, layertime.memory\n"
         "bad = [m for m in ('prefect', 'dask', 'distributed', 'dask_jobqueue') if m in sys.modules]\n"

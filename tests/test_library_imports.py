@@ -52,3 +52,61 @@ def test_the_walk_finds_an_import_under_if_and_try_but_not_in_a_function():
         "prefect",
         "prefect_dask",
     ]
+
+
+ORCHESTRATION_FOLDERS = {"flows", "tasks"}  # the repository's Prefect layers, over the library
+
+
+def _names_of_the_orchestration(tree: ast.Module) -> list[tuple[int, str]]:
+    """(line, what) of each import of flows/ or tasks/, anywhere in the module (functions included: an
+    import at call time is still an edge), and each string in code naming flows/ (a path to it);
+    docstrings and comments may mention them."""
+    docstrings = {
+        id(node.body[0].value)
+        for node in ast.walk(tree)
+        if isinstance(node, ast.Module | ast.ClassDef | ast.FunctionDef | ast.AsyncFunctionDef)
+        and node.body
+        and isinstance(node.body[0], ast.Expr)
+        and isinstance(node.body[0].value, ast.Constant)
+    }
+    found = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            found += [
+                (node.lineno, f"import {a.name}")
+                for a in node.names
+                if a.name.split(".")[0] in ORCHESTRATION_FOLDERS
+            ]
+        elif (
+            isinstance(node, ast.ImportFrom)
+            and node.module
+            and node.module.split(".")[0] in ORCHESTRATION_FOLDERS
+        ):
+            found.append((node.lineno, f"from {node.module} import ..."))
+        elif isinstance(node, ast.Constant) and isinstance(node.value, str) and id(node) not in docstrings:
+            if "flows" in node.value.replace("\\", "/").split("/"):
+                found.append((node.lineno, repr(node.value)))
+    return found
+
+
+def test_the_library_never_imports_or_names_flows_or_tasks():
+    """The library is the bottom layer: tasks/ and flows/ import it, never the other way (the `layertime`
+    console script, which may import both, is layertime_command.py beside them)."""
+    bad = [
+        f"{path.relative_to(LIBRARY.parent)}:{line}: {what}"
+        for path in sorted(LIBRARY.rglob("*.py"))
+        for line, what in _names_of_the_orchestration(ast.parse(path.read_text()))
+    ]
+    assert not bad, bad
+
+
+def test_the_orchestration_finder_sees_imports_in_functions_and_paths_but_not_docstrings():
+    tree = ast.parse(
+        '"""Imports flows/ and tasks/ nowhere."""\nimport os\ndef f():\n    """Names flows/ in words."""\n'
+        '    from flows.commands import app\n    import tasks.units\n    return "flows/commands.py", "tasks"\n'
+    )
+    assert [what for _, what in _names_of_the_orchestration(tree)] == [
+        "from flows.commands import ...",
+        "import tasks.units",
+        "'flows/commands.py'",
+    ]

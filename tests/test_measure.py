@@ -10,7 +10,7 @@ from transformers import AutoModel, AutoTokenizer
 
 from layertime import augment, metrics, metrics_corpus
 from layertime.encoder import MultiLayerEncoder
-from layertime.measure import measure
+from layertime.measure import measure, metric_names
 
 CORPUS_FILE = Path(__file__).parent / "data" / "metrics_corpus.txt"
 REVISION = "step3000"
@@ -181,6 +181,10 @@ def test_streaming_measure_equals_a_direct_computation_on_full_hidden_states(hub
     assert len(batches) > 4 and any(batches)  # several batches, some padded
     expected = _expected(hub, demo_repo, prompts, lidar_views=4)
     assert {(r["layer"], r["metric"], r["normalization"]) for r in rows} == set(expected)
+    # What a metrics record must hold (records.MetricsAsk): the rows of each layer, no more, no fewer.
+    assert sorted((r["metric"], r["normalization"]) for r in rows if r["layer"] == 0) == sorted(
+        metric_names(2, 4)
+    )
     for r in rows:
         value, skipped = expected[(r["layer"], r["metric"], r["normalization"])]
         # float32 forward, padded batches vs one text at a time: agreement is ~3e-7 relative.
@@ -200,6 +204,9 @@ def test_measure_only_the_requested_layers_and_metrics(hub, demo_repo, prompts):
     rows = measure(_encoder(hub, demo_repo, layers=[1, 3]), prompts[:5], n_views=0, lidar_views=0)
     assert {r["layer"] for r in rows} == {1, 3}
     assert {r["metric"] for r in rows} == {"prompt_entropy", "curvature", "dataset_entropy", "effective_rank"}
+    assert sorted((r["metric"], r["normalization"]) for r in rows if r["layer"] == 1) == sorted(
+        metric_names(0, 0)
+    )
     assert all(math.isfinite(r["value"]) for r in rows)
     with pytest.raises(ValueError, match="n_views"):
         measure(_encoder(hub, demo_repo), prompts, n_views=3)

@@ -220,9 +220,19 @@ def test_select_model_files_prefers_safetensors_and_takes_the_tokenizer() -> Non
 
 
 @pytest.mark.slow
-def test_verify_passes_offline_and_never_calls_the_hub(served, fetched) -> None:
+def test_verify_passes_offline_and_never_calls_the_hub(served, fetched, monkeypatch) -> None:
+    import huggingface_hub.constants
+
     spec_path, _ = fetched
-    assert os.environ["HF_HUB_OFFLINE"] == "1"
+    # The hub is reachable here (huggingface_hub's endpoint is the stand-in's): offline, a request any
+    # code path still sent would reach it and be counted.
+    monkeypatch.setenv("HF_ENDPOINT", served.endpoint)
+    monkeypatch.setattr(huggingface_hub.constants, "ENDPOINT", served.endpoint)
+    monkeypatch.setattr(
+        huggingface_hub.constants,
+        "HUGGINGFACE_CO_URL_TEMPLATE",
+        served.endpoint + "/{repo_id}/resolve/{revision}/{filename}",
+    )
     served.reset_counters()
     items = verify.verify(_spec(spec_path), spec_path=spec_path)
     assert sum(served.requests.values()) == 0
@@ -279,6 +289,32 @@ def test_a_deleted_snapshot_link_or_revision_ref_fails_verify_and_prefetch_resto
     assert done.returncode == 0, done.stderr
     assert served.bytes_sent == 0  # the blob was there: only the link came back
     assert _problems(copy) == []
+
+
+def test_a_ref_that_is_not_a_commit_is_refused_by_plan_and_run_and_verify_names_its_fix(
+    served, copy: Path
+) -> None:
+    from typer.testing import CliRunner
+
+    from flows.commands import app
+
+    cache = _spec(copy).hf_cache
+    ref = repo_dir(REPO, cache) / "refs" / "step2000"
+    ref.write_text("../../../../elsewhere")  # followed, it would name a folder outside the repo
+    for command in (["plan"], ["run", "--plain"]):
+        out = CliRunner().invoke(app, [*command, str(copy)])
+        assert out.exit_code == 2 and "Traceback" not in out.output, out.output
+        assert out.stderr.count("error:") == 1 and f"{ref}: the ref of {REPO}@step2000 holds " in out.stderr
+        assert "not a 40-hex commit" in out.stderr, out.stderr
+    assert not (copy.parent / "run").exists()
+
+    (problem,) = _problems(copy)
+    assert (problem.item, problem.kind, problem.status) == (f"{REPO}@step2000", "revision", "corrupt")
+    assert "not a 40-hex commit" in problem.detail
+    assert problem.fix == f"hf download {REPO} --revision step2000 --cache-dir {cache}"
+    done = _online(served, copy.parent / "hf-home", "bash", "-c", problem.fix)
+    assert done.returncode == 0, done.stderr
+    assert _problems(copy) == []  # the fix wrote the ref again
 
 
 @pytest.mark.slow

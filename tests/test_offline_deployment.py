@@ -78,7 +78,7 @@ def test_cached_checkpoints_load_without_a_single_request_to_the_hub(cache, coun
 
 @pytest.mark.slow
 def test_a_run_of_a_cached_spec_without_hf_hub_offline_never_touches_the_hub(
-    cache, counter, demo_repo, tmp_path
+    cache, counter, demo_repo, prefect_server, tmp_path
 ):
     spec = tmp_path / "spec.yaml"
     spec.write_text(yaml.safe_dump({
@@ -86,7 +86,9 @@ def test_a_run_of_a_cached_spec_without_hf_hub_offline_never_touches_the_hub(
         "tasks": ["DemoSTS", "DemoClassification"], "run_root": str(tmp_path / "run"), "hf_cache": str(cache),
         "metrics": None, "max_length": 64, "dtype": "float32",
     }))  # fmt: skip
-    env = _online_env(counter, cache, PREFECT_HOME=str(tmp_path / "prefect"))
+    env = _online_env(
+        counter, cache, PREFECT_HOME=str(tmp_path / "prefect"), PREFECT_API_URL=prefect_server.api
+    )
     with open(tmp_path / "run.log", "w") as log:
         rc = subprocess.run([sys.executable, "-m", "flows.commands", "run", str(spec)], env=env, cwd=ROOT,
                             stdout=log, stderr=subprocess.STDOUT, timeout=1200).returncode  # fmt: skip

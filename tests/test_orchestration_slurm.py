@@ -33,12 +33,15 @@ JOBS = 2
 
 
 @pytest.fixture(scope="module")
-def slurm() -> None:
-    """SLURM answers, or the test says how to start it."""
+def slurm(exclusive):
+    """SLURM answers, or the test says how to start it; its node to this module alone (across
+    pytest-xdist workers)."""
     out = subprocess.run(["sinfo", "-h", "-o", "%P %a %T"], capture_output=True, text=True, timeout=30)
     assert out.returncode == 0 and " up " in f" {out.stdout} ", (
         f"SLURM is installed but not answering ({out.stderr.strip()}): run `bash .ci/slurm.sh start`"
     )
+    with exclusive("slurm"):
+        yield
 
 
 def test_the_benchmark_runs_the_scale_world_in_slurm_jobs(slurm, postgres_url, tmp_path, monkeypatch):

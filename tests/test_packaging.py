@@ -1,8 +1,8 @@
-"""What `pip install` puts in site-packages (issue 16): the package `layertime` and nothing else, so no
-top-level `tasks` or `flows` (names anyone may have) is installed; tasks/ and flows/ stay folders of
-the checkout, where Prefect's entrypoints name them. The `layertime` script of an editable install
-(`make venv`) has every command, from any directory; the script of a plain install says in one line
-that it needs the checkout, and exits 2."""
+"""What `pip install` puts in site-packages (issue 16): the package `layertime` and the console script's
+module `layertime_command` and nothing else, so no top-level `tasks` or `flows` (names anyone may have)
+is installed; tasks/ and flows/ stay folders of the checkout, where Prefect's entrypoints name them.
+The `layertime` script of an editable install (`make venv`) has every command, from any directory; the
+script of a plain install says in one line that it needs the checkout, and exits 2."""
 
 from __future__ import annotations
 
@@ -25,7 +25,7 @@ def _checkout(tmp_path: Path) -> Path:
     (build/, *.egg-info) never land in the repository."""
     copy = tmp_path / "checkout"
     copy.mkdir()
-    for name in ("pyproject.toml", "README.md"):
+    for name in ("pyproject.toml", "README.md", "layertime_command.py"):
         shutil.copy(ROOT / name, copy / name)
     for folder in ("layertime", "tasks", "flows"):
         shutil.copytree(ROOT / folder, copy / folder, ignore=shutil.ignore_patterns("__pycache__"))
@@ -58,6 +58,9 @@ def _run(args: list, cwd: Path | None = None) -> subprocess.CompletedProcess:
     return out
 
 
+INSTALLED = {"layertime", "layertime_command.py"}  # the library and the console script's module
+
+
 def test_the_wheel_installs_layertime_alone(tmp_path):
     with zipfile.ZipFile(_wheel(tmp_path)) as wheel:
         names = wheel.namelist()
@@ -66,9 +69,9 @@ def test_the_wheel_installs_layertime_alone(tmp_path):
         recorded = {line.split(",")[0].split("/")[0] for line in wheel.read(record).decode().splitlines()}
         declared = [n for n in names if n.endswith(".dist-info/top_level.txt")]
         declared = wheel.read(declared[0]).decode().split() if declared else ["layertime"]
-    assert top_level == {"layertime"}
-    assert {n for n in recorded if not n.endswith(".dist-info")} == {"layertime"}
-    assert declared == ["layertime"]
+    assert top_level == INSTALLED
+    assert {n for n in recorded if not n.endswith(".dist-info")} == INSTALLED
+    assert sorted(declared) == ["layertime", "layertime_command"]
     assert "layertime/task_costs.csv" in names  # the package data travels with it
 
 

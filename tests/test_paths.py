@@ -39,10 +39,11 @@ def test_tilde_and_variables_in_spec_paths_are_expanded_before_any_work(hub, tmp
     monkeypatch.setenv("HOME", str(home))
     monkeypatch.setenv("LT_STORE", str(elsewhere))
     monkeypatch.setenv("LT_HUB", str(hub))
+    monkeypatch.setenv("LT_SPEC", "spec.yaml")
     monkeypatch.chdir(tmp_path)
     spec = _spec_file(tmp_path, hub, run_root="~/runs/demo", store="${LT_STORE}/store", hf_cache="$LT_HUB")
 
-    out = _cli("run", "--plain", "~/../spec.yaml")  # quoted in a script: the shell left it alone
+    out = _cli("run", "--plain", "~/../$LT_SPEC")  # quoted in a script: the shell left it alone
 
     assert out.exit_code == 0, out.output
     assert not (tmp_path / "~").exists() and not list(tmp_path.glob("$*"))  # no literal '~' or '$LT_STORE'

@@ -10,7 +10,7 @@ import polars as pl
 import pytest
 
 from layertime.checkpoints import CheckpointError
-from layertime.pipeline import run_spec
+from layertime.phases.plain import run_spec
 from layertime.spec import load_spec
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -190,24 +190,25 @@ def test_records_carry_the_spec_hash_versions_and_measured_cost(spec, first):
 
 
 def test_a_run_root_another_code_version_wrote_is_refused_unless_forced(hub, tmp_path, monkeypatch):
-    from layertime import pipeline
+    from layertime import runroot, settings
 
     spec = load_spec(ROOT / "deployments/demo.yaml", run_root=str(tmp_path / "demo"), hf_cache=str(hub),
                      checkpoints=["step1000"], layers=[3], tasks=["DemoSTS", "DemoClustering"],
                      metrics=None)  # fmt: skip
     first = run_spec(spec)
-    stamp = (tmp_path / "demo" / pipeline.RUN_STAMP).read_text()
-    monkeypatch.setattr(pipeline, "CODE_VERSION", "999")  # a release whose numbers differ
+    stamp = (tmp_path / "demo" / runroot.RUN_STAMP).read_text()
+    for module in (runroot, settings):  # a release whose numbers differ
+        monkeypatch.setattr(module, "CODE_VERSION", "999")
     with pytest.raises(
-        pipeline.IncompatibleRun,
+        runroot.IncompatibleRun,
         match=r"holds results of code_version \d+; this is code_version 999.*--force",
     ):
         run_spec(spec)
-    assert (tmp_path / "demo" / pipeline.RUN_STAMP).read_text() == stamp  # refused: nothing written
+    assert (tmp_path / "demo" / runroot.RUN_STAMP).read_text() == stamp  # refused: nothing written
 
     forced = run_spec(spec, force=True)
     assert (forced.scored, forced.skipped) == (2, 0)  # the old version's records are not this one's
-    assert json.loads((tmp_path / "demo" / pipeline.RUN_STAMP).read_text())["code_version"] == "999"
+    assert json.loads((tmp_path / "demo" / runroot.RUN_STAMP).read_text())["code_version"] == "999"
     scores = pl.read_parquet(forced.tables["scores"])
     assert scores.height == pl.read_parquet(first.tables["scores"]).height == 2  # one version's rows only
     assert (tmp_path / "store" / "scores").is_dir() and len(

@@ -170,7 +170,7 @@ def test_pythia_main_is_compared_with_the_paper_by_hidden_state_index(tmp_path):
 @pytest.fixture(scope="module")
 def demo_run(hub: Path, tmp_path_factory) -> Path:
     """A small real run: 3 distinct checkpoints (main = step3000), blocks 1..3, three tasks, metrics."""
-    from layertime.pipeline import run_spec
+    from layertime.phases.plain import run_spec
     from layertime.spec import load_spec
 
     root = tmp_path_factory.mktemp("report") / "runs" / "demo"
@@ -321,9 +321,11 @@ def test_rewriting_replaces_the_report_whole(demo_run, demo_report):
 
 @pytest.mark.slow
 def test_a_partial_run_reports_its_gaps(demo_run, hub, tmp_path):
-    from layertime import pipeline
+    from layertime.phases import merge
+    from layertime.phases.context import Context
     from layertime.plan import make_plan
     from layertime.rundir import RunDir
+    from layertime.settings import Settings
     from layertime.spec import load_spec
 
     root = tmp_path / "partial"
@@ -332,13 +334,13 @@ def test_a_partial_run_reports_its_gaps(demo_run, hub, tmp_path):
         shutil.copy(demo_run / name, root / name)
     spec = load_spec(root / "spec.yaml", run_root=root, hf_cache=str(hub), store=demo_run.parent / "store")
     plan, run = make_plan(spec), RunDir.of(root, spec.store)
-    settings = pipeline.Settings.of(spec, "cpu")
-    rows = pipeline.recorded_rows(plan, run, settings)
+    ctx = Context(plan, run, Settings.of(spec, "cpu"))
+    rows = merge.recorded_rows(ctx)
     by_rev = {c.revision: c for c in plan.checkpoints}
     del rows[(by_rev["step3000"].key, "DemoSTS", 2)]  # one unit of step3000 = main not scored yet
-    measured = pipeline.recorded_metrics(plan, run, settings)
+    measured = merge.recorded_metrics(ctx)
     del measured[by_rev["step0"].key]  # step0 not measured yet
-    pipeline.merge(plan, run, settings, rows=rows, metric_rows=measured)
+    merge.merge(ctx, rows=rows, metric_rows=measured)
 
     paths = write_report(root, failures=["score[step3000 · DemoSTS · L2]: ValueError: boom"])
     assert paths.gaps == 2  # the unit is missing under both names of its commit

@@ -32,18 +32,26 @@ from pathlib import Path
 
 import numpy as np
 
-from layertime import pipeline
+import layertime
 from layertime.checkpoints import Checkpoint
 from layertime.demo.model import DEMO_REPO
 from layertime.encoder import MultiLayerEncoder
+from layertime.phases import embed, record, score
+from layertime.phases.context import Context
+from layertime.plan import make_plan
 from layertime.rundir import RunDir
+from layertime.settings import Settings
+from layertime.spec import load_spec
 
 hub, work, out, scenario = sys.argv[1:5]
 TASK, OTHER_TASK = {task!r}, {other!r}
 run = RunDir.of(Path(work) / "run", Path(work) / "store")
-settings = pipeline.Settings("all", "mean", False, 128, "float32", 16384, "cpu", "rule-a", "test")
-texts = pipeline.task_texts(TASK, run, "rule-a").texts
-other = pipeline.task_texts(OTHER_TASK, run, "rule-a").texts
+settings = Settings("all", "mean", False, 128, "float32", 16384, "cpu", "rule-a", "test")
+demo = Path(layertime.__file__).resolve().parents[1] / "deployments/demo.yaml"
+spec = load_spec(demo, run_root=run.root, store=run.store, hf_cache=hub, layers=[3], metrics=None)
+ctx = Context(make_plan(spec, resolve=False), run, settings)
+texts = record.task_texts(TASK, run, "rule-a").texts
+other = record.task_texts(OTHER_TASK, run, "rule-a").texts
 
 
 def encoder(revision):
@@ -56,8 +64,8 @@ saved.update({{f"alone_{{b}}": v for b, v in encoder("step1000").encode(texts).i
 if scenario == "history":
     # What --plain does before step1000: embed and score step0 (scoring pins BLAS/OpenMP threads) ...
     step0 = Checkpoint(DEMO_REPO, "step0", None)
-    path = pipeline.embed_unit(encoder("step0"), run, settings, step0, TASK, texts, [3])
-    pipeline.score_unit(run, settings, step0, TASK, [3], path, "rule-a", 4)
+    path = embed.embed_unit(encoder("step0"), ctx, step0, TASK, texts, [3])
+    score.score_unit(ctx, step0, TASK, [3], path)
     # ... and the flow's GPU task embeds the checkpoint's other tasks with the same encoder first.
     enc = encoder("step1000")
     enc.encode(other)
@@ -173,8 +181,8 @@ def test_plain_scores_of_a_checkpoint_are_the_same_alone_and_after_another(hub, 
 def _embeddings(root: Path, revision: str, layer: int) -> np.ndarray:
     """A kept embedding of the run at `root`, found through the library's own paths."""
     from layertime.checkpoints import Checkpoint
-    from layertime.pipeline import Settings
     from layertime.rundir import RunDir
+    from layertime.settings import Settings
     from layertime.spec import load_spec
 
     spec = load_spec(root / "spec.yaml")

@@ -4,7 +4,7 @@
 The scale world at 2 checkpoints × 4 layers × 32 tasks (256 evaluations, 64 score task runs: one per
 (checkpoint, task), its 4 layers each an evaluation with its own completion record). Five (checkpoint,
 task, layer) units, in 5 different (checkpoint, task) pairs, fail to score on the first run: the
-worker's Python loads a `sitecustomize` that makes `pipeline.score_unit` raise for the units listed in
+worker's Python loads a `sitecustomize` that makes `phases.score.score_unit` raise for the units listed in
 a file (the flow process and its scoring processes alike). The flow must name each failed layer. The
 file is then removed and the failed flow run retried with the CLI, as a user would. The retried
 attempt's task runs (the API's `flow_run_run_count`) must be 5 score task runs, one per (checkpoint,
@@ -17,7 +17,6 @@ import os
 import sys
 from pathlib import Path
 
-import httpx
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -36,9 +35,10 @@ CHECKPOINTS = 2
 _FAIL_LISTED_UNITS = """
 import functools, os
 from pathlib import Path
-from layertime import pipeline
+from layertime import records
+from layertime.phases import score
 
-real_write = pipeline.atomic_write_text
+real_write = records.atomic_write_text
 
 def atomic_write_text(path, text):
     written = real_write(path, text)
@@ -47,17 +47,17 @@ def atomic_write_text(path, text):
             log.write(f"{path}\\n")
     return written
 
-pipeline.atomic_write_text = atomic_write_text
-real = pipeline.score_unit
+records.atomic_write_text = atomic_write_text
+real = score.score_unit
 
 @functools.wraps(real)
-def score_unit(run, settings, ckpt, task, blocks, *args):
+def score_unit(ctx, ckpt, task, blocks, *args):
     listed = Path(os.environ["LAYERTIME_TEST_FAIL_UNITS"])
     if listed.exists() and any(f"{ckpt.revision}|{task}|{b}" in listed.read_text().split() for b in blocks):
         raise ValueError(f"injected failure of {ckpt.revision} {task} {blocks}")
-    return real(run, settings, ckpt, task, blocks, *args)
+    return real(ctx, ckpt, task, blocks, *args)
 
-pipeline.score_unit = score_unit
+score.score_unit = score_unit
 """
 
 
@@ -68,15 +68,9 @@ def _records(store: Path) -> dict[Path, tuple[int, bytes]]:
 
 def _attempts(server: orch.Server, flow_run: str) -> dict[int, list[str]]:
     """Task-run names of `flow_run` by the flow run's attempt that made them (flow_run_run_count)."""
-    runs: list[dict] = []
-    with httpx.Client(base_url=server.api, timeout=120) as client:
-        while True:
-            page = client.post("/task_runs/filter", json={
-                "flow_runs": {"id": {"any_": [flow_run]}}, "sort": "ID_DESC", "limit": 200, "offset": len(runs)})  # fmt: skip
-            page.raise_for_status()
-            runs += page.json()
-            if len(page.json()) < 200:
-                break
+    runs = orch.read_all(
+        server.api, "/task_runs/filter", {"flow_runs": {"id": {"any_": [flow_run]}}, "sort": "ID_DESC"}
+    )
     by_attempt: dict[int, list[str]] = {}
     for r in runs:
         by_attempt.setdefault(r["flow_run_run_count"], []).append(r["name"])

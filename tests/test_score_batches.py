@@ -10,37 +10,27 @@ from pathlib import Path
 import polars as pl
 import pytest
 from prefect.client.orchestration import get_client
-from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey, FlowRunFilter, FlowRunFilterId
-from prefect.client.schemas.sorting import ArtifactSort
-from prefect.testing.utilities import prefect_test_harness
+from prefect_runs import artifact, task_runs  # tests/prefect_runs.py
+from specs import demo_overrides  # tests/specs.py
 
 from flows.layer_by_layer import LAYERS_PER_SCORE_TASK, UnitsFailed, layer_by_layer
-from layertime import pipeline
 from layertime.bridge import UnexpectedScores
+from layertime.phases import score
 
 ROOT = Path(__file__).resolve().parents[1]
 SPEC = str(ROOT / "deployments/demo.yaml")
 TASKS = ["DemoSTS", "DemoClassification"]
-pytestmark = pytest.mark.slow
-
-
-@pytest.fixture(scope="module", autouse=True)
-def prefect_api():
-    with prefect_test_harness(server_startup_timeout=120):
-        yield
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("prefect_api")]
 
 
 def _grid(tmp_path: Path, hub: Path) -> dict:
     # The demo model's 4 blocks: one batch of LAYERS_PER_SCORE_TASK per (checkpoint, task).
-    return {"run_root": str(tmp_path / "demo"), "hf_cache": str(hub), "checkpoints": ["step1000"],
-            "layers": [0, 1, 2, 3], "tasks": TASKS, "metrics": None}  # fmt: skip
+    return demo_overrides(tmp_path, hub, layers=[0, 1, 2, 3], tasks=TASKS)
 
 
 def _score_runs(flow_run_id) -> dict:
     """Score task run name -> task run (state, run count), from the API."""
-    with get_client(sync_client=True) as client:
-        runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
-    return {r.name: r for r in runs if r.name.startswith("score[")}
+    return {n: r for n, r in task_runs(flow_run_id).items() if n.startswith("score[")}
 
 
 def _state_history(task_run) -> list:
@@ -49,12 +39,7 @@ def _state_history(task_run) -> list:
 
 
 def _progress(flow_run_id) -> str:
-    with get_client(sync_client=True) as client:
-        found = client.read_artifacts(
-            artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["layer-by-layer-progress"])),
-            sort=ArtifactSort.CREATED_DESC,
-        )
-    return next(a for a in found if a.flow_run_id == flow_run_id).description
+    return artifact(flow_run_id).description
 
 
 def _records(store: Path, task: str) -> dict[int, Path]:
@@ -62,35 +47,35 @@ def _records(store: Path, task: str) -> dict[int, Path]:
     return {int(p.stem.split("_")[1]): p for p in store.glob(f"scores/**/{task}/layer_*.json")}
 
 
-_score_unit = pipeline.score_unit
+_score_unit = score.score_unit
 
 
-def _permanently_broken(run, settings, ckpt, task, blocks, *args):
+def _permanently_broken(ctx, ckpt, task, blocks, *args):
     """Layer 2 of DemoSTS cannot score (an error that cannot heal). Module level, so the scoring
     processes can import it."""
     if task == "DemoSTS" and blocks == [2]:
         raise UnexpectedScores("injected failure")
-    return _score_unit(run, settings, ckpt, task, blocks, *args)
+    return _score_unit(ctx, ckpt, task, blocks, *args)
 
 
-def _broken_once(run, settings, ckpt, task, blocks, *args):
+def _broken_once(ctx, ckpt, task, blocks, *args):
     """Layer 1 of DemoSTS meets an I/O error on its first try only (the marker file, in the run root,
     says it was tried: the scoring processes share no memory with the test)."""
     if task == "DemoSTS" and blocks == [1]:
         try:
-            (run.root / "failed-once").open("x").close()
+            (ctx.run.root / "failed-once").open("x").close()
         except FileExistsError:
             pass  # tried before: this time it heals
         else:
             raise OSError("injected I/O error")
-    return _score_unit(run, settings, ckpt, task, blocks, *args)
+    return _score_unit(ctx, ckpt, task, blocks, *args)
 
 
 def test_one_score_task_run_per_checkpoint_task_and_a_permanent_failure_fails_its_layer_alone_untried_again(
     hub, tmp_path, monkeypatch
 ):
     assert LAYERS_PER_SCORE_TASK == 4  # the grid's 4 layers are one batch
-    monkeypatch.setattr(pipeline, "score_unit", _permanently_broken)
+    monkeypatch.setattr(score, "score_unit", _permanently_broken)
     state = layer_by_layer(SPEC, overrides=_grid(tmp_path, hub), return_state=True)
     assert state.is_failed()
     with pytest.raises(
@@ -119,7 +104,7 @@ def test_one_score_task_run_per_checkpoint_task_and_a_permanent_failure_fails_it
 def test_a_score_task_run_retried_after_a_transient_failure_scores_only_the_failed_layer(
     hub, tmp_path, monkeypatch
 ):
-    monkeypatch.setattr(pipeline, "score_unit", _broken_once)
+    monkeypatch.setattr(score, "score_unit", _broken_once)
     state = layer_by_layer(SPEC, overrides=_grid(tmp_path, hub), return_state=True)
     assert state.is_completed(), state.message
 
@@ -141,10 +126,10 @@ def test_a_score_task_run_retried_after_a_transient_failure_scores_only_the_fail
     assert scores.select("task", "layer").unique().height == 2 * 4 and scores["main_score"].is_finite().all()
 
 
-def _fails_after_recording(run, settings, ckpt, task, blocks, *args):
+def _fails_after_recording(ctx, ckpt, task, blocks, *args):
     """Layer 3 of DemoSTS is scored and recorded, then its task run fails all the same (as when a
     worker is lost, or the API refuses the final state, after the last record was written)."""
-    rows = _score_unit(run, settings, ckpt, task, blocks, *args)
+    rows = _score_unit(ctx, ckpt, task, blocks, *args)
     if task == "DemoSTS" and blocks == [3]:
         raise UnexpectedScores("injected failure after the record was written")
     return rows
@@ -153,7 +138,7 @@ def _fails_after_recording(run, settings, ckpt, task, blocks, *args):
 def test_a_score_task_run_that_fails_with_every_layer_recorded_leaves_no_embeddings_behind(
     hub, tmp_path, monkeypatch
 ):
-    monkeypatch.setattr(pipeline, "score_unit", _fails_after_recording)
+    monkeypatch.setattr(score, "score_unit", _fails_after_recording)
     state = layer_by_layer(SPEC, overrides=_grid(tmp_path, hub), return_state=True)
     runs = _score_runs(state.state_details.flow_run_id)
     assert runs["score[step1000 · DemoSTS · L0-3]"].state.name == "Failed"

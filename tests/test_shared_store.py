@@ -20,12 +20,17 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 import pytest
-import yaml
+from specs import demo_spec_file  # tests/specs.py
 
-from layertime import claims, pipeline
+from layertime import claims, records
 from layertime.checkpoints import Checkpoint
 from layertime.encoder import MultiLayerEncoder
+from layertime.phases.context import Context
+from layertime.phases.embed import embed_unit
+from layertime.plan import make_plan
 from layertime.rundir import RunDir
+from layertime.settings import Settings
+from layertime.spec import load_spec
 
 ROOT = Path(__file__).resolve().parents[1]
 KEY = ["revision", "task", "layer", "subset", "split"]
@@ -33,23 +38,18 @@ TASKS = ["DemoSTS", "DemoClassification", "DemoPairClassification"]
 
 
 def _spec(tmp_path: Path, hub: Path, name: str, **fields) -> Path:
-    data = yaml.safe_load((ROOT / "deployments/demo.yaml").read_text())
-    data.update(name=name, run_root=str(tmp_path / name), store=str(tmp_path / "store"), hf_cache=str(hub),
-                tasks=TASKS, metrics=None, **fields)  # fmt: skip
-    path = tmp_path / f"{name}.yaml"
-    path.write_text(yaml.safe_dump(data, sort_keys=False))
-    return path
+    return demo_spec_file(tmp_path, hub, f"{name}.yaml", name=name, run_root=str(tmp_path / name),
+                          store=str(tmp_path / "store"), tasks=TASKS, **fields)  # fmt: skip
 
 
-def _start(spec: Path, log: Path, executor: str = "--plain") -> subprocess.Popen:
-    """`layertime run --plain SPEC`, or the flow (`executor` "flow") on an embedded Prefect of its own."""
-    clean = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
+def _start(spec: Path, log: Path, executor: str = "--plain", server=None) -> subprocess.Popen:
+    """`layertime run --plain SPEC`, or the flow (`executor` "flow") on the Prefect `server`."""
     env = {
-        **clean,
+        **{k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")},
         "PYTHONPATH": str(ROOT),
         "HF_HUB_OFFLINE": "1",
         "PREFECT_HOME": str(log.with_suffix(".prefect")),
-        "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "300",  # a loaded machine starts it slowly
+        **({"PREFECT_API_URL": server.api} if server is not None else {}),
     }
     args = ["--plain"] if executor == "--plain" else []
     with open(log, "w") as out:
@@ -72,11 +72,11 @@ def _rows(root: Path) -> pl.DataFrame:
 
 @pytest.mark.slow
 @pytest.mark.parametrize("executor", ["--plain", "flow"])
-def test_two_runs_sharing_a_store_at_once_lose_no_unit(executor, hub, tmp_path):
+def test_two_runs_sharing_a_store_at_once_lose_no_unit(executor, hub, prefect_server, tmp_path):
     checkpoints = ["step1000", "step2000", "step3000"]
     a = _spec(tmp_path, hub, "a", checkpoints=checkpoints, layers="all")
     b = _spec(tmp_path, hub, "b", checkpoints=checkpoints, layers=[1, 2, 3])
-    runs = {"a": _start(a, tmp_path / "a.log", executor)}
+    runs = {"a": _start(a, tmp_path / "a.log", executor, prefect_server)}
     try:
         if executor == "flow":  # the flow embeds a checkpoint's tasks at once, then scores them for minutes
             _wait_for_embeddings(tmp_path / "store", runs["a"], tmp_path / "a.log")
@@ -136,14 +136,15 @@ def test_a_claimed_unit_is_deleted_only_by_the_last_run_that_needs_it(tmp_path):
 
 def test_an_embed_adds_the_layers_it_lacks_beside_the_files_another_run_reads(hub, demo_repo, tmp_path):
     run = RunDir.of(tmp_path / "run", tmp_path / "store")
-    settings = pipeline.Settings("all", "mean", False, 128, "float32", 16384, "cpu", "rule-a", "test")
+    settings = Settings("all", "mean", False, 128, "float32", 16384, "cpu", "rule-a", "test")
+    ctx = Context(make_plan(load_spec(_spec(tmp_path, hub, "demo"))), run, settings)
     ckpt = Checkpoint(demo_repo, "step1000", None)
     texts = ["The team won the match last week.", "Rain.", "", "A short one."]
 
     def embed(blocks: list[int]) -> Path:
         encoder = MultiLayerEncoder(demo_repo, "step1000", blocks, max_length=128, dtype="float32",
                                     device="cpu", cache_dir=str(hub))  # fmt: skip
-        return pipeline.embed_unit(encoder, run, settings, ckpt, "DemoSTS", texts, blocks)
+        return embed_unit(encoder, ctx, ckpt, "DemoSTS", texts, blocks)
 
     unit = embed([2, 3])  # run B
     kept = {name: (unit / name).stat().st_ino for name in ("texts.json", "layer_2.npy", "layer_3.npy")}
@@ -152,9 +153,9 @@ def test_an_embed_adds_the_layers_it_lacks_beside_the_files_another_run_reads(hu
         assert {name: (unit / name).stat().st_ino for name in kept} == kept  # never replaced
         vectors = np.load(reading)
     assert np.array_equal(vectors, np.load(unit / "layer_2.npy"))
-    assert pipeline.embeddings_ok(unit, [0, 1, 2, 3])
-    assert sorted(pipeline.valid_files(unit)) == ["layer_0.npy", "layer_1.npy", "layer_2.npy", "layer_3.npy",
-                                                  "texts.json"]  # fmt: skip
+    found = records.check_embeddings(unit, records.EmbeddingsAsk.of(demo_repo, None, "DemoSTS", texts))
+    assert found.holds([0, 1, 2, 3]) and not found.rejected
+    assert sorted(found.good) == ["layer_0.npy", "layer_1.npy", "layer_2.npy", "layer_3.npy", "texts.json"]
 
 
 MANY_CLAIMS = """

@@ -8,7 +8,6 @@ The profile's settings and job script are checked without SLURM.
 
 from __future__ import annotations
 
-import asyncio
 import json
 import os
 import re
@@ -20,6 +19,7 @@ import time
 from pathlib import Path
 
 import polars as pl
+import prefect_runs  # tests/prefect_runs.py
 import pytest
 import yaml
 
@@ -177,17 +177,10 @@ def slurm():
     )
 
 
-@pytest.fixture(scope="module")
-def prefect_api(slurm):
-    from prefect.testing.utilities import prefect_test_harness
-
-    with prefect_test_harness(server_startup_timeout=120):
-        yield
-
-
 @pytest.fixture
-def ci_profile(tmp_path, monkeypatch):
-    """The slurm profile shrunk to this 2-core box (the fake GPU is /dev/null); returns the log dir."""
+def ci_profile(slurm, exclusive, tmp_path, monkeypatch):
+    """The slurm profile shrunk to this 2-core box (the fake GPU is /dev/null), SLURM to this test alone
+    (across pytest-xdist workers); returns the log dir."""
     logs = tmp_path / "slurm-logs"
     job_name = f"lt-{tmp_path.name[-12:]}"
     env = {"PARTITION": "debug", "ACCOUNT": "", "CPUS": "1", "THREADS": "2", "MEMORY": "3G",
@@ -196,8 +189,9 @@ def ci_profile(tmp_path, monkeypatch):
            "JOB_NAME": job_name}  # fmt: skip
     for key, value in env.items():
         monkeypatch.setenv(f"LAYERTIME_SLURM_{key}", value)
-    yield logs
-    subprocess.run(["scancel", "--name", job_name], capture_output=True, timeout=30)
+    with exclusive("slurm"):
+        yield logs
+        subprocess.run(["scancel", "--name", job_name], capture_output=True, timeout=30)
 
 
 def _run(spec_overrides: dict, cluster: str):
@@ -207,29 +201,11 @@ def _run(spec_overrides: dict, cluster: str):
 
 
 def _task_runs(flow_run_id) -> list:
-    from prefect.client.orchestration import get_client
-    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
-
-    async def read():
-        async with get_client() as client:
-            return await client.read_task_runs(
-                flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id]))
-            )
-
-    return asyncio.run(read())
+    return list(prefect_runs.task_runs(flow_run_id).values())
 
 
 def _task_logs(flow_run_id) -> list:
-    from prefect.client.orchestration import get_client
-    from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
-
-    async def read():
-        async with get_client() as client:
-            return await client.read_logs(
-                log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[flow_run_id])), limit=200
-            )
-
-    return [entry for entry in asyncio.run(read()) if entry.task_run_id is not None]
+    return [entry for entry in prefect_runs.logs(flow_run_id) if entry.task_run_id is not None]
 
 
 def _jobs(logs: Path) -> dict[str, str]:

@@ -13,22 +13,21 @@ from pathlib import Path
 
 import polars as pl
 import pytest
-import yaml
+from specs import demo_spec_file  # tests/specs.py
 from typer.testing import CliRunner
 
 from flows.commands import app
 
 ROOT = Path(__file__).resolve().parents[1]
-DEMO = yaml.safe_load((ROOT / "deployments/demo.yaml").read_text())
 pytestmark = pytest.mark.slow
 
 
 def _spec_file(tmp_path: Path, hub: Path, **fields) -> Path:
-    data = {**DEMO, "run_root": str(tmp_path / "demo"), "hf_cache": str(hub), "checkpoints": ["step1000"],
-            "layers": [1, 3], "tasks": ["DemoSTS", "DemoClassification"], "metrics": None, **fields}  # fmt: skip
-    path = tmp_path / "spec.yaml"
-    path.write_text(yaml.safe_dump(data, sort_keys=False))
-    return path
+    return demo_spec_file(
+        tmp_path,
+        hub,
+        **{"run_root": str(tmp_path / "demo"), "tasks": ["DemoSTS", "DemoClassification"], **fields},
+    )
 
 
 def _cli(*args: str):
@@ -64,14 +63,6 @@ def _fill(disk: Path) -> Path:
                 assert e.errno == errno.ENOSPC
     assert shutil.disk_usage(disk).free < 4096
     return filler
-
-
-@pytest.fixture(scope="module")
-def prefect_api():
-    from prefect.testing.utilities import prefect_test_harness
-
-    with prefect_test_harness(server_startup_timeout=180):
-        yield
 
 
 def _flow(spec: Path):

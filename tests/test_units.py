@@ -1,14 +1,18 @@
-"""A GPU worker's checkpoint tasks (tasks/units.py over pipeline.checkpoint_gpu_work): the next model
-loads while the current computes."""
+"""A GPU worker's checkpoint tasks (tasks/units.py over phases.gpu.checkpoint_gpu_work): the next model
+loads while the current computes. Proved by waiting on events, not by sleeps: the first checkpoint's
+forward passes wait for the second checkpoint's load to end, which they can only see if that load
+does not wait for them."""
 
+import os
 import threading
 import time
 from types import SimpleNamespace
 
-from layertime import pipeline
+from layertime.phases import embed, record
+from layertime.phases import measure as measuring
 from tasks import units
 
-LOAD_S, EMBED_S = 0.3, 0.2
+OVERLAP_WITHIN_S = 60  # a load that waits for the other checkpoint's compute never ends in time
 
 
 class _Trace:
@@ -45,43 +49,46 @@ def _work(ckpt: str, tasks: list[str]) -> SimpleNamespace:
     spec = SimpleNamespace(aggregation="rule-a", hf_cache=None, run_root="/run", store=None)
     checkpoint = SimpleNamespace(model="m", revision=ckpt, commit=None)
     unit = [SimpleNamespace(task=t) for t in tasks]
-    return SimpleNamespace(plan=SimpleNamespace(spec=spec, blocks=[1]), settings=None, checkpoint=checkpoint,
-                           units=tuple(unit), measure=False, label=ckpt)  # fmt: skip
+    plan = SimpleNamespace(spec=spec, blocks=[1])
+    ctx = SimpleNamespace(plan=plan, spec=spec, run=SimpleNamespace(texts="/run/texts"), settings=None)
+    return SimpleNamespace(ctx=ctx, checkpoint=checkpoint, units=tuple(unit), measure=False, label=ckpt)
 
 
 def test_a_worker_loads_the_next_checkpoint_while_the_current_one_computes(monkeypatch):
     trace = _Trace()
+    loaded = {c: threading.Event() for c in "AB"}
+    overlapped: list[bool] = []
 
     def load(spec, ckpt, blocks, settings, device=None):
         trace.add("load", ckpt.revision)
-        time.sleep(LOAD_S)  # reading weights from storage: no GPU held
         trace.add("loaded", ckpt.revision)
+        loaded[ckpt.revision].set()
         return _FakeEncoder(ckpt.revision, trace)
 
-    def embed(encoder, run, settings, ckpt, task, texts, blocks):
+    def embed_unit(encoder, ctx, ckpt, task, texts, blocks):
         trace.add(f"embed {task}", ckpt.revision)
-        time.sleep(EMBED_S)
+        # Computing, with the GPU held: the other checkpoint's load must be able to end meanwhile.
+        overlapped.append(loaded["B" if ckpt.revision == "A" else "A"].wait(OVERLAP_WITHIN_S))
         trace.add(f"embedded {task}", ckpt.revision)
         return f"/embeddings/{ckpt.revision}/{task}"
 
-    monkeypatch.setattr(pipeline, "gpu_blocks", lambda spec, plan: [1])
-    monkeypatch.setattr(pipeline, "load_encoder", load)
-    monkeypatch.setattr(pipeline, "task_texts", lambda *a: SimpleNamespace(texts=["a"]))
-    monkeypatch.setattr(pipeline, "embed_unit", embed)
+    monkeypatch.setattr(measuring, "gpu_blocks", lambda plan: [1])
+    monkeypatch.setattr(embed, "load_encoder", load)
+    monkeypatch.setattr(record, "task_texts", lambda *a: SimpleNamespace(texts=["a"]))
+    monkeypatch.setattr(embed, "embed_unit", embed_unit)
     done = {}
     threads = [threading.Thread(target=lambda c=c: done.update({c: units._gpu(_work(c, ["T1", "T2"]))}))
                for c in ("A", "B")]  # fmt: skip
     for t in threads:
         t.start()
     for t in threads:
-        t.join(timeout=30)
+        t.join(timeout=2 * OVERLAP_WITHIN_S + 30)
 
     assert {c: d.embeddings for c, d in done.items()} == {
         c: {t: f"/embeddings/{c}/{t}" for t in ("T1", "T2")} for c in ("A", "B")
     }
-    first, second = sorted("AB", key=lambda c: trace.time_of("embed T1", c))
-    # the second checkpoint's load ended before the first one's forward passes did: it overlapped them
-    assert trace.time_of("loaded", second) < trace.time_of("embedded T2", first)
+    # each checkpoint's forward passes saw the other's load end: no load waited for the other's compute
+    assert overlapped == [True] * 4, overlapped
     # forward passes never overlap, and one model at a time was on the device
     computes = sorted((trace.time_of(f"embed {t}", c), trace.time_of(f"embedded {t}", c))
                       for c in "AB" for t in ("T1", "T2"))  # fmt: skip
@@ -89,3 +96,18 @@ def test_a_worker_loads_the_next_checkpoint_while_the_current_one_computes(monke
         end <= next_start for (_, end), (next_start, _) in zip(computes[:-1], computes[1:], strict=True)
     )
     assert trace.most_on_device == 1 and trace.on_device == 0
+
+
+def test_flow_runs_of_one_process_share_a_kept_pool_of_their_size_and_no_other():
+    size = 1 + (os.cpu_count() or 1)  # not the size the session's own warm pool keeps
+    before = dict(units._KEPT)
+    with units.keep_scoring_processes(size) as kept:
+        for _ in range(2):  # two flow runs, one after the other
+            with units.scoring_pool(size):
+                assert units._POOL[-1] is kept  # scored in the kept processes...
+            assert not kept._closed  # ...which outlive the flow run
+        with units.scoring_pool(size + 1):  # another size: a pool of its own, closed with its flow run
+            own = units._POOL[-1]
+            assert own is not kept and own.processes == size + 1
+        assert own._closed and not kept._closed and kept not in units._POOL
+    assert kept._closed and units._KEPT == before

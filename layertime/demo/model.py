@@ -29,7 +29,7 @@ from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers,
 from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
 
 from layertime.demo.corpus import labelled_sentences
-from layertime.hub.cache import cached_commit, snapshot_dir
+from layertime.hub.cache import CorruptRef, cached_commit, snapshot_dir
 from layertime.hub.fake import fake_commit, write_snapshot
 
 DEMO_REPO = "layertime/tiny-neox"
@@ -206,10 +206,13 @@ def read_refs(
     cache_dir: Path, repo_id: str = DEMO_REPO, revisions: list[str] | None = None
 ) -> dict[str, str] | None:
     """revision -> commit of a built repo (default: the demo's), or None unless every revision
-    (default: the demo's) and its files are in place."""
+    (default: the demo's) and its files are in place (a damaged ref: not in place, built again)."""
     commits: dict[str, str] = {}
     for revision in demo_revisions() if revisions is None else revisions:
-        commit = cached_commit(repo_id, revision, cache_dir)
+        try:
+            commit = cached_commit(repo_id, revision, cache_dir)
+        except CorruptRef:
+            return None
         if commit is None:
             return None
         snapshot = snapshot_dir(repo_id, commit, cache_dir)

@@ -43,6 +43,16 @@ class MissingDatasetError(Permanent, LookupError):
     """A task's dataset is not in the cache at its pinned revision; the message says how to fetch it."""
 
 
+class CheckpointError(Permanent, LookupError):
+    """A revision that cannot be resolved or loaded; the message says how to fix it.
+
+    (Defined here, beside the cache's layout, so a bad ref is one; `layertime.checkpoints` exports it.)"""
+
+
+class CorruptRef(CheckpointError):
+    """A `refs/<revision>` file of the cache that does not hold a 40-hex commit: never followed."""
+
+
 # ----------------------------------------------------------------------------- the cache in effect, offline
 
 
@@ -133,11 +143,27 @@ def is_blob(path: Path) -> bool:
 def cached_commit(
     repo_id: str, revision: str, cache_dir: str | Path | None = None, repo_type: str = "model"
 ) -> str | None:
-    """The commit `revision` points at in the cache (a commit hash is its own), or None without a ref."""
+    """The commit `revision` points at in the cache (a commit hash is its own), or None without a ref.
+
+    A ref must hold a 40-hex commit: anything else (`../../elsewhere`, a truncated hash) would name a
+    snapshot folder outside the repo or none, so it is a CorruptRef naming the file and the fix."""
     if _COMMIT.fullmatch(revision):
         return revision
     ref = ref_file(repo_id, revision, cache_dir, repo_type)
-    return ref.read_text().strip() if ref.is_file() else None
+    if not ref.is_file():
+        return None
+    try:
+        text = ref.read_text(encoding="utf-8", errors="replace")
+    except OSError as e:
+        raise CorruptRef(f"{ref}: cannot read the ref of {repo_id}@{revision}: {e.strerror}") from None
+    commit = text.strip()
+    if not _COMMIT.fullmatch(commit):
+        fix = download_command(repo_id, revision=revision, repo_type=repo_type, cache_dir=cache_dir)
+        raise CorruptRef(
+            f"{ref}: the ref of {repo_id}@{revision} holds {text[:60]!r}, not a 40-hex commit; "
+            f"the cache is damaged: fetch the revision again ({fix})"
+        )
+    return commit
 
 
 # ----------------------------------------------------------------------------- loading a checkpoint

@@ -13,25 +13,24 @@ per thing checked, each with the exact shell command that fixes it when it is no
   reranking tasks must keep their per-query candidate lists. Demo tasks load in memory;
 - the metrics corpus: wikitext-103 from the datasets cache, or the corpus file.
 
-Hashes already checked are remembered per blob (size and mtime) in ``<cache>/.layertime/verified.json``,
-so verifying again costs a stat per file; `rehash=True` hashes everything again.
+Hashes already checked are remembered per blob (its stat) in ``<cache>/.layertime/verified.json``
+(`layertime.file_hashes`), so verifying again costs a stat per file; `rehash=True` hashes everything again.
 """
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import re
 import struct
 import sys
-import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from layertime import suite
+from layertime.file_hashes import FileHashes, memo_file
 from layertime.hub import cache, prefetch
 from layertime.hub.cache import download_command, offline
 from layertime.hub.prefetch import RemoteFile, human
@@ -42,7 +41,6 @@ OK, MISSING, CORRUPT = "ok", "missing", "corrupt"
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 _SHA1 = re.compile(r"[0-9a-f]{40}")
 _GIT_HASH_LIMIT = 50_000_000  # small (non-LFS) files are checked against their git blob sha1 up to this size
-_CHUNK = 8 * 1024 * 1024
 
 
 @dataclass(frozen=True)
@@ -96,7 +94,7 @@ class _Checker:
         self.cache = cache.hub_cache(spec.hf_cache)
         self.cache_arg = spec.hf_cache  # as the user wrote it, for the fix commands
         self.prefetch_cmd = f"layertime prefetch {spec_path}" if spec_path else "layertime prefetch SPEC"
-        self.memo = _HashMemo(self.cache, rehash)
+        self.memo = FileHashes(memo_file(self.cache), rehash)
         self.workers = max(1, workers)
 
     # -- checkpoints
@@ -112,7 +110,12 @@ class _Checker:
         by_commit: dict[str, list[Item]] = {}
         for revision in spec.checkpoints:
             label = f"{spec.model}@{revision}"
-            commit = cache.cached_commit(spec.model, revision, self.cache)
+            try:
+                commit = cache.cached_commit(spec.model, revision, self.cache)
+            except cache.CorruptRef as e:  # never followed: it could point anywhere
+                fix = download_command(spec.model, revision=revision, cache_dir=self.cache_arg)
+                items.append(Item(label, "revision", CORRUPT, None, fix, _ref_problem(e)))
+                continue
             snapshot = cache.snapshot_dir(spec.model, commit or "-", self.cache)
             if commit is None or not snapshot.is_dir():
                 what = "no ref in the cache" if commit is None else f"ref -> {commit[:12]}, but no snapshot"
@@ -231,8 +234,11 @@ class _Checker:
 
     def _dataset(self, task: str, path: str, revision: str) -> Item:
         label = f"dataset {task}"
-        snapshot = cache.dataset_snapshot(path, revision, self.cache)
         fix = download_command(path, revision=revision, repo_type="dataset", cache_dir=self.cache_arg)
+        try:
+            snapshot = cache.dataset_snapshot(path, revision, self.cache)
+        except cache.CorruptRef as e:
+            return Item(label, "dataset", CORRUPT, None, fix, _ref_problem(e))
         if snapshot is None:
             return Item(
                 label, "dataset", MISSING, None, fix, f"no snapshot of {path}@{revision[:10]} (mteb's pin)"
@@ -293,16 +299,12 @@ class _Checker:
         path = Path(m.corpus)
         if not path.is_file():
             return [Item(label, "metrics", MISSING, None, None, f"file {path} does not exist")]
-        return [
-            Item(
-                label,
-                "metrics",
-                OK,
-                path.stat().st_size,
-                None,
-                f"{len(metrics_corpus.file_prompts(path))} prompts",
-            )
-        ]
+        try:
+            prompts = metrics_corpus.file_prompts(path)
+        except metrics_corpus.CorpusError as e:
+            detail = str(e).removeprefix("metrics.corpus: ")
+            return [Item(label, "metrics", CORRUPT, path.stat().st_size, None, detail)]
+        return [Item(label, "metrics", OK, path.stat().st_size, None, f"{len(prompts)} prompts")]
 
 
 def _relabel(item: Item, label: str, revision: str) -> Item:
@@ -312,6 +314,11 @@ def _relabel(item: Item, label: str, revision: str) -> Item:
     if fix and "--revision" in fix:
         fix = re.sub(r"--revision \S+", f"--revision {revision}", fix)
     return Item(item.item.replace(first, label, 1), item.kind, item.status, item.size, fix, item.detail)
+
+
+def _ref_problem(error: BaseException) -> str:
+    """A CorruptRef's message without its fix (the row's fix column has it)."""
+    return str(error).split("; the cache is damaged", 1)[0]
 
 
 def _short(error: BaseException) -> str:
@@ -360,7 +367,7 @@ def _candidates_problem(task: Any) -> str | None:
 # ----------------------------------------------------------------------------- one file
 
 
-def _check_file(pointer: Path, expected: RemoteFile | None, memo: _HashMemo) -> tuple[str, int | None, str]:
+def _check_file(pointer: Path, expected: RemoteFile | None, memo: FileHashes) -> tuple[str, int | None, str]:
     """(status, size, detail) of one snapshot entry against what the hub said (or its blob name)."""
     if not pointer.exists():
         if pointer.is_symlink():
@@ -406,45 +413,6 @@ def _safetensors_problem(path: Path, size: int) -> str | None:
 def _git_sha1(path: Path) -> str:
     data = path.read_bytes()
     return hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest()
-
-
-class _HashMemo:
-    """sha256 of blobs already hashed, keyed by (size, mtime): a second verify only stats the files."""
-
-    def __init__(self, cache: Path, rehash: bool):
-        self.path = Path(cache) / ".layertime" / "verified.json"
-        self.lock = threading.Lock()
-        self.entries: dict[str, list] = {}
-        self.dirty = False
-        if not rehash:
-            with contextlib.suppress(OSError, ValueError):
-                self.entries = json.loads(self.path.read_text())
-
-    def sha256(self, blob: Path) -> str:
-        st = blob.stat()
-        key = str(blob)
-        with self.lock:
-            known = self.entries.get(key)
-        if known and known[:2] == [st.st_size, st.st_mtime_ns]:
-            return known[2]
-        digest = hashlib.sha256()
-        with open(blob, "rb") as f:
-            while chunk := f.read(_CHUNK):
-                digest.update(chunk)
-        value = digest.hexdigest()
-        with self.lock:
-            self.entries[key] = [st.st_size, st.st_mtime_ns, value]
-            self.dirty = True
-        return value
-
-    def save(self) -> None:
-        """Best effort: a read-only cache is verified all the same, just hashed again next time."""
-        if not self.dirty:
-            return
-        from layertime.io import atomic_write_text
-
-        with contextlib.suppress(OSError):
-            atomic_write_text(self.path, json.dumps(self.entries))
 
 
 # ----------------------------------------------------------------------------- the table

@@ -12,7 +12,7 @@ from typing import Any
 
 import polars as pl
 
-from layertime import tables
+from layertime import records, tables
 from layertime.report.analysis import RunData
 
 
@@ -56,9 +56,8 @@ def texts_info(root: Path, spec: Any | None) -> pl.DataFrame:
         return pl.DataFrame()
     for task in spec.tasks:
         found = sorted((store / "texts").glob(f"{task}__*__{spec.aggregation}.json"), key=os.path.getmtime)
-        if found:
-            data = json.loads(found[-1].read_text())
-            rows.append({"task": task, "requested": data["requested"], "unique": len(data["texts"])})
+        if found and (record := records.peek_texts(found[-1])) is not None:
+            rows.append({"task": task, "requested": record.requested, "unique": len(record.texts)})
     return pl.DataFrame(rows)
 
 

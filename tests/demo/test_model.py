@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import shutil
-import time
+import threading
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -144,12 +144,15 @@ def test_model_is_tiny(cache: Path) -> None:
     assert tiny_config(500).num_hidden_layers == 4
 
 
-def _fake_build(source: Path, calls: list[Path]) -> Callable[[Path], dict[str, str]]:
-    """A stand-in for build_demo_model: copies a finished build instead of training (slowly)."""
+def _fake_build(
+    source: Path, calls: list[Path], before: Callable[[], None] = lambda: None
+) -> Callable[[Path], dict[str, str]]:
+    """A stand-in for build_demo_model: copies a finished build instead of training (slowly), after
+    `before()`."""
 
     def build(cache_dir: Path) -> dict[str, str]:
         calls.append(cache_dir)
-        time.sleep(0.2)  # long enough for a concurrent caller to reach the lock
+        before()
         target = repo_dir(DEMO_REPO, cache_dir)
         shutil.rmtree(target, ignore_errors=True)  # whatever a killed build left behind
         shutil.copytree(repo_dir(DEMO_REPO, source), target, symlinks=True)
@@ -174,8 +177,22 @@ def test_concurrent_callers_build_once(
     cache: Path, commits: dict[str, str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # flock locks belong to open file descriptions, so threads exclude each other as processes do.
+    # The build goes on only once every caller has found no repo (their first read of the refs; the
+    # builder reads them twice): all three then meet the lock, none by luck of timing.
     calls: list[Path] = []
-    monkeypatch.setattr(demo_model, "build_demo_model", _fake_build(cache, calls))
+    checked = threading.Semaphore(0)
+    real_read = demo_model.read_refs
+
+    def counted_read(*args, **kwargs):
+        found = real_read(*args, **kwargs)
+        checked.release()
+        return found
+
+    def when_all_checked() -> None:
+        assert all(checked.acquire(timeout=60) for _ in range(4)), "not every caller looked for the repo"
+
+    monkeypatch.setattr(demo_model, "read_refs", counted_read)
+    monkeypatch.setattr(demo_model, "build_demo_model", _fake_build(cache, calls, when_all_checked))
     with ThreadPoolExecutor(max_workers=3) as pool:
         results = list(pool.map(lambda _: ensure_demo_model(tmp_path), range(3)))
     assert results == [commits] * 3
