@@ -98,7 +98,7 @@ def layer_by_layer(
     experiment = load_spec(spec, **(overrides or {}))
     where = profile(cluster, cluster_overrides)
     prepare_world(experiment)
-    _verify(experiment, spec)
+    verify_ready(experiment, spec)
     plan = make_plan(experiment, strict=True)
     progress = _Progress(plan)  # in the UI from the start
     needs = where.check_fits(plan.tasks, plan.hidden_size)  # before any GPU work
@@ -107,10 +107,10 @@ def layer_by_layer(
     with ctx.run.lock():  # a second run on the same run root is refused, by name
         claim_run_root(ctx.run, experiment, force)
         write_snapshot(plan, ctx.run, ctx.settings)
-        _delete_scored_embeddings(ctx)
+        delete_scored_embeddings(ctx)
         with where.task_runner() as runner, units.scoring_pool(where.scoring_processes):
-            revisions, failures = _record(runner, experiment, plan)
-            work = _Units(runner, ctx, needs, progress, where.gpu_slots * MODELS_PER_GPU)
+            revisions, failures = record_tasks(runner, experiment, plan)
+            work = Units(runner, ctx, needs, progress, where.gpu_slots * MODELS_PER_GPU)
             failures += work.run(revisions)
             paths = runner.submit(units.merge, {"ctx": ctx}).result()
         progress.show(final=True)
@@ -120,7 +120,7 @@ def layer_by_layer(
     return paths
 
 
-def _delete_scored_embeddings(ctx: Context) -> None:
+def delete_scored_embeddings(ctx: Context) -> None:
     """Embeddings an earlier run left of units whose every layer is recorded (it was killed between its
     last record and the delete) are deleted now, unless another run claims them."""
     if deleted := leftovers.delete_scored_embeddings(ctx):
@@ -133,7 +133,7 @@ class NotReady(RuntimeError):
     """Something the run needs is missing from the cache; the message lists each item and its fix."""
 
 
-def _verify(spec: ExperimentSpec, spec_path: str) -> None:
+def verify_ready(spec: ExperimentSpec, spec_path: str) -> None:
     """The checks of `layertime verify` (task data not loaded: snapshots are checked); no GPU work
     starts while anything is missing or corrupt."""
     from layertime.hub import verify
@@ -146,7 +146,7 @@ def _verify(spec: ExperimentSpec, spec_path: str) -> None:
     get_run_logger().info(f"verified {len(items)} items offline: checkpoints, task data, metrics corpus")
 
 
-def _record(runner: Any, spec: ExperimentSpec, plan: Plan) -> tuple[dict[str, str], list[str]]:
+def record_tasks(runner: Any, spec: ExperimentSpec, plan: Plan) -> tuple[dict[str, str], list[str]]:
     """The recording pass of every task (CPU, in parallel): task -> dataset revision, and the failed
     recordings named (their task's units are not computed; the others go on)."""
     futures = {t: runner.submit(units.record, {"task_name": t, "spec": spec}) for t in plan.tasks}
@@ -183,7 +183,7 @@ class _Progress:
         update_progress_artifact(self.id, 100.0 * self.scored / max(1, self.total), description=text)
 
 
-class _Units:
+class Units:
     """Each checkpoint's GPU work on a GPU slot, at most `gpu_at_once` submitted (MODELS_PER_GPU per
     slot), the next as one ends; as each ends, its layers' scoring on workers with the memory their
     task needs (`needs`: task -> MEM_GB, docs/design.md §10). Each task is handled as soon as it finishes.

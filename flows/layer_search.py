@@ -10,7 +10,7 @@
     merge                                  the grid's tables of what exists, then artifacts in the UI
 
 Same library, store, units and completion records as `layer-by-layer` (flows/layer_by_layer.py, whose
-`_Units` runs each batch): every evaluation of a search is a grid unit a later grid run reuses, and
+`Units` runs each batch): every evaluation of a search is a grid unit a later grid run reuses, and
 every unit recorded is an observation the search starts from. The records are the search's one state:
 before each batch the `Search` is rebuilt from them (`layertime.search.records`), so a search that was
 stopped or killed resumes where its records end and never repeats an evaluation.
@@ -34,7 +34,7 @@ from prefect.artifacts import (
 )
 
 from flows.clusters import profile
-from flows.layer_by_layer import UnitsFailed, _delete_scored_embeddings, _record, _Units, _verify
+from flows.layer_by_layer import Units, UnitsFailed, delete_scored_embeddings, record_tasks, verify_ready
 from flows.logs import quiet_finished_task_runs
 from layertime import fastmteb
 from layertime.costs import MODELS_PER_GPU
@@ -69,7 +69,7 @@ def layer_search(
     experiment = load_spec(spec, **(overrides or {}))
     where = profile(cluster, cluster_overrides)
     prepare_world(experiment)
-    _verify(experiment, spec)
+    verify_ready(experiment, spec)
     plan = make_plan(experiment, strict=True)
     needs = where.check_fits(plan.tasks, plan.hidden_size)  # before any GPU work
     ctx = Context.of(plan, where.device)
@@ -79,10 +79,10 @@ def layer_search(
     with ctx.run.lock():
         claim_run_root(ctx.run, experiment, force)
         write_snapshot(plan, ctx.run, ctx.settings)
-        _delete_scored_embeddings(ctx)
+        delete_scored_embeddings(ctx)
         progress = _Progress()
         with where.task_runner() as runner, units.scoring_pool(where.scoring_processes):
-            revisions, failures = _record(runner, experiment, plan)
+            revisions, failures = record_tasks(runner, experiment, plan)
             if not failures and plan.spec.metrics is not None:  # stage 1: every arm's metrics
                 failures += _Batch(runner, ctx, needs, progress, gpu_at_once, {}, measure=True).run(revisions)
             search = search_records.search_from(ctx)
@@ -96,7 +96,7 @@ def layer_search(
             stop, batches = _stage2(runner, ctx, needs, progress, gpu_at_once, revisions, failures) if not failures else (None, 0)  # fmt: skip
             search = search_records.search_from(ctx)
             paths = runner.submit(units.merge, {"ctx": ctx}).result()
-        _delete_scored_embeddings(ctx)
+        delete_scored_embeddings(ctx)
         progress.show(search, final=True)
         result = _publish(search, stop, paths)
         logger.info(
@@ -146,7 +146,7 @@ def _stage2(
             raise SearchStuck(f"batch {batches} recorded no new evaluation: {sorted(todo)}")
 
 
-class _Batch(_Units):
+class _Batch(Units):
     """One batch of the search run as layer-by-layer runs its units: `todo` maps (revision, task) to
     the layers to score; their embeddings are computed unless the store holds them whole. With
     `measure`, each checkpoint without metrics records gets its metrics pass (stage 1).
@@ -196,7 +196,7 @@ class _Batch(_Units):
 
 class _Progress:
     """The progress artifact: budget spent and the current best after each batch, and the batch's
-    scorings done while it runs (the counters `_Units` keeps). Updated at most every few seconds."""
+    scorings done while it runs (the counters `Units` keeps). Updated at most every few seconds."""
 
     EVERY_S = 2.0
 
