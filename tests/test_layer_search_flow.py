@@ -138,4 +138,8 @@ def test_a_search_killed_mid_search_resumes_from_the_records_and_repeats_no_eval
     # Nothing recorded before the kill is scored again, or rewritten; every task run's units are new.
     assert all(after[k] == v for k, v in killed.items())
     assert len(after) == len(killed) + len(again)
-    assert state.result()["spent"]["evaluations"] == len(after) >= 6
+    spent = state.result()["spent"]
+    assert spent["evaluations"] == len(after) >= 6
+    # The budget counts what the records cost, those written before the kill included.
+    scores = pl.read_parquet(tmp_path / "run/demo/tables/scores.parquet")
+    assert spent["cpu_h"] == pytest.approx(scores["seconds"].sum() / 3600)
