@@ -221,7 +221,8 @@ class _Progress:
 
 
 def _publish(search: Search, stop: Stop | None, paths: dict[str, str]) -> dict:
-    """The chosen arm (markdown), every arm's posterior and the cost against the grid (tables)."""
+    """The chosen arm (markdown), every arm's posterior (table), the heatmap of predicted scores
+    (markdown), the best layer's path over training and the cost against the grid (tables)."""
     create_markdown_artifact(
         report.choice_markdown(search, stop), key="layer-search-choice", description="the chosen arm"
     )
@@ -230,6 +231,15 @@ def _publish(search: Search, stop: Stop | None, paths: dict[str, str]) -> dict:
         key="layer-search-arms",
         description="every arm: predicted rule-a average (points), sd, tasks scored, evaluated, P(best)",
     )
+    create_markdown_artifact(
+        report.heatmap_markdown(search),
+        key="layer-search-heatmap",
+        description="predicted score by checkpoint and layer",
+    )
+    if path := report.path_rows(search):
+        create_table_artifact(
+            path, key="layer-search-path", description="the best layer's path over training (predicted)"
+        )
     create_table_artifact(
         report.cost_rows(search),
         key="layer-search-cost",

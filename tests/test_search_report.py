@@ -61,3 +61,16 @@ def test_progress_is_the_share_of_the_tightest_budget_and_names_the_best_so_far(
     assert percent == pytest.approx(100 * 270 / 480)
     empty, line = report.progress(Search(SPACE))
     assert empty == 0 and "no arm evaluated yet" in line
+
+
+def test_the_heatmap_marks_evaluated_arms_and_the_chosen_one_and_the_path_follows_the_predicted_best():
+    search = _search()
+    heatmap = report.heatmap_markdown(search)
+    assert "| step100 | 50.0* | **60.0*** |" in heatmap
+    means = {(r["checkpoint"], r["layer"]): r["mean"] for r in report.arm_rows(search)}
+    path = report.path_rows(search)
+    assert [r["checkpoint"] for r in path] == ["step0", "step100"]  # training order
+    for row in path:  # the layer with the highest predicted mean of its checkpoint
+        assert row["mean"] == max(m for (c, _), m in means.items() if c == row["checkpoint"])
+    assert path[1]["layer"] == 1 and path[1]["evaluated"]
+    assert report.path_rows(Search(SPACE)) == [] and "?" in report.heatmap_markdown(Search(SPACE))

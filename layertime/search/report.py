@@ -106,3 +106,40 @@ def cost_rows(search: Search) -> list[dict]:
         }
         for name in ("evaluations", "cpu_h", "gpu_h")
     ]
+
+
+def path_rows(search: Search) -> list[dict]:
+    """The best layer's path over training: per checkpoint (in training order), the layer with the
+    highest predicted mean, its mean and sd, and whether that arm was evaluated. Empty before the model
+    predicts every arm (fewer than two arms evaluated)."""
+    rows = arm_rows(search)
+    if any(r["mean"] is None for r in rows):
+        return []
+    out: list[dict] = []
+    for checkpoint in search.space.checkpoints:
+        best = max((r for r in rows if r["checkpoint"] == checkpoint), key=lambda r: r["mean"])
+        out.append({k: best[k] for k in ("checkpoint", "step", "layer", "mean", "sd", "evaluated")})
+    return out
+
+
+def heatmap_markdown(search: Search) -> str:
+    """A checkpoint x layer table of predicted rule-(a) averages (points), evaluated arms marked `*`
+    (exact), the chosen arm in bold; `?` where the model does not predict yet."""
+    rows = {(r["checkpoint"], r["layer"]): r for r in arm_rows(search)}
+    choice = search.chosen()
+    chosen = None if choice is None else (choice.arm.checkpoint, choice.arm.block)
+    blocks = search.space.blocks
+    lines = [
+        "Predicted rule-(a) average (points) by checkpoint and layer; `*` evaluated (exact), **bold** chosen.",
+        "",
+        "| checkpoint | " + " | ".join(f"L{b}" for b in blocks) + " |",
+        "|---|" + "---|" * len(blocks),
+    ]
+    for checkpoint in search.space.checkpoints:
+        cells = []
+        for b in blocks:
+            r = rows[checkpoint, b]
+            cell = "?" if r["mean"] is None else f"{r['mean']:.1f}" + ("*" if r["evaluated"] else "")
+            cells.append(f"**{cell}**" if (checkpoint, b) == chosen else cell)
+        lines.append(f"| {checkpoint} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
