@@ -119,9 +119,12 @@ def _stage2(
     """Propose, evaluate, observe (from the records) until the stop rule or the budget says stop; a
     failed unit ends the loop (`failures` names it: the re-run retries it)."""
     logger = get_run_logger()
-    batches = 0
+    batches, before, todo = 0, -1, {}
     while True:
         search = search_records.search_from(ctx)  # the records are the search's state
+        if search.evaluations <= before:  # a batch that records nothing would be proposed forever
+            raise SearchStuck(f"batch {batches} recorded no new evaluation: {sorted(todo)}")
+        before = search.evaluations
         progress.show(search, final=True)
         stop = search.should_stop()
         if stop.stop:
@@ -130,20 +133,18 @@ def _stage2(
         scorings = [a for a in actions if isinstance(a, Score)]
         if not scorings:
             return Stop(True, "nothing left to propose", stop.probability), batches
-        todo: dict[tuple[str, str], set[int]] = {}
+        todo = {}
         for a in scorings:
             todo.setdefault((a.checkpoint, a.task), set()).add(a.block)
-        before = search.evaluations
         batches += 1
+        arms = len({(a.checkpoint, a.block) for a in scorings})
         logger.info(
-            f"batch {batches}: {len(scorings)} scoring(s) of {len({(a.checkpoint, a.block) for a in scorings})} "
-            f"arm(s), {len(actions) - len(scorings)} embedding(s) proposed"
+            f"batch {batches}: {len(scorings)} scoring(s) of {arms} arm(s), "
+            f"{len(actions) - len(scorings)} embedding(s) proposed"
         )
         failures += _Batch(runner, ctx, needs, progress, gpu_at_once, todo).run(revisions)
         if failures:
             return Stop(True, "a unit failed", stop.probability), batches
-        if search_records.search_from(ctx).evaluations <= before:
-            raise SearchStuck(f"batch {batches} recorded no new evaluation: {sorted(todo)}")
 
 
 class _Batch(Units):
