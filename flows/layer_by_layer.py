@@ -221,12 +221,7 @@ class Units:
     def run(self, revisions: dict[str, str]) -> list[str]:
         """Run every unit not done; the failed ones, named."""
         self._plan_work(revisions)
-        get_run_logger().info(
-            f"{self.plan.spec.name}: {self.plan.evaluations} evaluations, {self.progress.total} distinct "
-            f"units, {self.progress.scored} done (completion records), {len(self.waiting)} checkpoint(s) "
-            f"with GPU work, {len(self.embedded)} (checkpoint, task) embedded already (layers are 0-based "
-            f"block indices {self.plan.blocks})"
-        )
+        get_run_logger().info(self._planned())
         self.progress.show(final=True)
         with self.claims:
             self._submit_gpu()
@@ -243,6 +238,15 @@ class Units:
                 + ", ".join(f"{n} {what}" for what, n in sorted(self.cleaned.items()))
             )
         return self.failures
+
+    def _planned(self) -> str:
+        """The log line saying what this run of units has to do."""
+        return (
+            f"{self.plan.spec.name}: {self.plan.evaluations} evaluations, {self.progress.total} distinct "
+            f"units, {self.progress.scored} done (completion records), {len(self.waiting)} checkpoint(s) "
+            f"with GPU work, {len(self.embedded)} (checkpoint, task) embedded already (layers are 0-based "
+            f"block indices {self.plan.blocks})"
+        )
 
     def _embeddings(self, unit: units.Unit) -> Path:
         return self.ctx.run.embeddings(self.ctx.settings.id, unit.checkpoint, unit.task)

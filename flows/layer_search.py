@@ -190,6 +190,15 @@ class _Batch(Units):
                 self.waiting.append(units.GpuWork(self.ctx, ckpt, tuple(work), measure))
                 self.progress.to_embed += len(work)
 
+    def _planned(self) -> str:
+        if self.measure:
+            return f"stage 1: the metrics of {len(self.waiting)} checkpoint(s) to measure"
+        return (
+            f"{self.progress.total} scoring(s), {self.progress.scored} recorded already; "
+            f"{len(self.waiting)} checkpoint(s) with GPU work, {len(self.embedded)} (checkpoint, task) "
+            f"scored from embeddings kept in the store"
+        )
+
     def _cleanup(self, unit: units.Unit) -> None:
         self.claims.release(self._embeddings(unit))
         self.cleaned["kept for the search"] += 1
