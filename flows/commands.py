@@ -1,7 +1,7 @@
 """The `layertime` command: the library's commands (layertime/cli.py) plus those that run flows.
 
 `run` starts the layer-by-layer flow in this process (Prefect's embedded default) or, with
---plain, the same phases without Prefect; `submit` starts a deployment on a Prefect server;
+--plain, the same phases without Prefect; `search` starts the layer-search flow the same way; `submit` starts a deployment on a Prefect server;
 `slurm-script` prints the job script of a SLURM profile and `slurm-check` asks SLURM whether its jobs
 can ever start. Prefect and Dask are imported only by the commands that use them, so `layertime plan`
 stays quick.
@@ -69,6 +69,55 @@ def run(
     if not state.is_completed():
         cli.fail(_why(state))
     cli.print_tables(spec.run_root, state.result())
+
+
+@app.command()
+def search(
+    spec_path: SpecPath,
+    cluster: Annotated[str, typer.Option(help="cluster profile: local (default) or slurm")] = "local",
+    force: Annotated[
+        bool, typer.Option("--force", help="take over a run root another code version wrote (recomputes)")
+    ] = False,
+) -> None:
+    """Search a spec's grid for its best (checkpoint, layer) now, from this terminal: the layer-search
+    flow on Prefect's embedded default, with the spec's `search:` settings. Its evaluations are the grid's
+    units: recorded ones are reused, and a stopped search resumes from them."""
+    import shlex
+
+    spec = cli.prepare_run(spec_path)
+    resume = shlex.join(
+        ["layertime", "search", str(spec_path), *([] if cluster == "local" else ["--cluster", cluster])]
+    )
+    from flows.clusters import profile
+    from flows.layer_search import layer_search
+
+    logging.getLogger("distributed").setLevel(logging.WARNING)
+    try:
+        where = profile(cluster)
+    except ValueError as e:
+        cli.fail(str(e))
+
+    def work():
+        with _embedded_prefect():
+            return layer_search(str(spec_path), cluster=cluster, force=force, return_state=True)
+
+    state = cli.until_stopped(spec, where.device, resume, work)
+    if not state.is_completed():
+        cli.fail(_why(state))
+    result = state.result()
+    if (chosen := result["chosen"]) is None:
+        typer.echo(f"no arm evaluated on every task ({result['stop']})")
+    else:
+        typer.echo(
+            f"chosen: {chosen['checkpoint']} layer {chosen['layer']}: {chosen['value']:.2f} points "
+            f"(best of the grid at most {chosen['best_upper']:.2f} with probability 0.95); {result['stop']}"
+        )
+    spent = result["spent"]
+    typer.echo(
+        f"{spent['evaluations']} of {spent['grid_evaluations']} evaluations, {spent['cpu_h']:.3g} of "
+        f"{spent['grid_cpu_h']:.3g} CPU-h, {spent['gpu_h']:.3g} of {spent['grid_gpu_h']:.3g} GPU-h (expected, full grid)"
+    )
+    cli.print_tables(spec.run_root, result["tables"])
 
 
 def _why(state) -> str:

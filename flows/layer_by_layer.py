@@ -148,7 +148,7 @@ def _run(
     experiment = load_spec(spec, **(overrides or {}))
     where = profile(cluster, cluster_overrides)
     prepare_world(experiment)
-    _verify(experiment, spec)
+    verify_ready(experiment, spec)
     plan = make_plan(experiment, strict=True)
     progress = _Progress(plan)  # in the UI from the start
     needs = where.check_fits(plan.tasks, plan.hidden_size)  # before any GPU work
@@ -159,11 +159,11 @@ def _run(
     with ctx.run.lock(guard.label):  # a second run on the same run root is refused, naming this one
         claim_run_root(ctx.run, experiment, force)
         write_snapshot(plan, ctx.run, ctx.settings)
-        _delete_scored_embeddings(ctx)
+        delete_scored_embeddings(ctx)
         with where.task_runner() as runner, units.scoring_pool(where.scoring_processes):
-            revisions, failures = _record(runner, experiment, plan)
-            work = _Units(runner, ctx, needs, progress, where.gpu_slots * MODELS_PER_GPU)
-            work.parts = {t: where.score_parts(t) for t in plan.tasks}
+            revisions, failures = record_tasks(runner, experiment, plan)
+            parts = {t: where.score_parts(t) for t in plan.tasks}
+            work = Units(runner, ctx, needs, progress, where.gpu_slots * MODELS_PER_GPU, parts)
             failures += work.run(revisions)
             paths = runner.submit(units.merge, {"ctx": ctx}).result()
         progress.show(final=True)
@@ -205,7 +205,7 @@ def _supersede_earlier_failures() -> None:
         get_run_logger().info(f"{len(earlier)} failed task run(s) of earlier attempts are superseded")
 
 
-def _delete_scored_embeddings(ctx: Context) -> None:
+def delete_scored_embeddings(ctx: Context) -> None:
     """Embeddings an earlier run left of units whose every layer is recorded (it was killed between its
     last record and the delete) are deleted now, unless another run claims them."""
     if deleted := leftovers.delete_scored_embeddings(ctx):
@@ -214,7 +214,7 @@ def _delete_scored_embeddings(ctx: Context) -> None:
         )
 
 
-def _verify(spec: ExperimentSpec, spec_path: str) -> None:
+def verify_ready(spec: ExperimentSpec, spec_path: str) -> None:
     """The checks of `layertime verify` (task data not loaded: snapshots are checked); no GPU work
     starts while anything is missing or corrupt."""
     from layertime.hub import verify
@@ -227,7 +227,7 @@ def _verify(spec: ExperimentSpec, spec_path: str) -> None:
     get_run_logger().info(f"verified {len(items)} items offline: checkpoints, task data, metrics corpus")
 
 
-def _record(runner: Any, spec: ExperimentSpec, plan: Plan) -> tuple[dict[str, str], list[str]]:
+def record_tasks(runner: Any, spec: ExperimentSpec, plan: Plan) -> tuple[dict[str, str], list[str]]:
     """The recording pass of every task (CPU, in parallel): task -> dataset revision, and the failed
     recordings named (their task's units are not computed; the others go on)."""
     futures = {t: runner.submit(units.record, {"task_name": t, "spec": spec}) for t in plan.tasks}
@@ -277,7 +277,7 @@ def progress_text(scored: int, total: int, embedded: int, to_embed: int, failed:
     return " · ".join(words)
 
 
-class _Units:
+class Units:
     """Each checkpoint's GPU work on a GPU slot, at most `gpu_at_once` submitted (MODELS_PER_GPU per
     slot), the next as one ends; as each ends, its layers' scoring on workers with the memory their
     task needs (`needs`: task -> MEM_GB, docs/design.md §10). Each task is handled as soon as it finishes.
@@ -295,6 +295,7 @@ class _Units:
         needs: dict[str, int],
         progress: _Progress,
         gpu_at_once: int,
+        parts: dict[str, int] | None = None,
     ) -> None:
         self.runner, self.ctx, self.plan = runner, ctx, ctx.plan
         self.needs, self.progress, self.gpu_at_once = needs, progress, gpu_at_once
@@ -313,17 +314,12 @@ class _Units:
         self.embedded_again: set[tuple[str, str]] = set()  # units embedded again in this run (once each)
         self.cleaned = collections.Counter()  # what became of each scored unit's embeddings
         self.claims = claims.Claims()  # the embeddings this run needs, kept from other runs' cleanup
-        self.parts: dict[str, int] = {}  # task -> processes a layer of it is split over (1: whole)
+        self.parts = parts or {}  # task -> processes a layer of it is split over (1: whole)
 
     def run(self, revisions: dict[str, str]) -> list[str]:
         """Run every unit not done; the failed ones, named."""
         self._plan_work(revisions)
-        get_run_logger().info(
-            f"{self.plan.spec.name}: {self.plan.evaluations} evaluations, {self.progress.total} distinct "
-            f"units, {self.progress.scored} done (completion records), {len(self.waiting)} checkpoint(s) "
-            f"with GPU work, {len(self.embedded)} (checkpoint, task) embedded already (layers are 0-based "
-            f"block indices {self.plan.blocks})"
-        )
+        get_run_logger().info(self._planned())
         self.progress.show(final=True)
         self.progress.in_flight = self._in_flight
         with self.claims:
@@ -347,6 +343,15 @@ class _Units:
                 + ", ".join(f"{n} {what}" for what, n in sorted(self.cleaned.items()))
             )
         return self.failures
+
+    def _planned(self) -> str:
+        """The log line saying what this run of units has to do."""
+        return (
+            f"{self.plan.spec.name}: {self.plan.evaluations} evaluations, {self.progress.total} distinct "
+            f"units, {self.progress.scored} done (completion records), {len(self.waiting)} checkpoint(s) "
+            f"with GPU work, {len(self.embedded)} (checkpoint, task) embedded already (layers are 0-based "
+            f"block indices {self.plan.blocks})"
+        )
 
     def _embeddings(self, unit: units.Unit) -> Path:
         return self.ctx.run.embeddings(self.ctx.settings.id, unit.checkpoint, unit.task)

@@ -216,6 +216,42 @@ class MetricsSpec(BaseModel):
         return n
 
 
+class SearchSpec(BaseModel):
+    """The layer search's settings (`layertime.search`, docs/design.md §11): when to stop, what it may spend.
+
+    An experiment spec with a `search:` block is still a grid spec (`layertime run` scores its whole
+    grid and ignores the block); the layer search explores the same grid, unit for unit, and stops early.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
+
+    epsilon: float = Field(
+        0.5,
+        gt=0,
+        le=100,
+        description="points (mteb's 0-100 scale): the chosen arm may be this far below the best",
+    )
+    confidence: float = Field(
+        0.95, ge=0.5, lt=1, description="stop when P(chosen arm within epsilon of the best) exceeds this"
+    )
+    budget_cpu_h: float | None = Field(
+        None, gt=0, description="scoring CPU-hours the search may spend (null: no cap)"
+    )
+    budget_gpu_h: float | None = Field(
+        None, gt=0, description="embedding GPU-hours the search may spend (null: no cap)"
+    )
+    batch: int = Field(
+        8, ge=1, le=100_000, description="scorings per proposal (at least the scoring workers); whole arms"
+    )
+    initial_arms: int = Field(
+        6, ge=2, le=10_000, description="arms of the space-filling start before the model leads"
+    )
+    gpu_cpu_ratio: float = Field(
+        10.0, gt=0, description="CPU-seconds one GPU-second is worth, to weigh embeddings against scorings"
+    )
+    seed: int = Field(0, ge=0, description="seeds the start, the model's optimiser restarts and its samples")
+
+
 class ExperimentSpec(BaseModel):
     """One experiment: a model's checkpoints × layers × tasks, and how to embed and score them."""
 
@@ -256,6 +292,9 @@ class ExperimentSpec(BaseModel):
     keep_embeddings: bool = Field(False, description="keep embeddings after every layer of a unit is scored")
     metrics: MetricsSpec | None = Field(
         default_factory=MetricsSpec, description="representation metrics per checkpoint (null: none)"
+    )
+    search: SearchSpec | None = Field(
+        None, description="the layer search's settings (`layertime search`); a grid run ignores them"
     )
 
     @field_validator("checkpoints")
@@ -306,7 +345,8 @@ class ExperimentSpec(BaseModel):
     @property
     def digest(self) -> str:
         """A short hash of the spec as run (every field, defaults included): stamped on each result."""
-        blob = self.model_dump_json().encode()
+        # Without a search block, the hash of every spec written before the block existed is unchanged.
+        blob = self.model_dump_json(exclude={"search"} if self.search is None else None).encode()
         return hashlib.sha256(blob).hexdigest()[:12]
 
 
@@ -355,7 +395,7 @@ def _describe(error: ValidationError) -> str:
     )
     field = field or ".".join(str(p) for p in err["loc"])
     if err["type"] == "extra_forbidden":
-        model = MetricsSpec if err["loc"][0] == "metrics" else ExperimentSpec
+        model = {"metrics": MetricsSpec, "search": SearchSpec}.get(str(err["loc"][0]), ExperimentSpec)
         return f"unknown key {field!r} (allowed: {', '.join(model.model_fields)})"
     if err["type"] == "missing":
         return f"{field}: missing (required)"

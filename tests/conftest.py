@@ -101,6 +101,7 @@ LONGEST_FIRST = (
     "tests/test_offline_deployment.py",
     "tests/test_errors.py",
     "tests/test_cleanup_in_flow.py",
+    "tests/test_layer_search_flow.py",  # ~4 min alone: two searches, a grid run, a SIGKILL
     "tests/test_orchestration_slurm.py",  # SLURM, as test_slurm.py: far from it (they take turns)
 )
 

@@ -196,9 +196,9 @@ def test_the_flow_rejects_planted_files_in_one_line_each_and_heals_in_the_same_r
     _file(work, "scores", "DemoSTS", "layer_3.json").unlink()
     copied = _file(work, "embeddings", "DemoSTS", "layer_3.npy")
     copied.write_bytes(_file(work, "embeddings", "DemoSTS", "layer_1.npy").read_bytes())
-    checked = lbl._Units._kept_whole  # DemoSTS changes after the flow checked it: as if it were whole
+    checked = lbl.Units._kept_whole  # DemoSTS changes after the flow checked it: as if it were whole
     monkeypatch.setattr(
-        lbl._Units,
+        lbl.Units,
         "_kept_whole",
         lambda self, unit, layers: unit.task == "DemoSTS" or checked(self, unit, layers),
     )
