@@ -14,24 +14,25 @@ arms are complete (before that, δ and s² are unknown).
 **The kernel** (`sklearn.gaussian_process.GaussianProcessRegressor`, on values standardised by the
 observations' mean and standard deviation):
 
-    k(x, x') = c · Matérn_{5/2}(x, x'; one length scale per feature) + w · [x = x']
+    k(x, x') = c · Matérn_{5/2}(x, x'; ARD) + c_s · Matérn_{5/2}(step, depth; short)
+               + ρ · [same checkpoint] + ρ · [same arm]
 
-c and the length scales are fitted by maximum marginal likelihood (sklearn's L-BFGS with seeded
-restarts); each partial arm's var(f̂) is added to its diagonal (`alpha`). Arm values are deterministic,
-yet the white term w is not zero: it is the part of the landscape no smooth kernel follows (a task's
-test set is small, so neighbouring checkpoints and layers differ by a point at random), and an
-unevaluated arm's predictive distribution includes it (the value we would observe is the rough one),
-while an evaluated arm is known exactly.
+c, c_s and the length scales are fitted by maximum marginal likelihood (sklearn's L-BFGS); each
+partial arm's var(f̂) is added to its diagonal (`alpha`). Arm values are deterministic, yet a smooth
+kernel does not follow them: a task's test set is small, so neighbouring checkpoints and layers differ
+by a point at random. That roughness is part of the value, not observation noise: the two indicator
+terms (`base_kernel`) make it a latent random offset per checkpoint and per arm, so an evaluated arm is
+known exactly (the posterior interpolates it) while an unevaluated arm's predictive includes 2ρ.
 
-**Why a mixture over w.** With a handful of arms evaluated, far apart, the marginal likelihood cannot
-tell a smooth landscape (w → 0) from a rough one: on the trajectory world's first six arms it changed
-by 0.1 nats between w = 1e-6 and 1e-2, while P(best within ε) fell from 0.97 to 0.17. Maximum
-likelihood picks w → 0, is then sure of every arm near an evaluated one, and the stop rule fires
-with a regret of 2 points (benchmarks/search.py). So w is integrated out rather than fitted: one GP per
-w in `NUGGETS` (a log-uniform prior from 1% to 32% of the values' standard deviation), c and the
-length scales fitted for each, the posterior a mixture weighted by each fit's marginal likelihood
-(Bayesian model averaging over w, the others at their profile maximum). Once close arms are evaluated
-the likelihood does tell, and the weight moves to the w the landscape has.
+**Why a mixture over ρ.** With a handful of arms evaluated, far apart, the marginal likelihood cannot
+tell a smooth landscape (ρ → 0) from a rough one: on the trajectory world's first six arms it changed
+by 0.1 nats between a roughness of 1e-6 and 1e-2 (then a white term), while P(best within ε) fell
+from 0.97 to 0.17. Maximum likelihood picks ρ → 0, is then sure of every arm near an evaluated one,
+and the stop rule fires with a regret of 2 points (benchmarks/search.py). So ρ is integrated out
+rather than fitted: one GP per ρ in `NUGGETS` (a log grid, uniform prior), c and the length scales
+fitted for each, the posterior a mixture weighted by each fit's marginal likelihood (Bayesian model
+averaging over ρ, the others at their profile maximum). Once close arms are evaluated the likelihood does tell, and the weight moves
+to the ρ the landscape has (tests/test_search_model.py).
 """
 
 from __future__ import annotations
@@ -124,7 +125,7 @@ def base_kernel(d: int, roughness: float) -> Kernel:
 
 
 class ArmModel:
-    """GPs over arm features, one per white term in `NUGGETS`, mixed by marginal likelihood; points."""
+    """GPs over arm features, one per roughness ρ in `NUGGETS`, mixed by marginal likelihood; points."""
 
     def __init__(
         self,
@@ -167,7 +168,7 @@ class ArmModel:
 
     @property
     def kernels(self) -> list:
-        """The fitted kernels (`kernel_`), one per white term."""
+        """The fitted kernels (`kernel_`), one per roughness."""
         return [gp.kernel_ for gp in self.gps]
 
     def _components(self, arms: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -179,7 +180,7 @@ class ArmModel:
         return means, sds
 
     def predict(self, arms: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """The mixture's predictive mean and standard deviation (points) of `arms`, white term included."""
+        """The mixture's predictive mean and standard deviation (points) of `arms`, roughness included."""
         means, sds = self._components(arms)
         mean = self.weights @ means
         variance = self.weights @ (sds**2 + means**2) - mean**2
@@ -194,7 +195,7 @@ class ArmModel:
 
     def sample(self, arms: np.ndarray, n: int, rng: np.random.Generator) -> np.ndarray:
         """`n` joint draws (n × arms) from the mixture: each GP gets its weight's share of the draws
-        (largest remainders), each share drawn from that GP's joint predictive, white term included."""
+        (largest remainders), each share drawn from that GP's joint predictive, roughness included."""
         counts = np.floor(self.weights * n).astype(int)
         remainders = self.weights * n - counts
         counts[np.argsort(-remainders, kind="stable")[: n - counts.sum()]] += 1
