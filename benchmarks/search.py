@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing
 import resource
 import statistics
 import sys
@@ -108,8 +109,12 @@ def outcome(trace: list[Point], grid_cpu: float, epsilon: float) -> Outcome:
     return Outcome(first_within(trace, epsilon), {f: regret_at(trace, f * grid_cpu) for f in FRACTIONS})
 
 
-def run_search(grid: Grid, seed: int, epsilon: float, batch: int, use_metrics: bool) -> Outcome:
+def run_search(
+    grid: Grid, seed: int, epsilon: float, batch: int, use_metrics: bool, ratio: float | None = None
+) -> Outcome:
     settings = SearchSpec(epsilon=epsilon, seed=seed, batch=batch)
+    if ratio is not None:
+        settings = settings.model_copy(update={"gpu_cpu_ratio": ratio})
     grid_cpu = grid.cost()[0]
     before = time.process_time()
     cap = max(FRACTIONS) * grid_cpu
@@ -134,26 +139,45 @@ def run_halving(grid: Grid, seed: int, epsilon: float) -> Outcome:
     return Outcome(to_eps, regrets)
 
 
-def evaluate(grid: Grid, seeds: int, epsilon: float, batch: int) -> dict[str, list[Outcome]]:
+def one_seed(
+    grid: Grid, seed: int, epsilon: float, batch: int, ablation: bool, ratio: float | None = None
+) -> dict[str, Outcome]:
+    """Every seeded method on `seed` (one BLAS thread: the GP matrices are small)."""
     grid_cpu = grid.cost()[0]
-    out: dict[str, list[Outcome]] = {
-        "search": [],
-        "search, no metrics": [],
-        "random": [],
-        "successive halving": [],
-    }
-    for seed in range(seeds):
-        out["search"].append(run_search(grid, seed, epsilon, batch, use_metrics=True))
-        out["search, no metrics"].append(run_search(grid, seed, epsilon, batch, use_metrics=False))
-        out["random"].append(outcome(baselines.random_search(grid, seed), grid_cpu, epsilon))
-        out["successive halving"].append(run_halving(grid, seed, epsilon))
-        s = out["search"][-1]
-        print(
-            f"  seed {seed}: search to ε at {s.to_eps and s.to_eps.evaluations} evaluations, stopped at "
-            f"{s.stop and s.stop.evaluations} with regret {s.stop and round(s.stop.regret, 3)} "
-            f"({s.cpu_s:.1f} CPU-s)",
-            flush=True,
-        )
+    with threadpool_limits(1):
+        out = {"search": run_search(grid, seed, epsilon, batch, True, ratio)}
+        if ablation:
+            out["search, no metrics"] = run_search(grid, seed, epsilon, batch, False, ratio)
+        out["random"] = outcome(baselines.random_search(grid, seed), grid_cpu, epsilon)
+        out["successive halving"] = run_halving(grid, seed, epsilon)
+    s = out["search"]
+    print(
+        f"  seed {seed}: search to ε at {s.to_eps and s.to_eps.evaluations} evaluations, stopped at "
+        f"{s.stop and s.stop.evaluations} with regret {s.stop and round(s.stop.regret, 3)} "
+        f"({s.cpu_s:.1f} CPU-s)",
+        flush=True,
+    )
+    return out
+
+
+def evaluate(
+    grid: Grid,
+    seeds: int,
+    epsilon: float,
+    batch: int,
+    jobs: int = 1,
+    ablation: bool = False,
+    ratio: float | None = None,
+) -> dict[str, list[Outcome]]:
+    """Every method over `seeds` seeds, the seeds spread over `jobs` processes."""
+    grid_cpu = grid.cost()[0]
+    args = [(grid, seed, epsilon, batch, ablation, ratio) for seed in range(seeds)]
+    if jobs > 1:
+        with multiprocessing.get_context("spawn").Pool(jobs) as pool:
+            per_seed = pool.starmap(one_seed, args)
+    else:
+        per_seed = [one_seed(*a) for a in args]
+    out: dict[str, list[Outcome]] = {name: [r[name] for r in per_seed] for name in per_seed[0]}
     out["LinUCB"] = [outcome(baselines.linucb(grid), grid_cpu, epsilon)]
     out["last layer"] = [outcome(baselines.last_layer(grid), grid_cpu, epsilon)]
     dime = baselines.metric_argmax(grid, "dime")
@@ -251,6 +275,14 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=SearchSpec().batch, help="scorings per proposal")
     parser.add_argument("--replay", type=Path, action="append", default=[], help="a finished run root")
     parser.add_argument("--no-trajectory", action="store_true", help="only the --replay run roots")
+    parser.add_argument(
+        "--gpu-cpu-ratio",
+        type=float,
+        default=None,
+        help="the search's gpu_cpu_ratio (default: the spec's); 1 where embeddings ran on the same CPUs",
+    )
+    parser.add_argument("--jobs", type=int, default=1, help="processes over the seeds")
+    parser.add_argument("--ablation", action="store_true", help="also the search without the metrics")
     parser.add_argument("--no-write", action="store_true", help="print, do not append to RESULTS.md")
     args = parser.parse_args()
     started = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
@@ -262,15 +294,18 @@ def main() -> None:
     sections = [
         f"## Layer search — {started} — {cpu_model()}, {__import__('os').cpu_count()} cores, no GPU",
         "",
-        f"`python benchmarks/search.py --seeds {args.seeds}`: the search (ε = {args.epsilon:g} points, "
-        f"confidence {SearchSpec().confidence:g}, batch {args.batch} scorings) and the baselines replayed on "
+        f"`python benchmarks/search.py --seeds {args.seeds} --jobs {args.jobs}{' --ablation' * args.ablation}"
+        f"{'' if args.gpu_cpu_ratio is None else f' --gpu-cpu-ratio {args.gpu_cpu_ratio:g}'}`: the search (ε = {args.epsilon:g} points, "
+        f"confidence {SearchSpec().confidence:g}, batch {args.batch} scorings, gpu_cpu_ratio "
+        f"{args.gpu_cpu_ratio if args.gpu_cpu_ratio is not None else SearchSpec().gpu_cpu_ratio:g}) and the baselines replayed on "
         "full grids (medians over seeds). Load average (1 min) before / after: "
         f"{load_before} / LOAD_AFTER; timings of the replay itself are CPU-s (one BLAS thread).",
     ]
     for grid, info in grids:
         print(f"grid {grid.name}: {grid.space.n_arms} arms", flush=True)
-        with threadpool_limits(1):
-            results = evaluate(grid, args.seeds, args.epsilon, args.batch)
+        results = evaluate(
+            grid, args.seeds, args.epsilon, args.batch, args.jobs, args.ablation, args.gpu_cpu_ratio
+        )
         overhead = _median([o.cpu_s for o in results["search"]])
         sections += ["", f"### {grid.name}", ""]
         if "cpu_s" in info:

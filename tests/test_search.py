@@ -10,7 +10,7 @@ import pytest
 from search_grids import smooth_grid  # tests/search_grids.py
 
 from layertime.search import Embed, Score, Search
-from layertime.search.replay import Oracle, replay
+from layertime.search.replay import Oracle, grid_from_arrays, replay
 from layertime.spec import SearchSpec
 
 STEPS = [0, 1, 4, 16, 64, 256, 600, 1000, 1500, 2000, 2500, 3000, 3500]
@@ -108,3 +108,31 @@ def test_the_budget_is_never_overrun_and_stops_the_search() -> None:
         grid, settings.model_copy(update={"budget_cpu_h": None, "budget_gpu_h": 20 / 3600}), float("inf")
     )
     assert gpu[-1].gpu_s <= 20 + 1e-9 and gpu[-1].reason.startswith("budget spent")
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_the_search_finds_the_planted_best_with_a_fraction_of_the_cost(seed: int) -> None:
+    # The landscape plants its best at the last checkpoint, depth ~0.7 (search_grids.landscape); the
+    # grid's values (the task means of its cells) say which arm that is, independently of the search.
+    grid = smooth_grid(STEPS, blocks=6, tasks=3, seed=seed, roughness=0.2)
+    trace = replay(grid, SearchSpec(seed=seed, batch=6), cpu_cap=grid.cost()[0])
+    stop = next(p for p in trace if p.stop)
+    assert stop.reason.startswith("P(best within 0.5 points)")
+    assert stop.regret <= 0.5
+    assert stop.cpu_s <= 0.3 * grid.cost()[0]  # 78 arms: the whole grid is never needed
+
+
+def test_the_stop_rule_waits_for_the_initial_design() -> None:
+    # A flat landscape: every arm is worth the same, so once the model exists it is sure at once that
+    # no arm beats the incumbent by 0.5 points; the rule still waits for `initial_arms` arms.
+    scores = np.full((len(STEPS), 2, 4), 0.5)
+    grid = grid_from_arrays("flat", STEPS, scores)
+    search = Search(grid.space, SearchSpec(seed=0, batch=2, initial_arms=5))
+    oracle = Oracle(grid)
+    verdicts = []
+    while not (stop := search.should_stop()).stop:
+        verdicts.append((len(search.complete), stop.probability))
+        drive(search, oracle, batches=1)
+    assert [n for n, _ in verdicts] == [0, 1, 2, 3, 4]
+    assert verdicts[2][1] is not None and verdicts[2][1] > 0.95  # sure already at two arms, yet waits
+    assert len(search.complete) == 5 and stop.reason.startswith("P(best within")

@@ -7,7 +7,7 @@ the expected rise of the best evaluated value y*,
 
     EI(a) = E[max(f_a - y*, 0)] = (μ_a - y*) Φ(z) + σ_a φ(z),   z = (μ_a - y*) / σ_a,
 
-which is the knowledge gradient when only evaluated arms may be chosen. σ_a includes the model's white
+which is the knowledge gradient when only evaluated arms may be chosen. σ_a includes the model's rough
 term (`layertime.search.model`), so rough, unexplored regions keep some value.
 
 **Cost.** Completing arm a costs its missing scorings on the CPU plus the embeddings of its

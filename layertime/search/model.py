@@ -14,24 +14,25 @@ arms are complete (before that, δ and s² are unknown).
 **The kernel** (`sklearn.gaussian_process.GaussianProcessRegressor`, on values standardised by the
 observations' mean and standard deviation):
 
-    k(x, x') = c · Matérn_{5/2}(x, x'; one length scale per feature) + w · [x = x']
+    k(x, x') = c · Matérn_{5/2}(x, x'; ARD) + c_s · Matérn_{5/2}(step, depth; short)
+               + ρ · [same checkpoint] + ρ · [same arm]
 
-c and the length scales are fitted by maximum marginal likelihood (sklearn's L-BFGS with seeded
-restarts); each partial arm's var(f̂) is added to its diagonal (`alpha`). Arm values are deterministic,
-yet the white term w is not zero: it is the part of the landscape no smooth kernel follows (a task's
-test set is small, so neighbouring checkpoints and layers differ by a point at random), and an
-unevaluated arm's predictive distribution includes it (the value we would observe is the rough one),
-while an evaluated arm is known exactly.
+c, c_s and the length scales are fitted by maximum marginal likelihood (sklearn's L-BFGS); each
+partial arm's var(f̂) is added to its diagonal (`alpha`). Arm values are deterministic, yet a smooth
+kernel does not follow them: a task's test set is small, so neighbouring checkpoints and layers differ
+by a point at random. That roughness is part of the value, not observation noise: the two indicator
+terms (`base_kernel`) make it a latent random offset per checkpoint and per arm, so an evaluated arm is
+known exactly (the posterior interpolates it) while an unevaluated arm's predictive includes 2ρ.
 
-**Why a mixture over w.** With a handful of arms evaluated, far apart, the marginal likelihood cannot
-tell a smooth landscape (w → 0) from a rough one: on the trajectory world's first six arms it changed
-by 0.1 nats between w = 1e-6 and 1e-2, while P(best within ε) fell from 0.97 to 0.17. Maximum
-likelihood picks w → 0, is then sure of every arm near an evaluated one, and the stop rule fires
-with a regret of 2 points (benchmarks/search.py). So w is integrated out rather than fitted: one GP per
-w in `NUGGETS` (a log-uniform prior from 1% to 32% of the values' standard deviation), c and the
-length scales fitted for each, the posterior a mixture weighted by each fit's marginal likelihood
-(Bayesian model averaging over w, the others at their profile maximum). Once close arms are evaluated
-the likelihood does tell, and the weight moves to the w the landscape has.
+**Why a mixture over ρ.** With a handful of arms evaluated, far apart, the marginal likelihood cannot
+tell a smooth landscape (ρ → 0) from a rough one: on the trajectory world's first six arms it changed
+by 0.1 nats between a roughness of 1e-6 and 1e-2 (then a white term), while P(best within ε) fell
+from 0.97 to 0.17. Maximum likelihood picks ρ → 0, is then sure of every arm near an evaluated one,
+and the stop rule fires with a regret of 2 points (benchmarks/search.py). So ρ is integrated out
+rather than fitted: one GP per ρ in `NUGGETS` (a log grid, uniform prior), c and the length scales
+fitted for each, the posterior a mixture weighted by each fit's marginal likelihood (Bayesian model
+averaging over ρ, the others at their profile maximum). Once close arms are evaluated the likelihood does tell, and the weight moves
+to the ρ the landscape has (tests/test_search_model.py).
 """
 
 from __future__ import annotations
@@ -43,17 +44,18 @@ import numpy as np
 from scipy.stats import norm
 from sklearn.exceptions import ConvergenceWarning
 from sklearn.gaussian_process import GaussianProcessRegressor
-from sklearn.gaussian_process.kernels import RBF, ConstantKernel, Kernel, Matern, WhiteKernel
+from sklearn.gaussian_process.kernels import RBF, ConstantKernel, Kernel, Matern
 from threadpoolctl import threadpool_limits
 
 JITTER = 1e-8  # standardised units, on every training point: keeps Cholesky factors positive definite
 LENGTH_SCALE_BOUNDS = (0.03, 30.0)  # features lie in [0, 1]: from a few arms apart to "irrelevant"
-import os as _os
-RESTARTS = int(_os.environ.get("RESTARTS", "1"))  # per white term: NUGGETS fits already start from as many points
-NUGGETS = tuple(float(x) for x in _os.environ.get("GRID", "1e-4,1e-3,1e-2,1e-1").split(","))  # roughness ρ / variance of the standardised values
-WHITE_BOUNDS = (1e-6, 1.0)
+RESTARTS = 0  # per roughness: the NUGGETS fits start the optimiser from as many points (halves the fit time)
+# The roughness ρ (variance of the standardised values): a log grid from 1% to 32% of their standard
+# deviation, the prior over ρ uniform on it.
+NUGGETS = (1e-4, 1e-3, 4e-3, 1.6e-2, 1e-1)
 SHORT_BOUNDS = (0.01, 0.3)
-CHECKPOINT_SCALE = 1e-5  # of the log-scaled step: far below any two checkpoints' distance
+DELTA_SCALE = 1e-5  # a length scale far below any two checkpoints' (≥ 5e-4) or blocks' (≥ 1/L) distance
+IRRELEVANT = 1e6  # a length scale that makes a feature irrelevant to a term
 
 
 @dataclass(frozen=True)
@@ -92,37 +94,38 @@ def arm_observations(scores: np.ndarray) -> ArmObservations:
 
 
 def base_kernel(d: int, roughness: float) -> Kernel:
-    """c · Matérn_{5/2}(ARD) + ρ · [same checkpoint] + ρ · [same arm], on `d` features (the first is the
-    log-scaled step). The checkpoint term is an RBF on the step feature alone with a length scale far
-    below the gap between any two checkpoints' steps (≥ 5e-4 for Pythia's), so it is 1 between arms of
-    one checkpoint and 0 otherwise: a random offset per checkpoint."""
-    checkpoint = RBF(length_scale=np.r_[CHECKPOINT_SCALE, np.full(d - 1, 1e6)], length_scale_bounds="fixed")
+    """c · Matérn_{5/2}(ARD) + c_s · Matérn_{5/2}(step, depth; short) + ρ · [same checkpoint] + ρ · [same arm]
+    on `d` features (the first the log-scaled step, the second the depth), ρ = `roughness` fixed.
+
+    The two indicator terms are RBFs with length scales far below the distance between any two
+    checkpoints (on the step) or blocks (on the depth), so they are exactly 1 on the same checkpoint
+    (resp. arm) and 0 otherwise, *also between a training and a test point*: unlike sklearn's
+    WhiteKernel (zero off the training matrix), an evaluated arm's own rough part is then known and the
+    posterior interpolates it exactly, while an unevaluated arm's predictive includes ρ twice."""
+    checkpoint = RBF(length_scale=np.r_[DELTA_SCALE, np.full(d - 1, IRRELEVANT)], length_scale_bounds="fixed")
+    arm = RBF(
+        length_scale=np.r_[DELTA_SCALE, DELTA_SCALE, np.full(d - 2, IRRELEVANT)], length_scale_bounds="fixed"
+    )
     # A short-range term over (step, depth) only (the metrics' length scales pinned huge): a stationary
     # kernel with one length scale per feature cannot follow both a sharp rise early in training and
     # the plateau after it, and without this term it smooths the rise over the plateau.
-    short_bounds = np.array([SHORT_BOUNDS, SHORT_BOUNDS] + [(1e5, 1e6)] * (d - 2))
-    import os
-    if os.environ.get("KERNEL") == "tied":
-        return (
-            ConstantKernel(1.0, (1e-2, 1e2))
-            * Matern(length_scale=np.full(d, 0.3), length_scale_bounds=LENGTH_SCALE_BOUNDS, nu=2.5)
-            + ConstantKernel(roughness, "fixed") * checkpoint
-            + WhiteKernel(roughness, "fixed")
-        )
+    short_bounds = np.array([SHORT_BOUNDS, SHORT_BOUNDS] + [(IRRELEVANT / 10, IRRELEVANT)] * (d - 2))
     return (
         ConstantKernel(1.0, (1e-2, 1e2))
         * Matern(length_scale=np.full(d, 0.3), length_scale_bounds=LENGTH_SCALE_BOUNDS, nu=2.5)
         + ConstantKernel(0.1, (1e-3, 1e2))
         * Matern(
-            length_scale=np.r_[0.05, 0.05, np.full(d - 2, 1e5)], length_scale_bounds=short_bounds, nu=2.5
+            length_scale=np.r_[0.05, 0.05, np.full(d - 2, IRRELEVANT)],
+            length_scale_bounds=short_bounds,
+            nu=2.5,
         )
         + ConstantKernel(roughness, "fixed") * checkpoint
-        + WhiteKernel(1e-3, WHITE_BOUNDS)
+        + ConstantKernel(roughness, "fixed") * arm
     )
 
 
 class ArmModel:
-    """GPs over arm features, one per white term in `NUGGETS`, mixed by marginal likelihood; points."""
+    """GPs over arm features, one per roughness ρ in `NUGGETS`, mixed by marginal likelihood; points."""
 
     def __init__(
         self,
@@ -161,13 +164,11 @@ class ArmModel:
             self.weights = fitted[1]
         else:
             lml = np.array([gp.log_marginal_likelihood_value_ for gp in self.gps])
-            import os
-            lml = lml * float(os.environ.get("ETA", "1"))
             self.weights = np.exp(lml - lml.max()) / np.exp(lml - lml.max()).sum()
 
     @property
     def kernels(self) -> list:
-        """The fitted kernels (`kernel_`), one per white term."""
+        """The fitted kernels (`kernel_`), one per roughness."""
         return [gp.kernel_ for gp in self.gps]
 
     def _components(self, arms: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -179,7 +180,7 @@ class ArmModel:
         return means, sds
 
     def predict(self, arms: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """The mixture's predictive mean and standard deviation (points) of `arms`, white term included."""
+        """The mixture's predictive mean and standard deviation (points) of `arms`, roughness included."""
         means, sds = self._components(arms)
         mean = self.weights @ means
         variance = self.weights @ (sds**2 + means**2) - mean**2
@@ -194,7 +195,7 @@ class ArmModel:
 
     def sample(self, arms: np.ndarray, n: int, rng: np.random.Generator) -> np.ndarray:
         """`n` joint draws (n × arms) from the mixture: each GP gets its weight's share of the draws
-        (largest remainders), each share drawn from that GP's joint predictive, white term included."""
+        (largest remainders), each share drawn from that GP's joint predictive, roughness included."""
         counts = np.floor(self.weights * n).astype(int)
         remainders = self.weights * n - counts
         counts[np.argsort(-remainders, kind="stable")[: n - counts.sum()]] += 1

@@ -8,7 +8,7 @@ search rebuilt from the same observations with the same settings proposes the sa
 draw is seeded by the settings' seed and the number of observations).
 
 **The stop rule.** Let y* be the best *evaluated* arm (every task scored) — the chosen arm. From the
-model's joint posterior over every arm not evaluated (white term included, `layertime.search.model`),
+model's joint posterior over every arm not evaluated (roughness included, `layertime.search.model`),
 draw S samples f^(s) and estimate
 
     P(best within ε) = (1/S) Σ_s [ max_{a not evaluated} f_a^(s) ≤ y* + ε ]

@@ -131,11 +131,8 @@ class SearchSpace:
 
     def features(self, use_metrics: bool = True) -> np.ndarray:
         """(arms, 2 [+ metrics]) in [0, 1]: log-scaled step, depth, then each metric's rank."""
-        import os
         steps = np.log1p(np.asarray(self.steps, dtype=float))
         step = np.repeat(steps / steps.max() if steps.max() > 0 else steps, len(self.blocks))
-        if os.environ.get("STEPFEAT") == "rank":
-            step = self.design_points()[:, 0]
         depth = np.tile((np.asarray(self.blocks, dtype=float) + 1) / self.num_blocks, len(self.checkpoints))
         columns = [step, depth]
         if use_metrics and self.metric_names and self.n_arms > 1:
