@@ -257,11 +257,14 @@ class LayertimeSLURMCluster(SLURMCluster):
 
     def _job_of(self, worker: str) -> _Job | None:
         """The job a Dask worker runs in, by the worker's name: a GPU job's name, or a scoring job's
-        ('score-3', or 'score-3-0' for one of its several processes)."""
+        ('score-3', or 'score-3-0' for one of its several processes), or a GPU job's own scoring
+        processes' (`gpu_job_scoring`: '<job>-score', '<job>-score-0')."""
+        node = worker.rpartition("-score")[0]
         return (
             self.workers.get(worker)
             or self._scoring.get(worker)
             or self._scoring.get(worker.rpartition("-")[0])
+            or (self.workers.get(node) if node else None)
         )
 
     def _finished_a_task(self, address: str) -> None:

@@ -133,7 +133,7 @@ def _json_bytes(obj: dict) -> bytes:
 
 
 @contextlib.contextmanager
-def _deterministic_cpu(seed: int) -> Iterator[None]:
+def deterministic_cpu(seed: int) -> Iterator[None]:
     """Seed torch and use one thread, restoring the caller's RNG state and thread count afterwards."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # one thread: fast for a model this small, and float sums in a fixed order
@@ -145,7 +145,7 @@ def _deterministic_cpu(seed: int) -> Iterator[None]:
         torch.set_num_threads(threads)
 
 
-def _batch(encoded: list[list[int]], eos_id: int) -> dict[str, torch.Tensor]:
+def padded_batch(encoded: list[list[int]], eos_id: int) -> dict[str, torch.Tensor]:
     """Right-pad sentences with EOS; padded positions are masked out of attention and of the loss."""
     width = max(len(ids) for ids in encoded)
     input_ids = torch.full((len(encoded), width), eos_id, dtype=torch.long)
@@ -157,7 +157,7 @@ def _batch(encoded: list[list[int]], eos_id: int) -> dict[str, torch.Tensor]:
     return {"input_ids": input_ids, "attention_mask": mask, "labels": labels}
 
 
-def _weight_files(model: GPTNeoXForCausalLM) -> dict[str, bytes]:
+def weight_files(model: GPTNeoXForCausalLM) -> dict[str, bytes]:
     """``config.json`` and ``model.safetensors`` as ``save_pretrained`` writes them."""
     with tempfile.TemporaryDirectory(prefix="layertime-demo-") as tmp:
         model.save_pretrained(tmp)
@@ -182,20 +182,20 @@ def train_checkpoints(
     encoded = [encoding.ids for encoding in tokenizer.encode_batch(texts)]
     order = random.Random(seed)  # batch order, independent of torch's RNG
     checkpoints: dict[int, dict[str, bytes]] = {}
-    with _deterministic_cpu(seed):
+    with deterministic_cpu(seed):
         model = GPTNeoXForCausalLM(tiny_config(tokenizer.get_vocab_size()))
         optimizer = torch.optim.AdamW(model.parameters(), lr=LEARNING_RATE, weight_decay=0.01)
         done = 0
         for step in steps:
             model.train()
             for _ in range(step // label_scale - done):
-                loss = model(**_batch(order.sample(encoded, BATCH_SIZE), eos_id)).loss
+                loss = model(**padded_batch(order.sample(encoded, BATCH_SIZE), eos_id)).loss
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
             done = step // label_scale
             model.eval()
-            checkpoints[step] = _weight_files(model)
+            checkpoints[step] = weight_files(model)
     return checkpoints
 
 

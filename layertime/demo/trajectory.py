@@ -35,14 +35,14 @@ from layertime.demo.model import (
     BATCH_SIZE,
     EOS_TOKEN,
     TRAIN_SEED,
-    _batch,
-    _deterministic_cpu,
-    _weight_files,
     build_lock,
+    deterministic_cpu,
+    padded_batch,
     read_refs,
     revision_name,
     tokenizer_files,
     train_tokenizer,
+    weight_files,
 )
 from layertime.hub.fake import fake_commit, write_snapshot
 
@@ -117,7 +117,7 @@ def train_trajectory(
     total = TRAJECTORY_STEPS[-1] // TRAJECTORY_LABEL_SCALE
     order = random.Random(seed)  # batch order, independent of torch's RNG
     shared = tokenizer_files(tokenizer)
-    with _deterministic_cpu(seed):
+    with deterministic_cpu(seed):
         model = GPTNeoXForCausalLM(trajectory_config(tokenizer.get_vocab_size()))
         optimizer = torch.optim.AdamW(model.parameters(), lr=PEAK_LR, weight_decay=WEIGHT_DECAY)
         done = 0
@@ -126,13 +126,13 @@ def train_trajectory(
             for step in range(done, label // TRAJECTORY_LABEL_SCALE):
                 for group in optimizer.param_groups:
                     group["lr"] = learning_rate(step, total)
-                loss = model(**_batch(order.sample(encoded, BATCH_SIZE), eos_id)).loss
+                loss = model(**padded_batch(order.sample(encoded, BATCH_SIZE), eos_id)).loss
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
             done = label // TRAJECTORY_LABEL_SCALE
             model.eval()
-            yield label, {**_weight_files(model), **shared}
+            yield label, {**weight_files(model), **shared}
 
 
 def training_texts() -> list[str]:

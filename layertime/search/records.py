@@ -24,19 +24,7 @@ from layertime import costs, records
 from layertime.phases import measure, score
 from layertime.phases.context import Context
 from layertime.search.search import Search
-from layertime.search.space import SearchSpace
-
-# One value per metric for the features (the others are the same metric rescaled or mirrored, which
-# a rank transform ignores). The same choice as the replay (layertime.search.replay).
-METRIC_NORMALIZATION = {
-    "prompt_entropy": "max_entropy",
-    "dataset_entropy": "max_entropy",
-    "curvature": "raw",
-    "effective_rank": "raw",
-    "infonce": "raw",
-    "dime": "raw",
-    "lidar": "raw",
-}
+from layertime.search.space import METRIC_NORMALIZATION, SearchSpace
 
 
 @dataclass

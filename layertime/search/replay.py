@@ -18,20 +18,8 @@ from pathlib import Path
 import numpy as np
 
 from layertime.search.search import POINTS, Embed, Score, Search
-from layertime.search.space import SearchSpace
+from layertime.search.space import METRIC_NORMALIZATION, SearchSpace
 from layertime.spec import SearchSpec
-
-# One value per metric for the features (the others are the same metric rescaled by a constant or
-# mirrored, which a rank transform ignores); docs/design.md §5 names them.
-METRIC_NORMALIZATION = {
-    "prompt_entropy": "max_entropy",
-    "dataset_entropy": "max_entropy",
-    "curvature": "raw",
-    "effective_rank": "raw",
-    "infonce": "raw",
-    "dime": "raw",
-    "lidar": "raw",
-}
 
 
 @dataclass(frozen=True, eq=False)

@@ -27,6 +27,19 @@ from dataclasses import dataclass, field
 import numpy as np
 from scipy.stats import rankdata
 
+# One value per metric for the features (the others are the same metric rescaled by a constant or
+# mirrored, which a rank transform ignores); docs/design.md §5 names them. The replay and the flow's
+# search from the records read the same ones.
+METRIC_NORMALIZATION = {
+    "prompt_entropy": "max_entropy",
+    "dataset_entropy": "max_entropy",
+    "curvature": "raw",
+    "effective_rank": "raw",
+    "infonce": "raw",
+    "dime": "raw",
+    "lidar": "raw",
+}
+
 
 @dataclass(frozen=True)
 class Arm:
