@@ -11,7 +11,7 @@ import pytest
 from datasets import Dataset
 from test_fastmteb import META, every_score, mind_task, mini_mind  # noqa: E402
 
-from layertime import bridge, partload, reranking, scoreparts, splitscore, suite
+from layertime import bridge, partload, records, reranking, scoreparts, splitscore, suite
 from layertime.checkpoints import Checkpoint
 from layertime.phases import embed, score
 from layertime.phases import record as recording
@@ -197,3 +197,36 @@ def test_a_reranking_tasks_recording_needs_no_evaluation_and_no_candidate_lists(
         bridge._evaluate(recorder, fresh(), None, fast=False)
         assert reranking.recorded_texts(fresh()) == (list(recorder.seen), recorder.requested)
     assert reranking.recorded_texts(suite.build_task("STS12")) is None  # not a reranking task: evaluated
+
+
+def test_a_part_of_other_embeddings_is_computed_again_and_parts_of_two_never_merge(tmp_path, monkeypatch):
+    """A part file names the embedding file it was scored from (the record's digest): one from other
+    embeddings (the layer embedded again since) is not kept, and a merge finding parts of two removes
+    them and names the layer, so a record never mixes two embeddings."""
+    task = "DemoReranking"
+    ctx, ckpt, emb = _unit(tmp_path, "split", task)
+    record = ctx.run.score_record(ctx.settings.id, ckpt, task, 0)
+    computed = []
+    real = bridge.score_part
+    monkeypatch.setattr(bridge, "score_part", lambda *a, **k: computed.append(a[3]) or real(*a, **k))
+    for part in (0, 1):
+        assert splitscore.score_layer(ctx, ckpt, task, 0, emb, part, 2) is None
+    path = scoreparts.part_file(record, 0, 2)
+    values, meta = scoreparts.read_part(path)
+    assert meta["source"] == records.load_layer(emb, _ask(ctx, ckpt, task), 0)[1]
+    other = "0" * 64
+    scoreparts.write_part(path, values, meta["seconds"], meta["peak_memory_gb"], meta["dim"], other)
+    assert splitscore.score_layer(ctx, ckpt, task, 0, emb, 0, 2) is None and computed == [
+        (0, 2),
+        (1, 2),
+        (0, 2),
+    ]
+    scoreparts.write_part(path, values, meta["seconds"], meta["peak_memory_gb"], meta["dim"], other)
+    with pytest.raises(scoreparts.MissingParts, match="different embeddings"):
+        splitscore.score_layer(ctx, ckpt, task, 0, emb, scoreparts.MERGE, 2)
+    assert not scoreparts.parts_dir(record).exists() and not record.exists()
+
+
+def _ask(ctx: Context, ckpt: Checkpoint, task: str) -> records.EmbeddingsAsk:
+    texts = recording.task_texts(task, ctx.run, "rule-a").texts
+    return records.EmbeddingsAsk.of(ckpt.model, ckpt.commit, task, texts)
