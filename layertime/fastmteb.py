@@ -545,7 +545,7 @@ def confidence_arrays(results: Mapping[str, Mapping[str, float]]) -> dict[str, n
 
 
 def abstention_naucs(
-    confidence: Mapping[str, np.ndarray], metric_scores: Mapping[str, list[float]]
+    confidence: Mapping[str, np.ndarray], metric_scores: Mapping[str, Sequence[float] | np.ndarray]
 ) -> dict[str, float]:
     """mteb's `evaluate_abstention` on precomputed confidence arrays: the same nAUCs, keys in its order.
 
