@@ -17,7 +17,7 @@ from layertime import bridge, runroot
 from layertime.phases.plain import run_spec
 from layertime.runroot import IncompatibleRun
 from layertime.settings import Settings
-from layertime.spec import ExperimentSpec, load_spec
+from layertime.spec import ExperimentSpec, SearchSpec, load_spec
 
 ROOT = Path(__file__).resolve().parents[1]
 SPEC = str(ROOT / "deployments/demo.yaml")
@@ -26,7 +26,14 @@ SPEC = str(ROOT / "deployments/demo.yaml")
 CHANGES_NUMBERS = {"final_norm": "last", "pooling": "last", "normalize": True, "max_length": 64,
                    "dtype": "bfloat16", "tokens_per_batch": 64, "aggregation": "mteb-v1"}  # fmt: skip
 IN_THE_UNIT_PATH = {"model", "checkpoints", "layers", "tasks", "metrics"}  # its path, the metrics key
-NO_NUMBER_CHANGES = {"name", "run_root", "store", "hf_cache", "keep_embeddings"}
+NO_NUMBER_CHANGES = {
+    "name",
+    "run_root",
+    "store",
+    "hf_cache",
+    "keep_embeddings",
+    "search",
+}  # search: which units, not their numbers
 
 
 def _demo(hub: Path, run_root: Path, **fields) -> ExperimentSpec:
@@ -58,7 +65,7 @@ def test_every_setting_that_changes_a_number_is_in_the_settings_id(tmp_path):
     assert base.as_dict()["mteb"] == mteb.__version__ and base.as_dict()["code_version"] == CODE_VERSION
     for field in NO_NUMBER_CHANGES - {"name"}:
         other = {"run_root": tmp_path / "x", "store": tmp_path / "s", "hf_cache": tmp_path / "h",
-                 "keep_embeddings": True}[field]  # fmt: skip
+                 "keep_embeddings": True, "search": SearchSpec(epsilon=2.0, seed=7)}[field]  # fmt: skip
         assert Settings.of(spec.model_copy(update={field: other}), "cpu").id == base.id, field
 
 
