@@ -79,7 +79,13 @@ def test_deployment_run_through_a_worker_completes_without_asking_the_hub(deploy
         assert "Completed" in run.stdout
     finally:
         worker.terminate()
-        worker.wait(timeout=60)
+        try:
+            worker.wait(timeout=60)
+        except (
+            subprocess.TimeoutExpired
+        ):  # a loaded machine: the worker's own shutdown is not this test's point
+            worker.kill()
+            worker.wait()
     scores = pl.read_parquet(tmp_path / "demo/tables/scores.parquet")
     assert sorted(set(scores["revision"])) == ["main", "step1000"] and scores.height == 2 * 2
     assert dict(counter.requests) == {}  # every checkpoint is in the cache: not one request to the hub
