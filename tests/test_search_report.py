@@ -166,3 +166,13 @@ def test_a_run_without_a_search_has_no_search_section(tmp_path):
     assert "Layer search" not in paths.markdown and "Layer search" not in paths.html.read_text()
     assert not {"search_heatmap", "search_path"} & set(paths.figures)
     assert not list((tmp_path / "run" / "report").glob("search_*"))
+
+
+def test_a_search_that_evaluated_no_arm_yet_reports_no_choice_and_an_unpredicted_heatmap(tmp_path):
+    from layertime.report import write_report
+
+    root = _run_root(tmp_path / "run", None)
+    report.write_tables(Search(SPACE), None, root / "tables")
+    paths = write_report(root)
+    assert "## Layer search" in paths.markdown and "no choice" in paths.markdown
+    assert "search_heatmap" in paths.figures and "search_path" not in paths.figures  # nothing predicted
