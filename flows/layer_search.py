@@ -127,7 +127,7 @@ def _search(
             paths = runner.submit(units.merge, {"ctx": ctx}).result()
         delete_scored_embeddings(ctx)
         progress.show(search, final=True)
-        result = _publish(search, stop, paths)
+        result = _publish(search, stop, {**paths, **_write_report(ctx, search, stop)})
         logger.info(
             f"{batches} batch(es); {report.progress(search)[1]}; {stop.reason if stop else 'not run'}"
         )
@@ -257,6 +257,19 @@ class _Progress:
             if self.to_embed:
                 text += f", {self.embedded}/{self.to_embed} embedded"
         update_progress_artifact(self.id, self.percent, description=text)
+
+
+def _write_report(ctx: Context, search: Search, stop: Stop | None) -> dict[str, str]:
+    """The search's tables (`tables/search_arms`, `tables/search.json`) and the run's report, which
+    draws its "Layer search" section from them; their paths by name."""
+    from layertime.report import write_report
+
+    out = {name: str(path) for name, path in report.write_tables(search, stop, ctx.run.tables).items()}
+    try:
+        out["report"] = str(write_report(ctx.run.root).html)
+    except Exception as e:  # noqa: BLE001 -- a report error must not hide the search's results
+        get_run_logger().warning(f"the report could not be written: {type(e).__name__}: {e}")
+    return out
 
 
 def _publish(search: Search, stop: Stop | None, paths: dict[str, str]) -> dict:

@@ -9,6 +9,7 @@ epsilon 100 points the stop rule holds as soon as the model can say so, after th
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
@@ -90,6 +91,11 @@ def test_search_completes_offline_publishes_its_choice_and_a_grid_run_after_it_c
     chosen = result["chosen"]
     assert (chosen["checkpoint"], chosen["layer"]) == (best["revision"], best["layer"])
     assert chosen["value"] == pytest.approx(100 * best["avg"])
+    # The same choice is in the run root's tables/search.json, and the report shows it (docs/report.md).
+    written = json.loads((tmp_path / "run/demo/tables/search.json").read_text())["chosen"]
+    assert (written["checkpoint"], written["layer"]) == (chosen["checkpoint"], chosen["layer"])
+    page = (tmp_path / "run/demo/report/summary.md").read_text()
+    assert f"**Chosen: {chosen['checkpoint']}, layer {chosen['layer']}**" in page
     markdown = artifact(run_id, "layer-search-choice").data
     assert (
         f"Chosen: {best['revision']}, layer {best['layer']}" in markdown and "credible interval" in markdown

@@ -4,9 +4,13 @@ tests/test_layer_search_flow.py."""
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
+import polars as pl
 import pytest
 
-from layertime.search import Search, SearchSpace, report
+from layertime.search import Search, SearchSpace, Stop, report
 from layertime.search.records import task_score
 from layertime.spec import SearchSpec
 
@@ -74,3 +78,101 @@ def test_the_heatmap_marks_evaluated_arms_and_the_chosen_one_and_the_path_follow
         assert row["mean"] == max(m for (c, _), m in means.items() if c == row["checkpoint"])
     assert path[1]["layer"] == 1 and path[1]["evaluated"]
     assert report.path_rows(Search(SPACE)) == [] and "?" in report.heatmap_markdown(Search(SPACE))
+
+
+# ------------------------------------------------------------------ the search's tables and the report
+
+
+def _run_root(root: Path, search: Search | None) -> Path:
+    """A run root with the grid's scores of what `_search` observed (2 tasks, step100's blocks) and,
+    with `search`, the search's tables as the flow writes them."""
+    from layertime import tables
+
+    rows = [
+        {"model": "m", "revision": "step100", "commit": "c", "step": 100, "layer": b, "hidden_state": b + 1,
+         "depth": (b + 1) / 2, "task": t, "task_type": "STS", "subset": "default", "split": "test",
+         "main_score": s, "seconds": 1.0}
+        for b, scores in {0: (0.40, 0.60), 1: (0.70, 0.50)}.items()
+        for t, s in zip(["A", "B"], scores, strict=True)
+    ]  # fmt: skip
+    tables.write_table(tables.scores_frame(rows), root / "tables", "scores")
+    if search is not None:
+        report.write_tables(
+            search, Stop(True, "P(best within 0.5 points) = 0.970 > 0.95", 0.97), root / "tables"
+        )
+    return root
+
+
+def test_the_search_tables_hold_every_arm_in_training_order_and_the_chosen_arm():
+    import tempfile
+
+    search = _search()
+    with tempfile.TemporaryDirectory() as tmp:
+        paths = report.write_tables(search, Stop(True, "budget spent", 0.5), Path(tmp))
+        arms = pl.read_parquet(paths["search_arms"])
+        assert pl.read_csv(paths["search_arms_csv"]).height == 4
+        found = json.loads(paths["search"].read_text())
+    assert arms.select("checkpoint", "layer").rows() == [
+        ("step0", 0),
+        ("step0", 1),
+        ("step100", 0),
+        ("step100", 1),
+    ]
+    assert arms["checkpoint_order"].to_list() == [0, 0, 1, 1]
+    assert arms["evaluated"].to_list() == [False, False, True, True] and arms["n_tasks"].to_list() == [
+        0,
+        1,
+        2,
+        2,
+    ]
+    assert arms.filter(pl.col("evaluated"))["mean"].to_list() == pytest.approx([50.0, 60.0])
+    choice = search.chosen()
+    assert found["chosen"] == {
+        "checkpoint": "step100", "step": 100, "layer": 1, "value": pytest.approx(60.0),
+        "best_upper": pytest.approx(choice.best_upper), "probability": pytest.approx(choice.probability),
+    }  # fmt: skip
+    assert found["stop"] == "budget spent" and found["spent"]["evaluations"] == 5
+    assert found["spent"]["grid_evaluations"] == 8 and found["tasks"] == ["A", "B"]
+
+
+def test_the_report_of_a_run_with_a_search_has_its_section_heatmap_and_path(tmp_path):
+    from PIL import Image
+
+    from layertime.report import write_report
+
+    search = _search()
+    paths = write_report(_run_root(tmp_path / "run", search))
+    upper = search.chosen().best_upper
+    assert "## Layer search" in paths.markdown
+    assert "**Chosen: step100, layer 1** (block index; step 100)" in paths.markdown
+    assert (
+        f"[60.00, {upper:.2f}]" in paths.markdown
+        and "Stopped: P(best within 0.5 points) = 0.970 > 0.95." in paths.markdown
+    )
+    assert "| evaluations | 5 | 8 | 62.5% |" in paths.markdown
+    page = paths.html.read_text()
+    assert '<h2 id="search">Layer search</h2>' in page and "<b>Chosen: step100, layer 1</b>" in page
+    for name in ("search_heatmap", "search_path"):
+        assert f'src="{name}.png"' in page
+        with Image.open(paths.figures[name]) as image:
+            assert image.format == "PNG" and image.width > 100
+    assert (tmp_path / "run" / "report" / "search_heatmap.png").is_file()
+
+
+def test_a_run_without_a_search_has_no_search_section(tmp_path):
+    from layertime.report import write_report
+
+    paths = write_report(_run_root(tmp_path / "run", None))
+    assert "Layer search" not in paths.markdown and "Layer search" not in paths.html.read_text()
+    assert not {"search_heatmap", "search_path"} & set(paths.figures)
+    assert not list((tmp_path / "run" / "report").glob("search_*"))
+
+
+def test_a_search_that_evaluated_no_arm_yet_reports_no_choice_and_an_unpredicted_heatmap(tmp_path):
+    from layertime.report import write_report
+
+    root = _run_root(tmp_path / "run", None)
+    report.write_tables(Search(SPACE), None, root / "tables")
+    paths = write_report(root)
+    assert "## Layer search" in paths.markdown and "no choice" in paths.markdown
+    assert "search_heatmap" in paths.figures and "search_path" not in paths.figures  # nothing predicted

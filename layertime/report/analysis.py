@@ -60,6 +60,8 @@ class RunData:
     costs: pl.DataFrame | None = None  # tables/costs, None when the run's tables have none
     texts: pl.DataFrame = field(default_factory=pl.DataFrame)  # per task: texts requested, unique
     csv_tables: list[Path] = field(default_factory=list)  # tables/*.csv, for the page's links
+    search: dict | None = None  # tables/search.json of a layer search (layertime.search.report.summary)
+    search_arms: pl.DataFrame | None = None  # tables/search_arms: every arm's posterior, training order
 
 
 @dataclass(frozen=True)
@@ -512,6 +514,15 @@ def distinct_checkpoints(a: Analysis) -> pl.DataFrame:
         .select("checkpoint", "label", "step")
         .sort(["step", "label"], nulls_last=True)
     )
+
+
+def search_path(arms: pl.DataFrame) -> pl.DataFrame:
+    """The layer search's best layer over training: per checkpoint (in training order), the arm with
+    the highest predicted mean (ties: the lower layer); empty while any arm has no prediction."""
+    if arms.height == 0 or arms["mean"].null_count():
+        return arms.clear()
+    best = arms.sort(["mean", "layer"], descending=[True, False]).unique(subset="checkpoint", keep="first")
+    return best.sort("checkpoint_order")
 
 
 def gpu_seconds(costs: pl.DataFrame) -> pl.DataFrame:

@@ -26,6 +26,7 @@ from layertime.report.analysis import (
     reference_comparison,
     score_columns,
     scoring_seconds,
+    search_path,
 )
 
 DPI = 110
@@ -57,6 +58,13 @@ def draw_all(a: Analysis, directory: Path) -> dict[str, Path]:
     seconds = scoring_seconds(a.run.scores)
     if seconds.height:
         made["cost"] = cost(seconds, directory / "cost.png")
+    arms = a.run.search_arms
+    if a.run.search is not None and arms is not None and arms.height:
+        chosen = a.run.search.get("chosen")
+        made["search_heatmap"] = search_heatmap(arms, chosen, directory / "search_heatmap.png")
+        if (path := search_path(arms)).height:
+            layers = sorted(arms["layer"].unique().to_list())
+            made["search_path"] = search_path_figure(path, layers, directory / "search_path.png")
     return made
 
 
@@ -280,4 +288,62 @@ def cost(seconds: pl.DataFrame, path: Path) -> Path:
     ax.set_title("Scoring cost per task (colour: task type)")
     ax.tick_params(axis="y", labelsize=8)
     ax.grid(axis="x", alpha=0.3)
+    return _save(fig, path)
+
+
+def search_heatmap(arms: pl.DataFrame, chosen: dict | None, path: Path) -> Path:
+    """A layer search's predicted rule-a average per (checkpoint, layer); dots: evaluated arms (exact
+    values), white star: the chosen arm; hatched: not predicted yet (fewer than two arms evaluated)."""
+    ckpts = arms.unique(subset="checkpoint").sort("checkpoint_order")["checkpoint"].to_list()
+    layers = sorted(arms["layer"].unique().to_list())
+    col, row = {c: j for j, c in enumerate(ckpts)}, {b: i for i, b in enumerate(layers)}
+    values = np.full((len(layers), len(ckpts)), np.nan)
+    for r in arms.iter_rows(named=True):
+        if r["mean"] is not None:
+            values[row[r["layer"]], col[r["checkpoint"]]] = r["mean"]
+    n_c, n_l = len(ckpts), len(layers)
+    fig, ax = _figure(min(12.5, max(7.5, 3.2 + 0.3 * n_c)), min(9.0, max(3.6, 2.2 + 0.3 * n_l)))
+    image = ax.imshow(np.ma.masked_invalid(values), aspect="auto", origin="lower", cmap="viridis")
+    fig.colorbar(image, ax=ax, label="predicted average ×100 (rule a)", shrink=0.9)
+    for j, i in np.argwhere(np.isnan(values.T)):
+        ax.add_patch(Rectangle((j - 0.5, i - 0.5), 1, 1, fill=False, hatch="//", ec="0.6", lw=0))
+    done = arms.filter(pl.col("evaluated"))
+    ax.scatter([col[c] for c in done["checkpoint"]], [row[b] for b in done["layer"]], s=14, color="black",
+               edgecolors="white", lw=0.6, label="evaluated (exact)")  # fmt: skip
+    if chosen is not None and chosen["checkpoint"] in col and chosen["layer"] in row:
+        ax.scatter([col[chosen["checkpoint"]]], [row[chosen["layer"]]], s=260, marker="*", color="white",
+                   edgecolors="black", lw=1.2, zorder=3,
+                   label=f"chosen: {chosen['checkpoint']}, block {chosen['layer']}")  # fmt: skip
+    step = max(1, n_c // 25)
+    ax.set_xticks(range(0, n_c, step), ckpts[::step], rotation=60, ha="right", fontsize=8)
+    step = max(1, n_l // 24)
+    ax.set_yticks(range(0, n_l, step), [f"{b} (L{b + 1})" for b in layers[::step]])
+    ax.set_xlabel("checkpoint (training order)")
+    ax.set_ylabel("layer: block b (paper's L = b + 1)")
+    ax.set_title("Layer search: predicted score per checkpoint × layer", fontsize=10)
+    ax.legend(fontsize=8, loc="upper left", framealpha=0.85)
+    return _save(fig, path)
+
+
+def search_path_figure(path_rows: pl.DataFrame, layers: list[int], path: Path) -> Path:
+    """The layer search's best layer at each checkpoint (training order), filled where evaluated; the
+    y axis spans the searched `layers`."""
+    from matplotlib.ticker import MaxNLocator
+
+    fig, ax = _figure(8.5, 3.8)
+    x = np.arange(path_rows.height)
+    ax.plot(x, path_rows["layer"], "-", color="0.5", lw=1)
+    done = path_rows["evaluated"].to_numpy()
+    ax.scatter(x[done], path_rows["layer"].to_numpy()[done], color="black", s=40, label="evaluated", zorder=3)
+    ax.scatter(x[~done], path_rows["layer"].to_numpy()[~done], facecolors="white", edgecolors="black", s=40,
+               label="predicted", zorder=3)  # fmt: skip
+    step = max(1, path_rows.height // 25)
+    ax.set_xticks(x[::step], path_rows["checkpoint"].to_list()[::step], rotation=60, ha="right", fontsize=8)
+    ax.set_xlabel("checkpoint (training order)")
+    ax.set_ylim(layers[0] - 0.5, layers[-1] + 0.5)
+    ax.yaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_ylabel("best layer: block b")
+    ax.set_title("Layer search: the best layer over training (highest predicted mean)", fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
     return _save(fig, path)

@@ -23,7 +23,7 @@ from layertime.report.analysis import (
     scoring_seconds,
     unique_values,
 )
-from layertime.report.markdown import fmt, profile_lines, ranges, title
+from layertime.report.markdown import fmt, profile_lines, ranges, search_lines, title
 
 # ------------------------------------------------------------------------------------------- HTML
 
@@ -62,6 +62,7 @@ def render_html(a: Analysis, made: dict[str, Path], out: Path) -> str:
         ("tasks", "Per-task scores", _html_tasks(a)),
         ("metrics", "Metrics vs score", _html_metrics(a, made)),
         ("choice", "Label-free layer choice", _html_choice(a, made)),
+        ("search", "Layer search", _html_search(a, made)),
         ("progress", "Progress and cost", _html_progress(a, made, out)),
     ]
     sections = [(key, title, body) for key, title, body in sections if body]
@@ -284,6 +285,35 @@ def _html_choice(a: Analysis, made: dict[str, Path]) -> str:
     )
     caption = "Mean regret per strategy; text: share of checkpoints where it picked the best layer."
     return explain + _img(made, "layer_choice", caption) + _html_table(head, body)
+
+
+def _html_search(a: Analysis, made: dict[str, Path]) -> str:
+    """The layer search's choice, cost and path (the markdown section's lines) and its two figures."""
+    lines = search_lines(a)
+    if not lines:
+        return ""
+    parts, table = [], []
+    for line in lines[3:]:  # after the section's heading
+        if line.startswith("|"):
+            table.append(line)
+            continue
+        if table:
+            parts.append(_md_table_html(table))
+            table = []
+        if line:
+            parts.append(f"<p>{_md_inline(line)}</p>")
+    if table:
+        parts.append(_md_table_html(table))
+    heat = ("Predicted rule-a average of every arm (the search's model; exact where evaluated). Dots: "
+            "evaluated arms; star: the chosen arm; hatched: not predicted yet.")  # fmt: skip
+    path = "Per checkpoint, the layer with the highest predicted mean; filled: that arm was evaluated."
+    return "".join(parts) + _img(made, "search_heatmap", heat) + _img(made, "search_path", path)
+
+
+def _md_table_html(lines: list[str]) -> str:
+    """A markdown table's lines (header, rule, rows) as an HTML table."""
+    cells = [[c.strip() for c in line.strip("|").split("|")] for line in lines]
+    return _html_table(cells[0], cells[2:])
 
 
 def _html_progress(a: Analysis, made: dict[str, Path], out: Path) -> str:

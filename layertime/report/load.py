@@ -17,8 +17,8 @@ from layertime.report.analysis import RunData
 
 
 def load_run(run_root: Path) -> RunData:
-    """Read `tables/scores`, `tables/metrics`, `tables/costs`, `spec.yaml`, `environment.json` and the
-    store's text records of a run root."""
+    """Read `tables/scores`, `tables/metrics`, `tables/costs`, a layer search's `tables/search.json` and
+    `tables/search_arms`, `spec.yaml`, `environment.json` and the store's text records of a run root."""
     root = Path(run_root)
     notes: list[str] = []
     scores = _read_table(root / "tables" / "scores.parquet", tables.scores_frame([]), notes)
@@ -38,7 +38,29 @@ def load_run(run_root: Path) -> RunData:
     costs_path = root / "tables" / "costs.parquet"
     costs = pl.read_parquet(costs_path) if costs_path.is_file() else None
     csvs = sorted((root / "tables").glob("*.csv"))
-    return RunData(root, scores, metrics, spec, environment, notes, costs, texts_info(root, spec), csvs)
+    search, search_arms = _search(root / "tables")
+    return RunData(
+        root,
+        scores,
+        metrics,
+        spec,
+        environment,
+        notes,
+        costs,
+        texts_info(root, spec),
+        csvs,
+        search,
+        search_arms,
+    )
+
+
+def _search(directory: Path) -> tuple[dict | None, pl.DataFrame | None]:
+    """A layer search's `search.json` and `search_arms.parquet` (flows/layer_search.py), or (None, None)
+    when the run root has not both."""
+    summary, arms = directory / "search.json", directory / "search_arms.parquet"
+    if not (summary.is_file() and arms.is_file()):
+        return None, None
+    return json.loads(summary.read_text()), pl.read_parquet(arms)
 
 
 def _read_table(path: Path, empty: pl.DataFrame, notes: list[str]) -> pl.DataFrame:

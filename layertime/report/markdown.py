@@ -9,7 +9,13 @@ from typing import Any
 import numpy as np
 import polars as pl
 
-from layertime.report.analysis import Analysis, key_numbers, profile_frame, reference_comparison
+from layertime.report.analysis import (
+    Analysis,
+    key_numbers,
+    profile_frame,
+    reference_comparison,
+    search_path,
+)
 
 MD_CHECKPOINTS = 12  # rows of the per-checkpoint table in summary.md
 MD_FAILURES = 20
@@ -30,6 +36,7 @@ def summary_markdown(a: Analysis, html_path: Path | None = None) -> tuple[str, l
     if a.choice_summary.height:
         rows = [_choice_row(r) for r in _top_choices(a.choice_summary).iter_rows(named=True)]
         lines += ["", "## Label-free layer choice", "", *_md_table(rows)]
+    lines += search_lines(a)
     if a.notes:
         lines += ["", "## Notes", "", *[f"- {n}" for n in a.notes]]
     if a.failures:
@@ -38,6 +45,52 @@ def summary_markdown(a: Analysis, html_path: Path | None = None) -> tuple[str, l
     if html_path is not None:
         lines += ["", f"Full report (figures, per-task tables, correlations): `{html_path.resolve()}`"]
     return "\n".join(lines) + "\n", table
+
+
+def search_lines(a: Analysis) -> list[str]:
+    """The "Layer search" section (tables/search.json, search_arms): the chosen arm with its credible
+    interval, why the search stopped, its cost against the full grid, the best layer's path; empty
+    without a search."""
+    found = a.run.search
+    if found is None:
+        return []
+    lines = ["", "## Layer search", ""]
+    chosen = found.get("chosen")
+    if chosen is None:
+        lines.append("No arm was evaluated on every task: no choice.")
+    else:
+        lines += [
+            f"**Chosen: {chosen['checkpoint']}, layer {chosen['layer']}** (block index; step "
+            f"{fmt(chosen['step'])}): rule-(a) average **{chosen['value']:.2f}** points over "
+            f"{len(found['tasks'])} tasks; credible interval of the grid's best (95%): "
+            f"[{chosen['value']:.2f}, {chosen['best_upper']:.2f}]; P(best within {found['epsilon']:g} "
+            f"points of the chosen arm) = {chosen['probability']:.3f}.",
+        ]
+    if found.get("stop"):
+        lines += ["", f"Stopped: {found['stop']}."]
+    lines += ["", *_md_table(search_cost_rows(found))]
+    path = search_path(a.run.search_arms) if a.run.search_arms is not None else None
+    if path is not None and path.height:
+        rows = [{"checkpoint": r["checkpoint"], "step": r["step"], "best layer": r["layer"],
+                 "predicted": fmt(r["mean"]), "sd": fmt(r["sd"]), "evaluated": "yes" if r["evaluated"] else "no"}
+                for r in path.iter_rows(named=True)]  # fmt: skip
+        lines += [
+            "",
+            "Best layer over training (highest predicted mean per checkpoint):",
+            "",
+            *_md_table(rows),
+        ]
+    return lines
+
+
+def search_cost_rows(found: dict) -> list[dict]:
+    """The search's evaluations, CPU-h and GPU-h against the full grid's, from search.json's `spent`."""
+    spent, rows = found["spent"], []
+    for name, what in (("evaluations", "evaluations"), ("cpu_h", "CPU-h"), ("gpu_h", "GPU-h")):
+        mine, grid = spent[name], spent[f"grid_{name}"]
+        share = f"{100 * mine / grid:.1f}%" if grid else "—"
+        rows.append({"": what, "search": f"{mine:.4g}", "full grid": f"{grid:.4g}", "share": share})
+    return rows
 
 
 def title(a: Analysis) -> str:

@@ -1,10 +1,20 @@
 """What a layer search shows its user, as plain data: progress, the chosen arm, every arm's posterior,
 and what was spent against the full grid (the `layer-search` flow publishes them as Prefect artifacts,
-flows/layer_search.py). Scores are in points (mteb's 0-100 scale), costs in hours."""
+flows/layer_search.py). Scores are in points (mteb's 0-100 scale), costs in hours.
+
+`write_tables` also leaves the search's state in the run root's `tables/` (`search_arms` and
+`search.json`), where the run's report (`layertime.report`) draws its "Layer search" section from."""
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
+import polars as pl
+
+from layertime.io import atomic_write_text
 from layertime.search.search import Search, Stop
+from layertime.tables import write_table
 
 
 def grid_size(search: Search) -> int:
@@ -143,3 +153,55 @@ def heatmap_markdown(search: Search) -> str:
             cells.append(f"**{cell}**" if (checkpoint, b) == chosen else cell)
         lines.append(f"| {checkpoint} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+ARM_SCHEMA = {
+    "checkpoint": pl.String, "step": pl.Int64, "checkpoint_order": pl.Int64, "layer": pl.Int64,
+    "mean": pl.Float64, "sd": pl.Float64, "n_tasks": pl.Int64, "evaluated": pl.Boolean,
+    "p_best": pl.Float64,
+}  # fmt: skip
+
+
+def arms_frame(search: Search) -> pl.DataFrame:
+    """`arm_rows` as a typed table in training order: `checkpoint_order` is the checkpoint's index in
+    training order, `layer` the 0-based block index; `mean`, `sd` in points (null before the model)."""
+    order = {c: i for i, c in enumerate(search.space.checkpoints)}
+    rows = [{**r, "checkpoint_order": order[r["checkpoint"]]} for r in arm_rows(search)]
+    frame = pl.DataFrame([{c: r.get(c) for c in ARM_SCHEMA} for r in rows], schema=ARM_SCHEMA)
+    return frame.sort(["checkpoint_order", "layer"])
+
+
+def summary(search: Search, stop: Stop | None = None) -> dict:
+    """The chosen arm (None before any arm has every task), the settings, why it stopped, and what
+    it spent against the full grid: the content of `tables/search.json`."""
+    choice = search.chosen()
+    return {
+        "chosen": None
+        if choice is None
+        else {
+            "checkpoint": choice.arm.checkpoint,
+            "step": choice.arm.step,
+            "layer": choice.arm.block,
+            "value": choice.value,
+            "best_upper": choice.best_upper,
+            "probability": choice.probability,
+        },
+        "epsilon": search.settings.epsilon,
+        "confidence": search.settings.confidence,
+        "tasks": list(search.space.tasks),
+        "stop": None if stop is None else stop.reason,
+        "spent": spent(search),
+    }
+
+
+def write_tables(search: Search, stop: Stop | None, directory: Path) -> dict[str, Path]:
+    """Write `search_arms.parquet` and `.csv` (every arm, `arms_frame`) and `search.json` (`summary`)
+    into `directory` (the run root's `tables/`), each atomically; returns their paths by name."""
+    directory = Path(directory)
+    parquet, csv = write_table(arms_frame(search), directory, "search_arms")
+    text = json.dumps(summary(search, stop), indent=2) + "\n"
+    return {
+        "search_arms": parquet,
+        "search_arms_csv": csv,
+        "search": atomic_write_text(directory / "search.json", text),
+    }
