@@ -297,18 +297,5 @@ def _publish(search: Search, stop: Stop | None, paths: dict[str, str]) -> dict:
         key="layer-search-cost",
         description="the search's cost against the full grid",
     )
-    choice = search.chosen()
-    return {
-        "chosen": None
-        if choice is None
-        else {
-            "checkpoint": choice.arm.checkpoint,
-            "layer": choice.arm.block,
-            "value": choice.value,
-            "best_upper": choice.best_upper,
-            "probability": choice.probability,
-        },
-        "stop": None if stop is None else stop.reason,
-        "spent": report.spent(search),
-        "tables": paths,
-    }
+    summary = report.summary(search, stop)  # what tables/search.json holds
+    return {"chosen": summary["chosen"], "stop": summary["stop"], "spent": summary["spent"], "tables": paths}

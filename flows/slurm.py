@@ -25,7 +25,6 @@ import asyncio
 import logging
 import signal
 import subprocess
-import tempfile
 import threading
 from pathlib import Path
 from typing import Any
@@ -36,6 +35,7 @@ from distributed.diagnostics.plugin import SchedulerPlugin
 
 from flows import guard
 from flows.clusters import SlurmRejected
+from flows.slurm_check import sbatch_test_only
 
 
 def _import_jobqueue() -> None:
@@ -180,15 +180,10 @@ class LayertimeSLURMCluster(SLURMCluster):
             self._test_only(job.job_script(), f"{kind} job")
 
     def _test_only(self, script: str, summary: str) -> None:
-        with tempfile.NamedTemporaryFile("w", suffix=".sh", prefix="layertime-preflight-") as f:
-            f.write(script)
-            f.flush()
-            try:
-                out = subprocess.run(
-                    ["sbatch", "--test-only", f.name], capture_output=True, text=True, timeout=60
-                )
-            except (OSError, subprocess.TimeoutExpired) as e:
-                raise SlurmRejected(f"cannot run sbatch: {e}") from e
+        try:
+            out = sbatch_test_only(script, "layertime-preflight-")
+        except (OSError, subprocess.TimeoutExpired) as e:
+            raise SlurmRejected(f"cannot run sbatch: {e}") from e
         if out.returncode != 0:
             raise SlurmRejected(
                 f"SLURM rejects the worker job ({summary}): {(out.stderr or out.stdout).strip()}; "

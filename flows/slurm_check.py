@@ -130,18 +130,22 @@ def check(settings: SlurmSettings, profile_name: str) -> tuple[bool, list[str]]:
     return ok, lines
 
 
-def _test_only(script: str) -> tuple[bool, str]:
+def sbatch_test_only(script: str, prefix: str) -> subprocess.CompletedProcess:
+    """`sbatch --test-only` of a job script (written to a temporary file named `prefix`...): SLURM's
+    verdict without submitting. OSError or TimeoutExpired when sbatch cannot be run."""
     import tempfile
 
-    with tempfile.NamedTemporaryFile("w", suffix=".sh", prefix="layertime-slurm-check-") as f:
+    with tempfile.NamedTemporaryFile("w", suffix=".sh", prefix=prefix) as f:
         f.write(script)
         f.flush()
-        try:
-            out = subprocess.run(
-                ["sbatch", "--test-only", f.name], capture_output=True, text=True, timeout=60
-            )
-        except (OSError, subprocess.TimeoutExpired) as e:
-            return False, f"cannot run sbatch: {e}"
+        return subprocess.run(["sbatch", "--test-only", f.name], capture_output=True, text=True, timeout=60)
+
+
+def _test_only(script: str) -> tuple[bool, str]:
+    try:
+        out = sbatch_test_only(script, "layertime-slurm-check-")
+    except (OSError, subprocess.TimeoutExpired) as e:
+        return False, f"cannot run sbatch: {e}"
     return out.returncode == 0, " ".join((out.stderr or out.stdout).split())
 
 

@@ -59,14 +59,16 @@ def demo_revisions() -> list[str]:
     return [revision_name(step) for step in DEMO_STEPS] + ["main"]
 
 
-def tiny_config(vocab_size: int) -> GPTNeoXConfig:
-    """A Pythia-shaped GPT-NeoX small enough to train in seconds (about 70k parameters)."""
+def tiny_config(
+    vocab_size: int, hidden_size: int = 32, blocks: int = 4, intermediate_size: int = 64
+) -> GPTNeoXConfig:
+    """A Pythia-shaped GPT-NeoX small enough to train in seconds (defaults: about 70k parameters)."""
     return GPTNeoXConfig(
         vocab_size=vocab_size,
-        hidden_size=32,
-        num_hidden_layers=4,
+        hidden_size=hidden_size,
+        num_hidden_layers=blocks,
         num_attention_heads=4,
-        intermediate_size=64,
+        intermediate_size=intermediate_size,
         hidden_act="gelu",
         rotary_pct=0.25,
         rotary_emb_base=10000,

@@ -40,6 +40,7 @@ from layertime.demo.model import (
     padded_batch,
     read_refs,
     revision_name,
+    tiny_config,
     tokenizer_files,
     train_tokenizer,
     weight_files,
@@ -67,25 +68,7 @@ def trajectory_revisions(steps: tuple[int, ...] = TRAJECTORY_STEPS) -> list[str]
 
 def trajectory_config(vocab_size: int) -> GPTNeoXConfig:
     """A Pythia-shaped GPT-NeoX: 8 blocks, d=64, 4 heads (about 470k parameters with ~500 tokens)."""
-    return GPTNeoXConfig(
-        vocab_size=vocab_size,
-        hidden_size=64,
-        num_hidden_layers=8,
-        num_attention_heads=4,
-        intermediate_size=256,
-        hidden_act="gelu",
-        rotary_pct=0.25,
-        rotary_emb_base=10000,
-        max_position_embeddings=512,
-        layer_norm_eps=1e-5,
-        use_parallel_residual=True,
-        tie_word_embeddings=False,
-        attention_dropout=0.0,
-        hidden_dropout=0.0,
-        bos_token_id=0,
-        eos_token_id=0,
-        architectures=["GPTNeoXForCausalLM"],
-    )
+    return tiny_config(vocab_size, hidden_size=64, blocks=8, intermediate_size=256)
 
 
 def learning_rate(step: int, total: int, peak: float = PEAK_LR) -> float:
