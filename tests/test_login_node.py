@@ -8,19 +8,37 @@ what `prefect server start` does first), so the URL the script prints is one Pre
 
 from __future__ import annotations
 
+import atexit
 import os
 import pwd
 import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import uuid
 from pathlib import Path
 
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-SCRIPT = ROOT / "deployments/login-node.sh"
+CHECKOUT_SCRIPT = ROOT / "deployments/login-node.sh"
+
+
+def _readable_copy() -> Path:
+    """The script where another user can read it: a lab user runs it from their own checkout, but this
+    checkout may sit in a directory only root enters (a clean clone in `mktemp -d`)."""
+    home = Path(tempfile.mkdtemp(prefix="layertime-login-node-"))
+    atexit.register(shutil.rmtree, home, True)
+    (home / "deployments").mkdir()
+    shutil.copy(CHECKOUT_SCRIPT, home / "deployments/login-node.sh")
+    for path in (home, home / "deployments"):
+        path.chmod(0o755)
+    (home / "deployments/login-node.sh").chmod(0o644)
+    return home / "deployments/login-node.sh"
+
+
+SCRIPT = _readable_copy()
 PREFECT = str(Path(sys.executable).parent / "prefect")
 
 pytestmark = [
