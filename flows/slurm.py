@@ -123,10 +123,15 @@ def _slurm_message(error: str) -> str:
 
 
 class _TaskEnds(SchedulerPlugin):
-    """Tells the cluster the address of each worker that finished a task (done or failed)."""
+    """Tells the cluster the address of each worker that joined (a worker that dies within the
+    watchdog's 0.5 s rounds was never seen connected) and of each that finished a task (done or failed)."""
 
-    def __init__(self, on_finish: Any) -> None:
-        self.on_finish = on_finish
+    def __init__(self, on_finish: Any, on_join: Any = None) -> None:
+        self.on_finish, self.on_join = on_finish, on_join
+
+    def add_worker(self, scheduler: Any, worker: str) -> None:
+        if self.on_join is not None:
+            self.on_join(worker)
 
     def transition(
         self, key: Any, start: str, finish: str, *args: Any, stimulus_id: str, **kwargs: Any
@@ -231,7 +236,7 @@ class LayertimeSLURMCluster(SLURMCluster):
 
     async def _start(self) -> None:
         await super()._start()
-        self.scheduler.add_plugin(_TaskEnds(self._finished_a_task), name="layertime-task-ends")
+        self.scheduler.add_plugin(_TaskEnds(self._finished_a_task, self._joined), name="layertime-task-ends")
         for kind, count, _ in self._scoring_kinds:
             for _ in range(count):
                 await self._start_scoring_job(kind)
@@ -261,6 +266,12 @@ class LayertimeSLURMCluster(SLURMCluster):
             or self._scoring.get(worker.rpartition("-")[0])
             or (self.workers.get(node) if node else None)
         )
+
+    def _joined(self, address: str) -> None:
+        """A worker joined the scheduler (its plugin): its job connected."""
+        ws = self.scheduler.workers.get(address) if self.scheduler is not None else None
+        if ws is not None and (job := self._job_of(str(ws.name))) is not None:
+            job.connected = True
 
     def _finished_a_task(self, address: str) -> None:
         """A worker finished a task (the scheduler's plugin): its job works, and so do its kind's."""
